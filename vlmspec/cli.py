@@ -1,0 +1,295 @@
+"""The `vlm` command line. Front-end commands (check, fmt, show, summary, graph, diff, schema) never import
+torch, so they answer in well under a second even for 70B specs."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vlmspec.diagnostics import Diagnostic, VlmSpecError, render_all, to_json
+
+app = typer.Typer(
+    name="vlm",
+    help="[bold]vlmspec[/bold]: describe a vision-language model as text, then check, diff, build, train and serve it.\n\n"
+    "A SPEC is a path to a .vlm file, optionally with a model name (`specs/llava.vlm:llava_tiny`; "
+    "the file's first model by default) or a git revision (`HEAD~1:specs/llava.vlm`).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _fail(diags: list[Diagnostic], sources: dict[str, str], as_json: bool = False) -> None:
+    if as_json:
+        print(to_json(diags))
+    else:
+        err.print(render_all(diags, sources, color=err.is_terminal), markup=False, highlight=False)
+        n_err = sum(d.severity == "error" for d in diags)
+        if n_err:
+            err.print(f"[red]{n_err} error{'s' if n_err != 1 else ''}[/red]")
+    raise typer.Exit(1)
+
+
+def _load(ref: str):
+    from vlmspec.compiler.compile import load_analysis
+
+    try:
+        analysis, _ = load_analysis(ref)
+    except VlmSpecError as e:
+        _fail(e.diagnostics, e.sources)
+    return analysis
+
+
+# ---------------------------------------------------------------- check
+@app.command()
+def check(
+    specs: Annotated[list[str], typer.Argument(help="spec files (FILE or FILE:MODEL)", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check specs: syntax, names, shapes, fusion rules, stage schedule. Exit 1 on any error."""
+    from vlmspec.compiler.compile import check_file, split_ref
+    from vlmspec.compiler.summary import human
+
+    all_diags: list[Diagnostic] = []
+    sources: dict[str, str] = {}
+    report = []
+    for ref in specs:
+        path, model, rev = split_ref(ref)
+        result = check_file(path, model, rev=rev)
+        all_diags.extend(result.diagnostics)
+        sources.update(result.sources)
+        for a in result.analyses:
+            tokens = sum(a.shapes.out[f.name].tokens for f in a.ir.by_role("fusion") if f.name in a.shapes.out)
+            report.append({"file": a.file, "model": a.ir.name, "params": a.total_params,
+                           "visual_tokens": tokens, "stages": [s.name for s in a.ir.stages]})
+    errors = [d for d in all_diags if d.severity == "error"]
+    if as_json:
+        print(json.dumps({"ok": not errors, "models": report, "diagnostics": [d.to_json() for d in all_diags]},
+                         indent=2))
+        raise typer.Exit(1 if errors else 0)
+    if all_diags:
+        err.print(render_all(all_diags, sources, color=err.is_terminal), markup=False)
+    for r in report:
+        stages = ", ".join(r["stages"]) or "no stages"
+        out.print(f"[green]ok[/green] {r['file']}:{r['model']}  {human(r['params'])} params, "
+                  f"{r['visual_tokens']} visual tokens, stages: {stages}")
+    if errors:
+        err.print(f"[red]{len(errors)} error{'s' if len(errors) != 1 else ''}[/red]")
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- fmt
+@app.command()
+def fmt(
+    files: Annotated[list[str], typer.Argument(help="files to format in place; `-` reads stdin, writes stdout",
+                                               show_default=False)],
+    check_only: Annotated[bool, typer.Option("--check", help="change nothing; exit 1 if a file is not formatted")] = False,
+    show_diff: Annotated[bool, typer.Option("--diff", help="print what would change")] = False,
+) -> None:
+    """Rewrite .vlm files in the canonical layout (comments kept; idempotent)."""
+    from vlmspec.compiler.printer import format_text
+    from vlmspec.fsutil import atomic_write_text
+
+    unformatted = []
+    for f in files:
+        text = sys.stdin.read() if f == "-" else _read(f)
+        try:
+            new = format_text(text, f)
+        except VlmSpecError as e:
+            _fail(e.diagnostics, e.sources)
+        if f == "-":
+            sys.stdout.write(new)
+            continue
+        if new != text:
+            unformatted.append(f)
+            if show_diff:
+                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), f, f))
+            if not check_only and not show_diff:
+                atomic_write_text(f, new)
+                out.print(f"formatted {f}")
+    if check_only:
+        for f in unformatted:
+            err.print(f"would reformat {f}")
+        if unformatted:
+            raise typer.Exit(1)
+        out.print(f"{len(files)} file{'s' if len(files) != 1 else ''} already formatted")
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _fail([Diagnostic("E0004", f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}")], {})
+    return ""
+
+
+# ---------------------------------------------------------------- show
+@app.command()
+def show(
+    spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
+    resolved: Annotated[bool, typer.Option("--resolved", help="flatten `extends`, write every default out")] = False,
+    params: Annotated[bool, typer.Option("--params/--no-params", help="annotate parameter counts")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a model as written, or with --resolved: inherited values and defaults written out (a valid spec)."""
+    from vlmspec.compiler.show import model_source, resolved_text
+
+    analysis = _load(spec)
+    if as_json:
+        print(analysis.ir.model_dump_json(indent=2))
+        return
+    if not resolved:
+        sys.stdout.write(model_source(analysis))
+        return
+    sys.stdout.write(resolved_text(analysis, params=params))
+
+
+# ---------------------------------------------------------------- summary
+@app.command()
+def summary(
+    spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Parameters per component, visual tokens, and per stage the trainable parameters and memory."""
+    from vlmspec.compiler.summary import human, summarise
+
+    analysis = _load(spec)
+    s = summarise(analysis)
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    t = Table(title=f"{s['model']}  ({human(s['params']['total'])} parameters)", title_justify="left")
+    for col, just in (("component", "left"), ("role", "left"), ("kind", "left"), ("params", "right"),
+                      ("output", "right"), ("dtype", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for c in s["components"]:
+        shape = f"{c['tokens']} x {c['width']}" if c["tokens"] is not None else ""
+        dtype = c["dtype"] or ""
+        if c["quantize"] not in (None, "none"):
+            dtype += f" ({c['quantize']})"
+        t.add_row(c["name"], c["role"], c["kind"], human(c["params"]), shape, dtype)
+    out.print(t)
+    mem = s["memory"]
+    line = f"weights in memory: {human(mem['weights'], 'B')}"
+    if mem["weights"] != mem["weights_unquantized"]:
+        line += f" (unquantized: {human(mem['weights_unquantized'], 'B')})"
+    out.print(line)
+    if s["stages"]:
+        st = Table(title="stages", title_justify="left")
+        for col in ("stage", "trains", "frozen", "trainable", "optim", "memory (weights+grads+optim)"):
+            st.add_column(col, justify="right" if col in ("trainable",) else "left")
+        for stage in s["stages"]:
+            status = stage["status"]
+            trains = ", ".join(f"{k} ({v})" if v not in ("trained",) else k for k, v in status.items()
+                               if v in ("trained", "partial", "lora"))
+            frozen = ", ".join(k for k, v in status.items() if v == "frozen")
+            st.add_row(stage["name"], trains, frozen, human(stage["params"]["trainable"]), stage["optim"],
+                       human(stage["memory"]["total"], "B"))
+        out.print(st)
+        out.print("[dim]memory excludes activations; gradients and AdamW moments in fp32[/dim]")
+
+
+# ---------------------------------------------------------------- graph
+@app.command()
+def graph(
+    spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
+    format: Annotated[str, typer.Option("--format", "-f", help="mermaid or dot")] = "mermaid",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write to a file")] = None,
+) -> None:
+    """Draw the data flow (encoders -> connectors -> fusion -> language model) as Mermaid or DOT."""
+    from vlmspec.compiler.graph import to_dot, to_mermaid
+    from vlmspec.compiler.summary import human
+    from vlmspec.fsutil import atomic_write_text
+
+    if format not in ("mermaid", "dot"):
+        _fail([Diagnostic("E0005", f"unknown graph format `{format}`", help="use `mermaid` or `dot`")], {})
+    a = _load(spec)
+    labels = {n: f"{n}: {c.kind}\n{human(a.shapes.total(n))} params" for n, c in a.ir.components.items()}
+    text = (to_mermaid if format == "mermaid" else to_dot)(a.graph, labels)
+    if output:
+        atomic_write_text(output, text)
+        out.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+# ---------------------------------------------------------------- diff
+@app.command()
+def diff(
+    old: Annotated[str, typer.Argument(help="FILE, FILE:MODEL or REV:FILE", show_default=False)],
+    new: Annotated[str, typer.Argument(help="FILE, FILE:MODEL or REV:FILE", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """What changed in the architecture: components, resolved attributes, parameters per component and stage."""
+    from vlmspec.compiler.diff import diff_models, render_text
+
+    d = diff_models(_load(old), _load(new))
+    if as_json:
+        print(json.dumps(d, indent=2))
+    else:
+        sys.stdout.write(render_text(d))
+
+
+# ---------------------------------------------------------------- schema
+@app.command()
+def schema(
+    kind: Annotated[str | None, typer.Argument(help="one kind, e.g. `vit` or `mlp` (default: all)")] = None,
+) -> None:
+    """Print the JSON Schema of every component kind, the stage block and model settings."""
+    from vlmspec.compiler.schema import REGISTRY, Settings, Stage
+
+    doc: dict = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "vlmspec", "roles": {}}
+    found = False
+    for role, kinds in REGISTRY.by_role.items():
+        for name, cls in sorted(kinds.items()):
+            if kind is not None and name != kind:
+                continue
+            found = True
+            s = cls.model_json_schema()
+            s["description"] = (cls.__doc__ or "").strip()
+            doc["roles"].setdefault(role, {})[name] = s
+    if kind is None:
+        doc["stage"] = Stage.model_json_schema()
+        doc["settings"] = Settings.model_json_schema()
+    elif not found:
+        from vlmspec.diagnostics import did_you_mean
+
+        all_kinds = [k for ks in REGISTRY.by_role.values() for k in ks]
+        _fail([Diagnostic("E0105", f"unknown kind `{kind}`", help=did_you_mean(kind, all_kinds) or
+                          "kinds: " + ", ".join(sorted(all_kinds)))], {})
+    print(json.dumps(doc, indent=2))
+
+
+def main() -> None:
+    """Entry point: typed errors render as diagnostics; anything else is a bug, reported without a traceback."""
+    try:
+        app()
+    except VlmSpecError as e:
+        err.print(render_all(e.diagnostics, e.sources, color=err.is_terminal), markup=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence for "never a traceback"
+        if os.environ.get("VLMSPEC_DEBUG"):
+            raise
+        err.print(f"[red]internal error[/red]: {type(e).__name__}: {e}\n"
+                  "this is a bug in vlmspec; rerun with VLMSPEC_DEBUG=1 for the traceback and report it")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

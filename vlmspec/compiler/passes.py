@@ -1,0 +1,362 @@
+"""Validation passes: pure functions from the IR (and its graph) to diagnostics and derived facts.
+
+Order: structure (names, roles, flows, cycles) -> shapes and parameters -> stages. Each pass
+collects every problem it finds; a later pass runs only when the earlier ones found no error, so
+that one mistake is reported once, where it was made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmspec.compiler.graph import FlowGraph, build_graph
+from vlmspec.compiler.ir import ModelIR, SpanTable
+from vlmspec.compiler.schema.base import ShapeContext, TokenShape
+from vlmspec.compiler.schema.fusion import FusionBase, MoEFusion
+from vlmspec.compiler.schema.language import LanguageBase
+from vlmspec.compiler.schema.stage import Stage
+from vlmspec.diagnostics import DiagnosticSink, did_you_mean
+
+# ------------------------------------------------------------------ structure
+
+_SOURCE_ROLES = {"connector": ("vision", "connector"), "fusion": ("vision", "connector")}
+_TARGET_ROLES = {"connector": ("connector", "language"), "fusion": ("language",)}
+
+
+def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> FlowGraph:
+    """Names in flows exist and have the right roles; one language model; no cycles; nothing dangling."""
+    comps = ir.components
+    for c in comps.values():
+        has_flow = bool(c.sources) or c.target is not None
+        if c.role in ("vision", "language") and has_flow:
+            sink.error("E0310", f"a {c.role} component takes no `(source -> target)` flow", spans.components.get(c.name),
+                       help=f"write `{c.role} {c.name} = {c.kind} {{ ... }}`")
+        if c.role in ("connector", "fusion") and not has_flow:
+            sink.error("E0311", f"{c.role} `{c.name}` needs a flow such as `(clip -> llm)`", spans.components.get(c.name))
+        for src in c.sources:
+            _check_ref(ir, spans, sink, c.name, src, _SOURCE_ROLES.get(c.role, ()), "source")
+        if c.target is not None:
+            _check_ref(ir, spans, sink, c.name, c.target, _TARGET_ROLES.get(c.role, ()), "target")
+
+    lms = ir.by_role("language")
+    if not lms:
+        sink.error("E0313", f"model `{ir.name}` has no language model", spans.model,
+                   help="add e.g. `language llm = llama { ... }`")
+    for extra in lms[1:]:
+        sink.error("E0313", f"model `{ir.name}` has more than one language model", spans.components.get(extra.name),
+                   help="vlmspec models have one language model; merge encoders with connectors instead")
+
+    g = build_graph(ir)
+    cycle = g.cycle()
+    if cycle:
+        sink.error("E0305", "data flow forms a cycle: " + " -> ".join([*cycle, cycle[0]]),
+                   spans.components.get(cycle[0]))
+    if sink.has_errors:
+        return g
+
+    # every connector's declared target agrees with who consumes it
+    for c in ir.by_role("connector"):
+        target = comps.get(c.target) if c.target else None
+        if target is None:
+            continue
+        if target.role == "connector" and c.name not in target.sources:
+            sink.error("E0314", f"connector `{c.name}` flows into `{target.name}`, but `{target.name}` does not read it",
+                       spans.flows.get((c.name, target.name)),
+                       help=f"add `{c.name}` to the sources of `{target.name}`")
+        if target.role == "language":
+            fusions = [f for f in ir.by_role("fusion") if c.name in f.sources]
+            if not fusions:
+                sink.error("E0304", f"connector `{c.name}` reaches `{target.name}` through no fusion",
+                           spans.flows.get((c.name, target.name)),
+                           help=f"add `fusion prefix({c.name} -> {target.name})` (or cross_attention, "
+                           "visual_expert, moe)")
+    for v in ir.by_role("vision"):
+        if not any(v.name in c.sources for c in comps.values()):
+            sink.warning("W0301", f"vision encoder `{v.name}` feeds nothing", spans.components.get(v.name),
+                         help="name it as a connector's source, e.g. `mlp({} -> llm)`".format(v.name))
+    return g
+
+
+def _check_ref(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink, owner: str, ref: str,
+               roles: tuple[str, ...], what: str) -> None:
+    comp = ir.components.get(ref)
+    span = spans.flows.get((owner, ref)) or spans.components.get(owner)
+    if comp is None:
+        sink.error("E0101", f"unknown component `{ref}` (the {what} of `{owner}`)", span,
+                   help=did_you_mean(ref, ir.components) or _known(ir.components))
+        return
+    if comp.role not in roles:
+        sink.error("E0312", f"`{ref}` is a {comp.role} component and cannot be the {what} of {owner}", span,
+                   help=f"the {what} must be a " + " or ".join(roles) + " component")
+
+
+def _known(names) -> str:
+    return "known components: " + ", ".join(f"`{n}`" for n in sorted(names)) if names else "no components yet"
+
+
+# ------------------------------------------------------------------ shapes and parameters
+
+
+@dataclass(slots=True)
+class Shapes:
+    out: dict[str, TokenShape] = field(default_factory=dict)  # vision / connector outputs; fusion: visual input
+    params: dict[str, dict[str, int]] = field(default_factory=dict)
+    contexts: dict[str, ShapeContext] = field(default_factory=dict)
+
+    def total(self, name: str) -> int:
+        return sum(self.params.get(name, {}).values())
+
+    @property
+    def grand_total(self) -> int:
+        return sum(self.total(n) for n in self.params)
+
+
+def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSink) -> Shapes:
+    """Shapes end to end (tokens x width per image), the rules that need them, and parameter counts."""
+    shapes = Shapes()
+    lm_comp = ir.language
+    llm: LanguageBase | None = lm_comp.config if lm_comp is not None else None  # type: ignore[assignment]
+    for name in g.topological_order():
+        comp = ir.components[name]
+        cfg = comp.config
+        inputs = [shapes.out[s] for s in comp.sources if s in shapes.out]
+        target_width = None
+        if comp.role == "connector":
+            readers = [ir.components[n] for n in g.successors(name)]
+            if any(r.role == "fusion" and type(r.config).in_sequence for r in readers) and llm is not None:
+                target_width = llm.width
+        ctx = ShapeContext(name=name, inputs=inputs, target_width=target_width, sink=sink,
+                           span_of=lambda attr, n=name: spans.attr(n, attr) if attr else spans.components.get(n),
+                           llm_depth=llm.depth if llm else None)
+        shapes.contexts[name] = ctx
+        if hasattr(cfg, "check"):
+            cfg.check(ctx)
+        if comp.role in ("vision", "connector"):
+            shapes.out[name] = cfg.out_shape(ctx)
+            shapes.params[name] = cfg.params(ctx)
+        elif comp.role == "fusion" and llm is not None:
+            visual = _sequence_merge(inputs)
+            shapes.out[name] = visual
+            fusion: FusionBase = cfg  # type: ignore[assignment]
+            fusion.check_against(ctx, visual, llm)
+            shapes.params[name] = fusion.params_for(llm, visual)
+        elif comp.role == "language":
+            shapes.params[name] = cfg.params(ctx)
+    if llm is not None and lm_comp is not None:
+        in_seq = sum(shapes.out[f.name].tokens for f in ir.by_role("fusion")
+                     if type(f.config).in_sequence and f.name in shapes.out)
+        if in_seq + 1 > llm.max_positions:
+            sink.error("E0211", f"{in_seq} image tokens per image do not fit in the language model's "
+                       f"max_positions = {llm.max_positions}", spans.attr(lm_comp.name, "max_positions"),
+                       help="use fewer visual tokens (a resampler, patch merger or pooling) or a longer context")
+    return shapes
+
+
+def _sequence_merge(inputs: list[TokenShape]) -> TokenShape:
+    if not inputs:
+        return TokenShape(0, 0)
+    if len(inputs) == 1:
+        return inputs[0]
+    return TokenShape(sum(s.tokens for s in inputs), inputs[0].width, any(s.dynamic for s in inputs))
+
+
+# ------------------------------------------------------------------ stages
+
+
+@dataclass(slots=True)
+class StagePlan:
+    """What one stage does to each component, and how many parameters it trains."""
+
+    name: str
+    status: dict[str, str]  # component -> "trained" | "frozen" | "lora" | "partial" | "empty"
+    trainable: dict[str, int]  # component -> trainable parameters
+    lora_params: int
+
+    @property
+    def total_trainable(self) -> int:
+        return sum(self.trainable.values())
+
+
+def valid_paths(ir: ModelIR) -> list[str]:
+    paths = ["fusion"] if ir.by_role("fusion") else []
+    for c in ir.components.values():
+        paths.append(c.name)
+        paths.extend(f"{c.name}.{p}" for p in c.config.subpaths())
+    return paths
+
+
+def part_params(ir: ModelIR, shapes: Shapes, path: str) -> int:
+    """Parameters under a graph path such as `llm`, `llm.moe` or `clip.attn`."""
+    comp_name, _, sub = path.partition(".")
+    comp = ir.components[comp_name]
+    params = shapes.params.get(comp_name, {})
+    if not sub:
+        if isinstance(comp.config, MoEFusion) and ir.language is not None:
+            llm = ir.language.config
+            return params.get("experts", 0) + len(comp.config.layer_ids(llm.depth)) * llm.mlp_params()
+        return sum(params.values())
+    cfg = comp.config
+    if isinstance(cfg, LanguageBase):
+        if sub == "attn":
+            return cfg.depth * cfg.attn_params()
+        if sub == "mlp":
+            return cfg.depth * cfg.mlp_params()
+        if sub == "moe" and cfg.moe is not None:
+            return params.get("moe", 0) + len(cfg.moe.layer_ids(cfg.depth)) * cfg.mlp_params(cfg.moe.ffn)
+    if comp.role == "vision":
+        if sub == "attn":
+            return cfg.depth * 4 * (cfg.width * cfg.width + cfg.width)
+        if sub == "mlp":
+            return cfg.depth * (2 * cfg.width * cfg.mlp_dim + cfg.width + cfg.mlp_dim)
+        if sub == "norm":
+            return params.get("norms", 0)
+    return params.get(sub, 0)
+
+
+def lora_params(ir: ModelIR, comp_name: str, targets: list[str], rank: int) -> int:
+    """Adapter parameters LoRA adds: rank x (in + out) for every wrapped linear layer."""
+    cfg = ir.components[comp_name].config
+    total = 0
+    if isinstance(cfg, LanguageBase):
+        q, kv, w, f = cfg.heads * cfg.hd, cfg.n_kv * cfg.hd, cfg.width, cfg.ffn
+        dims = {"attn.q": (w, q), "attn.k": (w, kv), "attn.v": (w, kv), "attn.o": (q, w),
+                "mlp.gate": (w, f), "mlp.up": (w, f), "mlp.down": (f, w), "mlp.fc1": (w, f), "mlp.fc2": (f, w)}
+        for t in targets:
+            i, o = dims.get(t, (0, 0))
+            total += cfg.depth * rank * (i + o)
+    elif ir.components[comp_name].role == "vision":
+        w, m = cfg.width, cfg.mlp_dim
+        dims = {"attn.q": (w, w), "attn.k": (w, w), "attn.v": (w, w), "attn.o": (w, w),
+                "mlp.fc1": (w, m), "mlp.fc2": (m, w)}
+        for t in targets:
+            i, o = dims.get(t, (0, 0))
+            total += cfg.depth * rank * (i + o)
+    return total
+
+
+def default_lora_targets(cfg) -> list[str]:
+    return [t for t in cfg.lora_targets() if t.startswith("attn.") and t[-1] in "qv"]
+
+
+def check_stages(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: DiagnosticSink) -> list[StagePlan]:
+    plans = []
+    paths = valid_paths(ir)
+    fusion_names = [c.name for c in ir.by_role("fusion")]
+    for stage in ir.stages:
+        plans.append(_check_stage(ir, spans, shapes, sink, stage, paths, fusion_names))
+    return plans
+
+
+def _expand(path: str, fusion_names: list[str]) -> list[str]:
+    head, _, rest = path.partition(".")
+    if head == "fusion" and "fusion" not in fusion_names:
+        return [f"{f}.{rest}" if rest else f for f in fusion_names]
+    return [path]
+
+
+def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: DiagnosticSink, stage: Stage,
+                 paths: list[str], fusion_names: list[str]) -> StagePlan:
+    def span(key: str):
+        return spans.stage_items.get((stage.name, key)) or spans.stages.get(stage.name)
+
+    decisions: dict[str, str] = {}
+    for kw, items in (("train", [t.path for t in stage.train]), ("freeze", stage.freeze),
+                      ("lora", [lo.path for lo in stage.lora])):
+        for raw in items:
+            if raw not in paths:
+                sink.error("E0406", f"stage `{stage.name}`: `{raw}` is not a part of model `{ir.name}`",
+                           span(f"{kw}:{raw}"), help=did_you_mean(raw, paths) or "parts: " + ", ".join(paths))
+                continue
+            for p in _expand(raw, fusion_names):
+                decisions[p] = kw
+
+    lora_total = 0
+    for lo in stage.lora:
+        for p in _expand(lo.path, fusion_names):
+            if p not in ir.components:
+                if p in paths:
+                    sink.error("E0403", f"LoRA wraps whole components; `{p}` is a part of one", span(f"lora:{lo.path}"),
+                               help=f"write `lora {p.split('.')[0]}(targets = [...])`")
+                continue
+            cfg = ir.components[p].config
+            allowed = cfg.lora_targets()
+            if not allowed:
+                sink.error("E0403", f"`{p}` has no linear layers LoRA can adapt", span(f"lora:{lo.path}"),
+                           help=f"train it instead: `train {p}`")
+                continue
+            targets = lo.targets or default_lora_targets(cfg)
+            for t in targets:
+                if t not in allowed:
+                    sink.error("E0403", f"LoRA target `{t}` does not exist in `{p}`", span(f"lora:{lo.path}"),
+                               help=did_you_mean(t, allowed) or "targets: " + ", ".join(allowed))
+            lora_total += lora_params(ir, p, [t for t in targets if t in allowed], lo.rank)
+
+    status: dict[str, str] = {}
+    trainable: dict[str, int] = {}
+    for name, comp in ir.components.items():
+        total = shapes.total(name)
+        whole = decisions.get(name)
+        subs = {p: a for p, a in decisions.items() if p.startswith(name + ".")}
+        if total == 0 and not whole and not subs:
+            status[name] = "empty"
+            trainable[name] = 0
+            continue
+        if whole is None:
+            if subs:
+                sink.error("E0401", f"stage `{stage.name}` decides parts of `{name}` ({', '.join(sorted(subs))}) "
+                           f"but not the rest of it", spans.stages.get(stage.name),
+                           help=f"add `freeze {name}` (or `train {name}`); the more specific path wins")
+            else:
+                sink.error("E0401", f"stage `{stage.name}` neither trains nor freezes `{name}`",
+                           spans.stages.get(stage.name), help=f"add `train {name}` or `freeze {name}`")
+            status[name] = "undecided"
+            trainable[name] = 0
+            continue
+        count = total if whole == "train" else 0
+        for p, action in subs.items():
+            part = part_params(ir, shapes, p)
+            if action == "train" and whole != "train":
+                count += part
+            elif action != "train" and whole == "train":
+                count -= part
+        if whole == "train" and subs:
+            status[name] = "partial"
+        elif whole == "train":
+            status[name] = "trained"
+        elif whole == "lora":
+            status[name] = "lora" if not any(a == "train" for a in subs.values()) else "partial"
+        else:
+            status[name] = "partial" if any(a == "train" for a in subs.values()) else "frozen"
+        if whole == "train" and not subs:
+            count = total if not isinstance(comp.config, MoEFusion) else part_params(ir, shapes, name)
+        trainable[name] = max(count, 0)
+
+    for up in stage.upcycle:
+        _check_upcycle(ir, stage, up.source, up.dest, span("upcycle"), sink)
+
+    if any(o.name in ("itc", "itm", "itg") for o in stage.objective):
+        if not any(c.kind == "qformer" for c in ir.by_role("connector")):
+            sink.error("E0409", f"stage `{stage.name}`: objectives itc / itm / itg need a Q-Former connector",
+                       span("objective"), help="use `objective lm`, or add `connector qf = qformer(...)`")
+
+    plan = StagePlan(stage.name, status, trainable, lora_total)
+    if not sink.has_errors and plan.total_trainable + lora_total == 0:
+        sink.error("E0402", f"stage `{stage.name}` trains nothing", spans.stages.get(stage.name),
+                   help="name what it trains: `train proj`, or adapt with `lora llm(rank = 16)`")
+    return plan
+
+
+def _check_upcycle(ir: ModelIR, stage: Stage, source: str, dest: str, span, sink: DiagnosticSink) -> None:
+    lm = ir.language
+    if lm is None:
+        return
+    moe_fusions = [c.name for c in ir.by_role("fusion") if isinstance(c.config, MoEFusion)]
+    valid_dest = ([f"{lm.name}.moe"] if lm.config.moe is not None else []) + moe_fusions + \
+        (["fusion"] if moe_fusions else [])
+    if source != f"{lm.name}.mlp":
+        sink.error("E0407", f"stage `{stage.name}`: up-cycling starts from the dense FFN `{lm.name}.mlp`, not `{source}`",
+                   span)
+    if dest not in valid_dest:
+        sink.error("E0407", f"stage `{stage.name}`: `{dest}` holds no experts to up-cycle into", span,
+                   help=("experts live in " + ", ".join(f"`{d}`" for d in valid_dest)) if valid_dest
+                   else f"add `moe {{ experts = 4  top_k = 2 }}` to `{lm.name}` or a `fusion moe(...)`")

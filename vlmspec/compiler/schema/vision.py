@@ -1,0 +1,214 @@
+"""Vision encoders: CLIP-style ViT (`vit`), SigLIP (`siglip`) and EVA / BLIP-2 (`eva`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from vlmspec.compiler.schema.base import (
+    CallValue,
+    ComponentSchema,
+    Dtype,
+    Quantize,
+    Schema,
+    ShapeContext,
+    TokenShape,
+    layernorm,
+    linear,
+    register,
+)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class FeatureSelect(Schema):
+    """Which hidden states leave the encoder: `layer(-2).patches`, `layers([-2, -5]).all`."""
+
+    layers: list[int] = Field(default=[-1], min_length=1, description="hidden-state indices; several are concatenated along width")
+    tokens: Literal["patches", "all"] = Field(default="patches", description="`patches` drops the class token")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_call(cls, v: Any) -> Any:
+        if not isinstance(v, CallValue):
+            return v
+        if v.name not in ("layer", "layers") or len(v.args) != 1 or v.kwargs or len(v.attrs) > 1:
+            raise ValueError("expected `layer(N)`, `layer(N).patches`, `layer(N).all` or `layers([N, M]).patches`")
+        arg = v.args[0]
+        layers = list(arg) if isinstance(arg, list | tuple) else [arg]
+        out: dict[str, Any] = {"layers": layers}
+        if v.attrs:
+            out["tokens"] = v.attrs[0]
+        return out
+
+    def to_vlm(self) -> str:
+        if len(self.layers) == 1:
+            return f"layer({self.layers[0]}).{self.tokens}"
+        return f"layers([{', '.join(map(str, self.layers))}]).{self.tokens}"
+
+
+class DynamicResolution(Schema):
+    """`dynamic(min_pixels = ..., max_pixels = ...)`: native-resolution inputs as in Qwen2-VL."""
+
+    min_pixels: int = Field(default=56 * 56, gt=0, description="smallest image area after resizing")
+    max_pixels: int = Field(default=28 * 28 * 1280, gt=0, description="largest image area after resizing")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_call(cls, v: Any) -> Any:
+        if isinstance(v, CallValue):
+            if v.name != "dynamic" or v.args:
+                raise ValueError("expected `dynamic(min_pixels = N, max_pixels = M)` or `fixed`")
+            return v.kw()
+        return v
+
+    def to_vlm(self) -> str:
+        return f"dynamic(min_pixels = {self.min_pixels}, max_pixels = {self.max_pixels})"
+
+
+class ViTBase(ComponentSchema):
+    """Fields every ViT encoder shares. Defaults follow CLIP; SigLIP and EVA override a few."""
+
+    role = "vision"
+    image_size: int = Field(default=224, gt=0, description="input resolution in pixels (square)")
+    patch_size: int = Field(default=14, gt=0, description="patch side in pixels")
+    channels: int = Field(default=3, gt=0, description="input channels")
+    width: int = Field(default=1024, gt=0, description="hidden size")
+    depth: int = Field(default=24, gt=0, description="number of transformer layers")
+    heads: int = Field(default=16, gt=0, description="attention heads")
+    mlp: int | None = Field(default=None, gt=0, description="MLP hidden size (default: 4 x width)")
+    act: Literal["quick_gelu", "gelu", "gelu_tanh", "silu"] = Field(default="quick_gelu", description="MLP activation")
+    norm_eps: float = Field(default=1e-5, gt=0, description="LayerNorm epsilon")
+    feature: FeatureSelect = Field(default=FeatureSelect(), description="hidden states passed on, e.g. `layer(-2).patches`")
+    position: Literal["learned", "rope2d"] = Field(default="learned", description="position encoding")
+    resolution: Literal["fixed"] | DynamicResolution = Field(default="fixed", description="`fixed` or `dynamic(...)`")
+    temporal_patch: int = Field(default=1, ge=1, description="frames per patch (2 for Qwen2-VL video-ready patches)")
+    mean: list[float] = Field(default=CLIP_MEAN, min_length=1, description="per-channel normalisation mean")
+    std: list[float] = Field(default=CLIP_STD, min_length=1, description="per-channel normalisation std")
+    resize: Literal["bicubic", "bilinear", "nearest"] = Field(default="bicubic", description="resize filter")
+    weights: str | None = Field(default=None, description="local checkpoint folder to load this encoder from")
+    dtype: Dtype = Field(default="fp32", description="parameter dtype")
+    quantize: Quantize = Field(default="none", description="weight-only quantization at load time")
+
+    # Layout switches that distinguish the families (declared per subclass, still overridable).
+    class_token: bool = Field(default=True, description="prepend a learned class token")
+    pre_norm: bool = Field(default=True, description="LayerNorm on the embeddings before the first layer")
+    post_norm: bool = Field(default=True, description="LayerNorm after the last layer")
+    patch_bias: bool = Field(default=False, description="bias in the patch-embedding convolution")
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.mlp if self.mlp is not None else 4 * self.width
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def check(self, ctx: ShapeContext) -> None:
+        if self.image_size % self.patch_size:
+            ctx.sink.error("E0205", f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}",
+                           ctx.span_of("image_size"),
+                           help=f"use image_size = {self.grid * self.patch_size} or {(self.grid + 1) * self.patch_size}")
+        if self.width % self.heads:
+            ctx.sink.error("E0206", f"width {self.width} is not divisible by heads {self.heads}", ctx.span_of("heads"),
+                           help=_divisors_hint(self.width, self.heads))
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            ctx.sink.error("E0201", f"mean and std need {self.channels} values (one per channel)", ctx.span_of("mean"))
+        for layer in self.feature.layers:
+            if not (-(self.depth + 1) <= layer <= self.depth):
+                ctx.sink.error("E0208", f"feature layer {layer} is out of range for an encoder of depth {self.depth}",
+                               ctx.span_of("feature"),
+                               help=f"hidden states are numbered 0..{self.depth} (or -1..-{self.depth + 1} from the end)")
+
+    def out_shape(self, ctx: ShapeContext) -> TokenShape:
+        tokens = self.num_patches
+        if self.class_token and self.feature.tokens == "all":
+            tokens += 1
+        dynamic = self.resolution != "fixed"
+        if isinstance(self.resolution, DynamicResolution):
+            tokens = self.resolution.max_pixels // (self.patch_size * self.patch_size)
+        return TokenShape(tokens, self.width * len(self.feature.layers), dynamic)
+
+    def layer_params(self) -> int:
+        w, m = self.width, self.mlp_dim
+        attn = 4 * linear(w, w)
+        return attn + linear(w, m) + linear(m, w) + 2 * layernorm(w)
+
+    def params(self, ctx: ShapeContext) -> dict[str, int]:
+        w = self.width
+        embed = self.channels * self.temporal_patch * self.patch_size**2 * w + (w if self.patch_bias else 0)
+        if self.class_token:
+            embed += w
+        if self.position == "learned":
+            embed += (self.num_patches + (1 if self.class_token else 0)) * w
+        out = {"embeddings": embed, "layers": self.depth * self.layer_params()}
+        norms = (layernorm(w) if self.pre_norm else 0) + (layernorm(w) if self.post_norm else 0)
+        if norms:
+            out["norms"] = norms
+        return out
+
+    def subpaths(self) -> list[str]:
+        return ["embeddings", "layers", "attn", "mlp", "norm"]
+
+    def lora_targets(self) -> list[str]:
+        return ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"]
+
+
+@register
+class ViT(ViTBase):
+    """CLIP-style ViT: class token, pre-LayerNorm, QuickGELU (CLIP ViT-L/14, OpenCLIP ViT-H/14)."""
+
+    kind = "vit"
+    summary = "CLIP-style ViT with a class token and pre-LayerNorm"
+
+
+@register
+class SigLIP(ViTBase):
+    """SigLIP: no class token, no pre-LayerNorm, tanh-GELU, biased patch embedding."""
+
+    kind = "siglip"
+    summary = "SigLIP ViT: no class token, optional attention-pooling head"
+    class_token: bool = Field(default=False, description="prepend a learned class token")
+    pre_norm: bool = Field(default=False, description="LayerNorm on the embeddings before the first layer")
+    patch_bias: bool = Field(default=True, description="bias in the patch-embedding convolution")
+    act: Literal["quick_gelu", "gelu", "gelu_tanh", "silu"] = Field(default="gelu_tanh", description="MLP activation")
+    norm_eps: float = Field(default=1e-6, gt=0, description="LayerNorm epsilon")
+    mean: list[float] = Field(default=[0.5, 0.5, 0.5], min_length=1, description="per-channel normalisation mean")
+    std: list[float] = Field(default=[0.5, 0.5, 0.5], min_length=1, description="per-channel normalisation std")
+    pool_head: bool = Field(default=False, description="keep SigLIP's attention-pooling head (unused by VLMs)")
+
+    def params(self, ctx: ShapeContext) -> dict[str, int]:
+        out = super().params(ctx)
+        if self.pool_head:
+            w, m = self.width, self.mlp_dim
+            out["head"] = w + 3 * w * w + 3 * w + linear(w, w) + layernorm(w) + linear(w, m) + linear(m, w)
+        return out
+
+
+@register
+class EVA(ViTBase):
+    """EVA-CLIP as used by BLIP-2, InstructBLIP and MiniGPT-4: fused QKV with q/v biases, no pre-LN."""
+
+    kind = "eva"
+    summary = "EVA ViT (BLIP-2 layout): fused QKV with q and v biases"
+    pre_norm: bool = Field(default=False, description="LayerNorm on the embeddings before the first layer")
+    patch_bias: bool = Field(default=True, description="bias in the patch-embedding convolution")
+    act: Literal["quick_gelu", "gelu", "gelu_tanh", "silu"] = Field(default="gelu", description="MLP activation")
+    norm_eps: float = Field(default=1e-6, gt=0, description="LayerNorm epsilon")
+
+    def layer_params(self) -> int:
+        w, m = self.width, self.mlp_dim
+        attn = 3 * w * w + 2 * w + linear(w, w)  # qkv without bias + q_bias + v_bias, then the output projection
+        return attn + linear(w, m) + linear(m, w) + 2 * layernorm(w)
+
+
+def _divisors_hint(width: int, heads: int) -> str:
+    near = [h for h in range(max(1, heads - 8), heads + 9) if width % h == 0]
+    best = sorted(near, key=lambda h: abs(h - heads))[:3]
+    return "heads that divide width " + str(width) + ": " + ", ".join(map(str, sorted(best)))

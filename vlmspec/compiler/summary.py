@@ -1,0 +1,79 @@
+"""`vlm summary` data: parameters per component (closed form), visual tokens, and per stage the trainable
+parameters and a memory estimate. Pure data here; the CLI renders it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmspec.compiler.compile import Analysis
+from vlmspec.compiler.schema.base import BYTES_PER
+
+_OPTIM_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4}
+
+
+def component_bytes(analysis: Analysis, name: str, quantized: bool = True) -> float:
+    cfg = analysis.ir.components[name].config
+    dtype = getattr(cfg, "dtype", "fp32")
+    quant = getattr(cfg, "quantize", "none") if quantized else "none"
+    per = BYTES_PER[quant] if quant != "none" else BYTES_PER[dtype]
+    return analysis.shapes.total(name) * per
+
+
+def summarise(analysis: Analysis) -> dict[str, Any]:
+    ir, shapes = analysis.ir, analysis.shapes
+    components = []
+    for name, comp in ir.components.items():
+        out = shapes.out.get(name)
+        components.append({
+            "name": name, "role": comp.role, "kind": comp.kind,
+            "params": shapes.total(name),
+            "parts": dict(shapes.params.get(name, {})),
+            "tokens": out.tokens if out is not None and comp.role != "language" else None,
+            "width": out.width if out is not None and comp.role != "language" else None,
+            "dtype": getattr(comp.config, "dtype", None),
+            "quantize": getattr(comp.config, "quantize", None),
+        })
+    weights = sum(component_bytes(analysis, n) for n in ir.components)
+    weights_unquantized = sum(component_bytes(analysis, n, quantized=False) for n in ir.components)
+    stages = []
+    for plan, stage in zip(analysis.plans, ir.stages, strict=True):
+        trainable = plan.total_trainable + plan.lora_params
+        grad_bytes = 4 if stage.precision == "fp32" else 4  # grads follow fp32 master weights under autocast
+        optim_bytes = _OPTIM_STATE_BYTES[stage.optim.name]
+        if stage.optim.name == "sgd" and stage.optim.momentum == 0:
+            optim_bytes = 0
+        memory = {"weights": int(weights), "grads": trainable * grad_bytes, "optimizer": trainable * optim_bytes}
+        memory["total"] = sum(memory.values())
+        stages.append({
+            "name": stage.name,
+            "params": {"trainable": trainable, "lora": plan.lora_params,
+                       "by_component": {k: v for k, v in plan.trainable.items() if v}},
+            "status": plan.status,
+            "precision": stage.precision,
+            "optim": stage.optim.to_vlm(),
+            "batch": stage.batch,
+            "memory": memory,
+        })
+    visual = [c for c in ir.by_role("fusion") if c.name in shapes.out]
+    return {
+        "model": ir.name,
+        "file": analysis.file,
+        "params": {"total": shapes.grand_total, "by_component": {c["name"]: c["params"] for c in components}},
+        "visual_tokens": {f.name: shapes.out[f.name].tokens for f in visual},
+        "memory": {"weights": int(weights), "weights_unquantized": int(weights_unquantized)},
+        "components": components,
+        "stages": stages,
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (parameters) or with unit 'B' -> '1.15 GiB'."""
+    if unit == "B":
+        for suffix, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+            if abs(n) >= size:
+                return f"{n / size:.2f} {suffix}"
+        return f"{int(n)} B"
+    for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{suffix}"
+    return str(int(n))

@@ -1,0 +1,381 @@
+"""Parse .vlm text into the AST, turning every Lark failure into a located `SpecSyntaxError`."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path as FsPath
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from vlmspec.compiler import ast
+from vlmspec.diagnostics import Diagnostic, Span, SpecSyntaxError
+
+_TERMINAL_NAMES = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "FLOAT": "a number",
+    "STRING": "a string",
+    "$END": "the end of the file",
+    "TRUE": "`true`",
+    "FALSE": "`false`",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("vlmspec.grammar").joinpath("vlm.lark").read_text(encoding="utf-8")
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True,
+                maybe_placeholders=True, cache=True)
+
+
+def _span(file: str, meta_or_token) -> Span:
+    m = meta_or_token
+    return Span(file, m.line, m.column, m.end_line, m.end_column, m.start_pos, m.end_pos)
+
+
+def _join(file: str, a: Span, b: Span) -> Span:
+    return Span(file, a.line, a.col, b.end_line, b.end_col, a.start, b.end)
+
+
+class _ToAst(Transformer):
+    """Lark tree -> AST. Lark calls one method per rule; each returns an AST node with its span."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def _s(self, x) -> Span:
+        return _span(self.file, x)
+
+    # ---------------------------------------------------------- top level
+    @v_args(meta=True)
+    def start(self, meta, items):
+        return items
+
+    @v_args(meta=True)
+    def import_stmt(self, meta, children):
+        (tok,) = children
+        return ast.Import(_unquote(tok), self._s(meta))
+
+    def extends_clause(self, children):
+        (tok,) = children
+        return (str(tok), self._s(tok))
+
+    @v_args(meta=True)
+    def model(self, meta, children):
+        name, ext, lbrace, *items, rbrace = children
+        return ast.Model(str(name), ext, items, self._s(meta), self._s(name), self._s(lbrace), self._s(rbrace))
+
+    # ---------------------------------------------------------- components
+    def role(self, children):
+        return children[0]
+
+    def kind_clause(self, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def flow(self, meta, children):
+        sources, _arrow, target = children
+        return sources, (str(target), self._s(target))
+
+    def sources(self, children):
+        return [(str(t), self._s(t)) for t in children]
+
+    @v_args(meta=True)
+    def component(self, meta, children):
+        role, name, kind, flow, block = children
+        sources, target = flow if flow is not None else ([], None)
+        if block is not None:
+            header_end = block.span
+            header_end = Span(self.file, header_end.line, header_end.col, header_end.line, header_end.col + 1,
+                              header_end.start, header_end.start + 1)
+        else:
+            header_end = self._s(meta)
+        return ast.Component(str(role), str(name), str(kind) if kind is not None else None, sources, target,
+                             block, self._s(meta), self._s(name), self._s(kind) if kind is not None else None,
+                             header_end)
+
+    @v_args(meta=True)
+    def block(self, meta, children):
+        lbrace, *items, rbrace = children
+        return ast.Block(items, _join(self.file, self._s(lbrace), self._s(rbrace)), self._s(rbrace))
+
+    @v_args(meta=True)
+    def override(self, meta, children):
+        name, block = children
+        return ast.Override(str(name), block, self._s(meta), self._s(name))
+
+    @v_args(meta=True)
+    def attr(self, meta, children):
+        name, value = children
+        return ast.Attr(str(name), value, self._s(meta), self._s(name))
+
+    # ---------------------------------------------------------- stages
+    @v_args(meta=True)
+    def stage(self, meta, children):
+        name, ext, lbrace, *items, rbrace = children
+        return ast.Stage(str(name), ext, items, self._s(meta), self._s(name), self._s(lbrace), self._s(rbrace))
+
+    def target_kw(self, children):
+        return children[0]
+
+    def value_kw(self, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def targets_stmt(self, meta, children):
+        kw, *targets = children
+        return ast.TargetsStmt(str(kw), targets, self._s(meta))
+
+    @v_args(meta=True)
+    def target(self, meta, children):
+        path, args = children
+        return ast.Target(path, args, self._s(meta))
+
+    @v_args(meta=True)
+    def path(self, meta, children):
+        return ast.Path([str(t) for t in children], self._s(meta))
+
+    @v_args(meta=True)
+    def value_stmt(self, meta, children):
+        kw, value = children
+        return ast.ValueStmt(str(kw), value, self._s(meta))
+
+    @v_args(meta=True)
+    def upcycle_stmt(self, meta, children):
+        src, _arrow, dst = children
+        return ast.UpcycleStmt(src, dst, self._s(meta))
+
+    # ---------------------------------------------------------- values
+    @v_args(meta=True)
+    def int(self, meta, children):
+        (tok,) = children
+        return ast.Int(int(str(tok).replace("_", "")), str(tok), self._s(meta))
+
+    @v_args(meta=True)
+    def float(self, meta, children):
+        (tok,) = children
+        return ast.Float(float(str(tok).replace("_", "")), str(tok), self._s(meta))
+
+    @v_args(meta=True)
+    def string(self, meta, children):
+        (tok,) = children
+        return ast.Str(_unquote(tok), str(tok), self._s(meta))
+
+    @v_args(meta=True)
+    def true(self, meta, children):
+        return ast.Bool(True, self._s(meta))
+
+    @v_args(meta=True)
+    def false(self, meta, children):
+        return ast.Bool(False, self._s(meta))
+
+    @v_args(meta=True)
+    def list(self, meta, children):
+        return ast.ListVal([c for c in children if c is not None], self._s(meta))
+
+    @v_args(meta=True)
+    def ref(self, meta, children):
+        return ast.Ref([str(t) for t in children], self._s(meta))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        name, args, *attrs = children
+        return ast.Call(str(name), args, [str(a) for a in attrs], self._s(meta))
+
+    def call_args(self, children):
+        return [c for c in children if c is not None]
+
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        name, value = children
+        return ast.Arg(str(name), value, self._s(meta))
+
+    @v_args(meta=True)
+    def posarg(self, meta, children):
+        (value,) = children
+        return ast.Arg(None, value, self._s(meta))
+
+    def _bin(op):  # noqa: N805 - a factory for the four operators, used at class-creation time
+        @v_args(meta=True)
+        def method(self, meta, children):
+            left, right = children
+            return ast.BinOp(op, left, right, self._s(meta))
+
+        return method
+
+    add = _bin("+")
+    sub = _bin("-")
+    mul = _bin("*")
+    div = _bin("/")
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        (operand,) = children
+        if isinstance(operand, ast.Int):
+            return ast.Int(-operand.value, "-" + operand.text, self._s(meta))
+        if isinstance(operand, ast.Float):
+            return ast.Float(-operand.value, "-" + operand.text, self._s(meta))
+        return ast.Neg(operand, self._s(meta))
+
+
+_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+
+
+def _unquote(tok: Token) -> str:
+    """String literal -> value. Escapes: \\n, \\t, \\", \\\\ (anything else is kept as written)."""
+    raw = str(tok)[1:-1]
+    if "\\" not in raw:
+        return raw
+    out, i = [], 0
+    while i < len(raw):
+        c = raw[i]
+        if c == "\\" and i + 1 < len(raw):
+            nxt = raw[i + 1]
+            out.append(_ESCAPES.get(nxt, "\\" + nxt))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _describe_expected(expected: set[str]) -> str:
+    parser = _parser()
+    names = []
+    for term in sorted(expected):
+        if term in _TERMINAL_NAMES:
+            names.append(_TERMINAL_NAMES[term])
+            continue
+        try:
+            pattern = parser.get_terminal(term).pattern
+        except KeyError:
+            names.append(term.lower())
+            continue
+        if pattern.type == "str":
+            names.append(f"`{pattern.value}`")
+        else:
+            names.append(term.lower())
+    names = sorted(set(names))
+    if len(names) > 8:
+        names = names[:8] + ["..."]
+    return ", ".join(names)
+
+
+def _unclosed_brace(text: str, upto: int) -> int | None:
+    """Position of the last `{` not closed before `upto`, skipping strings and comments."""
+    stack: list[int] = []
+    i, n = 0, min(upto, len(text))
+    while i < n:
+        c = text[i]
+        if c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        if c == '"':
+            i += 1
+            while i < n and text[i] not in '"\n':
+                i += 2 if text[i] == "\\" else 1
+        elif c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            stack.pop()
+        i += 1
+    return stack[-1] if stack else None
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return line, col
+
+
+def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic:
+    help_text = None
+    if isinstance(err, UnexpectedCharacters):
+        ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        span = Span(file, err.line, err.column, err.line, err.column + 1, err.pos_in_stream, err.pos_in_stream + 1)
+        if ch == '"':
+            msg = "unterminated string"
+            help_text = "close the string with `\"` on the same line"
+        else:
+            msg = f"unexpected character `{ch}`"
+            if ch == ":":
+                help_text = "attributes are written `name = value`"
+            elif ch == "'":
+                help_text = "strings use double quotes: \"...\""
+            elif ch == ";":
+                help_text = "statements need no `;`: separate them with spaces or new lines"
+        expected = _describe_expected(set(err.allowed or ()))
+        if expected:
+            msg += f"; expected {expected}"
+        return Diagnostic("E0001", msg, span, help=help_text)
+    if isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
+        pos = len(text)
+        line, col = _line_col(text, max(0, pos - 1) if text else 0)
+        span = Span(file, line, col, line, col + 1, pos, pos)
+        expected = _describe_expected(set(err.expected))
+        open_at = _unclosed_brace(text, len(text))
+        if open_at is not None:
+            ol, oc = _line_col(text, open_at)
+            help_text = f"the `{{` at line {ol}, column {oc} is never closed; add a `}}`"
+        return Diagnostic("E0002", f"unexpected end of file; expected {expected}", span, help=help_text)
+    if not isinstance(err, UnexpectedToken):  # lark raises only the three kinds above; stay typed anyway
+        return Diagnostic("E0003", f"cannot parse: {err}", None)
+    tok = err.token
+    span = _span(file, tok)
+    expected_set = set(err.expected)
+    expected = _describe_expected(expected_set)
+    value = str(tok)
+    msg = f"unexpected `{value}`; expected {expected}"
+    keywords = {"train", "freeze", "lora", "optim", "data", "batch", "epochs", "steps", "precision",
+                "objective", "upcycle"}
+    if value in keywords and "NAME" in expected_set:
+        help_text = f"`{value}` is a keyword inside `stage` blocks and cannot be used as a name"
+    elif value in {"vision", "connector", "language", "fusion", "model", "stage", "import", "extends"} \
+            and "NAME" in expected_set:
+        help_text = f"`{value}` is a keyword and cannot be used as a name"
+    elif value in keywords:
+        help_text = f"`{value} ...` statements belong inside a `stage NAME {{ ... }}` block"
+    elif value == "=" and "LBRACE" in expected_set:
+        help_text = "a component is declared with its role first, e.g. `vision clip = vit { ... }`"
+    elif tok.type == "RBRACE" and "NAME" in expected_set and "=" not in value:
+        help_text = "an attribute needs a value: `name = value`"
+    return Diagnostic("E0003", msg, span, help=help_text)
+
+
+def parse(text: str, file: str = "<input>") -> ast.File:
+    """Parse `text`; raise `SpecSyntaxError` with a located diagnostic on malformed input."""
+    comments: list[ast.Comment] = []
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as err:
+        raise SpecSyntaxError([_syntax_diagnostic(err, text, file)], {file: text}) from None
+    try:
+        items = _ToAst(file).transform(tree)
+    except VisitError as err:  # e.g. an integer literal too large for `int()` never happens; keep it typed
+        raise SpecSyntaxError([Diagnostic("E0003", f"malformed input: {err.orig_exc}")], {file: text}) from None
+    # Comments are ignored by the parser; collect them by a separate lexer pass so `fmt` keeps them.
+    comments = _comments(text, file)
+    return ast.File(file, text, items, comments)
+
+
+def _comments(text: str, file: str) -> list[ast.Comment]:
+    out = []
+    for tok in _parser().lex(text, dont_ignore=True):
+        if tok.type == "COMMENT":
+            out.append(ast.Comment(str(tok).rstrip(), _span(file, tok)))
+    return out
+
+
+def parse_file(path: str | FsPath) -> ast.File:
+    p = FsPath(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecSyntaxError([Diagnostic("E0004", f"no such file: {p}")]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecSyntaxError([Diagnostic("E0004", f"cannot read {p}: {err}")]) from None
+    return parse(text, str(path))
