@@ -55,7 +55,7 @@ def analyse(ws: Workspace, model: str, sink: DiagnosticSink) -> Analysis | None:
     plans = check_stages(ir, spans, shapes, sink)
     if sink.has_errors:
         return None
-    for (a, b), data in graph.edges.items():
+    for (a, _b), data in graph.edges.items():
         if a in shapes.out:
             data["shape"] = str(shapes.out[a])
     return Analysis(ir, spans, graph, shapes, plans, ws.models[model][1].path)

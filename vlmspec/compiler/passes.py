@@ -73,7 +73,7 @@ def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> Flow
     for v in ir.by_role("vision"):
         if not any(v.name in c.sources for c in comps.values()):
             sink.warning("W0301", f"vision encoder `{v.name}` feeds nothing", spans.components.get(v.name),
-                         help="name it as a connector's source, e.g. `mlp({} -> llm)`".format(v.name))
+                         help=f"name it as a connector's source, e.g. `mlp({v.name} -> llm)`")
     return g
 
 
@@ -116,6 +116,7 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
     shapes = Shapes()
     lm_comp = ir.language
     llm: LanguageBase | None = lm_comp.config if lm_comp is not None else None  # type: ignore[assignment]
+    wrong_width: set[str] = set()
     for name in g.topological_order():
         comp = ir.components[name]
         cfg = comp.config
@@ -134,10 +135,18 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
         if comp.role in ("vision", "connector"):
             shapes.out[name] = cfg.out_shape(ctx)
             shapes.params[name] = cfg.params(ctx)
+            width = shapes.out[name].width
+            if target_width is not None and width != target_width and llm is not None and lm_comp is not None:
+                sink.error("E0203", f"connector `{name}` outputs width {width} but `{lm_comp.name}` expects "
+                           f"{target_width}", spans.attr(name, "out"),
+                           help="leave `out` unset: a connector into a language model ends at its width")
+                wrong_width.add(name)
         elif comp.role == "fusion" and llm is not None:
             visual = _sequence_merge(inputs)
             shapes.out[name] = visual
             fusion: FusionBase = cfg  # type: ignore[assignment]
+            if any(s in wrong_width for s in comp.sources):  # reported once, at the connector
+                visual = TokenShape(visual.tokens, llm.width, visual.dynamic)
             fusion.check_against(ctx, visual, llm)
             shapes.params[name] = fusion.params_for(llm, visual)
         elif comp.role == "language":

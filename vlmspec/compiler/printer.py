@@ -77,6 +77,15 @@ class _Printer:
             self.last_end = c.span.end
             self.last_end_line = c.span.line
 
+    def _flush_trailing(self, before: int) -> None:
+        """Attach a comment on the line of the last statement before moving on to a new model."""
+        if self.next_comment < len(self.comments):
+            c = self.comments[self.next_comment]
+            if c.span.start < before and c.span.line == self.last_end_line and self.lines:
+                self.lines[-1] += "  " + c.text
+                self.next_comment += 1
+                self.last_end, self.last_end_line = c.span.end, c.span.line
+
     def after_open_line_is_blank(self) -> bool:
         return self.lines[-1] == ""
 
@@ -95,9 +104,10 @@ class _Printer:
             if isinstance(item, ast.Import):
                 self.emit(f"import {quote(item.path)}", item.span.start, item.span.end, item.span.end_line, 0)
             else:
-                if i > 0 and not self.after_open:
-                    self._flush_comments(item.span.start, 0)
-                    if self.lines and self.lines[-1] != "":
+                if i > 0 and self.lines:
+                    # a model is separated by one blank line, its leading comments stay attached to it
+                    self._flush_trailing(item.span.start)
+                    if self.lines[-1] != "":
                         self.lines.append("")
                     self.after_open = True
                 self.model(item)

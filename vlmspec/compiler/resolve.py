@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from vlmspec.compiler import ast
 from vlmspec.compiler.ir import Component, ModelIR, SpanTable, resolved_value
@@ -142,6 +142,7 @@ class _Resolver:
         self.stages: dict[str, ast.Stage] = {}
         self.typed: dict[str, ComponentSchema | None] = {}
         self.in_progress: list[str] = []
+        self.field_stack: list[tuple[str, str]] = []
 
     # -------------------------------------------------------------- extends + overrides
     def lineage(self) -> list[ast.Model]:
@@ -258,7 +259,9 @@ class _Resolver:
                             help=did_you_mean(comp_name, self.raw) or _known("components", self.raw))
             raise _EvalFailed
         if comp_name in self.in_progress:
-            cycle = self.in_progress[self.in_progress.index(comp_name):] + [comp_name]
+            if comp_name == self.in_progress[-1] and len(fields) == 1:
+                return self._sibling_field(comp_name, fields[0], ref)
+            cycle = [*self.in_progress[self.in_progress.index(comp_name):], comp_name]
             self.sink.error("E0108", f"references form a cycle: {' -> '.join(cycle)}", ref.span)
             raise _EvalFailed
         cfg = self.component(comp_name)
@@ -266,8 +269,9 @@ class _Resolver:
             raise _EvalFailed
         value: Any = cfg
         for i, f in enumerate(fields):
-            if not hasattr(value, "model_fields") or f not in type(value).model_fields:
-                options = list(type(value).model_fields) if hasattr(value, "model_fields") else []
+            fields_here = type(value).model_fields if isinstance(value, BaseModel) else {}
+            if f not in fields_here:
+                options = list(fields_here)
                 self.sink.error("E0109", f"`{'.'.join([comp_name, *fields[: i + 1]])}` is not a field", ref.span,
                                 help=did_you_mean(f, options) or _known("fields", options))
                 raise _EvalFailed
@@ -275,6 +279,30 @@ class _Resolver:
         if hasattr(value, "model_dump"):
             value = value.model_dump()
         return value
+
+    def _sibling_field(self, comp_name: str, field_name: str, ref: ast.Ref) -> Any:
+        """`llm.width` used inside `llm` itself: the written value, or the schema's default."""
+        raw = self.raw[comp_name]
+        entry = raw.attrs.get(field_name)
+        key = (comp_name, field_name)
+        if isinstance(entry, ast.Attr):
+            if key in self.field_stack:
+                self.sink.error("E0108", f"`{ref.dotted}` refers to itself", ref.span)
+                raise _EvalFailed
+            self.field_stack.append(key)
+            try:
+                return self.eval(entry.value, comp_name)
+            finally:
+                self.field_stack.pop()
+        cls = REGISTRY.get(raw.role, raw.kind)
+        info = cls.model_fields.get(field_name) if cls is not None else None
+        if info is None or info.default is None:
+            options = list(cls.model_fields) if cls is not None else []
+            self.sink.error("E0109", f"`{ref.dotted}` has no value to refer to here", ref.span,
+                            help=did_you_mean(field_name, options) if info is None else
+                            f"write `{field_name} = ...` in `{comp_name}` first")
+            raise _EvalFailed
+        return info.default
 
     def _eval_entries(self, entries: dict[str, ast.Attr | _Nested], owner: str,
                       spans: dict[tuple[str, ...], Span], prefix: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -6,6 +6,8 @@ driver compare, so its layout is stable: components in declaration order, fields
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.schema.base import fmt_value
 from vlmspec.compiler.schema.stage import STAGE_ATTRS, Optim, Stage
@@ -25,7 +27,7 @@ def _field_lines(values: dict, indent: str, explicit: set[str] | None, only_expl
             continue
         if v is None:
             continue
-        if hasattr(v, "model_fields") and not hasattr(v, "to_vlm"):
+        if isinstance(v, BaseModel) and not hasattr(v, "to_vlm"):
             inner = _field_lines({f: getattr(v, f) for f in type(v).model_fields}, indent + "  ", None, False)
             lines.append(f"{indent}{k} {{")
             lines.extend(inner)
@@ -103,8 +105,8 @@ def resolved_text(analysis: Analysis, params: bool = True) -> str:
 
 def model_source(analysis: Analysis) -> str:
     """The model's own text, canonically formatted (its `extends` chain named, not flattened)."""
-    from vlmspec.compiler.printer import format_file
     from vlmspec.compiler import ast
+    from vlmspec.compiler.printer import format_file
     from vlmspec.grammar.parser import parse
 
     source = analysis.spans.model

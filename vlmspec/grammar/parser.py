@@ -14,7 +14,7 @@ from vlmspec.diagnostics import Diagnostic, Span, SpecSyntaxError
 
 _TERMINAL_NAMES = {
     "NAME": "a name",
-    "INT": "an integer",
+    "INT": "a number",
     "FLOAT": "a number",
     "STRING": "a string",
     "$END": "the end of the file",
@@ -242,9 +242,15 @@ def _unquote(tok: Token) -> str:
     return "".join(out)
 
 
+_VALUE_START = {"INT", "FLOAT", "STRING", "NAME", "TRUE", "FALSE", "LSQB", "LPAR", "MINUS"}
+
+
 def _describe_expected(expected: set[str]) -> str:
     parser = _parser()
     names = []
+    if {"INT", "FLOAT", "STRING"} <= expected:
+        names.append("a value")
+        expected = expected - _VALUE_START
     for term in sorted(expected):
         if term in _TERMINAL_NAMES:
             names.append(_TERMINAL_NAMES[term])
@@ -260,7 +266,7 @@ def _describe_expected(expected: set[str]) -> str:
             names.append(term.lower())
     names = sorted(set(names))
     if len(names) > 8:
-        names = names[:8] + ["..."]
+        names = [*names[:8], "..."]
     return ", ".join(names)
 
 
@@ -316,11 +322,12 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         pos = len(text)
         line, col = _line_col(text, max(0, pos - 1) if text else 0)
         span = Span(file, line, col, line, col + 1, pos, pos)
-        expected = _describe_expected(set(err.expected))
         open_at = _unclosed_brace(text, len(text))
         if open_at is not None:
             ol, oc = _line_col(text, open_at)
             help_text = f"the `{{` at line {ol}, column {oc} is never closed; add a `}}`"
+            return Diagnostic("E0002", "unexpected end of file: a block is not closed", span, help=help_text)
+        expected = _describe_expected(set(err.expected))
         return Diagnostic("E0002", f"unexpected end of file; expected {expected}", span, help=help_text)
     if not isinstance(err, UnexpectedToken):  # lark raises only the three kinds above; stay typed anyway
         return Diagnostic("E0003", f"cannot parse: {err}", None)

@@ -1,0 +1,165 @@
+"""The front-end commands, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from vlmspec.cli import app
+from vlmspec.compiler.compile import check_file
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAVA = str(ROOT / "specs" / "llava-1.5-7b.vlm")
+runner = CliRunner()
+
+
+def vlm(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_check_ok_and_json() -> None:
+    r = vlm("check", LLAVA)
+    assert r.exit_code == 0, r.output
+    assert "llava_1_5_7b  7.06B params, 576 visual tokens" in r.output
+    r = vlm("check", LLAVA, "--json")
+    data = json.loads(r.stdout)
+    assert data["ok"] and {m["model"] for m in data["models"]} == {"llava_1_5_7b", "llava_1_5_7b_tiny"}
+
+
+def test_check_errors_exit_1_with_location(write_spec) -> None:
+    path = write_spec("model m {\n  vision clip = vit { widht = 3 }\n}\n")
+    r = vlm("check", path)
+    assert r.exit_code == 1
+    assert f"{path}:2:23: error[E0104]: unknown attribute `widht`" in r.output
+    assert "did you mean `width`?" in r.output
+    r = vlm("check", path, "--json")
+    diags = json.loads(r.stdout)["diagnostics"]
+    assert r.exit_code == 1 and diags[0]["code"] == "E0104" and diags[0]["line"] == 2
+
+
+def test_unreadable_file_and_unknown_model(tmp_path) -> None:
+    r = vlm("check", str(tmp_path / "nope.vlm"))
+    assert r.exit_code == 1 and "E0106" in r.output and "cannot find file" in r.output
+    r = vlm("summary", f"{LLAVA}:llava_tiyn")
+    assert r.exit_code == 1 and "E0110" in r.output and "did you mean `llava_1_5_7b_tiny`?" in r.output
+    bad = tmp_path / "bin.vlm"
+    bad.write_bytes(b"\xff\xfe\x00")
+    r = vlm("fmt", str(bad))
+    assert r.exit_code == 1 and "E0004" in r.output
+    r = vlm("graph", LLAVA, "--format", "png")
+    assert r.exit_code == 1 and "E0005" in r.output
+
+
+def test_fmt_check_and_write(write_spec) -> None:
+    path = write_spec("model m {  vision clip = vit { width = 32 depth = 2 } }\n")
+    r = vlm("fmt", "--check", path)
+    assert r.exit_code == 1 and "would reformat" in r.output
+    r = vlm("fmt", path)
+    assert r.exit_code == 0
+    assert Path(path).read_text() == "model m {\n  vision clip = vit {\n    width = 32\n    depth = 2\n  }\n}\n"
+    assert vlm("fmt", "--check", path).exit_code == 0
+
+
+def test_show_resolved_is_a_valid_equivalent_spec(tmp_path) -> None:
+    r = vlm("show", "--resolved", f"{LLAVA}:llava_1_5_7b_tiny")
+    assert r.exit_code == 0
+    assert "kv_heads = 4" in r.stdout and "act = quick_gelu" in r.stdout  # derived and inherited defaults
+    flat = tmp_path / "flat.vlm"
+    flat.write_text(r.stdout)
+    again = check_file(str(flat))
+    orig = check_file(LLAVA, "llava_1_5_7b_tiny")
+    assert again.ok, again.diagnostics
+    a, b = again.analyses[0].ir, orig.analyses[0].ir
+
+    def meaning(ir):
+        return {n: (c.role, c.kind, c.sources, c.target, c.field_values(resolved=True)) for n, c in ir.components.items()}
+
+    assert meaning(a) == meaning(b) and a.settings == b.settings
+    assert [s.model_dump(exclude={"extends"}) for s in a.stages] == [s.model_dump(exclude={"extends"}) for s in b.stages]
+    assert again.analyses[0].total_params == orig.analyses[0].total_params
+    r = vlm("show", f"{LLAVA}:llava_1_5_7b_tiny")
+    assert r.stdout.startswith("model llava_1_5_7b_tiny extends llava_1_5_7b {")
+
+
+def test_summary_json() -> None:
+    r = vlm("summary", f"{LLAVA}:llava_1_5_7b", "--json")
+    s = json.loads(r.stdout)
+    assert s["params"]["total"] == 7_062_902_784
+    stages = {st["name"]: st for st in s["stages"]}
+    assert stages["align"]["params"]["trainable"] == s["params"]["by_component"]["proj"]
+    assert stages["instruct"]["params"]["trainable"] == s["params"]["by_component"]["proj"] + s["params"]["by_component"]["llm"]
+    mem = stages["align"]["memory"]
+    assert mem["total"] == mem["weights"] + mem["grads"] + mem["optimizer"]
+    assert mem["optimizer"] == 8 * stages["align"]["params"]["trainable"]
+    r = vlm("summary", f"{LLAVA}:llava_1_5_7b")
+    assert "7.06B parameters" in r.stdout and "stages" in r.stdout
+
+
+def test_graph_formats() -> None:
+    r = vlm("graph", LLAVA)
+    assert r.stdout.startswith("flowchart LR") and 'clip -->|"576 x 1024"| proj' in r.stdout
+    r = vlm("graph", LLAVA, "-f", "dot")
+    assert r.stdout.startswith('digraph "llava_1_5_7b"') and '"proj" -> "prefix" [label="576 x 4096"];' in r.stdout
+
+
+def test_diff_two_models_json() -> None:
+    r = vlm("diff", f"{LLAVA}:llava_1_5_7b", f"{LLAVA}:llava_1_5_7b_tiny", "--json")
+    d = json.loads(r.stdout)
+    clip = next(c for c in d["components"] if c["name"] == "clip")
+    assert clip["fields"]["width"] == {"old": "1024", "new": "32"}
+    llm = next(c for c in d["components"] if c["name"] == "llm")
+    assert llm["fields"]["kv_heads"] == {"old": "32", "new": "4"}  # a derived default, never written
+    assert d["params"]["old"] == 7_062_902_784
+
+
+def test_diff_git_revision(tmp_path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    spec = repo / "m.vlm"
+    text = Path(LLAVA).read_text()
+    spec.write_text(text)
+
+    def git(*a: str) -> None:
+        subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "x", "--allow-empty")
+    git("add", "m.vlm")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "spec")
+    spec.write_text(text.replace("layers = 2\n    act = gelu", "layers = 3\n    act = gelu"))
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        r = vlm("diff", "HEAD:m.vlm", "m.vlm")
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0, r.output
+    assert "~ connector proj (mlp) changed" in r.stdout and "layers: 2 -> 3" in r.stdout
+    assert "~ stage align changed" in r.stdout
+
+
+def test_schema() -> None:
+    r = vlm("schema", "mlp")
+    s = json.loads(r.stdout)
+    assert s["roles"]["connector"]["mlp"]["properties"]["layers"]["description"] == "number of linear layers"
+    r = vlm("schema")
+    assert set(json.loads(r.stdout)["roles"]) == {"vision", "connector", "language", "fusion"}
+    assert vlm("schema", "mpl").exit_code == 1
+
+
+def test_front_end_never_imports_torch() -> None:
+    code = (f"import sys; from vlmspec.cli import main; sys.argv = ['vlm', 'summary', {LLAVA!r}]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_help_is_friendly() -> None:
+    r = vlm("--help")
+    assert r.exit_code == 0 and "check" in r.stdout and "diff" in r.stdout

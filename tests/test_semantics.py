@@ -1,0 +1,101 @@
+"""What the language means: extends and overrides, references, merging encoders, chaining connectors, stages."""
+
+from __future__ import annotations
+
+from vlmspec.compiler.compile import check_file
+from vlmspec.compiler.summary import summarise
+
+BASE = """
+model base {
+  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2 }
+  connector proj = mlp(clip -> llm) { layers = 2  hidden = llm.width * 2 }
+  language llm = llama { width = 48  depth = 2  heads = 4  ffn = llm.width * 2  vocab = 512  max_positions = 256 }
+  fusion prefix(proj -> llm)
+  stage align { train proj  freeze clip, llm  optim adamw(lr = 1e-3)  batch 4 }
+  stage instruct extends align { train llm  optim adamw(lr = 2e-5) }
+}
+"""
+
+
+def analyse(text: str, name: str | None = None):
+    r = check_file("t.vlm", name, text=text)
+    assert r.ok, [(d.code, d.message) for d in r.diagnostics]
+    return {a.ir.name: a for a in r.analyses}
+
+
+def test_references_and_arithmetic() -> None:
+    a = analyse(BASE)["base"]
+    assert a.ir.components["llm"].config.ffn == 96
+    assert a.ir.components["proj"].config.hidden == 96
+
+
+def test_stage_extends_moves_parts_between_frozen_and_trained() -> None:
+    a = analyse(BASE)["base"]
+    instruct = a.ir.stages[1]
+    assert [t.path for t in instruct.train] == ["proj", "llm"] and instruct.freeze == ["clip"]
+    assert instruct.optim.lr == 2e-5 and instruct.batch == 4  # inherited
+    plan = a.plans[1]
+    assert plan.status == {"clip": "frozen", "proj": "trained", "llm": "trained", "prefix": "empty"}
+
+
+def test_override_merges_and_new_component_replaces() -> None:
+    text = BASE + """
+model derived extends base {
+  clip { depth = 3 }
+  connector proj = linear(clip -> llm)
+  stage align { train proj  freeze clip, llm  batch 8 }
+}
+"""
+    d = analyse(text)["derived"]
+    assert d.ir.components["clip"].config.depth == 3
+    assert d.ir.components["clip"].config.width == 32  # kept from the base
+    assert d.ir.components["proj"].kind == "linear"
+    assert d.ir.lineage == ["derived", "base"]
+    assert d.ir.stages[0].batch == 8 and d.ir.stages[1].name == "instruct"
+
+
+def test_several_encoders_and_chained_connectors() -> None:
+    text = """
+model m {
+  vision siglip = siglip { image_size = 32  patch_size = 8  width = 32  depth = 1  heads = 2 }
+  vision sam = vit { image_size = 32  patch_size = 8  width = 16  depth = 1  heads = 2  feature = layer(-1).patches }
+  connector qf = mlp(siglip + sam -> lin) { merge = concat  out = 40 }
+  connector lin = linear(qf -> llm)
+  language llm = llama { width = 64  depth = 2  heads = 4  ffn = 128  vocab = 512 }
+  fusion prefix(lin -> llm)
+  stage s { train qf, lin  freeze siglip, sam, llm }
+}
+"""
+    a = analyse(text)["m"]
+    assert str(a.shapes.out["qf"]) == "16 x 40"
+    assert str(a.shapes.out["lin"]) == "16 x 64"
+    assert a.shapes.params["qf"]["mlp"] == (48 * 40 + 40) + (40 * 40 + 40)
+    assert list(a.graph.topological_order())[-1] == "llm"
+    nx_graph = a.graph.to_networkx()
+    assert set(nx_graph.successors("qf")) == {"lin"}
+
+
+def test_token_counts_after_merging_and_resampling() -> None:
+    text = """
+model m {
+  vision vit = vit { image_size = 64  patch_size = 8  width = 32  depth = 1  heads = 2 }
+  connector merger = patch_merger(vit -> llm) { merge = 2 }
+  language llm = llama { width = 64  depth = 4  heads = 4  ffn = 128  vocab = 512 }
+  fusion prefix(merger -> llm) { tokens = 16 }
+  stage s { train merger  freeze vit, llm }
+}
+"""
+    a = analyse(text)["m"]
+    assert a.shapes.out["merger"].tokens == 16  # 8x8 patches -> 4x4
+
+
+def test_lora_and_partial_training_counts() -> None:
+    text = BASE.replace("stage instruct extends align { train llm  optim adamw(lr = 2e-5) }",
+                        "stage lora extends align { lora llm(rank = 4, targets = [attn.q, attn.v]) }\n"
+                        "  stage embed extends align { train llm.embed }")
+    a = analyse(text)["base"]
+    s = {st["name"]: st for st in summarise(a)["stages"]}
+    # rank x (in + out) per wrapped linear per layer: q and v are 48 -> 48 here
+    assert s["lora"]["params"]["lora"] == 2 * 2 * 4 * (48 + 48)
+    assert s["embed"]["params"]["trainable"] == a.shapes.total("proj") + 512 * 48
+    assert s["embed"]["status"]["llm"] == "partial"
