@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import typer
-from rich.console import Console
-from rich.table import Table
+# pydantic looks up plugins through package metadata on first use (~25 ms); vlmspec uses none.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
+import typer  # noqa: E402 - after the environment above
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 from vlmspec.diagnostics import Diagnostic, VlmSpecError, render_all, to_json
 
@@ -271,6 +274,148 @@ def schema(
         _fail([Diagnostic("E0105", f"unknown kind `{kind}`", help=did_you_mean(kind, all_kinds) or
                           "kinds: " + ", ".join(sorted(all_kinds)))], {})
     print(json.dumps(doc, indent=2))
+
+
+# ---------------------------------------------------------------- build
+@app.command()
+def build(
+    spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="model folder to write")] = None,
+    device: Annotated[str, typer.Option(help="`cpu`, or `meta` to check the module without allocating")] = "cpu",
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer folder to bundle")] = None,
+    seed: Annotated[int, typer.Option(help="seed for the random initialisation")] = 0,
+) -> None:
+    """Build the PyTorch model and write it as a Hugging-Face-layout folder (config.json, model.safetensors)."""
+    analysis = _load(spec)
+    if output is None and device != "meta":
+        _fail([Diagnostic("E0005", "`vlm build` needs --output DIR (or --device meta to only check the module)")], {})
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from vlmspec.compiler.summary import human
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as progress:
+        task = progress.add_task(f"building {analysis.ir.name} on {device}")
+        import torch
+
+        from vlmspec.runtime.model import build_model
+
+        tok = None
+        image_id = None
+        if tokenizer is not None:
+            from vlmspec.runtime.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(tokenizer)
+            fusions = analysis.ir.by_role("fusion")
+            image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if fusions else None
+        torch.manual_seed(seed)
+        model = build_model(analysis, image_token_id=image_id, device=device)
+        n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        if output is not None and device != "meta":
+            from vlmspec.runtime.checkpoint import save_model_dir
+
+            progress.update(task, description=f"writing {output}")
+            save_model_dir(model, analysis, output, tokenizer=tok,
+                           progress=lambda msg: progress.update(task, description=msg))
+    expected = analysis.total_params
+    status = "matches" if n == expected else f"DIFFERS from the spec's {expected:,}"
+    out.print(f"built {analysis.ir.name} on {device}: {n:,} parameters ({human(n)}), {status}")
+    if output is not None and device != "meta":
+        out.print(f"wrote {output}/ (config.json, model.safetensors, spec.vlm{', tokenizer' if tok else ''})")
+
+
+# ---------------------------------------------------------------- generate
+@app.command()
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="the question or instruction")],
+    image: Annotated[list[Path] | None, typer.Option("--image", "-i", help="image file (repeatable: one answer each)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="stop after this many tokens")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    num_beams: Annotated[int, typer.Option(help="beam search width")] = 1,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+) -> None:
+    """Answer a prompt about an image with a built or trained model."""
+    from vlmspec.runtime.checkpoint import load
+    from vlmspec.runtime.inference import answer
+
+    model = load(str(model_dir))
+    for text in answer(model, [prompt] * max(1, len(image or [])), [str(i) for i in image] if image else None,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       num_beams=num_beams, seed=seed):
+        out.print(text, markup=False)
+
+
+# ---------------------------------------------------------------- train
+@app.command()
+def train(
+    spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="run folder (checkpoints, metrics, final model)")],
+    data: Annotated[str | None, typer.Option(help="data file, or the folder stage `data` paths are relative to")] = None,
+    images: Annotated[str | None, typer.Option(help="image folder (default: next to the data file)")] = None,
+    stage: Annotated[list[str] | None, typer.Option("--stage", help="train only this stage (repeatable)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue a run that was interrupted")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and memory estimate; train nothing")] = False,
+    max_bad: Annotated[int, typer.Option(help="skip up to this many bad records")] = 0,
+    steps: Annotated[int | None, typer.Option(help="override every stage's number of steps")] = None,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N optimizer steps")] = 50,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer folder (default: the LLM's, else trained on the data)")] = None,
+    fsdp: Annotated[bool, typer.Option(help="shard trained components with FSDP2 under torchrun")] = False,
+) -> None:
+    """Run the spec's stage schedule: freeze, train and LoRA exactly what each stage says."""
+    analysis = _load(spec)
+    if dry_run:
+        _print_plan(analysis)
+        return
+    from vlmspec.runtime.trainer import Trainer, TrainOptions
+
+    path = spec.split(":")[0] if not Path(spec).is_file() else spec
+    opts = TrainOptions(run_dir=output, data=data, images=images, stages=stage, resume=resume, max_bad=max_bad,
+                        steps=steps, save_every=save_every, tokenizer=tokenizer, fsdp=fsdp,
+                        log=lambda m: err.print(m, markup=False, highlight=False))
+    Trainer(analysis, opts, Path(analysis.file).read_text(encoding="utf-8"), path).run()
+
+
+def _print_plan(analysis) -> None:
+    from vlmspec.compiler.summary import human, summarise
+
+    s = summarise(analysis)
+    out.print(f"[bold]{s['model']}[/bold]: {human(s['params']['total'])} parameters, "
+              f"weights {human(s['memory']['weights'], 'B')}")
+    for st in s["stages"]:
+        t = Table(title=f"stage {st['name']}: {st['optim']}, batch {st['batch']}, {st['precision']}",
+                  title_justify="left")
+        for col in ("component", "status", "trainable"):
+            t.add_column(col, justify="right" if col == "trainable" else "left")
+        for comp, status in st["status"].items():
+            if status != "empty":
+                t.add_row(comp, status, human(st["params"]["by_component"].get(comp, 0)))
+        if st["params"]["lora"]:
+            t.add_row("(LoRA adapters)", "trained", human(st["params"]["lora"]))
+        out.print(t)
+        m = st["memory"]
+        out.print(f"  memory: weights {human(m['weights'], 'B')} + grads {human(m['grads'], 'B')} + "
+                  f"optimizer {human(m['optimizer'], 'B')} = {human(m['total'], 'B')} (activations excluded)")
+
+
+# ---------------------------------------------------------------- data
+data_app = typer.Typer(help="Datasets: generate the bundled synthetic one.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder to write")],
+    n: Annotated[int, typer.Option("--n", help="training images")] = 2000,
+    test: Annotated[int, typer.Option(help="held-out images")] = 200,
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write coloured shapes with captions and question/answer conversations (LLaVA format)."""
+    from vlmspec.runtime.synth import synthesize
+
+    counts = synthesize(output, n_train=n, n_test=test, size=size, seed=seed)
+    out.print(f"wrote {output}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
 
 
 def main() -> None:

@@ -1,0 +1,130 @@
+"""Model folders in the Hugging Face layout, and `vlmspec.load`.
+
+    DIR/config.json         {"vlmspec": version, "model": name, "ir": resolved IR, "image_token_id": ...}
+    DIR/model.safetensors   every tensor, keys as in `VisionLanguageModel.state_dict()`
+    DIR/spec.vlm            the spec the model was built from (so the folder is self-describing)
+    DIR/tokenizer.json ...  the tokenizer, when there is one
+
+A folder is written to a temporary sibling and renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmspec.compiler.compile import Analysis, load_analysis
+from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
+
+FORMAT_VERSION = 1
+
+
+def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, tokenizer: Any = None,
+                   spec_text: str | None = None, extra: dict[str, Any] | None = None,
+                   progress: Any = None) -> Path:
+    from safetensors.torch import save_file
+
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if progress is not None:
+            progress(f"writing {len(state)} tensors")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "vlmspec": str(FORMAT_VERSION)})
+        config = {"vlmspec": FORMAT_VERSION, "model": analysis.ir.name, "architectures": ["VisionLanguageModel"],
+                  "image_token_id": getattr(model, "image_token_id", None),
+                  "ir": json.loads(analysis.ir.model_dump_json()), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        text = spec_text if spec_text is not None else Path(analysis.file).read_text(encoding="utf-8")
+        (tmp / "spec.vlm").write_text(text)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def analysis_of_dir(path: Path) -> Analysis:
+    config = _config(path)
+    spec = path / "spec.vlm"
+    try:
+        analysis, _ = load_analysis(f"{spec}:{config['model']}")
+    except SpecValidationError as e:
+        raise VlmSpecError(e.diagnostics, e.sources) from None
+    return analysis
+
+
+def _config(path: Path) -> dict[str, Any]:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise user_error("E0540", f"{path} is not a vlmspec model folder (no config.json)",
+                         help="make one with `vlm build SPEC -o DIR` or `vlm train`")
+    try:
+        config = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise user_error("E0540", f"{cfg} is not valid JSON: {e.msg}") from None
+    if "vlmspec" not in config or "model" not in config:
+        raise user_error("E0540", f"{cfg} was not written by vlmspec",
+                         help="import Hugging Face checkpoints with `weights = \"DIR\"` in a spec")
+    return config
+
+
+def load(source: str | Path, device: str = "cpu"):
+    """A model from a folder written by `vlm build` / `vlm train`, or built fresh from `spec.vlm[:model]`.
+
+    Returns the `VisionLanguageModel`; its `processor` attribute holds the tokenizer-backed processor
+    when the folder has a tokenizer.
+    """
+    from safetensors.torch import load_file
+
+    from vlmspec.runtime.model import build_model
+
+    path = Path(str(source).split(":")[0]) if not Path(str(source)).is_dir() else Path(source)
+    if not path.is_dir():
+        analysis, _ = load_analysis(str(source))
+        return build_model(analysis, device=device)
+    config = _config(path)
+    analysis = analysis_of_dir(path)
+    model = build_model(analysis, image_token_id=config.get("image_token_id"), device=device)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise user_error("E0541", f"{path} has no model.safetensors")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise user_error("E0541", f"cannot read {weights}: {e}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise user_error("E0542", f"{weights} does not fit the spec: {len(missing)} missing, {len(unexpected)} "
+                         f"unexpected tensors" + (f" (e.g. missing {missing[0]})" if missing else
+                                                  f" (e.g. unexpected {unexpected[0]})"))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from vlmspec.runtime.processor import Processor
+        from vlmspec.runtime.tokenizer import load_tokenizer
+
+        model.processor = Processor(analysis, load_tokenizer(path))
+    else:
+        model.processor = None
+    model.analysis = analysis
+    return model

@@ -1,0 +1,133 @@
+"""Text and images in, model inputs out: the spec's prompt template, image placeholders, padding, labels.
+
+The number of image placeholder tokens per image comes from the compiler's shape inference, so the
+"image features and image tokens do not match" class of runtime errors cannot happen here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmspec.compiler.compile import Analysis
+from vlmspec.diagnostics import user_error
+from vlmspec.runtime.images import ImageInput, ImageTransform
+
+IGNORE = -100
+
+
+@dataclass(slots=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int] | None = None
+
+
+class Processor:
+    """Builds prompts from `settings.prompt` (`{image}`, `{q}`) and answers from `settings.answer` (`{a}`)."""
+
+    def __init__(self, analysis: Analysis, tokenizer: Any):
+        self.analysis = analysis
+        self.tokenizer = tokenizer
+        ir = analysis.ir
+        self.settings = ir.settings
+        encoders = ir.by_role("vision")
+        self.transform = ImageTransform.from_encoder(encoders[0].config) if encoders else None
+        fusions = ir.by_role("fusion")
+        self.image_token = fusions[0].config.image_token if fusions else "<image>"
+        in_seq = [f for f in fusions if type(f.config).in_sequence]
+        self.tokens_per_image = sum(analysis.shapes.out[f.name].tokens for f in in_seq) if in_seq else 1
+        vocab = tokenizer.get_vocab()
+        if self.image_token not in vocab:
+            raise user_error("E0511", f"the tokenizer has no `{self.image_token}` token",
+                             help="add it as a special token, or set `image_token` on the fusion")
+        self.image_token_id = vocab[self.image_token]
+        lm = ir.language.config if ir.language else None
+        self.max_length = self.settings.max_length or (lm.max_positions if lm else 2048)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ text
+    def prompt_text(self, question: str, n_images: int = 1) -> str:
+        image = self.image_token * self.tokens_per_image
+        template = self.settings.prompt
+        images = "".join([image] * n_images)
+        if "{image}" in template:
+            text = template.replace("{image}", images)
+        else:
+            text = images + template
+        text = text.replace("{q}", question)
+        if self.settings.system:
+            text = self.settings.system + "\n" + text
+        return text
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_prompt(self, question: str, n_images: int = 1) -> list[int]:
+        ids = ([self.bos_id] if self.bos_id is not None else []) + self._ids(self.prompt_text(question, n_images))
+        if len(ids) >= self.max_length:
+            raise user_error("E0504", f"the prompt is {len(ids)} tokens but the model's context is {self.max_length}",
+                             help="shorten the prompt")
+        return ids
+
+    def encode_example(self, question: str, answer: str, n_images: int = 1) -> Encoded:
+        return self.encode_turns([(question, answer)], n_images)
+
+    def encode_turns(self, turns: Sequence[tuple[str, str]], n_images: int = 1) -> Encoded:
+        """A multi-turn conversation: images in the first prompt, loss on every answer."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (question, answer) in enumerate(turns):
+            if k == 0:
+                prompt = self.encode_prompt(question, n_images)
+            else:
+                prompt = self._ids(self.prompt_text(question, 0))
+            answer_ids = self._ids(self.settings.answer.replace("{a}", answer))
+            if self.eos_id is not None and (not answer_ids or answer_ids[-1] != self.eos_id):
+                answer_ids.append(self.eos_id)
+            ids += prompt + answer_ids
+            labels += [IGNORE] * len(prompt) + answer_ids
+        return Encoded(ids[: self.max_length], labels[: self.max_length])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------ batches
+    def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
+        if self.transform is None or not images:
+            return None
+        return self.transform.batch(list(images))
+
+    def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
+        """Left-padded prompts (one image per prompt when images are given) for `model.generate`."""
+        seqs = [self.encode_prompt(q, 1 if images else 0) for q in questions]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
+        if images:
+            batch["pixel_values"] = self.pixel_values(images)
+        return batch
+
+    def training_batch(self, examples: Sequence[Encoded], pixel_values: torch.Tensor | None) -> dict[str, Any]:
+        """Right-padded ids and labels (-100 on prompt and padding) for the causal LM loss."""
+        width = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e.input_ids)
+            input_ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels if e.labels is not None else e.input_ids)
+            mask[i, :n] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if pixel_values is not None:
+            batch["pixel_values"] = pixel_values
+        return batch

@@ -1,0 +1,51 @@
+"""Tokenizers from local folders, and a tiny byte-level BPE trained in-process (for demos and tests).
+
+Nothing here touches a hub: a tokenizer is a folder on disk (`tokenizer.json` + config), loaded with
+`PreTrainedTokenizerFast`, or one we train from text in ~50 ms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from vlmspec.diagnostics import user_error
+
+SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+IMAGE_TOKEN = "<image>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, extra_special: Iterable[str] = (IMAGE_TOKEN,)):
+    """Train a byte-level BPE on `texts` with the special tokens every vlmspec model needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [*SPECIALS.values(), *[t for t in extra_special if t not in SPECIALS.values()]]
+    tok = Tokenizer(models.BPE(unk_token=SPECIALS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in SPECIALS.values()]})
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer saved with `save_pretrained` (or any HF tokenizer folder), offline."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+        raise user_error("E0510", f"no tokenizer in {p}", help="a tokenizer folder holds tokenizer.json "
+                         "(save one with `tokenizer.save_pretrained(DIR)`)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise user_error("E0510", f"cannot load the tokenizer in {p}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tok

@@ -1,0 +1,654 @@
+"""`vlm train`: run the stage schedule a spec declares, exactly, on one process or many (torchrun).
+
+A run folder is the typed hand-off between stages, never a name to parse:
+
+    RUN_DIR/run.json                    manifest: spec, model, stages and their state, outputs
+    RUN_DIR/init.safetensors            the weights every stage starts from (seeded init or loaded)
+    RUN_DIR/stages/NN-NAME/weights.safetensors   what stage NN changed (its trainable tensors)
+    RUN_DIR/stages/NN-NAME/ckpt/        in-progress checkpoint: weights, optimizer, scheduler, RNG, data position
+    RUN_DIR/metrics.jsonl               one line per optimizer step
+    RUN_DIR/final/                      a model folder `vlmspec.load` and `vlm generate` take
+
+Stage k starts from init + the outputs of stages 1..k-1, applied in order. Every file is written
+atomically, so a run killed at any moment resumes (`--resume`) to bitwise the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from vlmspec.compiler.compile import Analysis
+from vlmspec.compiler.schema.stage import Stage
+from vlmspec.diagnostics import user_error
+from vlmspec.fsutil import atomic_write_bytes, atomic_write_text
+from vlmspec.runtime.data import Dataset, read_dataset
+from vlmspec.runtime.processor import IGNORE, Encoded, Processor
+
+MANIFEST_VERSION = 1
+
+
+@dataclass(slots=True)
+class TrainOptions:
+    run_dir: Path
+    data: str | None = None  # a data file, or a folder the stages' `data` paths are relative to
+    images: str | None = None
+    stages: list[str] | None = None  # None: every stage, in order
+    resume: bool = False
+    max_bad: int = 0
+    micro_batch: int | None = None
+    save_every: int = 50
+    steps: int | None = None  # override every stage's length (smoke tests)
+    tokenizer: str | None = None
+    fsdp: bool = False
+    quiet: bool = False
+    log: Callable[[str], None] = print
+
+
+@dataclass(slots=True)
+class StageResult:
+    name: str
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass(slots=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / "run.json", json.dumps(manifest, indent=2))
+
+
+def spec_hash(analysis: Analysis) -> str:
+    import hashlib
+
+    return hashlib.sha256(analysis.ir.model_dump_json().encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise user_error("E0530", f"{what} holds {len(unknown)} tensors this model does not have, e.g. {unknown[0]}",
+                         help="was the run folder made with another spec? start a new --output folder")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if own[k].shape != v.shape:
+                raise user_error("E0530", f"{what}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(slots=True)
+class Encodings:
+    examples: list[Encoded]
+    pixels: list[torch.Tensor | None]
+
+
+def _stage_data(stage: Stage, opts: TrainOptions) -> tuple[str, str, str | None]:
+    fmt = "auto"
+    images = opts.images
+    if stage.data is not None:
+        path = stage.data.path
+        fmt = stage.data.format
+        images = stage.data.images or images
+        if opts.data and Path(opts.data).is_dir() and not Path(path).is_absolute():
+            path = str(Path(opts.data) / path)
+            if images and not Path(images).is_absolute():
+                images = str(Path(opts.data) / images)
+    elif opts.data:
+        path = opts.data
+        if Path(path).is_dir():
+            raise user_error("E0522", f"stage `{stage.name}` names no data file and --data is a folder",
+                             help=f'add `data "FILE"` to stage `{stage.name}` or pass --data FILE')
+    else:
+        raise user_error("E0522", f"stage `{stage.name}` has no data", help="pass --data FILE or add `data \"FILE\"`")
+    return path, fmt, images
+
+
+def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
+    needs_image = processor.transform is not None
+    examples, pixels = [], []
+    for s in ds.samples:
+        n_images = 1 if (s.image is not None and needs_image) else 0
+        examples.append(processor.encode_turns(s.turns, n_images))
+        pixels.append(processor.transform(s.image) if n_images else None)
+    return Encodings(examples, pixels)
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def _param_groups(model: torch.nn.Module, stage: Stage, analysis: Analysis) -> list[dict[str, Any]]:
+    """One group per component with its own learning rate (`train proj(lr = ...)`), the rest at the optimizer's."""
+    lr_of = {t.path: t.lr for t in stage.train if t.lr is not None}
+    lr_of.update({lo.path: lo.lr for lo in stage.lora if lo.lr is not None})
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        comp = parts[1] if parts[0] == "components" and len(parts) > 1 else parts[0]
+        lr = stage.optim.lr
+        for path, plr in lr_of.items():
+            if path == comp or path.split(".")[0] == comp:
+                lr = plr
+        groups.setdefault(lr, []).append(p)
+    return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
+
+
+def make_optimizer(groups: list[dict[str, Any]], stage: Stage) -> torch.optim.Optimizer:
+    o = stage.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def lr_lambda(stage: Stage, total: int) -> Callable[[int], float]:
+    warm = int(round(stage.warmup * total))
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if stage.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total - warm)
+        if stage.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over answer tokens, and how many there were.
+
+    Summing (then dividing by the global token count of the optimizer step) makes gradient
+    accumulation and data parallelism give exactly the gradients of one big batch.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n = int((shift_labels != IGNORE).sum())
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, n
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Trainer:
+    def __init__(self, analysis: Analysis, opts: TrainOptions, spec_text: str, spec_ref: str):
+        self.analysis = analysis
+        self.opts = opts
+        self.spec_text = spec_text
+        self.spec_ref = spec_ref
+        self.dist = Dist.from_env()
+        self.run_dir = Path(opts.run_dir)
+
+    def log(self, msg: str) -> None:
+        if self.dist.main and not self.opts.quiet:
+            self.opts.log(msg)
+
+    # ------------------------------------------------------------ setup
+    def _tokenizer(self, all_stages: list[Stage]):
+        from vlmspec.runtime.tokenizer import load_tokenizer, train_tokenizer
+
+        saved = self.run_dir / "tokenizer"
+        if (saved / "tokenizer.json").is_file():
+            return load_tokenizer(saved)
+        lm = self.analysis.ir.language.config
+        source = self.opts.tokenizer or getattr(lm, "tokenizer", None) or getattr(lm, "weights", None)
+        if source:
+            tok = load_tokenizer(source)
+        else:
+            texts = []
+            for st in all_stages:
+                path, fmt, images = _stage_data(st, self.opts)
+                ds = read_dataset(path, fmt, images, needs_image=False)
+                for s in ds.samples:
+                    for q, a in s.turns:
+                        texts.append(q)
+                        texts.append(self.analysis.ir.settings.answer.replace("{a}", a))
+            prompt = self.analysis.ir.settings.prompt.replace("{image}", "").replace("{q}", "")
+            texts += [prompt] * 50
+            extra = ["<image>", *self.analysis.ir.settings.task_tokens]
+            fusions = self.analysis.ir.by_role("fusion")
+            if fusions:
+                extra.append(fusions[0].config.image_token)
+            tok = train_tokenizer(texts, lm.vocab, extra_special=dict.fromkeys(extra))
+            self.log(f"trained a {len(tok)}-token BPE tokenizer on the training text (no tokenizer was given)")
+        if len(tok) > lm.vocab + lm.extra_vocab:
+            raise user_error("E0512", f"the tokenizer has {len(tok)} tokens but `{self.analysis.ir.language.name}` "
+                             f"has vocab = {lm.vocab}", help="use a matching tokenizer or raise `vocab`")
+        if self.dist.main:
+            tok.save_pretrained(str(saved))
+        return tok
+
+    def _build(self, tokenizer):
+        from vlmspec.runtime.model import build_model
+
+        image_token = self.analysis.ir.by_role("fusion")[0].config.image_token if self.analysis.ir.by_role("fusion") else None
+        image_id = tokenizer.convert_tokens_to_ids(image_token) if image_token else None
+        torch.manual_seed(self._seed())
+        return build_model(self.analysis, image_token_id=image_id)
+
+    def _seed(self) -> int:
+        return self.analysis.ir.stages[0].seed if self.analysis.ir.stages else 0
+
+    # ------------------------------------------------------------ main loop
+    def run(self) -> list[StageResult]:
+        stages = self.analysis.ir.stages
+        if not stages:
+            raise user_error("E0523", f"model `{self.analysis.ir.name}` declares no stage to train",
+                             help="add e.g. `stage align { train proj  freeze clip, llm }`")
+        if self.opts.stages:
+            unknown = [s for s in self.opts.stages if s not in {st.name for st in stages}]
+            if unknown:
+                from vlmspec.diagnostics import did_you_mean
+
+                raise user_error("E0524", f"no stage `{unknown[0]}` in model `{self.analysis.ir.name}`",
+                                 help=did_you_mean(unknown[0], [s.name for s in stages]) or
+                                 "stages: " + ", ".join(s.name for s in stages))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = _read_manifest(self.run_dir)
+        digest = spec_hash(self.analysis)
+        if manifest is not None and manifest.get("spec_hash") != digest:
+            raise user_error("E0531", f"{self.run_dir} holds a run of another architecture "
+                             f"(`{manifest.get('model')}`, spec hash {manifest.get('spec_hash')})",
+                             help="use a new --output folder")
+        if manifest is not None and not self.opts.resume and any(s["state"] != "pending" for s in manifest["stages"]):
+            wanted = self.opts.stages or [s.name for s in stages]
+            if any(s["name"] in wanted and s["state"] != "pending" for s in manifest["stages"]):
+                raise user_error("E0532", f"{self.run_dir} already holds trained stages",
+                                 help="pass --resume to continue it, or choose a new --output folder")
+        if manifest is None:
+            manifest = {"version": MANIFEST_VERSION, "spec": self.spec_ref, "model": self.analysis.ir.name,
+                        "spec_hash": digest,
+                        "stages": [{"name": s.name, "index": i + 1, "state": "pending",
+                                    "output": f"stages/{i + 1:02d}-{s.name}/weights.safetensors"}
+                                   for i, s in enumerate(stages)]}
+            if self.dist.main:
+                atomic_write_text(self.run_dir / "spec.vlm", self.spec_text)
+                _write_manifest(self.run_dir, manifest)
+        tokenizer = self._tokenizer(stages)
+        self.dist.barrier()
+        processor = Processor(self.analysis, tokenizer)
+        model = self._build(tokenizer)
+        init = self.run_dir / "init.safetensors"
+        if init.is_file():
+            _load_into(model, load_file(str(init)), "init.safetensors")
+        elif self.dist.main:
+            _save_tensors(init, model.state_dict())
+        self.dist.barrier()
+        results = []
+        wanted = self.opts.stages or [s.name for s in stages]
+        for i, stage in enumerate(stages):
+            entry = manifest["stages"][i]
+            out = self.run_dir / entry["output"]
+            if stage.name not in wanted:
+                if out.is_file():
+                    _load_into(model, load_file(str(out)), entry["output"])
+                continue
+            if entry["state"] == "done" and out.is_file():
+                self.log(f"stage {stage.name}: already done, loading {entry['output']}")
+                _load_into(model, load_file(str(out)), entry["output"])
+                continue
+            if i > 0:
+                prev = manifest["stages"][i - 1]
+                if prev["state"] != "done" and stages[i - 1].name not in wanted:
+                    self.log(f"note: stage {stage.name} starts without stage {prev['name']} (not trained)")
+            entry["state"] = "running"
+            if self.dist.main:
+                _write_manifest(self.run_dir, manifest)
+            result = self._train_stage(model, processor, stage, i, out.parent)
+            results.append(result)
+            entry["state"] = "done"
+            entry["steps"] = result.steps
+            entry["final_loss"] = result.losses[-1] if result.losses else None
+            if self.dist.main:
+                _write_manifest(self.run_dir, manifest)
+            self.dist.barrier()
+        if self.dist.main:
+            self._write_final(model, tokenizer, manifest)
+        self.dist.barrier()
+        return results
+
+    def _write_final(self, model, tokenizer, manifest) -> None:
+        from vlmspec.runtime.checkpoint import save_model_dir
+
+        save_model_dir(model, self.analysis, self.run_dir / "final", tokenizer=tokenizer, spec_text=self.spec_text,
+                       extra={"run": {"spec": manifest["spec"], "stages": [
+                           {k: s.get(k) for k in ("name", "state", "steps", "final_loss")} for s in manifest["stages"]]}})
+        self.log(f"final model: {self.run_dir / 'final'}  (vlm generate {self.run_dir / 'final'} --image ... "
+                 "--prompt ...)")
+
+    # ------------------------------------------------------------ one stage
+    def _train_stage(self, model, processor: Processor, stage: Stage, index: int, stage_dir: Path) -> StageResult:
+        from vlmspec.runtime.freeze import apply_stage
+
+        opts, dist = self.opts, self.dist
+        path, fmt, images = _stage_data(stage, opts)
+        needs_image = processor.transform is not None
+        image_token = processor.image_token
+        ds = read_dataset(path, fmt, images, needs_image=needs_image, image_token="<image>")
+        del image_token
+        ds.check(opts.max_bad)
+        if ds.bad:
+            self.log(f"stage {stage.name}: skipped {len(ds.bad)} bad records (first: {ds.bad[0].where}: "
+                     f"{ds.bad[0].reason})")
+        if not ds.samples:
+            raise user_error("E0525", f"stage `{stage.name}`: no usable records in {path}")
+        enc = encode_dataset(ds, processor)
+
+        upcycle_done = self._upcycle(model, stage)
+        lora_modules = self._apply_lora(model, stage)
+        apply_stage(model, self.analysis, stage.name)
+        for m in lora_modules:
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(True)
+        self._print_header(stage, index, len(enc.examples), upcycle_done)
+
+        accum = stage.grad_accum
+        global_batch = stage.batch
+        if global_batch % (accum * dist.world):
+            raise user_error("E0526", f"stage `{stage.name}`: batch {global_batch} does not split into "
+                             f"{accum} accumulation steps x {dist.world} processes")
+        micro = global_batch // (accum * dist.world)
+        steps_per_epoch = max(1, len(enc.examples) // global_batch)
+        total = opts.steps or stage.steps or steps_per_epoch * (stage.epochs or 1)
+
+        groups = _param_groups(model, stage, self.analysis)
+        train_model = self._wrap(model, stage)
+        optim = make_optimizer(groups, stage)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(stage, total))
+        ckpt = stage_dir / "ckpt"
+        step = 0
+        torch.manual_seed(stage.seed + 1000 * (index + 1))
+        random.seed(stage.seed + index)
+        result = StageResult(stage.name, 0)
+        if opts.resume and (ckpt / "state.json").is_file():
+            state = json.loads((ckpt / "state.json").read_text())
+            _load_into(model, load_file(str(ckpt / "weights.safetensors")), "checkpoint")
+            blob = torch.load(ckpt / "optim.pt", weights_only=False)
+            optim.load_state_dict(blob["optim"])
+            sched.load_state_dict(blob["sched"])
+            _set_rng_state(blob["rng"])
+            step = state["step"]
+            result.losses = state.get("losses", [])
+            self.log(f"stage {stage.name}: resumed at step {step}/{total}")
+            self._truncate_metrics(stage.name, step)
+
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.precision == "bf16")
+        n = len(enc.examples)
+        progress = self._progress(stage.name, total, step)
+        t0 = time.perf_counter()
+        tokens_seen = 0
+        model.train()
+        while step < total:
+            epoch, pos = divmod(step, steps_per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(stage.seed * 7919 + epoch)).tolist()
+            batch_ids = order[pos * global_batch:(pos + 1) * global_batch]
+            if len(batch_ids) < global_batch:  # small data: wrap around
+                batch_ids = (batch_ids + order)[:global_batch]
+            mine = batch_ids[dist.rank::dist.world]
+            micro_batches = [mine[j * micro:(j + 1) * micro] for j in range(accum)]
+            n_tokens = 0
+            for mb in micro_batches:
+                n_tokens += sum(sum(1 for x in enc.examples[k].labels[1:] if x != IGNORE) for k in mb)
+            total_tokens = int(dist.all_sum(torch.tensor(float(n_tokens))).item())
+            optim.zero_grad(set_to_none=True)
+            loss_acc = 0.0
+            for mb in micro_batches:
+                pix = [enc.pixels[k] for k in mb]
+                batch = processor.training_batch([enc.examples[k] for k in mb],
+                                                 torch.stack(pix) if pix and pix[0] is not None else None)
+                labels = batch.pop("labels")
+                with autocast:
+                    out = train_model(**batch)
+                loss_sum, _ = lm_loss_sum(out.logits, labels)
+                loss = loss_sum * dist.world / max(1, total_tokens)
+                aux = getattr(out, "aux_loss", None)
+                if aux is not None:
+                    loss = loss + aux / accum
+                loss.backward()
+                loss_acc += float(loss_sum.detach()) / max(1, total_tokens)
+                tokens_seen += int(batch["attention_mask"].sum())
+            loss_global = float(dist.all_sum(torch.tensor(loss_acc * 1.0)).item())
+            if stage.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], stage.clip_grad)
+            optim.step()
+            sched.step()
+            step += 1
+            result.losses.append(loss_global)
+            elapsed = time.perf_counter() - t0
+            if dist.main:
+                self._metric({"stage": stage.name, "step": step, "loss": loss_global, "lr": sched.get_last_lr()[0],
+                              "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9)})
+            progress(step, loss_global, tokens_seen * dist.world / max(elapsed, 1e-9))
+            if step % opts.save_every == 0 and step < total:
+                self._checkpoint(model, optim, sched, ckpt, step, result.losses)
+        progress(None, None, None)
+        result.steps = step
+        result.seconds = time.perf_counter() - t0
+        self._merge_lora(model, lora_modules)
+        if dist.main:
+            _save_tensors(stage_dir / "weights.safetensors", self._changed_state(model, stage))
+            if ckpt.exists():
+                shutil.rmtree(ckpt, ignore_errors=True)
+        self.dist.barrier()
+        return result
+
+    def _changed_state(self, model, stage: Stage) -> dict[str, torch.Tensor]:
+        """Tensors a stage may have changed: its trainable parameters (LoRA merged into base weights)."""
+        state = trainable_state(model)
+        if stage.lora or stage.upcycle:
+            # merged LoRA and up-cycled experts changed tensors that are not trainable any more
+            comps = {lo.path.split(".")[0] for lo in stage.lora} | {u.dest.split(".")[0] for u in stage.upcycle}
+            for k, v in model.state_dict().items():
+                if k.split(".")[1] in comps if k.startswith("components.") else False:
+                    state[k] = v
+        return state
+
+    def _wrap(self, model, stage: Stage):
+        if self.dist.world <= 1:
+            return model
+        if self.opts.fsdp or stage.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (self.dist.world,))
+            for comp in model.components.values():
+                if any(p.requires_grad for p in comp.parameters()):
+                    fully_shard(comp, mesh=mesh)
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, find_unused_parameters=False)
+
+    def _checkpoint(self, model, optim, sched, ckpt: Path, step: int, losses: list[float]) -> None:
+        if not self.dist.main:
+            return
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in trainable_state(model).items()}, str(tmp / "weights.safetensors"))
+        torch.save({"optim": optim.state_dict(), "sched": sched.state_dict(), "rng": _rng_state()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = ckpt.with_name(ckpt.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if ckpt.exists():
+            os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _metric(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics(self, stage: str, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file() or not self.dist.main:
+            return
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        keep = [r for r in rows if not (r["stage"] == stage and r["step"] > step)]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    # ------------------------------------------------------------ LoRA and up-cycling
+    def _apply_lora(self, model, stage: Stage) -> list[torch.nn.Module]:
+        if not stage.lora:
+            return []
+        from vlmspec.runtime.lora import inject_lora
+
+        return inject_lora(model, self.analysis, stage)
+
+    def _merge_lora(self, model, modules: list[torch.nn.Module]) -> None:
+        if modules:
+            from vlmspec.runtime.lora import merge_lora
+
+            merge_lora(model)
+
+    def _upcycle(self, model, stage: Stage) -> bool:
+        if not stage.upcycle:
+            return False
+        from vlmspec.runtime.model import upcycle
+
+        upcycle(model)
+        return True
+
+    # ------------------------------------------------------------ experience
+    def _print_header(self, stage: Stage, index: int, n_samples: int, upcycled: bool) -> None:
+        if not self.dist.main or self.opts.quiet:
+            return
+        from vlmspec.compiler.summary import human
+
+        plan = self.analysis.plans[index]
+        parts = []
+        for name, status in plan.status.items():
+            if status == "empty":
+                continue
+            count = plan.trainable.get(name, 0)
+            parts.append(f"{name}: {status}" + (f" ({human(count)})" if count else ""))
+        lora = f", LoRA {human(plan.lora_params)}" if plan.lora_params else ""
+        self.log(f"== stage {index + 1}/{len(self.analysis.ir.stages)} `{stage.name}`: {', '.join(parts)}; "
+                 f"trainable {human(plan.total_trainable)}{lora}; {n_samples} samples, batch {stage.batch}, "
+                 f"{stage.optim.to_vlm()}, {stage.precision}" + ("; experts up-cycled from the dense FFN" if upcycled else ""))
+
+    def _progress(self, name: str, total: int, start: int):
+        if not self.dist.main or self.opts.quiet:
+            return lambda *a: None
+        if not sys.stderr.isatty():
+            last = [0.0]
+
+            def plain(step, loss, tps):
+                if step is None:
+                    return
+                now = time.perf_counter()
+                if step == total or now - last[0] > 5:
+                    last[0] = now
+                    self.opts.log(f"  {name} step {step}/{total}  loss {loss:.4f}  {tps:,.0f} tok/s")
+
+            return plain
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        prog = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                        TimeRemainingColumn(), transient=False)
+        task = prog.add_task(name, total=total, completed=start, loss="-", tps="-")
+        prog.start()
+
+        def update(step, loss, tps):
+            if step is None:
+                prog.stop()
+                return
+            prog.update(task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+
+        return update
