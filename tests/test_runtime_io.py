@@ -22,7 +22,7 @@ TINY = f"{ROOT}/specs/llava-1.5-7b.vlm:llava_1_5_7b_tiny"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(corpus() + ["USER: ASSISTANT: </s>"], 400)
+    return train_tokenizer([*corpus(), "USER: ASSISTANT: </s>"], 400)
 
 
 def test_image_errors(tmp_path: Path) -> None:

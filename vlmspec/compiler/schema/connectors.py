@@ -140,6 +140,7 @@ class QFormer(ConnectorBase):
     mlp: int = Field(default=3072, gt=0, description="feed-forward hidden size")
     cross_every: int = Field(default=2, ge=1, description="a cross-attention block every N layers")
     instruction: bool = Field(default=False, description="instruction-aware (InstructBLIP): text tokens enter the Q-Former")
+    text_ffn: bool = Field(default=True, description="keep the text-side feed-forward in each layer (HF Blip2 drops it)")
     text_vocab: int = Field(default=30523, gt=0, description="vocabulary of the instruction embeddings")
     max_text: int = Field(default=512, gt=0, description="positions of the instruction embeddings")
     project: bool = Field(default=True, description="end with a linear projection to the output width")
@@ -162,7 +163,7 @@ class QFormer(ConnectorBase):
         p = {
             "queries": self.queries * w,
             "embeddings": layernorm(w) + ((self.text_vocab + self.max_text) * w if self.instruction else 0),
-            "layers": self.depth * (self_attn + 2 * ffn) + n_cross * cross,
+            "layers": self.depth * (self_attn + (2 if self.text_ffn else 1) * ffn) + n_cross * cross,
         }
         if self.project:
             p["proj"] = linear(w, self.out_width(ctx, w))
@@ -183,6 +184,7 @@ class Perceiver(ConnectorBase):
     heads: int = Field(default=16, gt=0, description="attention heads")
     head_dim: int = Field(default=96, gt=0, description="width of one head")
     mlp_ratio: int = Field(default=4, gt=0, description="feed-forward width as a multiple of the input width")
+    qk_norm: bool = Field(default=False, description="LayerNorm on queries and keys per head (IDEFICS)")
     project: bool = Field(default=False, description="end with a linear projection to the output width")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
@@ -193,6 +195,8 @@ class Perceiver(ConnectorBase):
         d = self.merged_input(ctx).width
         inner = self.heads * self.head_dim
         attn = 2 * layernorm(d) + 3 * linear(d, inner, False) + linear(inner, d, False)
+        if self.qk_norm:
+            attn += 2 * layernorm(self.head_dim)
         ffn = layernorm(d) + linear(d, self.mlp_ratio * d, False) + linear(self.mlp_ratio * d, d, False)
         p = {"latents": self.latents * d, "layers": self.depth * (attn + ffn), "norm": layernorm(d)}
         if self.project:

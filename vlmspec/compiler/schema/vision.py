@@ -85,6 +85,7 @@ class ViTBase(ComponentSchema):
     position: Literal["learned", "rope2d"] = Field(default="learned", description="position encoding")
     resolution: Literal["fixed"] | DynamicResolution = Field(default="fixed", description="`fixed` or `dynamic(...)`")
     temporal_patch: int = Field(default=1, ge=1, description="frames per patch (2 for Qwen2-VL video-ready patches)")
+    tiles: int = Field(default=0, ge=0, description="Llama 3.2 Vision tiling: up to N tiles, gated tile embeddings (0: none)")
     mean: list[float] = Field(default=CLIP_MEAN, min_length=1, description="per-channel normalisation mean")
     std: list[float] = Field(default=CLIP_STD, min_length=1, description="per-channel normalisation std")
     resize: Literal["bicubic", "bilinear", "nearest"] = Field(default="bicubic", description="resize filter")
@@ -133,7 +134,14 @@ class ViTBase(ComponentSchema):
         dynamic = self.resolution != "fixed"
         if isinstance(self.resolution, DynamicResolution):
             tokens = self.resolution.max_pixels // (self.patch_size * self.patch_size)
+        if self.tiles:
+            tokens *= self.tiles
         return TokenShape(tokens, self.width * len(self.feature.layers), dynamic)
+
+    @property
+    def aspect_ratios(self) -> int:
+        """Tile layouts (w x h with w * h <= tiles) that get an aspect-ratio embedding, as in Mllama."""
+        return sum(self.tiles // a for a in range(1, self.tiles + 1))
 
     def layer_params(self) -> int:
         w, m = self.width, self.mlp_dim
@@ -148,6 +156,11 @@ class ViTBase(ComponentSchema):
         if self.position == "learned":
             embed += (self.num_patches + (1 if self.class_token else 0)) * w
         out = {"embeddings": embed, "layers": self.depth * self.layer_params()}
+        if self.tiles:
+            # Mllama: a per-tile position embedding and pre- / post-encoder tile embeddings for every
+            # aspect ratio (plus one padding row), each with a scalar tanh gate
+            rows, positions = self.aspect_ratios + 1, self.num_patches + (1 if self.class_token else 0)
+            out["tile_embeddings"] = rows * self.tiles * positions * w + 2 * rows * self.tiles * w + 3
         norms = (layernorm(w) if self.pre_norm else 0) + (layernorm(w) if self.post_norm else 0)
         if norms:
             out["norms"] = norms
@@ -204,7 +217,8 @@ class EVA(ViTBase):
 
     def layer_params(self) -> int:
         w, m = self.width, self.mlp_dim
-        attn = 3 * w * w + 2 * w + linear(w, w)  # qkv without bias + q_bias + v_bias, then the output projection
+        # fused QKV whose bias is stored whole as [q_bias, 0, v_bias] (as in HF Blip2), then the output projection
+        attn = linear(w, 3 * w) + linear(w, w)
         return attn + linear(w, m) + linear(m, w) + 2 * layernorm(w)
 
 
