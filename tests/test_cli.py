@@ -43,7 +43,7 @@ def test_check_errors_exit_1_with_location(write_spec) -> None:
 
 def test_unreadable_file_and_unknown_model(tmp_path) -> None:
     r = vlm("check", str(tmp_path / "nope.vlm"))
-    assert r.exit_code == 1 and "E0106" in r.output and "cannot find file" in r.output
+    assert r.exit_code == 1 and "E0004" in r.output and "no such file" in r.output
     r = vlm("summary", f"{LLAVA}:llava_tiyn")
     assert r.exit_code == 1 and "E0110" in r.output and "did you mean `llava_1_5_7b_tiny`?" in r.output
     bad = tmp_path / "bin.vlm"
@@ -163,3 +163,45 @@ def test_front_end_never_imports_torch() -> None:
 def test_help_is_friendly() -> None:
     r = vlm("--help")
     assert r.exit_code == 0 and "check" in r.stdout and "diff" in r.stdout
+
+
+def test_git_textconv_driver(tmp_path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    text = Path(LLAVA).read_text()
+    (repo / "m.vlm").write_text(text)
+    (repo / ".gitattributes").write_text("*.vlm diff=vlm\n")
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "diff.vlm.textconv", f"{sys.executable} -m vlmspec.cli show --textconv")
+    git("add", ".")
+    git("commit", "-qm", "spec")
+    (repo / "m.vlm").write_text(text.replace("heads = 4\n    ffn = 96", "heads = 4\n    kv_heads = 2\n    ffn = 96"))
+    diff = git("diff")
+    assert "-    kv_heads = 4" in diff and "+    kv_heads = 2" in diff  # the resolved default, not just the new line
+    (repo / "m.vlm").write_text("model broken {\n")
+    assert "does not check" in git("diff")  # a broken version still diffs
+
+
+def test_diff_revision_reads_imports_at_that_revision(tmp_path, monkeypatch) -> None:
+    repo = tmp_path / "r"
+    repo.mkdir()
+    (repo / "base.vlm").write_text(Path(LLAVA).read_text())
+    (repo / "child.vlm").write_text('import "base.vlm"\nmodel child extends llava_1_5_7b_tiny {\n}\n')
+
+    def git(*a: str) -> None:
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    (repo / "base.vlm").write_text(Path(LLAVA).read_text().replace("depth = 2\n    heads = 2", "depth = 3\n    heads = 2"))
+    monkeypatch.chdir(repo)
+    r = vlm("diff", "HEAD:child.vlm", "child.vlm")
+    assert r.exit_code == 0, r.output
+    assert "depth: 2 -> 3" in r.stdout

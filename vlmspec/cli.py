@@ -4,6 +4,7 @@ torch, so they answer in well under a second even for 70B specs."""
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import sys
@@ -35,6 +36,22 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
+def command(*args, **kwargs):
+    """`app.command`, plus: typed vlmspec errors render as diagnostics (exit 1), never as a traceback."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except VlmSpecError as e:
+                _fail(e.diagnostics, e.sources)
+
+        return app.command(*args, **kwargs)(run)
+
+    return wrap
+
+
 def _fail(diags: list[Diagnostic], sources: dict[str, str], as_json: bool = False) -> None:
     if as_json:
         print(to_json(diags))
@@ -57,7 +74,7 @@ def _load(ref: str):
 
 
 # ---------------------------------------------------------------- check
-@app.command()
+@command()
 def check(
     specs: Annotated[list[str], typer.Argument(help="spec files (FILE or FILE:MODEL)", show_default=False)],
     as_json: JsonOpt = False,
@@ -95,7 +112,7 @@ def check(
 
 
 # ---------------------------------------------------------------- fmt
-@app.command()
+@command()
 def fmt(
     files: Annotated[list[str], typer.Argument(help="files to format in place; `-` reads stdin, writes stdout",
                                                show_default=False)],
@@ -140,16 +157,21 @@ def _read(path: str) -> str:
 
 
 # ---------------------------------------------------------------- show
-@app.command()
+@command()
 def show(
     spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
     resolved: Annotated[bool, typer.Option("--resolved", help="flatten `extends`, write every default out")] = False,
     params: Annotated[bool, typer.Option("--params/--no-params", help="annotate parameter counts")] = True,
+    textconv: Annotated[bool, typer.Option("--textconv", help="git diff driver: every model resolved; a file that "
+                                           "does not check is shown as written; never fails")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a model as written, or with --resolved: inherited values and defaults written out (a valid spec)."""
     from vlmspec.compiler.show import model_source, resolved_text
 
+    if textconv:
+        sys.stdout.write(_textconv(spec))
+        return
     analysis = _load(spec)
     if as_json:
         print(analysis.ir.model_dump_json(indent=2))
@@ -160,8 +182,30 @@ def show(
     sys.stdout.write(resolved_text(analysis, params=params))
 
 
+def _textconv(path: str) -> str:
+    """What `git diff` shows for a .vlm file: every model resolved, or the text itself when it does not check."""
+    from vlmspec.compiler.compile import check_file
+    from vlmspec.compiler.show import resolved_text
+
+    try:
+        result = check_file(path)
+    except OSError:
+        result = None
+    if result is not None and result.ok and result.analyses:
+        return "\n".join(resolved_text(a) for a in result.analyses)
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    n = sum(d.severity == "error" for d in result.diagnostics) if result is not None else 0
+    first = next((d for d in result.diagnostics if d.severity == "error"), None) if result is not None else None
+    note = f"# vlm: this version does not check ({n} error{'s' if n != 1 else ''}"
+    note += f"; first: {first.code} {first.message}" if first else ""
+    return note + "); shown as written\n" + text
+
+
 # ---------------------------------------------------------------- summary
-@app.command()
+@command()
 def summary(
     spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
     as_json: JsonOpt = False,
@@ -206,7 +250,7 @@ def summary(
 
 
 # ---------------------------------------------------------------- graph
-@app.command()
+@command()
 def graph(
     spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
     format: Annotated[str, typer.Option("--format", "-f", help="mermaid or dot")] = "mermaid",
@@ -230,7 +274,7 @@ def graph(
 
 
 # ---------------------------------------------------------------- diff
-@app.command()
+@command()
 def diff(
     old: Annotated[str, typer.Argument(help="FILE, FILE:MODEL or REV:FILE", show_default=False)],
     new: Annotated[str, typer.Argument(help="FILE, FILE:MODEL or REV:FILE", show_default=False)],
@@ -247,7 +291,7 @@ def diff(
 
 
 # ---------------------------------------------------------------- schema
-@app.command()
+@command()
 def schema(
     kind: Annotated[str | None, typer.Argument(help="one kind, e.g. `vit` or `mlp` (default: all)")] = None,
 ) -> None:
@@ -277,7 +321,7 @@ def schema(
 
 
 # ---------------------------------------------------------------- build
-@app.command()
+@command()
 def build(
     spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="model folder to write")] = None,
@@ -324,7 +368,7 @@ def build(
 
 
 # ---------------------------------------------------------------- generate
-@app.command()
+@command()
 def generate(
     model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="the question or instruction")],
@@ -347,7 +391,7 @@ def generate(
 
 
 # ---------------------------------------------------------------- train
-@app.command()
+@command()
 def train(
     spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="run folder (checkpoints, metrics, final model)")],
@@ -373,7 +417,20 @@ def train(
     opts = TrainOptions(run_dir=output, data=data, images=images, stages=stage, resume=resume, max_bad=max_bad,
                         steps=steps, save_every=save_every, tokenizer=tokenizer, fsdp=fsdp,
                         log=lambda m: err.print(m, markup=False, highlight=False))
-    Trainer(analysis, opts, Path(analysis.file).read_text(encoding="utf-8"), path).run()
+    trainer = Trainer(analysis, opts, Path(analysis.file).read_text(encoding="utf-8"), path)
+    try:
+        trainer.run()
+    finally:
+        if trainer.dist.world > 1:
+            # gloo workers can abort at interpreter exit; this shutdown order never does (ENV-NOTES.md)
+            import torch.distributed as torch_dist
+
+            if torch_dist.is_initialized():
+                torch_dist.barrier()
+                torch_dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def _print_plan(analysis) -> None:
@@ -396,6 +453,36 @@ def _print_plan(analysis) -> None:
         m = st["memory"]
         out.print(f"  memory: weights {human(m['weights'], 'B')} + grads {human(m['grads'], 'B')} + "
                   f"optimizer {human(m['optimizer'], 'B')} = {human(m['total'], 'B')} (activations excluded)")
+
+
+# ---------------------------------------------------------------- serve
+@command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
+    host: Annotated[str, typer.Option(help="interface to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`", envvar="VLMSPEC_API_KEY")] = None,
+    files_root: Annotated[Path | None, typer.Option(help="allow image_url paths to local files under this folder")] = None,
+    max_batch: Annotated[int, typer.Option(help="requests decoded together")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="how long the first request waits for company")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="waiting requests before 503")] = 64,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 20.0,
+) -> None:
+    """Serve a model over HTTP with the OpenAI chat-completions API (images as data URLs)."""
+    import uvicorn
+
+    from vlmspec.runtime.checkpoint import load
+    from vlmspec.runtime.serve import ServeConfig, create_app
+
+    model = load(str(model_dir))
+    if model.processor is None:
+        _fail([Diagnostic("E0512", f"{model_dir} has no tokenizer, so it cannot read prompts",
+                          help="build it with --tokenizer, or serve a `vlm train` output (RUN/final)")], {})
+    cfg = ServeConfig(max_body=int(max_body_mb * 1024 * 1024), api_key=api_key,
+                      files_root=str(files_root) if files_root else None, max_batch=max_batch,
+                      max_wait_ms=max_wait_ms, max_queue=max_queue)
+    err.print(f"serving {model.analysis.ir.name} on http://{host}:{port}/v1 (POST /v1/chat/completions)")
+    uvicorn.run(create_app(model, cfg), host=host, port=port, log_level="warning")
 
 
 # ---------------------------------------------------------------- data

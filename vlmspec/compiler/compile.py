@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,29 +75,34 @@ def split_ref(ref: str) -> tuple[str, str | None, str | None]:
     return parts[1], parts[2] or None, parts[0]
 
 
-def _git_show(rev: str, path: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False,
-                             cwd=Path(path).parent if Path(path).parent.is_dir() else None)
-    except OSError:
-        return None
-    if out.returncode != 0:
-        # paths in `git show REV:path` are relative to the repository root; retry from the current directory
-        out = subprocess.run(["git", "show", f"{rev}:./{path}"], capture_output=True, text=True, check=False)
-        if out.returncode != 0:
+def _git_reader(rev: str) -> Callable[[str], str | None]:
+    """Read files as they were at a git revision (paths relative to the current directory)."""
+
+    def read(path: str) -> str | None:
+        rel = os.path.relpath(path)
+        try:
+            out = subprocess.run(["git", "show", f"{rev}:./{rel}"], capture_output=True, text=True, check=False)
+        except OSError:
             return None
-    return out.stdout
+        return out.stdout if out.returncode == 0 else None
+
+    return read
 
 
 def check_file(path: str, model: str | None = None, text: str | None = None, rev: str | None = None) -> CheckResult:
-    """Check every model defined in `path` (or just `model`), collecting all diagnostics."""
+    """Check every model defined in `path` (or just `model`), collecting all diagnostics.
+
+    Each model is analysed with its own sink, so an error in one does not hide the others.
+    """
     sink = DiagnosticSink()
-    if rev is not None:
-        text = _git_show(rev, path)
+    reader = _git_reader(rev) if rev is not None else None
+    if rev is not None and text is None:
+        text = reader(path)
         if text is None:
-            sink.error("E0106", f"cannot read `{path}` at git revision `{rev}`")
+            sink.error("E0004", f"cannot read `{path}` at git revision `{rev}`",
+                       help="paths are relative to the current directory, e.g. `HEAD~1:specs/x.vlm`")
             return CheckResult([], sink.items, {})
-    ws = load_workspace(path, sink, text)
+    ws = load_workspace(path, sink, text, reader)
     result = CheckResult(sources=ws.sources)
     if path not in ws.files or sink.has_errors:
         result.diagnostics = sink.items
@@ -110,10 +117,17 @@ def check_file(path: str, model: str | None = None, text: str | None = None, rev
         names = [model]
     elif not names:
         sink.error("E0110", f"`{path}` defines no model", help="add `model NAME { ... }`")
+    seen: set[tuple] = set()
     for name in names:
-        analysis = analyse(ws, name, sink)
+        own = DiagnosticSink()
+        analysis = analyse(ws, name, own)
         if analysis is not None:
             result.analyses.append(analysis)
+        for d in own.items:  # a base model's error is reported once, not once per derived model
+            key = (d.code, d.message, d.span)
+            if key not in seen:
+                seen.add(key)
+                sink.items.append(d)
     result.diagnostics = sink.items
     return result
 

@@ -33,10 +33,12 @@ def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> Flow
                        help=f"write `{c.role} {c.name} = {c.kind} {{ ... }}`")
         if c.role in ("connector", "fusion") and not has_flow:
             sink.error("E0311", f"{c.role} `{c.name}` needs a flow such as `(clip -> llm)`", spans.components.get(c.name))
+        if c.role in ("vision", "language"):
+            continue
         for src in c.sources:
-            _check_ref(ir, spans, sink, c.name, src, _SOURCE_ROLES.get(c.role, ()), "source")
+            _check_ref(ir, spans, sink, c.name, src, _SOURCE_ROLES[c.role], "source")
         if c.target is not None:
-            _check_ref(ir, spans, sink, c.name, c.target, _TARGET_ROLES.get(c.role, ()), "target")
+            _check_ref(ir, spans, sink, c.name, c.target, _TARGET_ROLES[c.role], "target")
 
     lms = ir.by_role("language")
     if not lms:
@@ -47,6 +49,8 @@ def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> Flow
                    help="vlmspec models have one language model; merge encoders with connectors instead")
 
     g = build_graph(ir)
+    if sink.has_errors:  # a flow into the wrong role can look like a cycle; report the root cause only
+        return g
     cycle = g.cycle()
     if cycle:
         sink.error("E0305", "data flow forms a cycle: " + " -> ".join([*cycle, cycle[0]]),
@@ -86,7 +90,7 @@ def _check_ref(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink, owner: str, 
                    help=did_you_mean(ref, ir.components) or _known(ir.components))
         return
     if comp.role not in roles:
-        sink.error("E0312", f"`{ref}` is a {comp.role} component and cannot be the {what} of {owner}", span,
+        sink.error("E0312", f"`{ref}` is a {comp.role} component and cannot be the {what} of `{owner}`", span,
                    help=f"the {what} must be a " + " or ".join(roles) + " component")
 
 
@@ -143,6 +147,10 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
                 wrong_width.add(name)
         elif comp.role == "fusion" and llm is not None:
             visual = _sequence_merge(inputs)
+            widths = sorted({s.width for s in inputs})
+            if len(widths) > 1:
+                sink.error("E0203", f"fusion `{name}` reads sources of different widths {widths}",
+                           spans.components.get(name), help="end every source at the same width (one connector each)")
             shapes.out[name] = visual
             fusion: FusionBase = cfg  # type: ignore[assignment]
             if any(s in wrong_width for s in comp.sources):  # reported once, at the connector
@@ -290,8 +298,9 @@ def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: Diagnostic
             cfg = ir.components[p].config
             allowed = cfg.lora_targets()
             if not allowed:
-                sink.error("E0403", f"`{p}` has no linear layers LoRA can adapt", span(f"lora:{lo.path}"),
-                           help=f"train it instead: `train {p}`")
+                sink.error("E0403", f"`{p}` has no layers LoRA can adapt", span(f"lora:{lo.path}"),
+                           help=f"train it instead: `train {p}`" if shapes.total(p) else
+                           "LoRA adapts the linear layers of encoders and language models")
                 continue
             targets = lo.targets or default_lora_targets(cfg)
             for t in targets:

@@ -7,6 +7,8 @@ Resolution is where names get meaning. It reports every problem it finds (unknow
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -23,13 +25,21 @@ from vlmspec.grammar.parser import parse
 # ------------------------------------------------------------------ workspace (files and imports)
 
 
+Reader = Callable[[str], str | None]
+
+
 @dataclass(slots=True)
 class Workspace:
-    """Every file reachable from the entry file through `import`, and the models they define."""
+    """Every file reachable from the entry file through `import`, and the models they define.
+
+    Files are keyed by their display path (as written on the command line or joined from imports);
+    `seen` holds their canonical paths so one file reached two ways is loaded once.
+    """
 
     entry: str
     files: dict[str, ast.File] = field(default_factory=dict)
     models: dict[str, tuple[ast.Model, ast.File]] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
 
     @property
     def sources(self) -> dict[str, str]:
@@ -39,31 +49,49 @@ class Workspace:
         return [m.name for m in self.files[path].models]
 
 
-def load_workspace(path: str, sink: DiagnosticSink, text: str | None = None) -> Workspace:
-    """Parse `path` (or `text`, reported as `path`) and its imports. Syntax errors land in `sink`."""
+def _read_disk(path: str) -> str | None:
+    fs = FsPath(path)
+    return fs.read_text(encoding="utf-8") if fs.is_file() else None
+
+
+def load_workspace(path: str, sink: DiagnosticSink, text: str | None = None, reader: Reader | None = None) -> Workspace:
+    """Parse `path` (or `text`, reported as `path`) and its imports. Syntax errors land in `sink`.
+
+    `reader` reads imported files (default: from disk); `vlm diff REV:file` passes one that reads the
+    same git revision, so a spec and its bases are compared as they were.
+    """
     ws = Workspace(entry=path)
-    _load(ws, path, text, sink, None)
+    _load(ws, path, text, sink, None, reader or _read_disk)
     return ws
 
 
-def _load(ws: Workspace, path: str, text: str | None, sink: DiagnosticSink, at: Span | None) -> None:
-    if path in ws.files:
+def _canonical(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _load(ws: Workspace, path: str, text: str | None, sink: DiagnosticSink, at: Span | None, reader: Reader) -> None:
+    key = _canonical(path)
+    if key in ws.seen:
         return
+    ws.seen.add(key)
     try:
         if text is None:
-            fs = FsPath(path)
-            if not fs.is_file():
-                sink.error("E0106", f"cannot find file `{path}`", at,
-                           help="import paths are relative to the importing file")
+            text = reader(path)
+            if text is None:
+                if at is None:
+                    sink.error("E0004", f"cannot read `{path}`: no such file")
+                else:
+                    sink.error("E0106", f"cannot find file `{path}`", at,
+                               help="import paths are relative to the importing file")
                 return
-            text = fs.read_text(encoding="utf-8")
         parsed = parse(text, path)
     except SpecSyntaxError as err:
         sink.items.extend(err.diagnostics)
         ws.files[path] = ast.File(path, text or "", [])
         return
     except (OSError, UnicodeDecodeError) as err:
-        sink.error("E0106", f"cannot read `{path}`: {err}", at)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
+        sink.error("E0004" if at is None else "E0106", f"cannot read `{path}`: {reason}", at)
         return
     ws.files[path] = parsed
     for model in parsed.models:
@@ -75,7 +103,7 @@ def _load(ws: Workspace, path: str, text: str | None, sink: DiagnosticSink, at: 
         ws.models[model.name] = (model, parsed)
     base = FsPath(path).parent
     for imp in parsed.imports:
-        _load(ws, str(base / imp.path), None, sink, imp.span)
+        _load(ws, os.path.normpath(str(base / imp.path)), None, sink, imp.span, reader)
 
 
 # ------------------------------------------------------------------ merged (untyped) model
@@ -351,8 +379,8 @@ class _Resolver:
             parent_name, span = st.extends
             data["extends"] = parent_name
             if parent_name in chain or parent_name == st.name:
-                self.sink.error("E0404", f"stage `{st.name}` extends itself through {' -> '.join((*chain, parent_name))}",
-                                span)
+                cycle = " -> ".join((*chain, st.name, parent_name)) if chain else f"{st.name} -> {parent_name}"
+                self.sink.error("E0404", f"stage `extends` forms a cycle: {cycle}", span)
                 return None
             parent = self.stages.get(parent_name)
             if parent is None:
@@ -403,6 +431,7 @@ class _Resolver:
                 data["train"] = [t for t in data["train"] if t["path"] != path]
                 data["freeze"] = [f for f in data["freeze"] if f != path]
                 if item.keyword == "train":
+                    data["lora"] = [lo for lo in data["lora"] if lo["path"] != path]
                     data["train"].append({"path": path, **kwargs})
                 elif item.keyword == "freeze":
                     data["freeze"].append(path)
@@ -448,10 +477,13 @@ class _Resolver:
             if isinstance(term, ast.Ref) and len(term.parts) == 1 and term.parts[0] in OBJECTIVES:
                 terms.append({"name": term.parts[0], "weight": weight})
                 return
-            name = term.dotted if isinstance(term, ast.Ref) else "this"
-            self.sink.error("E0408", f"unknown objective `{name}`", term.span,
-                            help=(did_you_mean(name, OBJECTIVES) or "") + " objectives: lm, itc, itm, itg, "
-                            "combined with `+` and weighted as `0.5 * itg`")
+            if isinstance(term, ast.Ref):
+                msg = f"unknown objective `{term.dotted}`"
+            else:
+                msg = "an objective term is a name, optionally weighted first: `0.5 * itg`"
+            hint = did_you_mean(term.dotted, OBJECTIVES) if isinstance(term, ast.Ref) else None
+            self.sink.error("E0408", msg, term.span,
+                            help=hint or "objectives are lm, itc, itm and itg, combined with `+`, e.g. `itc + itm + 0.5 * itg`")
             raise _EvalFailed
 
         walk(value)
@@ -520,11 +552,28 @@ def _known(what: str, options) -> str:
 def _validate(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Span], sink: DiagnosticSink,
               what: str) -> Any:
     """Validate with pydantic and translate each of its errors into a located diagnostic."""
+    bad = _strict_scalars(cls, values, spans, sink)
     try:
-        return cls.model_validate(values)
+        validated = cls.model_validate({k: v for k, v in values.items() if k not in bad})
+        return None if bad else validated
     except ValidationError as err:
-        for e in err.errors(include_url=False):
-            loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int))
+        errors = err.errors(include_url=False)
+        for e in errors:
+            e["loc"] = tuple(p for p in e["loc"] if not isinstance(p, int) and not _is_union_tag(str(p)))
+        # for a union field (`rope = default | mrope(...)`), report the branch the user meant: drop
+        # "expected 'default'" when the call itself had a more specific problem
+        specific = {e["loc"][:1] for e in errors if e["type"] != "literal_error"}
+        errors = [e for e in errors if not (e["type"] == "literal_error" and e["loc"][:1] in specific
+                                            and len(e["loc"]) == 1 and isinstance(e.get("input"), CallValue))]
+        seen: set[tuple] = set()
+        for e in errors:
+            key = (e["loc"], e["type"])
+            if key in seen:
+                continue
+            seen.add(key)
+            loc = tuple(str(p) for p in e["loc"])
+            if loc[:1] and loc[0] in bad or (e["type"] == "missing" and loc[:1] and loc[0] in bad):
+                continue
             field_name = loc[0] if loc else ""
             span = None
             for n in range(len(loc), 0, -1):
@@ -550,6 +599,38 @@ def _validate(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Sp
                 sink.error("E0201", f"`{'.'.join(loc) or field_name}`: {_humanise(msg)} (got {_show(e.get('input'))})",
                            span, help=_field_help(cls, loc))
         return None
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names union branches in error locations (`literal['default']`, `MRoPE`): not user fields."""
+    return "[" in part or "(" in part or part[:1].isupper()
+
+
+def _strict_scalars(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Span],
+                    sink: DiagnosticSink) -> set[str]:
+    """Refuse `true` for a number and `1e3` or `1` for a boolean, which pydantic's lax mode would coerce.
+
+    Returns the fields that were refused (already reported)."""
+    bad: set[str] = set()
+    for name, value in values.items():
+        info = getattr(cls, "model_fields", {}).get(name)
+        if info is None:
+            continue
+        ann = info.annotation
+        options = set(getattr(ann, "__args__", (ann,)))
+        if bool in options and not isinstance(value, bool) and not options & {int, float, str}:
+            sink.error("E0201", f"`{name}` must be `true` or `false` (got {_show(value)})", spans.get((name,)))
+            bad.add(name)
+        elif int in options and float not in options and (isinstance(value, float) or isinstance(value, bool)):
+            if isinstance(value, bool) or not options & {bool}:
+                sink.error("E0201", f"`{name}` must be a whole number (got {_show(value)})", spans.get((name,)),
+                           help=f"write `{name} = {int(value)}`" if isinstance(value, float) and value.is_integer()
+                           else None)
+                bad.add(name)
+        elif float in options and isinstance(value, bool):
+            sink.error("E0201", f"`{name}` must be a number (got {_show(value)})", spans.get((name,)))
+            bad.add(name)
+    return bad
 
 
 def _field_owner(cls: type, loc: tuple[str, ...]) -> type:

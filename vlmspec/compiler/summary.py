@@ -38,7 +38,7 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
     stages = []
     for plan, stage in zip(analysis.plans, ir.stages, strict=True):
         trainable = plan.total_trainable + plan.lora_params
-        grad_bytes = 4 if stage.precision == "fp32" else 4  # grads follow fp32 master weights under autocast
+        grad_bytes = 4  # gradients follow the fp32 master weights, autocast or not
         optim_bytes = _OPTIM_STATE_BYTES[stage.optim.name]
         if stage.optim.name == "sgd" and stage.optim.momentum == 0:
             optim_bytes = 0

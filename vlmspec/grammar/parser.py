@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from pathlib import Path as FsPath
 
@@ -337,20 +338,33 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
     expected = _describe_expected(expected_set)
     value = str(tok)
     msg = f"unexpected `{value}`; expected {expected}"
-    keywords = {"train", "freeze", "lora", "optim", "data", "batch", "epochs", "steps", "precision",
-                "objective", "upcycle"}
-    if value in keywords and "NAME" in expected_set:
-        help_text = f"`{value}` is a keyword inside `stage` blocks and cannot be used as a name"
-    elif value in {"vision", "connector", "language", "fusion", "model", "stage", "import", "extends"} \
-            and "NAME" in expected_set:
-        help_text = f"`{value}` is a keyword and cannot be used as a name"
-    elif value in keywords:
-        help_text = f"`{value} ...` statements belong inside a `stage NAME {{ ... }}` block"
-    elif value == "=" and "LBRACE" in expected_set:
-        help_text = "a component is declared with its role first, e.g. `vision clip = vit { ... }`"
-    elif tok.type == "RBRACE" and "NAME" in expected_set and "=" not in value:
+    before = _previous_word(text, tok.start_pos)
+    if value == "=" and before in _STATEMENTS:
+        help_text = f"`{before}` is a stage statement: write `{before} VALUE` without `=`"
+    elif before in _STATEMENTS and "LBRACE" in expected_set:
+        # `train proj` at model level: the statement word was read as a name
+        help_text = f"`{before} ...` statements belong inside a `stage NAME {{ ... }}` block"
+    elif value == "{" and re.fullmatch(r"\s*\w+\s*=\s*\w+\s*", text[text.rfind("\n", 0, tok.start_pos) + 1:tok.start_pos]):
+        name = text[text.rfind("\n", 0, tok.start_pos) + 1:tok.start_pos].split("=")[0].strip()
+        help_text = f"a component is declared with its role first, e.g. `vision {name} = ... {{`"
+    elif tok.type == "RBRACE" and "NAME" in expected_set:
         help_text = "an attribute needs a value: `name = value`"
     return Diagnostic("E0003", msg, span, help=help_text)
+
+
+_STATEMENTS = {"train", "freeze", "lora", "optim", "data", "batch", "epochs", "steps", "precision", "objective",
+               "upcycle"}
+
+
+def _previous_word(text: str, pos: int) -> str:
+    """The identifier just before `pos` (skipping spaces), for hints about the token that follows it."""
+    i = pos
+    while i > 0 and text[i - 1] in " \t":
+        i -= 1
+    j = i
+    while j > 0 and (text[j - 1].isalnum() or text[j - 1] == "_"):
+        j -= 1
+    return text[j:i]
 
 
 def parse(text: str, file: str = "<input>") -> ast.File:

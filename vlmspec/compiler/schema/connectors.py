@@ -123,9 +123,6 @@ class MLP(ConnectorBase):
             p["norm"] = layernorm(x.width)
         return p
 
-    def lora_targets(self) -> list[str]:
-        return [f"mlp.{i}" for i in range(self.layers)]
-
 
 @register
 class QFormer(ConnectorBase):
@@ -170,7 +167,7 @@ class QFormer(ConnectorBase):
         return p
 
     def subpaths(self) -> list[str]:
-        return ["queries", "layers", "proj"]
+        return ["queries", "layers", *(["proj"] if self.project else [])]
 
 
 @register
@@ -204,7 +201,7 @@ class Perceiver(ConnectorBase):
         return p
 
     def subpaths(self) -> list[str]:
-        return ["latents", "layers", "proj"]
+        return ["latents", "layers", *(["proj"] if self.project else [])]
 
 
 def _square_grid(ctx: ShapeContext, tokens: int, factor: int, field: str) -> int | None:
@@ -235,6 +232,9 @@ class PatchMerger(ConnectorBase):
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = ctx.inputs[0] if ctx.inputs else TokenShape(0, 0)
+        if len(ctx.inputs) > 1:
+            ctx.sink.error("E0204", f"patch_merger `{ctx.name}` merges the patches of one encoder, not "
+                           f"{len(ctx.inputs)}", ctx.span_of(""), help="give each encoder its own merger")
         if not x.dynamic:
             _square_grid(ctx, x.tokens, self.merge, "merge")
         return TokenShape(x.tokens // (self.merge**2), self.out_width(ctx, x.width * self.merge**2), x.dynamic)
@@ -288,7 +288,8 @@ class LDP(ConnectorBase):
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)
-        _square_grid(ctx, x.tokens, self.pool, "pool")
+        if not x.dynamic:
+            _square_grid(ctx, x.tokens, self.pool, "pool")
         return TokenShape(x.tokens // (self.pool**2), self.out_width(ctx, x.width), x.dynamic)
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
@@ -341,7 +342,8 @@ class ConvDownsample(ConnectorBase):
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)
-        _square_grid(ctx, x.tokens, self.stride, "stride")
+        if not x.dynamic:
+            _square_grid(ctx, x.tokens, self.stride, "stride")
         return TokenShape(x.tokens // (self.stride**2), self.out_width(ctx, x.width), x.dynamic)
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:

@@ -33,7 +33,7 @@ class FusionBase(ComponentSchema):
 
 def _check_prefix_width(ctx: ShapeContext, visual: TokenShape, llm: LanguageBase) -> None:
     if visual.width != llm.width:
-        ctx.sink.error("E0203", f"fusion '{ctx.name}' feeds tokens of width {visual.width} into a language model "
+        ctx.sink.error("E0203", f"fusion `{ctx.name}` feeds tokens of width {visual.width} into a language model "
                        f"of width {llm.width}", ctx.span_of(""),
                        help="end the connector at the language model's width (leave its `out` unset)")
 
@@ -50,7 +50,7 @@ class Prefix(FusionBase):
     def check_against(self, ctx: ShapeContext, visual: TokenShape, llm: LanguageBase) -> None:
         _check_prefix_width(ctx, visual, llm)
         if self.tokens is not None and not visual.dynamic and self.tokens != visual.tokens:
-            ctx.sink.error("E0204", f"fusion '{ctx.name}' declares {self.tokens} image tokens but the connector "
+            ctx.sink.error("E0204", f"fusion `{ctx.name}` declares {self.tokens} image tokens but the connector "
                            f"produces {visual.tokens}", ctx.span_of("tokens"),
                            help=f"set `tokens = {visual.tokens}` or change the encoder / connector")
 
@@ -153,7 +153,7 @@ class MoEFusion(FusionBase):
             ctx.sink.error("E0302", f"moe routes each token to top_k = {self.top_k} of only {self.experts} experts",
                            ctx.span_of("top_k"), help=f"top_k must be at most {self.experts}")
         if llm.moe is not None:
-            ctx.sink.error("E0303", f"fusion '{ctx.name}' adds experts to a language model that already has a `moe` block",
+            ctx.sink.error("E0303", f"fusion `{ctx.name}` adds experts to a language model that already has a `moe` block",
                            ctx.span_of(""), help="keep one of the two")
         if self.offset >= llm.depth:
             ctx.sink.error("E0301", f"moe offset {self.offset} is beyond the language model's {llm.depth} layers",
