@@ -485,6 +485,46 @@ def serve(
     uvicorn.run(create_app(model, cfg), host=host, port=port, log_level="warning")
 
 
+# ---------------------------------------------------------------- eval
+@command(name="eval")
+def evaluate(
+    target: Annotated[str | None, typer.Argument(help="model folder, or SPEC (a fresh build)", show_default=False)] = None,
+    task: Annotated[str, typer.Option(help="vqa, caption or retrieval")] = "vqa",
+    data: Annotated[str, typer.Option(help="JSONL, VQAv2 questions/annotations JSON or COCO captions JSON")] = "",
+    images: Annotated[str | None, typer.Option(help="image folder (default: next to the data file)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="results JSON (per-sample predictions + metrics)")] = None,
+    server: Annotated[str | None, typer.Option(help="evaluate an OpenAI-compatible server at this URL instead")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts generated together")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 16,
+    max_bad: Annotated[int, typer.Option(help="skip up to this many bad records")] = 0,
+    limit: Annotated[int | None, typer.Option(help="evaluate the first N samples only")] = None,
+) -> None:
+    """Score a model on VQA (VQAv2 accuracy), captioning (BLEU-4, CIDEr-D) or retrieval (recall@1/5/10)."""
+    from vlmspec.evaluation import run_eval, run_eval_server, write_results
+
+    if not data:
+        _fail([Diagnostic("E0005", "`vlm eval` needs --data FILE")], {})
+    if task not in ("vqa", "caption", "retrieval"):
+        _fail([Diagnostic("E0005", f"unknown task `{task}`", help="use vqa, caption or retrieval")], {})
+    if server:
+        results = run_eval_server(server, task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  max_bad=max_bad, limit=limit)
+    else:
+        if target is None:
+            _fail([Diagnostic("E0005", "`vlm eval` needs a model folder (or --server URL)")], {})
+        from vlmspec.runtime.checkpoint import load
+
+        model = load(target)
+        results = run_eval(model, task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           max_bad=max_bad, limit=limit)
+    metrics = results["metrics"]
+    out.print(f"{task} on {data}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in metrics.items() if not isinstance(v, dict)))
+    if output is not None:
+        write_results(results, output)
+        out.print(f"wrote {output}")
+
+
 # ---------------------------------------------------------------- data
 data_app = typer.Typer(help="Datasets: generate the bundled synthetic one.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

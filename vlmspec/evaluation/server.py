@@ -1,0 +1,94 @@
+"""A minimal client for OpenAI-compatible chat completions with one image, for `vlm eval --server`.
+
+`httpx` is used when it is installed (connection reuse across thousands of requests); otherwise the
+standard library's `urllib`, so evaluating a server needs no extra package. A server error or an answer
+without text stops the run with a one-line `E0553` rather than scoring an empty prediction: a silently
+failing server would otherwise look like a bad model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from vlmspec.diagnostics import user_error
+
+
+def chat_request(text: str, png: bytes, max_tokens: int, model: str | None) -> dict[str, Any]:
+    """The request body: one user turn with the text and the image as a PNG data URL, greedy decoding."""
+    url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return {
+        "model": model or "default",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": text},
+                                                  {"type": "image_url", "image_url": {"url": url}}]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+class ChatClient:
+    """POSTs to `{url}/v1/chat/completions` and returns the answer text."""
+
+    def __init__(self, url: str, model: str | None = None, timeout: float = 120.0):
+        base = url.rstrip("/")
+        self.endpoint = base if base.endswith("/v1/chat/completions") else base + "/v1/chat/completions"
+        self.model = model
+        self.timeout = timeout
+        self.served_model: str | None = None
+        try:
+            import httpx
+        except ImportError:
+            self._httpx: Any = None
+        else:
+            self._httpx = httpx.Client(timeout=timeout)
+
+    def complete(self, text: str, png: bytes, max_tokens: int) -> str:
+        body = chat_request(text, png, max_tokens, self.model)
+        reply = self._post(body)
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise user_error("E0553", f"{self.endpoint} answered without choices[0].message.content: "
+                             f"{json.dumps(reply)[:200]}") from None
+        if isinstance(content, list):   # some servers answer with content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            raise user_error("E0553", f"{self.endpoint} answered with non-text content")
+        if self.served_model is None and isinstance(reply.get("model"), str):
+            self.served_model = reply["model"]
+        return content.strip()
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self._httpx is not None:
+            try:
+                r = self._httpx.post(self.endpoint, content=data, headers=headers)
+            except Exception as e:  # httpx's transport errors share no base class we can name without it
+                raise user_error("E0553", f"cannot reach {self.endpoint}: {e}") from None
+            if r.status_code >= 400:
+                raise user_error("E0553", f"{self.endpoint} answered HTTP {r.status_code}: {r.text[:200]}")
+            return self._json(r.text)
+        req = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return self._json(resp.read().decode("utf-8", "replace"))
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[:200]
+            raise user_error("E0553", f"{self.endpoint} answered HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise user_error("E0553", f"cannot reach {self.endpoint}: {reason}",
+                             help="is the server running? (`vlm serve DIR`)") from None
+
+    def _json(self, text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise user_error("E0553", f"{self.endpoint} answered with invalid JSON: {text[:200]}") from None
+        if not isinstance(value, dict):
+            raise user_error("E0553", f"{self.endpoint} answered with JSON that is not an object")
+        return value
