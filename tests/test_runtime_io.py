@@ -94,7 +94,7 @@ def test_processor_places_one_placeholder_per_visual_token(tokenizer) -> None:
     analysis, _ = load_analysis(TINY)
     p = Processor(analysis, tokenizer)
     enc = p.encode_example("What color is the shape?", "red")
-    assert enc.input_ids.count(p.image_token_id) == analysis.shapes.out["prefix"].tokens == 16
+    assert enc.input_ids.count(p.image_token_id) == analysis.shapes.out["prefix"].tokens == 64
     answer = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE]
     assert p.decode(answer) == "red" and answer[-1] == tokenizer.eos_token_id
     batch = p.generation_batch(["What color is the shape?", "Which shape is in the image?"], None)

@@ -405,6 +405,8 @@ def train(
     save_every: Annotated[int, typer.Option(help="checkpoint every N optimizer steps")] = 50,
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer folder (default: the LLM's, else trained on the data)")] = None,
     fsdp: Annotated[bool, typer.Option(help="shard trained components with FSDP2 under torchrun")] = False,
+    eval_data: Annotated[str | None, typer.Option("--eval", help="held-out VQA data to score during training")] = None,
+    eval_every: Annotated[int, typer.Option(help="steps between held-out evaluations (0: end of each stage)")] = 0,
 ) -> None:
     """Run the spec's stage schedule: freeze, train and LoRA exactly what each stage says."""
     analysis = _load(spec)
@@ -416,6 +418,7 @@ def train(
     path = spec.split(":")[0] if not Path(spec).is_file() else spec
     opts = TrainOptions(run_dir=output, data=data, images=images, stages=stage, resume=resume, max_bad=max_bad,
                         steps=steps, save_every=save_every, tokenizer=tokenizer, fsdp=fsdp,
+                        eval_data=eval_data, eval_every=eval_every,
                         log=lambda m: err.print(m, markup=False, highlight=False))
     trainer = Trainer(analysis, opts, Path(analysis.file).read_text(encoding="utf-8"), path)
     try:

@@ -25,19 +25,61 @@ from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
 FORMAT_VERSION = 1
 
 
+def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share memory with an earlier one (tied embeddings); return the aliases."""
+    kept: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.device.type != "meta" else None
+        if key is not None and key in kept:
+            aliases[k] = kept[key]
+            continue
+        if key is not None:
+            kept[key] = k
+        out[k] = v.detach().contiguous().cpu()
+    return out, aliases
+
+
+def save_state(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Safetensors, atomically, with tied tensors stored once (their aliases in the metadata)."""
+    from safetensors.torch import save
+
+    from vlmspec.fsutil import atomic_write_bytes
+
+    tensors, aliases = dedupe(state)
+    meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta["vlmspec_aliases"] = json.dumps(aliases)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise user_error("E0541", f"cannot read {path}: {e}") from None
+    for alias, target in json.loads(meta.get("vlmspec_aliases", "{}")).items():
+        state[alias] = state[target]
+    return state
+
+
 def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, tokenizer: Any = None,
                    spec_text: str | None = None, extra: dict[str, Any] | None = None,
                    progress: Any = None) -> Path:
-    from safetensors.torch import save_file
-
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = model.state_dict()
         if progress is not None:
             progress(f"writing {len(state)} tensors")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "vlmspec": str(FORMAT_VERSION)})
+        save_state(tmp / "model.safetensors", state, {"vlmspec": str(FORMAT_VERSION)})
         config = {"vlmspec": FORMAT_VERSION, "model": analysis.ir.name, "architectures": ["VisionLanguageModel"],
                   "image_token_id": getattr(model, "image_token_id", None),
                   "ir": json.loads(analysis.ir.model_dump_json()), **(extra or {})}
@@ -92,8 +134,6 @@ def load(source: str | Path, device: str = "cpu"):
     Returns the `VisionLanguageModel`; its `processor` attribute holds the tokenizer-backed processor
     when the folder has a tokenizer.
     """
-    from safetensors.torch import load_file
-
     from vlmspec.runtime.model import build_model
 
     path = Path(str(source).split(":")[0]) if not Path(str(source)).is_dir() else Path(source)
@@ -106,10 +146,7 @@ def load(source: str | Path, device: str = "cpu"):
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise user_error("E0541", f"{path} has no model.safetensors")
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise user_error("E0541", f"cannot read {weights}: {e}") from None
+    state = load_state(weights)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -119,6 +156,9 @@ def load(source: str | Path, device: str = "cpu"):
                                                   f" (e.g. unexpected {unexpected[0]})"))
     model.load_state_dict(state, strict=True)
     model.eval()
+    from vlmspec.runtime.quantize import apply_quantization
+
+    apply_quantization(model, analysis)
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         from vlmspec.runtime.processor import Processor
         from vlmspec.runtime.tokenizer import load_tokenizer

@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
-from vlmspec.fsutil import atomic_write_bytes, atomic_write_text
+from vlmspec.fsutil import atomic_write_text
 from vlmspec.runtime.data import Dataset, read_dataset
 from vlmspec.runtime.processor import IGNORE, Encoded, Processor
 
@@ -54,6 +53,8 @@ class TrainOptions:
     steps: int | None = None  # override every stage's length (smoke tests)
     tokenizer: str | None = None
     fsdp: bool = False
+    eval_data: str | None = None  # held-out VQA data scored with `vlm eval`'s code during training
+    eval_every: int = 0  # optimizer steps between evaluations (0: at the end of each stage only)
     quiet: bool = False
     log: Callable[[str], None] = print
 
@@ -127,9 +128,15 @@ def spec_hash(analysis: Analysis) -> str:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
+    from vlmspec.runtime.checkpoint import save_state
 
-    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+    save_state(path, tensors)
+
+
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    from vlmspec.runtime.checkpoint import load_state
+
+    return load_state(path)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -511,9 +518,13 @@ class Trainer:
                 self._metric({"stage": stage.name, "step": step, "loss": loss_global, "lr": sched.get_last_lr()[0],
                               "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9)})
             progress(step, loss_global, tokens_seen * dist.world / max(elapsed, 1e-9))
+            if opts.eval_data and opts.eval_every and step % opts.eval_every == 0 and step < total:
+                self._evaluate(model, processor, stage.name, step)
             if step % opts.save_every == 0 and step < total:
                 self._checkpoint(model, optim, sched, ckpt, step, result.losses)
         progress(None, None, None)
+        if opts.eval_data:
+            self._evaluate(model, processor, stage.name, step)
         result.steps = step
         result.seconds = time.perf_counter() - t0
         self._merge_lora(model, lora_modules)
@@ -557,7 +568,7 @@ class Trainer:
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in trainable_state(model).items()}, str(tmp / "weights.safetensors"))
+        _save_tensors(tmp / "weights.safetensors", trainable_state(model))
         torch.save({"optim": optim.state_dict(), "sched": sched.state_dict(), "rng": _rng_state()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
         for f in tmp.iterdir():
@@ -569,6 +580,24 @@ class Trainer:
             os.replace(ckpt, old)
         os.replace(tmp, ckpt)
         shutil.rmtree(old, ignore_errors=True)
+
+    def _evaluate(self, model, processor: Processor, stage: str, step: int) -> None:
+        """Held-out VQA accuracy with the evaluation code `vlm eval` runs, so the two always agree."""
+        if self.dist.main:
+            from vlmspec.evaluation import run_eval
+
+            model.processor, model.analysis = processor, self.analysis
+            was_training = model.training
+            model.eval()
+            try:
+                results = run_eval(model, "vqa", self.opts.eval_data, progress=False)
+            finally:
+                model.train(was_training)
+            acc = results["metrics"]["vqa_accuracy"]
+            self._metric({"stage": stage, "step": step, "eval": "vqa", "vqa_accuracy": acc,
+                          "questions": results["metrics"].get("questions")})
+            self.log(f"  {stage} step {step}: held-out VQA accuracy {acc:.1f}%")
+        self.dist.barrier()
 
     def _metric(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:

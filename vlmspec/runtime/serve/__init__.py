@@ -1,0 +1,5 @@
+"""Serving: an OpenAI-compatible HTTP server with dynamic batching (`vlm serve`)."""
+
+from vlmspec.runtime.serve.app import ServeConfig, create_app
+
+__all__ = ["ServeConfig", "create_app"]
