@@ -346,9 +346,9 @@ def build(
         tok = None
         image_id = None
         if tokenizer is not None:
-            from vlmspec.runtime.tokenizer import load_tokenizer
+            from vlmspec.runtime.tokenizer import ensure_special_tokens, load_tokenizer
 
-            tok = load_tokenizer(tokenizer)
+            tok = ensure_special_tokens(load_tokenizer(tokenizer), analysis)
             fusions = analysis.ir.by_role("fusion")
             image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if fusions else None
         torch.manual_seed(seed)
@@ -421,19 +421,30 @@ def train(
                         eval_data=eval_data, eval_every=eval_every,
                         log=lambda m: err.print(m, markup=False, highlight=False))
     trainer = Trainer(analysis, opts, Path(analysis.file).read_text(encoding="utf-8"), path)
+    if trainer.dist.world <= 1:
+        trainer.run()
+        return
+    code = 0
     try:
         trainer.run()
-    finally:
-        if trainer.dist.world > 1:
-            # gloo workers can abort at interpreter exit; this shutdown order never does (ENV-NOTES.md)
-            import torch.distributed as torch_dist
+    except VlmSpecError as e:
+        err.print(render_all(e.diagnostics, e.sources, color=err.is_terminal), markup=False)
+        code = 1
+    except Exception as e:  # noqa: BLE001 - reported below; a worker must still shut down cleanly
+        from rich.markup import escape
 
-            if torch_dist.is_initialized():
-                torch_dist.barrier()
-                torch_dist.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        err.print(f"[red]rank {trainer.dist.rank} failed[/red]: {type(e).__name__}: {escape(str(e))}")
+        code = 2
+    # gloo workers can abort at interpreter exit; this shutdown order never does (ENV-NOTES.md)
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        if code == 0:
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _print_plan(analysis) -> None:
@@ -561,7 +572,9 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the last line of defence for "never a traceback"
         if os.environ.get("VLMSPEC_DEBUG"):
             raise
-        err.print(f"[red]internal error[/red]: {type(e).__name__}: {e}\n"
+        from rich.markup import escape
+
+        err.print(f"[red]internal error[/red]: {type(e).__name__}: {escape(str(e))}\n"
                   "this is a bug in vlmspec; rerun with VLMSPEC_DEBUG=1 for the traceback and report it")
         sys.exit(2)
 

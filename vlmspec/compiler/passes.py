@@ -219,7 +219,8 @@ def part_params(ir: ModelIR, shapes: Shapes, path: str) -> int:
         if sub == "mlp":
             return cfg.depth * cfg.mlp_params()
         if sub == "moe" and cfg.moe is not None:
-            return params.get("moe", 0) + len(cfg.moe.layer_ids(cfg.depth)) * cfg.mlp_params(cfg.moe.ffn)
+            # the experts replace each MoE layer's dense FFN: the extra parameters plus the FFN they replace
+            return params.get("moe", 0) + len(cfg.moe.layer_ids(cfg.depth)) * cfg.mlp_params()
     if comp.role == "vision":
         if sub == "attn":
             return cfg.depth * 4 * (cfg.width * cfg.width + cfg.width)

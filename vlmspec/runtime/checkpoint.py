@@ -71,12 +71,12 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, tokenizer: Any = None,
                    spec_text: str | None = None, extra: dict[str, Any] | None = None,
-                   progress: Any = None) -> Path:
+                   progress: Any = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        state = model.state_dict()
+        state = state if state is not None else model.state_dict()
         if progress is not None:
             progress(f"writing {len(state)} tensors")
         save_state(tmp / "model.safetensors", state, {"vlmspec": str(FORMAT_VERSION)})

@@ -35,6 +35,9 @@ class Processor:
         self.settings = ir.settings
         encoders = ir.by_role("vision")
         self.transform = ImageTransform.from_encoder(encoders[0].config) if encoders else None
+        # tiled encoders (Llama 3.2 Vision) take [tiles x c x h x w] per image: the image fills tile 0
+        # (aspect ratio 1x1), the other tiles are padding
+        self.tiles = getattr(encoders[0].config, "tiles", 0) if encoders else 0
         fusions = ir.by_role("fusion")
         self.image_token = fusions[0].config.image_token if fusions else "<image>"
         in_seq = [f for f in fusions if type(f.config).in_sequence]
@@ -100,7 +103,15 @@ class Processor:
     def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
         if self.transform is None or not images:
             return None
-        return self.transform.batch(list(images))
+        return self.tile(self.transform.batch(list(images)))
+
+    def tile(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[b x c x h x w]` -> `[b x tiles x c x h x w]` for tiled encoders; unchanged otherwise."""
+        if not self.tiles:
+            return pixels
+        out = pixels.new_zeros((pixels.shape[0], self.tiles, *pixels.shape[1:]))
+        out[:, 0] = pixels
+        return out
 
     def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
         """Left-padded prompts (one image per prompt when images are given) for `model.generate`."""

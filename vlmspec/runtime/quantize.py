@@ -18,7 +18,7 @@ from vlmspec.diagnostics import user_error
 
 def _torchao():
     # torchao logs a failed load of its CUDA-only kernels on CPU machines; that is expected here
-    for name in ("torchao", "torchao.kernel", "torchao.prototype"):
+    for name in ("torchao", "torchao.kernel", "torchao.prototype", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import torchao.quantization as q

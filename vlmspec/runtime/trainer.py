@@ -276,6 +276,9 @@ class Trainer:
         self.spec_ref = spec_ref
         self.dist = Dist.from_env()
         self.run_dir = Path(opts.run_dir)
+        self._sharded = False
+        self._last_state: dict[str, torch.Tensor] = {}
+        self._warned_fsdp_ckpt = False
 
     def log(self, msg: str) -> None:
         if self.dist.main and not self.opts.quiet:
@@ -394,6 +397,11 @@ class Trainer:
                 _write_manifest(self.run_dir, manifest)
             result = self._train_stage(model, processor, stage, i, out.parent)
             results.append(result)
+            if self._sharded:
+                # FSDP2 shards modules in place; continue from a plain model holding the gathered weights
+                model = self._build(tokenizer)
+                _load_into(model, self._last_state, "the gathered FSDP state")
+                self._sharded = False
             entry["state"] = "done"
             entry["steps"] = result.steps
             entry["final_loss"] = result.losses[-1] if result.losses else None
@@ -409,6 +417,7 @@ class Trainer:
         from vlmspec.runtime.checkpoint import save_model_dir
 
         save_model_dir(model, self.analysis, self.run_dir / "final", tokenizer=tokenizer, spec_text=self.spec_text,
+                       state=model.state_dict(),
                        extra={"run": {"spec": manifest["spec"], "stages": [
                            {k: s.get(k) for k in ("name", "state", "steps", "final_loss")} for s in manifest["stages"]]}})
         self.log(f"final model: {self.run_dir / 'final'}  (vlm generate {self.run_dir / 'final'} --image ... "
@@ -450,8 +459,8 @@ class Trainer:
         steps_per_epoch = max(1, len(enc.examples) // global_batch)
         total = opts.steps or stage.steps or steps_per_epoch * (stage.epochs or 1)
 
+        train_model = self._wrap(model, stage)  # first: FSDP2 replaces the parameters the optimizer must hold
         groups = _param_groups(model, stage, self.analysis)
-        train_model = self._wrap(model, stage)
         optim = make_optimizer(groups, stage)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(stage, total))
         ckpt = stage_dir / "ckpt"
@@ -494,7 +503,7 @@ class Trainer:
             for mb in micro_batches:
                 pix = [enc.pixels[k] for k in mb]
                 batch = processor.training_batch([enc.examples[k] for k in mb],
-                                                 torch.stack(pix) if pix and pix[0] is not None else None)
+                                                 processor.tile(torch.stack(pix)) if pix and pix[0] is not None else None)
                 labels = batch.pop("labels")
                 with autocast:
                     out = train_model(**batch)
@@ -528,23 +537,32 @@ class Trainer:
         result.steps = step
         result.seconds = time.perf_counter() - t0
         self._merge_lora(model, lora_modules)
+        state = self._full_state(model)  # every rank takes part: FSDP gathers its shards here
+        self._last_state = state
         if dist.main:
-            _save_tensors(stage_dir / "weights.safetensors", self._changed_state(model, stage))
+            _save_tensors(stage_dir / "weights.safetensors", self._changed_state(model, stage, state))
             if ckpt.exists():
                 shutil.rmtree(ckpt, ignore_errors=True)
         self.dist.barrier()
         return result
 
-    def _changed_state(self, model, stage: Stage) -> dict[str, torch.Tensor]:
-        """Tensors a stage may have changed: its trainable parameters (LoRA merged into base weights)."""
-        state = trainable_state(model)
-        if stage.lora or stage.upcycle:
-            # merged LoRA and up-cycled experts changed tensors that are not trainable any more
-            comps = {lo.path.split(".")[0] for lo in stage.lora} | {u.dest.split(".")[0] for u in stage.upcycle}
-            for k, v in model.state_dict().items():
-                if k.split(".")[1] in comps if k.startswith("components.") else False:
-                    state[k] = v
-        return state
+    def _full_state(self, model) -> dict[str, torch.Tensor]:
+        """The whole state dict as plain tensors; sharded (DTensor) entries are all-gathered (collective)."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
+
+    def _changed_state(self, model, stage: Stage, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors a stage may have changed: its trainable parameters, plus every tensor of the components
+        whose LoRA adapters were merged or whose experts were up-cycled (no longer trainable by then)."""
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        comps = {lo.path.split(".")[0] for lo in stage.lora} | {u.dest.split(".")[0] for u in stage.upcycle}
+        out = {}
+        for k, v in state.items():
+            parts = k.split(".")
+            if k in names or (parts[0] == "components" and len(parts) > 1 and parts[1] in comps):
+                out[k] = v
+        return out
 
     def _wrap(self, model, stage: Stage):
         if self.dist.world <= 1:
@@ -555,14 +573,20 @@ class Trainer:
 
             mesh = init_device_mesh("cpu", (self.dist.world,))
             for comp in model.components.values():
-                if any(p.requires_grad for p in comp.parameters()):
+                if any(p.requires_grad for p in comp.parameters()):  # frozen components stay replicated
                     fully_shard(comp, mesh=mesh)
+            self._sharded = True
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, find_unused_parameters=False)
 
     def _checkpoint(self, model, optim, sched, ckpt: Path, step: int, losses: list[float]) -> None:
+        if self._sharded:
+            if not self._warned_fsdp_ckpt:
+                self.log("note: under FSDP, runs checkpoint at stage boundaries only (--resume restarts the stage)")
+                self._warned_fsdp_ckpt = True
+            return
         if not self.dist.main:
             return
         tmp = ckpt.with_name(ckpt.name + ".tmp")

@@ -170,6 +170,7 @@ def create_app(model: Any, cfg: ServeConfig | None = None, name: str | None = No
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             req, stream = parse_chat(body, cfg)
+            req.stream = stream
             try:
                 req = await engine.submit(req)
             except QueueFull:

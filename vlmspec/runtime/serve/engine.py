@@ -36,6 +36,7 @@ class GenRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    stream: bool = False
     # filled in by the engine
     text: str = ""
     tokens: int = 0
@@ -199,7 +200,7 @@ class Engine:
             mask[i, width - len(ids):] = 1
             req.prompt_tokens = len(ids)
         pixels = [px for _, _, px in group]
-        pixel_values = torch.stack(pixels) if pixels[0] is not None else None
+        pixel_values = p.tile(torch.stack(pixels)) if pixels[0] is not None else None
         gens = [torch.Generator().manual_seed(req.seed if req.seed is not None else 0) for req, _, _ in group]
         stop_ids = {p.eos_id} if p.eos_id is not None else set()
         generated: list[list[int]] = [[] for _ in group]
@@ -210,32 +211,37 @@ class Engine:
         max_steps = max(req.max_tokens for req, _, _ in group)
         for _step in range(max_steps):
             next_tokens = torch.full((n,), p.pad_id, dtype=torch.long)
+            greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
             for i, (req, _, _) in enumerate(group):
                 if not active[i]:
                     continue
-                tok = _sample(logits[i], req.temperature, req.top_p, gens[i])
+                tok = greedy[i] if req.temperature <= 0 else _sample(logits[i], req.temperature, req.top_p, gens[i])
                 next_tokens[i] = tok
                 if req.first_token is None:
                     req.first_token = time.perf_counter()
                 if tok in stop_ids:
                     req.finish_reason = "stop"
                     active[i] = False
+                    if not req.stream:
+                        req.text = p.decode(generated[i])
                     self._finish(loop, req)
                     continue
                 generated[i].append(tok)
                 req.tokens += 1
                 self.stats.tokens += 1
-                text = p.decode(generated[i])
-                cut = _stop_at(text, req.stop)
-                if cut is not None:
-                    text = text[:cut]
-                    req.finish_reason = "stop"
-                    active[i] = False
-                delta = text[len(req.text):]
-                req.text = text
-                if delta:
-                    self._emit(loop, req, delta)
-                if active[i] and req.tokens >= req.max_tokens:
+                last = req.tokens >= req.max_tokens
+                if req.stream or req.stop or last:  # text is only needed to stream, to stop, or at the end
+                    text = p.decode(generated[i])
+                    cut = _stop_at(text, req.stop)
+                    if cut is not None:
+                        text = text[:cut]
+                        req.finish_reason = "stop"
+                        active[i] = False
+                    delta = text[len(req.text):]
+                    req.text = text
+                    if delta and req.stream:
+                        self._emit(loop, req, delta)
+                if active[i] and last:
                     req.finish_reason = "length"
                     active[i] = False
                 if not active[i]:

@@ -1,0 +1,82 @@
+"""Bad input at run time is a typed, one-line `UserInputError`, never a traceback from deep inside torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from runtime_helpers import CASES, analyse, image_tokens, pixels, prompts
+
+from vlmspec.diagnostics import UserInputError
+from vlmspec.runtime.model import build_model
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    analysis = analyse(tmp_path, CASES["connector-mlp"].text())
+    torch.manual_seed(0)
+    return analysis, build_model(analysis)
+
+
+def test_sequence_longer_than_max_positions(tiny):
+    _, model = tiny
+    with pytest.raises(UserInputError, match="129 tokens exceed the language model's max_positions = 128"):
+        model(torch.ones(1, 129, dtype=torch.long))
+
+
+def test_attention_mask_must_cover_past_and_new_tokens(tiny):
+    _, model = tiny
+    ids = torch.ones(1, 5, dtype=torch.long)
+    cache = model.new_cache()
+    model(ids, cache=cache)
+    with pytest.raises(UserInputError, match="attention_mask covers 1 tokens but the cache holds 5"):
+        model(ids[:, :1], attention_mask=torch.ones(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_labels_must_match_input_ids(tiny):
+    _, model = tiny
+    with pytest.raises(UserInputError, match="labels have shape"):
+        model(torch.ones(2, 5, dtype=torch.long), labels=torch.ones(2, 4, dtype=torch.long))
+
+
+def test_token_outside_the_vocabulary(tiny):
+    _, model = tiny
+    with pytest.raises(UserInputError, match="token id 300 is outside the vocabulary of 300"):
+        model(torch.tensor([[1, 300]]))
+
+
+def test_image_token_id_outside_the_vocabulary(tiny):
+    analysis, _ = tiny
+    with pytest.raises(UserInputError, match="image_token_id 1000"):
+        build_model(analysis, image_token_id=1000, device="meta")
+
+
+def test_pixel_values_of_the_wrong_rank(tiny):
+    _, model = tiny
+    with pytest.raises(UserInputError, match="pixel_values for `enc` must be"):
+        model.encode_images(torch.randn(3, 32, 32))
+
+
+def test_opt_without_grouped_query_attention(tmp_path):
+    text = CASES["lm-opt"].text().replace("embed_dim = 32", "embed_dim = 32  kv_heads = 2")
+    with pytest.raises(UserInputError, match="`opt` language model"):
+        build_model(analyse(tmp_path, text), device="meta")
+
+
+def test_patch_merger_needs_a_grid(tmp_path):
+    text = CASES["connector-patch_merger"].text()
+    analysis = analyse(tmp_path, text)
+    model = build_model(analysis)
+    ids, mask = prompts(model.image_token_id, image_tokens(analysis))
+    model(ids, attention_mask=mask, pixel_values=pixels(analysis))  # the grid divides: fine
+    dyn = text.replace("feature = layer(-2).patches", "feature = layer(-2).patches  resolution = dynamic(min_pixels = 256, max_pixels = 4096)")
+    model = build_model(analyse(tmp_path, dyn))
+    with pytest.raises(UserInputError, match="a 4x5 patch grid is not divisible by merge = 2"):
+        model.encode_images(torch.randn(1, 3, 32, 40))
+
+
+def test_errors_render_as_one_line_diagnostics(tiny):
+    _, model = tiny
+    with pytest.raises(UserInputError) as e:
+        model(torch.ones(1, 129, dtype=torch.long))
+    assert e.value.diagnostics[0].code == "E0514"
+    assert str(e.value).startswith("error[E0514]")

@@ -1,0 +1,38 @@
+"""`pixel_shuffle`: space-to-depth over the patch grid (InternVL, Idefics3), LayerNorm, then an MLP.
+
+Tokens of each scale x scale block are concatenated row by row; keys `norm`, `linear_1`, `linear_2`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vlmspec.compiler.ir import Component
+from vlmspec.compiler.schema.connectors import PixelShuffle
+from vlmspec.runtime.blocks import NumberedLinears, VisualTokens
+from vlmspec.runtime.connectors.base import Connector, Instruction, space_to_depth
+from vlmspec.runtime.registry import BuildContext, register
+
+
+class PixelShuffleConnector(Connector, NumberedLinears):
+    """[n x (gh*gw) x d] -> [n x (gh/s * gw/s) x out]."""
+
+    def __init__(self, name: str, cfg: PixelShuffle, d: int, out_width: int):
+        super().__init__(name, cfg.merge)
+        self.scale = cfg.scale
+        shuffled = d * cfg.scale**2
+        self.norm = nn.LayerNorm(shuffled) if cfg.norm else None
+        self.add_linears(shuffled, cfg.hidden or out_width, out_width, cfg.layers, cfg.act)
+
+    def project(self, x: VisualTokens, instruction: Instruction | None = None) -> VisualTokens:
+        gh, gw = self.need_grid(x, self.scale, "scale")
+        h = space_to_depth(x.x, (gh, gw), self.scale)
+        if self.norm is not None:
+            h = self.norm(h)
+        return VisualTokens(self.run_linears(h), (gh // self.scale, gw // self.scale))
+
+
+@register("connector", "pixel_shuffle")
+def build_pixel_shuffle(comp: Component, ctx: BuildContext) -> PixelShuffleConnector:
+    return PixelShuffleConnector(comp.name, comp.config, ctx.input_shape(comp.name).width,
+                                 ctx.output_shape(comp.name).width)

@@ -1,0 +1,256 @@
+"""Fusion styles: small modules beside an unchanged language model, plugged in per decoder layer.
+
+- `prefix`: no weights; the model splices image features over the image-token embeddings.
+- `cross_attention`: a tanh-gated cross-attention block (+ gated FFN) before chosen decoder layers;
+  gates start at 0, so a frozen language model computes exactly what it did before, at step 0.
+  Visual keys / values are computed once per image and kept in the cache while generating.
+- `visual_expert` (CogVLM): per layer, a second set of QKV / output / FFN weights of the language
+  model's own family and shape, used at image-token positions.
+- `moe` (MoE-LLaVA): prefix splicing plus routed experts replacing the FFN of chosen layers; expert 0
+  is the layer's own dense FFN (see `vlmspec.runtime.moe`).
+
+Each fusion owns its weights under its own component name (`layers.N.*`, keyed by decoder layer
+index) and contributes `LayerHooks` that the language model's layers consult; no language-model key
+changes, so a Hugging Face checkpoint of the language model still loads by key.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlmspec.compiler.ir import Component
+from vlmspec.compiler.schema.fusion import CrossAttention as CrossAttentionSpec
+from vlmspec.compiler.schema.fusion import FusionBase, MoEFusion, VisualExpert
+from vlmspec.diagnostics import user_error
+from vlmspec.runtime.blocks import RMSNorm, attend, split_heads
+from vlmspec.runtime.decoding import DecodeState
+from vlmspec.runtime.language import CausalLM, LayerHooks, LMConfig
+from vlmspec.runtime.moe import SparseMoE
+from vlmspec.runtime.registry import BuildContext, register
+
+
+class Fusion(nn.Module):
+    """Base: `in_sequence` fusions put image features into the token sequence (spliced at image tokens)."""
+
+    in_sequence: bool = True
+    #: False when the fusion adds nothing inside the decoder layers (prefix), so a pass skips the hooks.
+    reaches_layers: bool = True
+    #: What the hooks read from `DecodeState`: image positions (visual expert), real tokens (MoE aux loss).
+    uses_image_mask: bool = False
+    uses_token_mask: bool = False
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def contribute(self, hooks: list[LayerHooks]) -> None:
+        """Add this fusion's per-layer pieces to `hooks` (one entry per decoder layer)."""
+
+
+class PrefixFusion(Fusion):
+    """LLaVA / BLIP-2: image features replace the image-token embeddings; nothing inside the layers."""
+
+    reaches_layers = False
+
+
+# ---------------------------------------------------------------- cross-attention
+
+
+class CrossAttention(nn.Module):
+    """Text queries attend to visual keys / values (Mllama's keys: q_proj, k_proj, v_proj, o_proj, q_norm, k_norm)."""
+
+    def __init__(self, c: LMConfig, visual_width: int, qk_norm: bool):
+        super().__init__()
+        q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        self.heads, self.kv_heads = c.heads, c.kv_heads
+        self.q_proj = nn.Linear(c.width, q, bias=False)
+        self.k_proj = nn.Linear(visual_width, kv, bias=False)
+        self.v_proj = nn.Linear(visual_width, kv, bias=False)
+        self.o_proj = nn.Linear(q, c.width, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.eps) if qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.eps) if qk_norm else None
+
+    def kv(self, visual: Tensor) -> tuple[Tensor, Tensor]:
+        """[b x n x dv] -> k, v [b x hk x n x d]; computed once per image."""
+        k = split_heads(self.k_proj(visual), self.kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, split_heads(self.v_proj(visual), self.kv_heads)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = split_heads(self.q_proj(x), self.heads)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return self.o_proj(attend(q, k, v))
+
+
+class CrossAttentionLayer(nn.Module):
+    """h + tanh(g_attn) * xattn(norm(h)), then h + tanh(g_mlp) * ffn(norm(h)) (Mllama's layout and keys)."""
+
+    def __init__(self, llm: CausalLM, visual_width: int, spec: CrossAttentionSpec):
+        super().__init__()
+        self.gated = spec.gate == "tanh"
+        self.cross_attn = CrossAttention(llm.c, visual_width, spec.qk_norm)
+        self.input_layernorm = llm.make_norm()
+        if self.gated:
+            self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = llm.make_ffn() if spec.mlp else None
+        if spec.mlp:
+            self.post_attention_layernorm = llm.make_norm()
+            if self.gated:
+                self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def init_weights(self, std: float) -> None:
+        for name in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+            p = getattr(self, name, None)
+            if isinstance(p, nn.Parameter):
+                nn.init.zeros_(p)
+
+    def _gate(self, name: str, x: Tensor) -> Tensor:
+        return torch.tanh(getattr(self, name)).to(x.dtype) * x if self.gated else x
+
+    def forward(self, h: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        h = h + self._gate("cross_attn_attn_gate", self.cross_attn(self.input_layernorm(h), k, v))
+        if self.mlp is not None:
+            h = h + self._gate("cross_attn_mlp_gate", self.mlp(self.post_attention_layernorm(h)))
+        return h
+
+
+class CrossBlockHook:
+    """Runs one cross-attention layer before decoder layer `idx`; a plain object, so the module stays
+    registered once (under the fusion)."""
+
+    def __init__(self, fusion: CrossAttentionFusion, idx: int):
+        self.fusion, self.idx = fusion, idx
+
+    def __call__(self, h: Tensor, state: DecodeState) -> Tensor:
+        kv = self.fusion.visual_kv(self.idx, state, h.dtype)
+        if kv is None:
+            return h  # no image in this conversation: the language model alone
+        return self.fusion.layers[str(self.idx)](h, *kv)
+
+
+class CrossAttentionFusion(Fusion):
+    """Flamingo / Llama 3.2 Vision. Every text token attends to every visual token of its sample (all
+    its images); Flamingo's "only the images before me" masking is not modelled."""
+
+    in_sequence = False
+
+    def __init__(self, name: str, llm: CausalLM, visual_width: int, spec: CrossAttentionSpec):
+        super().__init__(name)
+        self.layer_ids = spec.layer_ids(llm.c.depth)
+        self.layers = nn.ModuleDict({str(i): CrossAttentionLayer(llm, visual_width, spec) for i in self.layer_ids})
+
+    def visual_kv(self, idx: int, state: DecodeState, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        key = f"{self.name}.{idx}"
+        visual = state.visual.get(self.name)
+        if visual is None:
+            if state.cache is not None and key in state.cache.cross:
+                return state.cache.cross[key]
+            return None
+        kv = self.layers[str(idx)].cross_attn.kv(visual.to(dtype))
+        if state.cache is not None:
+            state.cache.cross[key] = kv
+        return kv
+
+    def contribute(self, hooks: list[LayerHooks]) -> None:
+        for i in self.layer_ids:
+            hooks[i].before.append(CrossBlockHook(self, i))
+
+
+# ---------------------------------------------------------------- visual expert
+
+
+class VisualExpertFusion(Fusion):
+    """CogVLM: `layers.N` holds QKV / output / FFN of the language model's shape for image positions;
+    the layer norms stay shared, as in CogVLM."""
+
+    uses_image_mask = True
+
+    def __init__(self, name: str, llm: CausalLM, spec: VisualExpert):
+        super().__init__(name)
+        self.layer_ids = spec.layer_ids(llm.c.depth)
+        self.layers = nn.ModuleDict({str(i): llm.make_parts() for i in self.layer_ids})
+
+    def contribute(self, hooks: list[LayerHooks]) -> None:
+        for i in self.layer_ids:
+            if hooks[i].expert is not None or hooks[i].moe is not None:
+                raise user_error("E0511", f"decoder layer {i} gets a visual expert from `{self.name}` and another "
+                                 "fusion's weights", help="give each decoder layer at most one fusion that "
+                                 "replaces its weights")
+            hooks[i].expert = self.layers[str(i)]
+
+    def init_from_llm(self, llm: CausalLM) -> None:
+        """Start every expert as a copy of its layer's own weights (CogVLM's initialisation)."""
+        with torch.no_grad():
+            for i in self.layer_ids:
+                own = {k: v for k, v in llm.layers[i].state_dict().items()
+                       if k in self.layers[str(i)].state_dict()}
+                self.layers[str(i)].load_state_dict(own)
+
+
+# ---------------------------------------------------------------- MoE
+
+
+class MoEFusionModule(Fusion):
+    """MoE-LLaVA: prefix splicing, and `layers.N` = router + experts 1..E-1 (+ shared experts) replacing
+    decoder layer N's FFN; expert 0 is that layer's dense FFN."""
+
+    uses_token_mask = True
+
+    def __init__(self, name: str, llm: CausalLM, spec: MoEFusion):
+        super().__init__(name)
+        self.layer_ids = spec.layer_ids(llm.c.depth)
+        c = llm.c
+        self.layers = nn.ModuleDict({
+            str(i): llm.make_moe(spec.experts, spec.top_k, spec.shared, spec.aux_loss, c.ffn, dense0=True)
+            for i in self.layer_ids
+        })
+
+    def contribute(self, hooks: list[LayerHooks]) -> None:
+        for i in self.layer_ids:
+            if hooks[i].expert is not None or hooks[i].moe is not None:
+                raise user_error("E0511", f"decoder layer {i} gets experts from `{self.name}` and another fusion's "
+                                 "weights", help="give each decoder layer at most one fusion that replaces its weights")
+            hooks[i].moe = self.layers[str(i)]
+
+    def moe_pairs(self, llm: CausalLM) -> list[tuple[SparseMoE, nn.Module]]:
+        return [(self.layers[str(i)], llm.layers[i]) for i in self.layer_ids]
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _llm(ctx: BuildContext, comp: Component) -> CausalLM:
+    llm = ctx.built.get(comp.target or "")
+    if not isinstance(llm, CausalLM):
+        raise user_error("E0502", f"fusion `{comp.name}` needs its language model built first")
+    return llm
+
+
+def _spec(comp: Component, cls: type[FusionBase]) -> FusionBase:
+    if not isinstance(comp.config, cls):
+        raise user_error("E0502", f"`{comp.name}` is not a {cls.__name__} fusion")
+    return comp.config
+
+
+@register("fusion", "prefix")
+def build_prefix(comp: Component, ctx: BuildContext) -> PrefixFusion:
+    return PrefixFusion(comp.name)
+
+
+@register("fusion", "cross_attention")
+def build_cross_attention(comp: Component, ctx: BuildContext) -> CrossAttentionFusion:
+    spec = _spec(comp, CrossAttentionSpec)
+    return CrossAttentionFusion(comp.name, _llm(ctx, comp), ctx.output_shape(comp.name).width, spec)
+
+
+@register("fusion", "visual_expert")
+def build_visual_expert(comp: Component, ctx: BuildContext) -> VisualExpertFusion:
+    return VisualExpertFusion(comp.name, _llm(ctx, comp), _spec(comp, VisualExpert))
+
+
+@register("fusion", "moe")
+def build_moe(comp: Component, ctx: BuildContext) -> MoEFusionModule:
+    return MoEFusionModule(comp.name, _llm(ctx, comp), _spec(comp, MoEFusion))

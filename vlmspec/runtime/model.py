@@ -1,0 +1,337 @@
+"""The assembled model: components by name, images -> features -> fused language model -> logits.
+
+`build_model(analysis)` calls one registered builder per component, in data-flow order, and wraps
+them in `VisionLanguageModel`, whose submodules are `components[<spec name>]`. Read top to bottom:
+`encode_images` (encoders, then connectors in graph order), `forward` (embed, splice, decode, loss),
+`generate` (in `vlmspec.runtime.generate`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmspec.compiler.compile import Analysis
+from vlmspec.compiler.schema.fusion import FusionBase
+from vlmspec.diagnostics import user_error
+from vlmspec.runtime.blocks import DTYPES, VisualTokens, init_weights
+from vlmspec.runtime.connectors.base import Instruction
+from vlmspec.runtime.decoding import (
+    DecodeState,
+    KVCache,
+    attention_mask_4d,
+    check_mask_length,
+    default_position_ids,
+)
+from vlmspec.runtime.fusion import Fusion
+from vlmspec.runtime.language import CausalLM, LayerHooks
+from vlmspec.runtime.moe import SparseMoE, upcycle
+from vlmspec.runtime.mrope import mrope_positions
+from vlmspec.runtime.registry import BuildContext, build_component, load_builders
+
+IGNORE_INDEX = -100
+
+__all__ = ["VLMOutput", "VisionLanguageModel", "build_model", "causal_lm_loss", "upcycle"]
+
+
+@dataclass(slots=True)
+class VLMOutput:
+    """logits [b x s x vocab]; loss = LM loss (+ weighted MoE aux loss) when labels are given;
+    aux_loss = the weighted load-balancing loss of the MoE layers (None without MoE); cache = the
+    KV cache passed in, now holding this pass too."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    cache: KVCache | None = None
+
+
+class VisionLanguageModel(nn.Module):
+    """A vision-language model built from a spec; `components[name]` is the module of component `name`."""
+
+    def __init__(self, components: dict[str, nn.Module], *, roles: dict[str, str], sources: dict[str, list[str]],
+                 order: list[str], language: str, image_token_id: int, image_grid: tuple[int, int] | None = None):
+        super().__init__()
+        self.components = nn.ModuleDict(components)
+        self.roles = roles
+        self.sources = sources
+        self.order = order  # vision encoders and connectors that feed a fusion, in data-flow order
+        self.language = language
+        self.fusions = [n for n, r in roles.items() if r == "fusion"]
+        self.image_token_id = image_token_id
+        self.image_grid = image_grid  # token grid of one image, for M-RoPE positions (None: 1-D positions)
+
+    # ------------------------------------------------------------ parts
+    @property
+    def llm(self) -> CausalLM:
+        return self.components[self.language]  # type: ignore[return-value]
+
+    def fusion(self, name: str) -> Fusion:
+        return self.components[name]  # type: ignore[return-value]
+
+    @property
+    def in_sequence(self) -> list[str]:
+        return [f for f in self.fusions if self.fusion(f).in_sequence]
+
+    def layer_hooks(self) -> list[LayerHooks] | None:
+        """Per decoder layer, what the fusions add; None when no fusion reaches inside the layers."""
+        if not any(self.fusion(f).reaches_layers for f in self.fusions):
+            return None
+        hooks = [LayerHooks() for _ in range(len(self.llm.layers))]
+        for f in self.fusions:
+            self.fusion(f).contribute(hooks)
+        if not any(h.before or h.expert is not None or h.moe is not None for h in hooks):
+            return None
+        return hooks
+
+    def moe_pairs(self) -> list[tuple[SparseMoE, nn.Module]]:
+        """(MoE block, the decoder layer whose dense FFN is its expert 0), for up-cycling."""
+        pairs = list(self.llm.moe_pairs())
+        for f in self.fusions:
+            mp = getattr(self.fusion(f), "moe_pairs", None)
+            if mp is not None:
+                pairs += mp(self.llm)
+        return pairs
+
+    def _reads(self, flag: str) -> bool:
+        return any(getattr(self.fusion(f), flag) for f in self.fusions)
+
+    def _needs_token_mask(self) -> bool:
+        return self._reads("uses_token_mask") or bool(self.llm.moe_pairs())
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    # ------------------------------------------------------------ images
+    def encode_images(self, pixel_values: Tensor | dict[str, Tensor], instruction: Instruction | None = None,
+                      aspect_ratio_ids: Tensor | None = None) -> dict[str, Tensor]:
+        """Images -> {fusion name: features [b x (n_images * tokens) x d]}.
+
+        pixel_values: [b x c x h x w] (one image per sample), [b x n x c x h x w], or a dict giving each
+        vision encoder its own tensor (encoders at different resolutions). A tiled encoder (`tiles = T`)
+        takes [b (x n) x T x c x h x w], with `aspect_ratio_ids` [b (x n)] choosing the tile layout.
+        """
+        outs: dict[str, VisualTokens] = {}
+        batch: tuple[int, int] | None = None
+        for name in self.order:
+            comp = self.components[name]
+            if self.roles[name] == "vision":
+                px = pixel_values.get(name) if isinstance(pixel_values, dict) else pixel_values
+                if px is None:
+                    raise user_error("E0503", f"no pixel_values for vision encoder `{name}`",
+                                     help="pass a dict with one tensor per encoder: " + ", ".join(
+                                         n for n in self.order if self.roles[n] == "vision"))
+                px, bn = _flatten_images(px, comp.image_dims, name)
+                if batch is not None and bn != batch:
+                    raise user_error("E0503", f"encoder `{name}` gets {bn[0]} x {bn[1]} images, another one "
+                                     f"{batch[0]} x {batch[1]}", help="give every encoder the same images")
+                batch = bn
+                aspect = aspect_ratio_ids.reshape(-1) if aspect_ratio_ids is not None else None
+                outs[name] = comp(px, aspect) if comp.cfg.tiles else comp(px)
+            else:
+                per_image = _per_image(instruction, batch[1] if batch is not None else 1)
+                outs[name] = comp([outs[s] for s in self.sources[name]], per_image)
+        if batch is None:
+            raise user_error("E0503", "this model has no vision encoder to read pixel_values")
+        b, n = batch
+        features = {}
+        for f in self.fusions:
+            x = torch.cat([outs[s].x for s in self.sources[f]], dim=1)
+            features[f] = x.reshape(b, n * x.shape[1], x.shape[2])
+        return features
+
+    def extract_features(self, pixel_values: Tensor | dict[str, Tensor]) -> Tensor:
+        """Connector output embeddings [b x tokens x d], e.g. for retrieval (all fusions' inputs, in order)."""
+        feats = list(self.encode_images(pixel_values).values())
+        if len({f.shape[-1] for f in feats}) > 1:
+            raise user_error("E0512", "fusions take features of different widths; use `encode_images` instead")
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
+
+    # ------------------------------------------------------------ text
+    def splice(self, h: Tensor, input_ids: Tensor, features: dict[str, Tensor]) -> Tensor:
+        """Put in-sequence image features [b x n x w] at the image-token positions of h [b x s x w]."""
+        feats = [features[f] for f in self.in_sequence if f in features]
+        if not feats:
+            return h
+        x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
+        counts = (input_ids == self.image_token_id).sum(1)
+        if bool((counts != x.shape[1]).any()):
+            bad = int(counts[counts != x.shape[1]][0])
+            raise user_error("E0513", f"the prompt has {bad} image tokens but the images give {x.shape[1]} features "
+                             "per sample", help=f"put {x.shape[1]} image tokens (id {self.image_token_id}) in every "
+                             "prompt, one per visual token")
+        mask = (input_ids == self.image_token_id).unsqueeze(-1)
+        return h.masked_scatter(mask, x.to(h.dtype))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | dict[str, Tensor] | None = None, labels: Tensor | None = None,
+                image_features: dict[str, Tensor] | None = None, cache: KVCache | None = None,
+                position_ids: Tensor | None = None, logits_to_keep: int = 0) -> VLMOutput:
+        """input_ids [b x s] (the new tokens when a cache is given); attention_mask [b x (past + s)], 1 = real,
+        0 = (left) padding; labels [b x s] with -100 where no loss is taken (shifted here).
+        `logits_to_keep` = k > 0 computes logits for the last k positions only (generation)."""
+        llm = self.llm
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        features = image_features or {}
+        b, s = input_ids.shape
+        past = cache.length() if cache is not None else 0
+        check_mask_length(attention_mask, past, s)
+        if past + s > llm.c.max_positions:
+            raise user_error("E0514", f"{past + s} tokens exceed the language model's max_positions = "
+                             f"{llm.c.max_positions}", help="shorten the prompt or max_new_tokens")
+        h = llm.embed(input_ids)
+        h = self.splice(h, input_ids, features)
+        pos = position_ids if position_ids is not None else self.positions(input_ids, attention_mask, cache, past)
+        h = llm.add_positions(h, pos)
+        mask, causal = attention_mask_4d(attention_mask, past, s, h.device)
+        state = DecodeState(
+            rotary=llm.rotary(pos, h.dtype), mask=mask, causal=causal, cache=cache,
+            image_mask=(input_ids == self.image_token_id) if self._reads("uses_image_mask") else None,
+            token_mask=attention_mask[:, -s:].bool() if attention_mask is not None and self._needs_token_mask()
+            else None,
+            visual={f: x for f, x in features.items() if not self.fusion(f).in_sequence},
+        )
+        h = llm.decode(h, state, self.layer_hooks())
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = llm.logits(h)
+        aux = torch.stack(state.aux).mean() if state.aux else None
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+            if aux is not None:
+                loss = loss + aux
+        return VLMOutput(logits, loss, aux, cache)
+
+    def positions(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, past: int) -> Tensor:
+        """[b x s] position ids (real tokens counted, left padding skipped), or [3 x b x s] for M-RoPE."""
+        b, s = input_ids.shape
+        pos = default_position_ids(attention_mask, past, s, b, input_ids.device)
+        if self.llm.c.mrope is None or self.image_grid is None:
+            return pos
+        if past == 0:
+            mask = attention_mask[:, -s:] if attention_mask is not None else None
+            pos3, delta = mrope_positions(input_ids, mask, self.image_token_id, self.image_grid)
+            if cache is not None:
+                cache.extras["mrope_delta"] = delta
+            return pos3
+        delta = cache.extras.get("mrope_delta") if cache is not None else None
+        return pos if delta is None else pos + delta[:, None]
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 pixel_values: Tensor | dict[str, Tensor] | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
+                 eos_token_id: int | list[int] | None = None, seed: int | None = None, use_cache: bool = True,
+                 image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None) -> Tensor:
+        """New tokens only, [b x n_new]; see `vlmspec.runtime.generate.generate`."""
+        from vlmspec.runtime.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        num_beams=num_beams, eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,
+                        image_features=image_features, pad_token_id=pad_token_id)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100 (0 when there are none)."""
+    if labels.shape != logits.shape[:2]:
+        raise user_error("E0515", f"labels have shape {tuple(labels.shape)} but input_ids {tuple(logits.shape[:2])}")
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
+def build_model(analysis: Analysis, *, image_token_id: int | None = None, device: str | torch.device = "cpu",
+                dtype: torch.dtype | str | None = None) -> VisionLanguageModel:
+    """Build the model a checked spec describes. Weights are freshly initialised (normal, std 0.02;
+    cross-attention gates at 0); `device="meta"` allocates nothing (for counting and planning).
+
+    image_token_id: the id of the image placeholder (default: the last row of the base vocabulary).
+    dtype: overrides every component's spec `dtype` (a torch dtype or "fp32" / "bf16" / "fp16").
+    """
+    load_builders()
+    ir = analysis.ir
+    lm = ir.language
+    if lm is None:
+        raise user_error("E0502", f"model `{ir.name}` has no language model")
+    topo = analysis.graph.topological_order()
+    fusions = [n for n in topo if ir.components[n].role == "fusion"]
+    needed = _ancestors(fusions, {n: list(c.sources) for n, c in ir.components.items()})
+    front = [n for n in topo if ir.components[n].role in ("vision", "connector")]
+    ctx = BuildContext(analysis)
+    with torch.device(device):
+        for name in [*front, lm.name, *fusions]:
+            ctx.built[name] = build_component(ir.components[name], ctx)
+        if torch.device(device).type != "meta":
+            for module in ctx.built.values():
+                init_weights(module)
+    override = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    lm_dtype = override or DTYPES[getattr(lm.config, "dtype", "fp32")]
+    for name, module in ctx.built.items():
+        cfg = ir.components[name].config
+        target = override or (lm_dtype if isinstance(cfg, FusionBase) else DTYPES[getattr(cfg, "dtype", "fp32")])
+        module.to(dtype=target)
+    llm = ctx.built[lm.name]
+    n_vocab = llm.c.n_vocab  # type: ignore[union-attr]
+    token = llm.c.vocab - 1 if image_token_id is None else image_token_id  # type: ignore[union-attr]
+    if not 0 <= token < n_vocab:
+        raise user_error("E0516", f"image_token_id {token} is outside the vocabulary of {n_vocab}")
+    model = VisionLanguageModel(
+        {n: ctx.built[n] for n in ir.components if n in ctx.built},
+        roles={n: c.role for n, c in ir.components.items()},
+        sources={n: list(c.sources) for n, c in ir.components.items()},
+        order=[n for n in front if n in needed], language=lm.name, image_token_id=token,
+        image_grid=_image_grid(analysis))
+    model.layer_hooks()  # fusions that both replace one layer's weights are reported now, not at the first forward
+    return model
+
+
+def _ancestors(roots: list[str], sources: dict[str, list[str]]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        for s in sources.get(n, []):
+            if s not in seen:
+                seen.add(s)
+                stack.append(s)
+    return seen
+
+
+def _image_grid(analysis: Analysis) -> tuple[int, int] | None:
+    """The token grid of one image for M-RoPE: known statically when one fixed-resolution, square-grid
+    fusion puts images in the sequence; otherwise None (positions stay 1-D)."""
+    seq = [f for f in analysis.ir.by_role("fusion") if type(f.config).in_sequence]
+    if len(seq) != 1:
+        return None
+    shape = analysis.shapes.out[seq[0].name]
+    side = math.isqrt(shape.tokens)
+    if shape.dynamic or side * side != shape.tokens:
+        return None
+    return side, side
+
+
+def _flatten_images(px: Tensor, image_dims: int, name: str) -> tuple[Tensor, tuple[int, int]]:
+    """[b x image] or [b x n x image] -> ([(b*n) x image], (b, n))."""
+    if not isinstance(px, Tensor) or px.dim() not in (image_dims + 1, image_dims + 2):
+        shape = tuple(px.shape) if isinstance(px, Tensor) else type(px).__name__
+        one = "c x h x w" if image_dims == 3 else "tiles x c x h x w"
+        raise user_error("E0503", f"pixel_values for `{name}` must be [b x {one}] or [b x n x {one}], got {shape}")
+    if px.dim() == image_dims + 2:
+        return px.flatten(0, 1), (px.shape[0], px.shape[1])
+    return px, (px.shape[0], 1)
+
+
+def _per_image(instruction: Instruction | None, n: int) -> Instruction | None:
+    """One instruction per sample -> one per image (n images per sample)."""
+    if instruction is None or n == 1:
+        return instruction
+    mask = instruction.mask.repeat_interleave(n, 0) if instruction.mask is not None else None
+    return Instruction(instruction.ids.repeat_interleave(n, 0), mask)

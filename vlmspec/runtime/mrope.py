@@ -1,0 +1,47 @@
+"""Qwen2-VL's multimodal rotary positions (M-RoPE): (time, row, column) ids per token.
+
+Text tokens get t = h = w = their running index. An image's gh x gw tokens all get t = start and
+h = start + row, w = start + column; the text after it resumes at start + max(gh, gw). During cached
+decoding a new token's position is its 1-D position plus a per-sequence offset `delta` (how far the
+images moved the running index), which the cache keeps.
+
+The grid of each image is the fusion's static token grid (fixed-resolution encoders); for dynamic
+resolution the runtime falls back to 1-D positions (the same ids on all three axes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def mrope_positions(input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int,
+                    grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(positions [3 x b x s], delta [b]). Padding positions are 0; `delta` = next index - real tokens."""
+    b, s = input_ids.shape
+    gh, gw = grid
+    per_image = gh * gw
+    pos = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
+    delta = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+    rows = torch.arange(gh, device=input_ids.device).repeat_interleave(gw)
+    cols = torch.arange(gw, device=input_ids.device).repeat(gh)
+    for i in range(b):
+        real = attention_mask[i].bool() if attention_mask is not None else torch.ones(s, dtype=torch.bool)
+        where = real.nonzero().flatten().tolist()
+        is_img = (input_ids[i] == image_token_id).tolist()
+        cur, j = 0, 0
+        while j < len(where):
+            p = where[j]
+            if is_img[p] and j + per_image <= len(where) and all(is_img[q] for q in where[j:j + per_image]):
+                idx = torch.tensor(where[j:j + per_image], device=input_ids.device)
+                pos[0, i, idx] = cur
+                pos[1, i, idx] = cur + rows
+                pos[2, i, idx] = cur + cols
+                cur += max(gh, gw)
+                j += per_image
+            else:
+                pos[:, i, p] = cur
+                cur += 1
+                j += 1
+        delta[i] = cur - len(where)
+    return pos, delta

@@ -1,0 +1,362 @@
+"""Vision encoders: CLIP-style ViT (`vit`), SigLIP (`siglip`) and EVA / BLIP-2 (`eva`).
+
+One module covers the three families because they differ only in switches the schema already
+declares (class token, pre-LayerNorm, patch bias, activation) and in the attention layout (EVA's
+fused QKV). Parameter names follow the Hugging Face vision towers (`embeddings.patch_embedding`,
+`pre_layrnorm`, `encoder.layers.N.self_attn.q_proj`, `post_layernorm`; EVA: `self_attn.qkv`,
+`self_attn.projection`) so a later importer can load checkpoints by key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmspec.compiler.ir import Component
+from vlmspec.compiler.schema.vision import EVA, SigLIP, ViTBase
+from vlmspec.diagnostics import user_error
+from vlmspec.runtime.blocks import (
+    Rotary,
+    VisualTokens,
+    activation,
+    attend,
+    check_divisible,
+    inv_frequencies,
+    split_heads,
+)
+from vlmspec.runtime.registry import BuildContext, register
+
+
+class VisionAttention(nn.Module):
+    """CLIP / SigLIP attention: separate biased q, k, v and output projections."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
+        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if rotary is not None:
+            q, k = rotary.apply(q, k)
+        return self.out_proj(attend(q, k, v))
+
+
+class EVAAttention(nn.Module):
+    """EVA / BLIP-2 attention: one fused QKV projection (bias stored whole, as HF Blip2 does) and `projection`."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.projection = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if rotary is not None:
+            q, k = rotary.apply(q, k)
+        return self.projection(attend(q, k, v))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = activation(act)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: ViTBase, fused_qkv: bool):
+        super().__init__()
+        w = cfg.width
+        self.self_attn = EVAAttention(w, cfg.heads) if fused_qkv else VisionAttention(w, cfg.heads)
+        self.layer_norm1 = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.mlp = VisionMLP(w, cfg.mlp_dim, cfg.act)
+        self.layer_norm2 = nn.LayerNorm(w, eps=cfg.norm_eps)
+
+    def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), rotary)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class AspectRatioEmbedding(nn.Module):
+    """Mllama's gated per-tile embedding, chosen by the image's aspect-ratio id: x + tanh(gate) * E[id]."""
+
+    def __init__(self, rows: int, tiles: int, width: int):
+        super().__init__()
+        self.tiles = tiles
+        self.embedding = nn.Embedding(rows, tiles * width)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.zeros_(self.gate)
+
+    def forward(self, x: Tensor, aspect: Tensor) -> Tensor:
+        """x: [n x tiles x t x w], aspect: [n] -> the same shape."""
+        e = self.embedding(aspect).view(x.shape[0], self.tiles, 1, x.shape[-1])
+        return x + torch.tanh(self.gate).to(x.dtype) * e.to(x.dtype)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patch embedding (+ class token, + learned positions, + Mllama's gated tile embeddings).
+
+    EVA keeps class token and positions as raw `[1 x n x w]` parameters, CLIP / SigLIP as a vector and
+    an `nn.Embedding`; both layouts are kept so checkpoints load by key. With `temporal_patch` > 1
+    the patch embedding is a 3-D convolution over `temporal_patch` copies of the frame (Qwen2-VL).
+    With `tiles` = T an image is T tiles of image_size each; Mllama's three gated embeddings (before
+    the class token, with the positions, after the encoder) pick their row by the aspect-ratio id.
+    """
+
+    def __init__(self, cfg: ViTBase, raw_params: bool):
+        super().__init__()
+        w, p = cfg.width, cfg.patch_size
+        self.patch = p
+        self.grid = cfg.grid
+        self.temporal = cfg.temporal_patch
+        self.raw = raw_params
+        self.has_class = cfg.class_token
+        self.learned = cfg.position == "learned"
+        if self.temporal > 1:
+            self.patch_embedding: nn.Module = nn.Conv3d(cfg.channels, w, (self.temporal, p, p), (self.temporal, p, p),
+                                                        bias=cfg.patch_bias)
+        else:
+            self.patch_embedding = nn.Conv2d(cfg.channels, w, p, p, bias=cfg.patch_bias)
+        if self.has_class:
+            self.class_embedding = nn.Parameter(torch.zeros(1, 1, w) if raw_params else torch.zeros(w))
+        n_pos = cfg.num_patches + (1 if self.has_class else 0)
+        if self.learned:
+            if raw_params:
+                self.position_embedding: nn.Module | nn.Parameter = nn.Parameter(torch.zeros(1, n_pos, w))
+            else:
+                self.position_embedding = nn.Embedding(n_pos, w)
+        self.tiles = cfg.tiles
+        if self.tiles:
+            rows = cfg.aspect_ratios + 1  # row 0: padding, as in Mllama
+            self.tile_embedding = nn.Embedding(rows, self.tiles * n_pos * w)
+            self.position_gate = nn.Parameter(torch.zeros(1))
+            self.pre_tile_positional_embedding = AspectRatioEmbedding(rows, self.tiles, w)
+            self.post_tile_positional_embedding = AspectRatioEmbedding(rows, self.tiles, w)
+
+    def init_weights(self, std: float) -> None:
+        if self.has_class:
+            nn.init.normal_(self.class_embedding, std=std)
+        if self.learned and self.raw:
+            nn.init.normal_(self.position_embedding, std=std)
+        if self.tiles:
+            nn.init.zeros_(self.position_gate)
+
+    def _positions(self) -> Tensor:
+        pe = self.position_embedding
+        return pe[0] if isinstance(pe, nn.Parameter) else pe.weight
+
+    def forward(self, pixels: Tensor, aspect: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """[n x c x H x W] -> ([n x t x w], (rows, cols)); tiled: [(n*T) x c x H x W] -> [n x (T*t) x w]."""
+        if self.temporal > 1:
+            pixels = pixels.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
+        x = self.patch_embedding(pixels)
+        gh, gw = x.shape[-2], x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        if self.tiles and aspect is not None:
+            n = x.shape[0] // self.tiles
+            x = self.pre_tile_positional_embedding(x.view(n, self.tiles, *x.shape[1:]), aspect).flatten(0, 1)
+        if self.has_class:
+            cls = self.class_embedding.reshape(1, 1, -1).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls.to(x.dtype), x], dim=1)
+        if self.tiles and aspect is not None:
+            n, t, w = x.shape[0] // self.tiles, x.shape[1], x.shape[2]
+            gate = torch.tanh(self.position_gate).to(x.dtype)
+            tile_pos = self.tile_embedding(aspect).view(n, self.tiles, t, w).to(x.dtype)
+            x = x.view(n, self.tiles, t, w) + gate * tile_pos
+            if self.learned:
+                x = x + (1 - gate) * self._resized_positions(gh, gw).to(x.dtype)
+            return x.view(n, self.tiles * t, w), (gh, gw)
+        if self.learned:
+            x = x + self._resized_positions(gh, gw).to(x.dtype)
+        return x, (gh, gw)
+
+    def _resized_positions(self, gh: int, gw: int) -> Tensor:
+        """Learned positions for a gh x gw grid: bicubic interpolation of the trained square grid."""
+        pos = self._positions()
+        if (gh, gw) == (self.grid, self.grid):
+            return pos.unsqueeze(0)
+        cls, grid = (pos[:1], pos[1:]) if self.has_class else (pos[:0], pos)
+        g = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2).float()
+        g = F.interpolate(g, size=(gh, gw), mode="bicubic", align_corners=False)
+        g = g.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pos.dtype)
+        return torch.cat([cls, g], dim=0).unsqueeze(0)
+
+
+class VisionRotary2d(nn.Module):
+    """2-D rotary positions (Qwen2-VL's vision rope): half the rotated channels follow the row, half the column.
+
+    The class token, if any, gets no rotation (position-free), which is a choice: Qwen2-VL has none.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_frequencies(head_dim // 2, theta), persistent=False)
+
+    def forward(self, grid: tuple[int, int], has_class: bool, device: torch.device) -> Rotary:
+        gh, gw = grid
+        rows = torch.arange(gh, device=device).repeat_interleave(gw).float()
+        cols = torch.arange(gw, device=device).repeat(gh).float()
+        inv = self.inv_freq.to(device)
+        freqs = torch.cat([rows[:, None] * inv, cols[:, None] * inv], dim=-1)  # [t x d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if has_class:
+            cos = torch.cat([torch.ones_like(cos[:1]), cos])
+            sin = torch.cat([torch.zeros_like(sin[:1]), sin])
+        return Rotary.of(cos[None, None], sin[None, None])
+
+
+class SiglipPoolHead(nn.Module):
+    """SigLIP's attention-pooling head (a probe attends over the tokens). VLMs do not use it; it is
+    built when `pool_head = true` so the parameters (and a checkpoint's keys) are there."""
+
+    def __init__(self, cfg: ViTBase):
+        super().__init__()
+        w = cfg.width
+        self.probe = nn.Parameter(torch.zeros(1, 1, w))
+        self.attention = nn.MultiheadAttention(w, cfg.heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.mlp = VisionMLP(w, cfg.mlp_dim, cfg.act)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.probe, std=std)
+        nn.init.normal_(self.attention.in_proj_weight, std=std)
+        nn.init.zeros_(self.attention.in_proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[n x t x w] -> [n x w]."""
+        probe = self.probe.expand(x.shape[0], -1, -1)
+        h = self.attention(probe, x, x, need_weights=False)[0]
+        h = h + self.mlp(self.layernorm(h))
+        return h[:, 0]
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers: list[VisionLayer]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+class VisionEncoder(nn.Module):
+    """A ViT that returns the hidden states the spec selects (`feature = layers([...]).patches`).
+
+    Only the layers up to the deepest selected one run: LLaVA's `layer(-2)` skips the last block,
+    which changes nothing in the output and saves its compute.
+    """
+
+    #: SigLIP and EVA (BLIP-2) apply `post_layernorm` to the last hidden state; CLIP only to its pooled
+    #: class token, which VLMs do not use. Mirrors the Hugging Face towers.
+    post_norm_on_tokens: bool
+
+    def __init__(self, cfg: ViTBase, *, fused_qkv: bool, raw_params: bool, post_norm_on_tokens: bool):
+        super().__init__()
+        check_divisible(cfg.width, cfg.heads, "vision encoder")
+        self.cfg = cfg
+        self.post_norm_on_tokens = post_norm_on_tokens
+        self.embeddings = VisionEmbeddings(cfg, raw_params)
+        if cfg.pre_norm:
+            self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # sic: Hugging Face's CLIP key
+        self.encoder = Encoder([VisionLayer(cfg, fused_qkv) for _ in range(cfg.depth)])
+        if cfg.post_norm:
+            self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        if isinstance(cfg, SigLIP) and cfg.pool_head:
+            self.head = SiglipPoolHead(cfg)
+        self.rotary = VisionRotary2d(cfg.width // cfg.heads) if cfg.position == "rope2d" else None
+        if cfg.tiles and (cfg.position != "learned" or cfg.resolution != "fixed"):
+            raise user_error("E0519", "a tiled encoder (`tiles`) needs learned positions and a fixed resolution",
+                             help="drop `tiles`, or use `position = learned` and `resolution = fixed`")
+        depth = cfg.depth
+        self.selected = [i if i >= 0 else depth + 1 + i for i in cfg.feature.layers]
+
+    @property
+    def image_dims(self) -> int:
+        """Dimensions of one image: [c x h x w], or [tiles x c x h x w] for a tiled encoder."""
+        return 4 if self.cfg.tiles else 3
+
+    def _check(self, pixels: Tensor) -> None:
+        cfg = self.cfg
+        if pixels.dim() != self.image_dims + 1:
+            layout = "tiles x channels x height x width" if cfg.tiles else "channels x height x width"
+            raise user_error("E0503", f"images must be [batch x {layout}], got shape {tuple(pixels.shape)}")
+        if cfg.tiles and pixels.shape[1] != cfg.tiles:
+            raise user_error("E0503", f"images have {pixels.shape[1]} tiles but the encoder takes {cfg.tiles}",
+                             help="pad with empty tiles and give the layout in aspect_ratio_ids")
+        c, h, w = pixels.shape[-3:]
+        if c != cfg.channels:
+            raise user_error("E0503", f"images have {c} channels but the encoder expects {cfg.channels}")
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise user_error("E0503", f"image size {h}x{w} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.resolution == "fixed" and (h, w) != (cfg.image_size, cfg.image_size):
+            raise user_error("E0503", f"images are {h}x{w} but the encoder takes {cfg.image_size}x{cfg.image_size}",
+                             help="resize them first (the spec's preprocessing does), or declare "
+                             "`resolution = dynamic(...)`")
+
+    def forward(self, pixels: Tensor, aspect_ratio_ids: Tensor | None = None) -> VisualTokens:
+        """[n x c x H x W] -> tokens [n x t x (w * selected layers)] on a (H/p) x (W/p) grid.
+
+        Tiled encoders take [n x T x c x H x W] and attend over all tiles of an image at once (Mllama);
+        aspect_ratio_ids [n] (1-based into the tile layouts, Mllama's numbering) default to 1.
+        """
+        self._check(pixels)
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        aspect = None
+        if self.cfg.tiles:
+            aspect = aspect_ratio_ids if aspect_ratio_ids is not None else torch.ones(
+                pixels.shape[0], dtype=torch.long, device=pixels.device)
+            pixels = pixels.flatten(0, 1)
+        x, grid = self.embeddings(pixels.to(dtype), aspect)
+        if self.cfg.pre_norm:
+            x = self.pre_layrnorm(x)
+        rotary = self.rotary(grid, self.cfg.class_token, x.device) if self.rotary is not None else None
+        states = {0: x}
+        last = max(self.selected)
+        for i, layer in enumerate(self.encoder.layers[:last]):
+            x = layer(x, rotary)
+            states[i + 1] = x
+        if self.post_norm_on_tokens and self.cfg.post_norm and last == self.cfg.depth:
+            states[last] = self.post_layernorm(states[last])
+        if aspect is not None and last == self.cfg.depth:
+            # Mllama adds it between its local and global layers; one `vit` stack has no such seam
+            t = states[last].shape[1] // self.cfg.tiles
+            tiled = states[last].view(-1, self.cfg.tiles, t, states[last].shape[-1])
+            states[last] = self.embeddings.post_tile_positional_embedding(tiled, aspect).flatten(1, 2)
+        feats = [states[i] for i in self.selected]
+        out = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        if self.cfg.class_token and self.cfg.feature.tokens == "patches":
+            if self.cfg.tiles:
+                n, d = out.shape[0], out.shape[-1]
+                return VisualTokens(out.view(n, self.cfg.tiles, -1, d)[:, :, 1:].reshape(n, -1, d), None)
+            return VisualTokens(out[:, 1:], grid)
+        return VisualTokens(out, grid if not (self.cfg.class_token or self.cfg.tiles) else None)
+
+
+@register("vision", "vit")
+def build_vit(comp: Component, ctx: BuildContext) -> VisionEncoder:
+    return VisionEncoder(comp.config, fused_qkv=False, raw_params=False, post_norm_on_tokens=False)
+
+
+@register("vision", "siglip")
+def build_siglip(comp: Component, ctx: BuildContext) -> VisionEncoder:
+    return VisionEncoder(comp.config, fused_qkv=False, raw_params=False, post_norm_on_tokens=True)
+
+
+@register("vision", "eva")
+def build_eva(comp: Component, ctx: BuildContext) -> VisionEncoder:
+    cfg = comp.config
+    if not isinstance(cfg, EVA):
+        raise user_error("E0502", f"`{comp.name}` is not an EVA encoder")
+    return VisionEncoder(cfg, fused_qkv=True, raw_params=True, post_norm_on_tokens=True)
