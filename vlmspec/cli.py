@@ -490,7 +490,7 @@ def serve(
 
     model = load(str(model_dir))
     if model.processor is None:
-        _fail([Diagnostic("E0512", f"{model_dir} has no tokenizer, so it cannot read prompts",
+        _fail([Diagnostic("E0534", f"{model_dir} has no tokenizer, so it cannot read prompts",
                           help="build it with --tokenizer, or serve a `vlm train` output (RUN/final)")], {})
     cfg = ServeConfig(max_body=int(max_body_mb * 1024 * 1024), api_key=api_key,
                       files_root=str(files_root) if files_root else None, max_batch=max_batch,

@@ -108,7 +108,7 @@ def run_retrieval(model: Any, es: EvalSet, batch_size: int, max_bad: int,
 
     processor = getattr(model, "processor", None)
     if processor is None:
-        raise user_error("E0512", "this model folder has no tokenizer, so it cannot read captions",
+        raise user_error("E0534", "this model folder has no tokenizer, so it cannot read captions",
                          help="build it with `vlm build SPEC -o DIR --tokenizer TOKENIZER_DIR`")
     done: list[EvalSample] = []
     img_vecs: list[np.ndarray] = []

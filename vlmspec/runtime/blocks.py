@@ -44,7 +44,7 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     """The activation function for a spec value; an unknown name is a user error, not a KeyError."""
     fn = ACTIVATIONS.get(name)
     if fn is None:
-        raise user_error("E0501", f"unknown activation `{name}`", help="one of: " + ", ".join(sorted(ACTIVATIONS)))
+        raise user_error("E0590", f"unknown activation `{name}`", help="one of: " + ", ".join(sorted(ACTIVATIONS)))
     return fn
 
 
@@ -214,7 +214,7 @@ def init_weights(model: nn.Module, std: float = INIT_STD) -> None:
 
 def check_divisible(width: int, heads: int, what: str) -> None:
     if heads <= 0 or width % heads:
-        raise user_error("E0501", f"{what}: width {width} is not divisible by {heads} heads",
+        raise user_error("E0591", f"{what}: width {width} is not divisible by {heads} heads",
                          help="choose heads that divide the width")
 
 

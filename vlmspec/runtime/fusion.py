@@ -176,7 +176,7 @@ class VisualExpertFusion(Fusion):
     def contribute(self, hooks: list[LayerHooks]) -> None:
         for i in self.layer_ids:
             if hooks[i].expert is not None or hooks[i].moe is not None:
-                raise user_error("E0511", f"decoder layer {i} gets a visual expert from `{self.name}` and another "
+                raise user_error("E0597", f"decoder layer {i} gets a visual expert from `{self.name}` and another "
                                  "fusion's weights", help="give each decoder layer at most one fusion that "
                                  "replaces its weights")
             hooks[i].expert = self.layers[str(i)]
@@ -211,7 +211,7 @@ class MoEFusionModule(Fusion):
     def contribute(self, hooks: list[LayerHooks]) -> None:
         for i in self.layer_ids:
             if hooks[i].expert is not None or hooks[i].moe is not None:
-                raise user_error("E0511", f"decoder layer {i} gets experts from `{self.name}` and another fusion's "
+                raise user_error("E0597", f"decoder layer {i} gets experts from `{self.name}` and another fusion's "
                                  "weights", help="give each decoder layer at most one fusion that replaces its weights")
             hooks[i].moe = self.layers[str(i)]
 
@@ -225,13 +225,13 @@ class MoEFusionModule(Fusion):
 def _llm(ctx: BuildContext, comp: Component) -> CausalLM:
     llm = ctx.built.get(comp.target or "")
     if not isinstance(llm, CausalLM):
-        raise user_error("E0502", f"fusion `{comp.name}` needs its language model built first")
+        raise user_error("E0592", f"fusion `{comp.name}` needs its language model built first")
     return llm
 
 
 def _spec(comp: Component, cls: type[FusionBase]) -> FusionBase:
     if not isinstance(comp.config, cls):
-        raise user_error("E0502", f"`{comp.name}` is not a {cls.__name__} fusion")
+        raise user_error("E0592", f"`{comp.name}` is not a {cls.__name__} fusion")
     return comp.config
 
 

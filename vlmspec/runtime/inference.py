@@ -16,7 +16,7 @@ def answer(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = No
     """One answer per prompt (each with its image, when given), batched with left padding."""
     processor = getattr(model, "processor", None)
     if processor is None:
-        raise user_error("E0512", "this model folder has no tokenizer, so it cannot read prompts",
+        raise user_error("E0534", "this model folder has no tokenizer, so it cannot read prompts",
                          help="build it with `vlm build SPEC -o DIR --tokenizer TOKENIZER_DIR`")
     if images is not None and len(images) != len(prompts):
         raise user_error("E0505", f"{len(prompts)} prompts but {len(images)} images")

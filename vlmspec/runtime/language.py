@@ -473,7 +473,7 @@ class CausalLM(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         b = self.body[0]
         if ids.numel() and ids.device.type != "meta" and int(ids.max()) >= self.c.n_vocab:
-            raise user_error("E0510", f"token id {int(ids.max())} is outside the vocabulary of {self.c.n_vocab}")
+            raise user_error("E0596", f"token id {int(ids.max())} is outside the vocabulary of {self.c.n_vocab}")
         h = b.embed_tokens(ids)
         if self.c.family == "gemma":
             h = h * torch.tensor(self.c.width**0.5, dtype=h.dtype)
@@ -515,33 +515,33 @@ class CausalLM(nn.Module):
 def _build(comp: Component, family: str) -> CausalLM:
     cfg = comp.config
     if not isinstance(cfg, LanguageBase):
-        raise user_error("E0502", f"`{comp.name}` is not a language model")
+        raise user_error("E0592", f"`{comp.name}` is not a language model")
     return CausalLM(lm_config(cfg, family), cfg.moe)
 
 
 @register("language", "llama")
 def build_llama(comp: Component, ctx: BuildContext) -> CausalLM:
     if not isinstance(comp.config, Llama):
-        raise user_error("E0502", f"`{comp.name}` is not a llama model")
+        raise user_error("E0592", f"`{comp.name}` is not a llama model")
     return _build(comp, "llama")
 
 
 @register("language", "gemma")
 def build_gemma(comp: Component, ctx: BuildContext) -> CausalLM:
     if not isinstance(comp.config, Gemma):
-        raise user_error("E0502", f"`{comp.name}` is not a gemma model")
+        raise user_error("E0592", f"`{comp.name}` is not a gemma model")
     return _build(comp, "gemma")
 
 
 @register("language", "opt")
 def build_opt(comp: Component, ctx: BuildContext) -> CausalLM:
     if not isinstance(comp.config, OPT):
-        raise user_error("E0502", f"`{comp.name}` is not an opt model")
+        raise user_error("E0592", f"`{comp.name}` is not an opt model")
     return _build(comp, "opt")
 
 
 @register("language", "phi")
 def build_phi(comp: Component, ctx: BuildContext) -> CausalLM:
     if not isinstance(comp.config, Phi):
-        raise user_error("E0502", f"`{comp.name}` is not a phi model")
+        raise user_error("E0592", f"`{comp.name}` is not a phi model")
     return _build(comp, "phi")

@@ -122,12 +122,12 @@ class VisionLanguageModel(nn.Module):
             if self.roles[name] == "vision":
                 px = pixel_values.get(name) if isinstance(pixel_values, dict) else pixel_values
                 if px is None:
-                    raise user_error("E0503", f"no pixel_values for vision encoder `{name}`",
+                    raise user_error("E0593", f"no pixel_values for vision encoder `{name}`",
                                      help="pass a dict with one tensor per encoder: " + ", ".join(
                                          n for n in self.order if self.roles[n] == "vision"))
                 px, bn = _flatten_images(px, comp.image_dims, name)
                 if batch is not None and bn != batch:
-                    raise user_error("E0503", f"encoder `{name}` gets {bn[0]} x {bn[1]} images, another one "
+                    raise user_error("E0593", f"encoder `{name}` gets {bn[0]} x {bn[1]} images, another one "
                                      f"{batch[0]} x {batch[1]}", help="give every encoder the same images")
                 batch = bn
                 aspect = aspect_ratio_ids.reshape(-1) if aspect_ratio_ids is not None else None
@@ -136,7 +136,7 @@ class VisionLanguageModel(nn.Module):
                 per_image = _per_image(instruction, batch[1] if batch is not None else 1)
                 outs[name] = comp([outs[s] for s in self.sources[name]], per_image)
         if batch is None:
-            raise user_error("E0503", "this model has no vision encoder to read pixel_values")
+            raise user_error("E0593", "this model has no vision encoder to read pixel_values")
         b, n = batch
         features = {}
         for f in self.fusions:
@@ -148,7 +148,7 @@ class VisionLanguageModel(nn.Module):
         """Connector output embeddings [b x tokens x d], e.g. for retrieval (all fusions' inputs, in order)."""
         feats = list(self.encode_images(pixel_values).values())
         if len({f.shape[-1] for f in feats}) > 1:
-            raise user_error("E0512", "fusions take features of different widths; use `encode_images` instead")
+            raise user_error("E0598", "fusions take features of different widths; use `encode_images` instead")
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
 
     # ------------------------------------------------------------ text
@@ -260,7 +260,7 @@ def build_model(analysis: Analysis, *, image_token_id: int | None = None, device
     ir = analysis.ir
     lm = ir.language
     if lm is None:
-        raise user_error("E0502", f"model `{ir.name}` has no language model")
+        raise user_error("E0592", f"model `{ir.name}` has no language model")
     topo = analysis.graph.topological_order()
     fusions = [n for n in topo if ir.components[n].role == "fusion"]
     needed = _ancestors(fusions, {n: list(c.sources) for n, c in ir.components.items()})
@@ -323,7 +323,7 @@ def _flatten_images(px: Tensor, image_dims: int, name: str) -> tuple[Tensor, tup
     if not isinstance(px, Tensor) or px.dim() not in (image_dims + 1, image_dims + 2):
         shape = tuple(px.shape) if isinstance(px, Tensor) else type(px).__name__
         one = "c x h x w" if image_dims == 3 else "tiles x c x h x w"
-        raise user_error("E0503", f"pixel_values for `{name}` must be [b x {one}] or [b x n x {one}], got {shape}")
+        raise user_error("E0593", f"pixel_values for `{name}` must be [b x {one}] or [b x n x {one}], got {shape}")
     if px.dim() == image_dims + 2:
         return px.flatten(0, 1), (px.shape[0], px.shape[1])
     return px, (px.shape[0], 1)

@@ -59,7 +59,7 @@ class BuildContext:
     def language(self) -> Component:
         lm = self.analysis.ir.language
         if lm is None:
-            raise user_error("E0502", f"model `{self.analysis.ir.name}` has no language model")
+            raise user_error("E0592", f"model `{self.analysis.ir.name}` has no language model")
         return lm
 
 
@@ -90,7 +90,7 @@ def builder_for(role: str, kind: str) -> Builder:
     fn = builders.get((role, kind))
     if fn is None:
         kinds = sorted(k for r, k in builders if r == role)
-        raise user_error("E0502", f"no runtime builder for {role} kind `{kind}`",
+        raise user_error("E0592", f"no runtime builder for {role} kind `{kind}`",
                          help="kinds with a builder: " + ", ".join(f"`{k}`" for k in kinds))
     return fn
 

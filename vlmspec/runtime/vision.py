@@ -291,17 +291,17 @@ class VisionEncoder(nn.Module):
         cfg = self.cfg
         if pixels.dim() != self.image_dims + 1:
             layout = "tiles x channels x height x width" if cfg.tiles else "channels x height x width"
-            raise user_error("E0503", f"images must be [batch x {layout}], got shape {tuple(pixels.shape)}")
+            raise user_error("E0593", f"images must be [batch x {layout}], got shape {tuple(pixels.shape)}")
         if cfg.tiles and pixels.shape[1] != cfg.tiles:
-            raise user_error("E0503", f"images have {pixels.shape[1]} tiles but the encoder takes {cfg.tiles}",
+            raise user_error("E0593", f"images have {pixels.shape[1]} tiles but the encoder takes {cfg.tiles}",
                              help="pad with empty tiles and give the layout in aspect_ratio_ids")
         c, h, w = pixels.shape[-3:]
         if c != cfg.channels:
-            raise user_error("E0503", f"images have {c} channels but the encoder expects {cfg.channels}")
+            raise user_error("E0593", f"images have {c} channels but the encoder expects {cfg.channels}")
         if h % cfg.patch_size or w % cfg.patch_size:
-            raise user_error("E0503", f"image size {h}x{w} is not a multiple of patch_size {cfg.patch_size}")
+            raise user_error("E0593", f"image size {h}x{w} is not a multiple of patch_size {cfg.patch_size}")
         if cfg.resolution == "fixed" and (h, w) != (cfg.image_size, cfg.image_size):
-            raise user_error("E0503", f"images are {h}x{w} but the encoder takes {cfg.image_size}x{cfg.image_size}",
+            raise user_error("E0593", f"images are {h}x{w} but the encoder takes {cfg.image_size}x{cfg.image_size}",
                              help="resize them first (the spec's preprocessing does), or declare "
                              "`resolution = dynamic(...)`")
 
@@ -358,5 +358,5 @@ def build_siglip(comp: Component, ctx: BuildContext) -> VisionEncoder:
 def build_eva(comp: Component, ctx: BuildContext) -> VisionEncoder:
     cfg = comp.config
     if not isinstance(cfg, EVA):
-        raise user_error("E0502", f"`{comp.name}` is not an EVA encoder")
+        raise user_error("E0592", f"`{comp.name}` is not an EVA encoder")
     return VisionEncoder(cfg, fused_qkv=True, raw_params=True, post_norm_on_tokens=True)

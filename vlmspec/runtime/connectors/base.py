@@ -34,7 +34,7 @@ def merge_sources(parts: list[VisualTokens], how: str, name: str) -> VisualToken
         return VisualTokens(torch.cat([p.x for p in parts], dim=1), None)
     counts = [p.x.shape[1] for p in parts]
     if len(set(counts)) > 1:
-        raise user_error("E0504", f"connector `{name}` merges sources with {' and '.join(map(str, counts))} tokens "
+        raise user_error("E0594", f"connector `{name}` merges sources with {' and '.join(map(str, counts))} tokens "
                          f"(merge = {how} needs equal counts)", help="use `merge = sequence`, or equal image sizes")
     grids = {p.grid for p in parts}
     grid = parts[0].grid if len(grids) == 1 else None
@@ -65,12 +65,12 @@ class Connector(nn.Module):
     def need_grid(self, x: VisualTokens, factor: int, field: str) -> tuple[int, int]:
         """The patch grid, checked to be divisible by `factor`; a user error when there is none."""
         if x.grid is None:
-            raise user_error("E0505", f"connector `{self.name}` pools over the patch grid, but its input is not a grid",
+            raise user_error("E0595", f"connector `{self.name}` pools over the patch grid, but its input is not a grid",
                              help="select `.patches` on the encoder (drop the class token) and use one source "
                              "or `merge = concat`")
         gh, gw = x.grid
         if gh % factor or gw % factor:
-            raise user_error("E0505", f"connector `{self.name}`: a {gh}x{gw} patch grid is not divisible by "
+            raise user_error("E0595", f"connector `{self.name}`: a {gh}x{gw} patch grid is not divisible by "
                              f"{field} = {factor}", help=f"use image sizes whose grid is a multiple of {factor}")
         return gh, gw
 

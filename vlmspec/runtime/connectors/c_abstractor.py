@@ -66,7 +66,7 @@ class CAbstractorConnector(Connector):
         h = x.x
         if self.pos_emb is not None:
             if h.shape[1] != self.tokens:
-                raise user_error("E0505", f"connector `{self.name}` has learned positions for {self.tokens} tokens "
+                raise user_error("E0595", f"connector `{self.name}` has learned positions for {self.tokens} tokens "
                                  f"but got {h.shape[1]}", help="use the encoder's image_size, or `pos_emb = false`")
             h = h + self.pos_emb
         m = to_grid(self.proj_in(h), grid)
