@@ -14,40 +14,40 @@ from vlmspec.diagnostics import Span
 # ---------------------------------------------------------------- values
 
 
-@dataclass(slots=True)
+@dataclass
 class Int:
     value: int
     text: str
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Float:
     value: float
     text: str
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Str:
     value: str
     text: str
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Bool:
     value: bool
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class ListVal:
     items: list[Value]
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Ref:
     """A bare identifier (`gelu`) or a dotted reference (`llm.width`)."""
 
@@ -59,14 +59,14 @@ class Ref:
         return ".".join(self.parts)
 
 
-@dataclass(slots=True)
+@dataclass
 class Arg:
     name: str | None
     value: Value
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Call:
     """`adamw(lr = 2e-5)` or `layer(-2).patches` (attrs holds the trailing `.patches`)."""
 
@@ -82,7 +82,7 @@ class Call:
         return [a.value for a in self.args if a.name is None]
 
 
-@dataclass(slots=True)
+@dataclass
 class BinOp:
     op: Literal["+", "-", "*", "/"]
     left: Value
@@ -90,7 +90,7 @@ class BinOp:
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Neg:
     operand: Value
     span: Span
@@ -101,7 +101,7 @@ Value = Int | Float | Str | Bool | ListVal | Ref | Call | BinOp | Neg
 # ---------------------------------------------------------------- statements
 
 
-@dataclass(slots=True)
+@dataclass
 class Attr:
     name: str
     value: Value
@@ -109,14 +109,14 @@ class Attr:
     name_span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Block:
     items: list[Attr | Override]
     span: Span
     close: Span  # the closing brace, so `fmt` can place comments written just before it
 
 
-@dataclass(slots=True)
+@dataclass
 class Override:
     """`clip { depth = 2 }` at model level, or a nested block such as `moe { experts = 4 }`."""
 
@@ -126,7 +126,7 @@ class Override:
     name_span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Component:
     role: Literal["vision", "connector", "language", "fusion"]
     name: str
@@ -140,7 +140,7 @@ class Component:
     header_end: Span  # where the header line ends (the `{` or the last token)
 
 
-@dataclass(slots=True)
+@dataclass
 class Path:
     parts: list[str]
     span: Span
@@ -150,28 +150,28 @@ class Path:
         return ".".join(self.parts)
 
 
-@dataclass(slots=True)
+@dataclass
 class Target:
     path: Path
     args: list[Arg] | None
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class TargetsStmt:
     keyword: Literal["train", "freeze", "lora"]
     targets: list[Target]
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class ValueStmt:
     keyword: Literal["optim", "data", "batch", "epochs", "steps", "precision", "objective"]
     value: Value
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class UpcycleStmt:
     source: Path
     dest: Path
@@ -181,7 +181,7 @@ class UpcycleStmt:
 StageItem = TargetsStmt | ValueStmt | UpcycleStmt | Attr
 
 
-@dataclass(slots=True)
+@dataclass
 class Stage:
     name: str
     extends: tuple[str, Span] | None
@@ -195,7 +195,7 @@ class Stage:
 ModelItem = Component | Stage | Attr | Override
 
 
-@dataclass(slots=True)
+@dataclass
 class Model:
     name: str
     extends: tuple[str, Span] | None
@@ -206,19 +206,19 @@ class Model:
     close: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Import:
     path: str
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class Comment:
     text: str
     span: Span
 
 
-@dataclass(slots=True)
+@dataclass
 class File:
     path: str
     source: str

@@ -19,7 +19,7 @@ from vlmspec.diagnostics import Span
 class Component(BaseModel):
     """A named component with its role, kind, data flow and typed configuration."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, defer_build=True)
 
     name: str
     role: Role
@@ -52,7 +52,7 @@ def resolved_value(cfg: ComponentSchema, name: str) -> Any:
 
 
 class ModelIR(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     name: str
     lineage: list[str]  # this model, then its bases, nearest first
