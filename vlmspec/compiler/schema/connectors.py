@@ -69,6 +69,13 @@ class ConnectorBase(ComponentSchema):
     def check(self, ctx: ShapeContext) -> None:
         return None
 
+    def pooled(self, ctx: ShapeContext, factor: int, field: str) -> TokenShape:
+        """The input with every `factor x factor` block of the patch grid reduced to one token."""
+        x = self.merged_input(ctx)
+        if not x.dynamic:
+            _square_grid(ctx, x.tokens, factor, field)
+        return TokenShape(x.tokens // (factor**2), self.out_width(ctx, x.width), x.dynamic)
+
     def subpaths(self) -> list[str]:
         return []
 
@@ -287,10 +294,7 @@ class LDP(ConnectorBase):
     act: Act = Field(default="gelu", description="MLP activation")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
-        x = self.merged_input(ctx)
-        if not x.dynamic:
-            _square_grid(ctx, x.tokens, self.pool, "pool")
-        return TokenShape(x.tokens // (self.pool**2), self.out_width(ctx, x.width), x.dynamic)
+        return self.pooled(ctx, self.pool, "pool")
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         x = self.merged_input(ctx)
@@ -341,10 +345,7 @@ class ConvDownsample(ConnectorBase):
     act: Act = Field(default="gelu", description="MLP activation")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
-        x = self.merged_input(ctx)
-        if not x.dynamic:
-            _square_grid(ctx, x.tokens, self.stride, "stride")
-        return TokenShape(x.tokens // (self.stride**2), self.out_width(ctx, x.width), x.dynamic)
+        return self.pooled(ctx, self.stride, "stride")
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         x = self.merged_input(ctx)
