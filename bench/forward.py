@@ -136,6 +136,14 @@ def main() -> None:
     print(f"max |logits diff| = {diff:.2e}; generated tokens identical: {same}")
     print(f"forward   HF {t_hf * 1e3:8.2f} ms   vlmspec {t_ours * 1e3:8.2f} ms   ratio {t_hf / t_ours:5.2f}x")
     print(f"generate  HF {tok / g_hf:8.1f} tok/s vlmspec {tok / g_ours:8.1f} tok/s ratio {g_hf / g_ours:5.2f}x")
+    import datetime as dt
+
+    results = Path(__file__).resolve().parent / "RESULTS.md"
+    with results.open("a") as f:
+        f.write(f"| {dt.date.today()} | `python bench/forward.py --batch {b} --threads {torch.get_num_threads()}` | "
+                f"forward HF {t_hf * 1e3:.1f} ms vs vlmspec {t_ours * 1e3:.1f} ms; generate HF {tok / g_hf:.0f} vs "
+                f"vlmspec {tok / g_ours:.0f} tok/s; logits diff {diff:.1e}, tokens identical {same} | "
+                f"forward {t_hf / t_ours:.2f}x, generate {g_hf / g_ours:.2f}x vs HF Llava |\n")
 
 
 if __name__ == "__main__":
