@@ -341,8 +341,6 @@ def build(
         task = progress.add_task(f"building {analysis.ir.name} on {device}")
         import torch
 
-        from vlmspec.runtime.model import build_model
-
         tok = None
         image_id = None
         if tokenizer is not None:
@@ -351,8 +349,10 @@ def build(
             tok = ensure_special_tokens(load_tokenizer(tokenizer), analysis)
             fusions = analysis.ir.by_role("fusion")
             image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if fusions else None
+        from vlmspec.runtime.checkpoint import build_from_spec
+
         torch.manual_seed(seed)
-        model = build_model(analysis, image_token_id=image_id, device=device)
+        model, report = build_from_spec(analysis, image_token_id=image_id, device=device)
         n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         if output is not None and device != "meta":
             from vlmspec.runtime.checkpoint import save_model_dir
@@ -360,6 +360,8 @@ def build(
             progress.update(task, description=f"writing {output}")
             save_model_dir(model, analysis, output, tokenizer=tok,
                            progress=lambda msg: progress.update(task, description=msg))
+    if report is not None:
+        out.print(str(report), markup=False)
     expected = analysis.total_params
     status = "matches" if n == expected else f"DIFFERS from the spec's {expected:,}"
     out.print(f"built {analysis.ir.name} on {device}: {n:,} parameters ({human(n)}), {status}")
@@ -497,6 +499,36 @@ def serve(
                       max_wait_ms=max_wait_ms, max_queue=max_queue)
     err.print(f"serving {model.analysis.ir.name} on http://{host}:{port}/v1 (POST /v1/chat/completions)")
     uvicorn.run(create_app(model, cfg), host=host, port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------- Hugging Face interchange
+@command(name="import-hf")
+def import_hf_cmd(
+    folder: Annotated[Path, typer.Argument(help="a local Hugging Face VLM folder (LLaVA, BLIP-2, InstructBLIP)",
+                                           show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the .vlm spec to write")],
+    name: Annotated[str | None, typer.Option(help="model name in the spec")] = None,
+) -> None:
+    """Write a readable .vlm spec equivalent to a Hugging Face checkpoint; its components load that checkpoint."""
+    from vlmspec.fsutil import atomic_write_text
+    from vlmspec.runtime.weights import import_hf
+
+    text, mapping = import_hf(str(folder), name=name)
+    atomic_write_text(output, text)
+    out.print(f"wrote {output}: model `{mapping['model']}` from {mapping['architecture']}; "
+              f"`vlm build {output} -o DIR` loads the weights")
+
+
+@command(name="export-hf")
+def export_hf_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder to write in the HF LLaVA layout")],
+) -> None:
+    """Write a prefix-fusion model in the Hugging Face LLaVA layout (LlavaForConditionalGeneration, vLLM, SGLang)."""
+    from vlmspec.runtime.weights import export_hf
+
+    path = export_hf(str(model_dir), str(output))
+    out.print(f"wrote {path}: load it with transformers' LlavaForConditionalGeneration.from_pretrained")
 
 
 # ---------------------------------------------------------------- eval

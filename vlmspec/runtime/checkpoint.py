@@ -128,6 +128,27 @@ def _config(path: Path) -> dict[str, Any]:
     return config
 
 
+def has_weights(analysis: Analysis) -> bool:
+    return any(getattr(c.config, "weights", None) for c in analysis.ir.components.values())
+
+
+def build_from_spec(analysis: Analysis, *, image_token_id: int | None = None, device: str = "cpu"):
+    """Build a spec's model; components with `weights = "DIR"` load them (with a coverage report)."""
+    from vlmspec.runtime.model import build_model
+    from vlmspec.runtime.quantize import apply_quantization
+
+    report = None
+    if has_weights(analysis) and device != "meta":
+        from vlmspec.runtime.weights import build_with_weights
+
+        model, report = build_with_weights(analysis, image_token_id=image_token_id, device=device)
+    else:
+        model = build_model(analysis, image_token_id=image_token_id, device=device)
+    if device != "meta":
+        apply_quantization(model, analysis)
+    return model, report
+
+
 def load(source: str | Path, device: str = "cpu"):
     """A model from a folder written by `vlm build` / `vlm train`, or built fresh from `spec.vlm[:model]`.
 
@@ -139,7 +160,9 @@ def load(source: str | Path, device: str = "cpu"):
     path = Path(str(source).split(":")[0]) if not Path(str(source)).is_dir() else Path(source)
     if not path.is_dir():
         analysis, _ = load_analysis(str(source))
-        return build_model(analysis, device=device)
+        model = build_from_spec(analysis, device=device)[0]
+        model.analysis, model.processor = analysis, None
+        return model
     config = _config(path)
     analysis = analysis_of_dir(path)
     model = build_model(analysis, image_token_id=config.get("image_token_id"), device=device)

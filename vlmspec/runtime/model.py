@@ -280,6 +280,8 @@ def build_model(analysis: Analysis, *, image_token_id: int | None = None, device
         module.to(dtype=target)
     llm = ctx.built[lm.name]
     n_vocab = llm.c.n_vocab  # type: ignore[union-attr]
+    if image_token_id is None:
+        image_token_id = ir.settings.image_token_id
     token = llm.c.vocab - 1 if image_token_id is None else image_token_id  # type: ignore[union-attr]
     if not 0 <= token < n_vocab:
         raise user_error("E0516", f"image_token_id {token} is outside the vocabulary of {n_vocab}")

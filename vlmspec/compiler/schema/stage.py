@@ -135,3 +135,5 @@ class Settings(Schema):
     task_tokens: list[str] = Field(default_factory=list, description="task tokens such as MiniGPT-v2's `[vqa]`")
     stop: list[str] = Field(default_factory=list, description="extra stop strings for generation")
     max_length: int | None = Field(default=None, ge=1, description="longest prompt + answer (default: the LLM's)")
+    image_token_id: int | None = Field(default=None, ge=0, description="id of the image placeholder in the "
+                                       "checkpoint's tokenizer (set by `vlm import-hf`; default: the tokenizer's)")

@@ -1,0 +1,49 @@
+"""Tiny Hugging Face VLMs, built from configs and saved with `save_pretrained` (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = 100
+NQ = 4
+
+
+def _quiet(transformers) -> None:
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def llava(transformers, out: Path, *, layer: int | list[int] = -2, tie: bool = False, kv_heads: int = 2,
+          seed: int = 0):
+    _quiet(transformers)
+    cfg = transformers.LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         max_position_embeddings=256, tie_word_embeddings=tie),
+        image_token_id=IMAGE_TOKEN, image_seq_length=16, vision_feature_select_strategy="default",
+        vision_feature_layer=layer, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    m = transformers.LlavaForConditionalGeneration(cfg).eval()
+    m.save_pretrained(str(out))
+    return m
+
+
+def blip2(transformers, out: Path, seed: int = 0):
+    _quiet(transformers)
+    cfg = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, cross_attention_frequency=1),
+        text_config=dict(model_type="opt", vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                         bos_token_id=2, eos_token_id=2, pad_token_id=1),
+        num_query_tokens=NQ, image_token_id=IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    m = transformers.Blip2ForConditionalGeneration(cfg).eval()
+    m.save_pretrained(str(out))
+    return m
