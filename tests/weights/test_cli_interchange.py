@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from hf_tiny import IMAGE_TOKEN, llava
 from typer.testing import CliRunner
 
-from hf_tiny import IMAGE_TOKEN, llava
 from vlmspec.cli import app
 from vlmspec.runtime.checkpoint import load
 
