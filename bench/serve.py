@@ -2,7 +2,7 @@
 
     python bench/serve.py [--url URL] [--clients 8] [--seconds 30] [--max-tokens 16]
 
-Without --url it starts two in-process servers on 127.0.0.1 for the tiny LLaVA (random weights,
+Without --url it starts two `vlm serve` processes on 127.0.0.1 for the tiny LLaVA (random weights,
 a trained tokenizer): one with dynamic batching (max_batch = clients), one serving one request at a
 time, and drives both with the same clients: the ratio of their throughputs is the batching gain.
 Reports requests/s, tokens/s, p50/p95 latency, p50 time to first token, errors; appends to
@@ -20,7 +20,6 @@ import json
 import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -83,30 +82,39 @@ def drive(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
             "p95": lat[int(0.95 * (len(lat) - 1))], "ttft_p50": statistics.median(ttft)}
 
 
-def local_server(model, max_batch: int):
-    import uvicorn
+def local_server(model_dir: str, max_batch: int):
+    """`vlm serve` in its own process, as deployed: clients here do not compete with it for the GIL.
 
-    from vlmspec.runtime.serve import ServeConfig, create_app
+    One torch thread: the clients need the other core of a 2-core machine; with both, torch's spinning
+    threads and the clients starve each other and the figures measure the scheduler.
+    """
+    import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, ServeConfig(max_batch=max_batch, max_queue=256)),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmspec.cli", "serve", model_dir, "--port", str(port),
+                             "--max-batch", str(max_batch), "--max-queue", "256", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("vlm serve did not start")
 
 
-def tiny_model():
+def tiny_model() -> str:
     import tempfile
 
     import torch
 
     from vlmspec.compiler.compile import load_analysis
-    from vlmspec.runtime.checkpoint import load, save_model_dir
+    from vlmspec.runtime.checkpoint import save_model_dir
     from vlmspec.runtime.model import build_model
     from vlmspec.runtime.synth import corpus
     from vlmspec.runtime.tokenizer import train_tokenizer
@@ -117,7 +125,7 @@ def tiny_model():
     model = build_model(analysis, image_token_id=tok.convert_tokens_to_ids("<image>"))
     d = Path(tempfile.mkdtemp()) / "tiny"
     save_model_dir(model, analysis, d, tokenizer=tok)
-    return load(str(d))
+    return str(d)
 
 
 def fmt(name: str, r: dict) -> str:
@@ -135,13 +143,15 @@ def main() -> None:
     if args.url:
         print(fmt("server", drive(args.url, args.clients, args.seconds, args.max_tokens)))
         return
-    model = tiny_model()
+    model_dir = tiny_model()
     rows = {}
     for name, batch in (("one-at-a-time", 1), ("batched", args.clients)):
-        server, thread, url = local_server(model, batch)
-        rows[name] = drive(url, args.clients, args.seconds, args.max_tokens)
-        server.should_exit = True
-        thread.join(10)
+        proc, url = local_server(model_dir, batch)
+        try:
+            rows[name] = drive(url, args.clients, args.seconds, args.max_tokens)
+        finally:
+            proc.terminate()
+            proc.wait(10)
         print(fmt(name, rows[name]), flush=True)
     ratio = rows["batched"]["tokens_per_s"] / max(rows["one-at-a-time"]["tokens_per_s"], 1e-9)
     print(f"batched / one-at-a-time throughput: {ratio:.2f}x")

@@ -483,9 +483,15 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(help="how long the first request waits for company")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="waiting requests before 503")] = 64,
     max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 20.0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
 ) -> None:
     """Serve a model over HTTP with the OpenAI chat-completions API (images as data URLs)."""
     import uvicorn
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     from vlmspec.runtime.checkpoint import load
     from vlmspec.runtime.serve import ServeConfig, create_app

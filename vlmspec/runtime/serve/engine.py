@@ -102,6 +102,7 @@ class Engine:
         self.task: asyncio.Task | None = None
         self.images = ImageCache(self.processor.transform) if self.processor.transform is not None else None
         self.lock = threading.Lock()  # one batch on the model at a time
+        self._pending: list[tuple[GenRequest, str | None]] | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -146,7 +147,16 @@ class Engine:
 
     # ------------------------------------------------------------ decoding
     def _emit(self, loop: asyncio.AbstractEventLoop, req: GenRequest, delta: str | None) -> None:
-        loop.call_soon_threadsafe(req.deltas.put_nowait, delta)
+        if self._pending is not None:  # inside a decode step: delivered together at the end of the step
+            self._pending.append((req, delta))
+            return
+        loop.call_soon_threadsafe(_deliver, [(req, delta)])
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand one decode step's deltas to the event loop in one wake-up, not one per row."""
+        pending, self._pending = self._pending, []
+        if pending:
+            loop.call_soon_threadsafe(_deliver, pending)
 
     def _finish(self, loop: asyncio.AbstractEventLoop, req: GenRequest) -> None:
         latency = time.perf_counter() - req.enqueued
@@ -154,7 +164,6 @@ class Engine:
         if req.first_token is not None:
             self.stats.ttft_sum += req.first_token - req.enqueued
         self._emit(loop, req, None)
-        loop.call_soon_threadsafe(req.done.set)
 
     def _run_batch(self, batch: list[GenRequest], loop: asyncio.AbstractEventLoop) -> None:
         with self.lock:
@@ -209,6 +218,16 @@ class Engine:
         out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, cache=cache)
         logits = out.logits[:, -1]
         max_steps = max(req.max_tokens for req, _, _ in group)
+        self._pending = []
+        try:
+            self._steps(group, loop, logits, out, cache, mask, gens, stop_ids, generated, active, max_steps)
+        finally:
+            self._flush(loop)
+            self._pending = None
+
+    def _steps(self, group, loop, logits, out, cache, mask, gens, stop_ids, generated, active, max_steps) -> None:
+        p = self.processor
+        n = len(group)
         for _step in range(max_steps):
             next_tokens = torch.full((n,), p.pad_id, dtype=torch.long)
             greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
@@ -246,6 +265,7 @@ class Engine:
                     active[i] = False
                 if not active[i]:
                     self._finish(loop, req)
+            self._flush(loop)
             if not any(active):
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
@@ -254,6 +274,13 @@ class Engine:
         for i, (req, _, _) in enumerate(group):
             if active[i]:
                 self._finish(loop, req)
+
+
+def _deliver(pending: list[tuple[GenRequest, str | None]]) -> None:
+    for req, delta in pending:
+        req.deltas.put_nowait(delta)
+        if delta is None:
+            req.done.set()
 
 
 def _group(live, with_image: bool):
