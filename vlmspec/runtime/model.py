@@ -241,9 +241,11 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100 (0 when there are none)."""
     if labels.shape != logits.shape[:2]:
         raise user_error("E0515", f"labels have shape {tuple(labels.shape)} but input_ids {tuple(logits.shape[:2])}")
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    # shift the labels, not the logits: slicing `[b x s x vocab]` logits would copy the largest tensor
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(logits.device)
+    flat = logits.reshape(-1, logits.shape[-1])
+    total = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), shift_labels,
+                            ignore_index=IGNORE_INDEX, reduction="sum")
     count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
 

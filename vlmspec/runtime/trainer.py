@@ -257,10 +257,11 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     Summing (then dividing by the global token count of the optimizer step) makes gradient
     accumulation and data parallelism give exactly the gradients of one big batch.
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
+    # shift the labels, not the logits: slicing the [b x s x vocab] logits would copy them
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
     n = int((shift_labels != IGNORE).sum())
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+    flat = logits.reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), shift_labels,
                            ignore_index=IGNORE, reduction="sum")
     return loss, n
 
