@@ -429,6 +429,11 @@ class Trainer:
         from vlmspec.runtime.freeze import apply_stage
 
         opts, dist = self.opts, self.dist
+        unsupported = [o.name for o in stage.objective if o.name != "lm"]
+        if unsupported:
+            raise user_error("E0527", f"stage `{stage.name}`: the trainer implements the `lm` objective only, not "
+                             f"{', '.join(unsupported)}", help="BLIP-2's first-stage objectives (itc, itm, itg) "
+                             "are checked by `vlm check` but not trained yet; use `objective lm`")
         path, fmt, images = _stage_data(stage, opts)
         needs_image = processor.transform is not None
         image_token = processor.image_token
