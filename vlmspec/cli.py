@@ -507,6 +507,26 @@ def serve(
     uvicorn.run(create_app(model, cfg), host=host, port=port, log_level="warning")
 
 
+# ---------------------------------------------------------------- export
+@command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="export folder (halves, manifest, tokenizer, spec)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="pt2, onnx, tensorrt, or several: pt2,onnx")] = "pt2",
+    max_len: Annotated[int | None, typer.Option(help="static KV-cache length (default: the LLM's max_positions)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16")] = None,
+    max_batch: Annotated[int, typer.Option(help="largest batch the exported programs accept")] = 64,
+    quantize: Annotated[str | None, typer.Option(help="int8 or fp8 (TensorRT only)")] = None,
+) -> None:
+    """Export the encoder half and the decoder half (prefill + decode step, static KV cache) for serving."""
+    from vlmspec.runtime.export import export_model
+
+    manifest = export_model(str(model_dir), output, format, max_len=max_len, dtype=dtype, max_batch=max_batch,
+                            quantize=quantize, progress=lambda msg: err.print(msg, markup=False, highlight=False))
+    formats = ", ".join(manifest.get("artefacts", {}))
+    out.print(f"exported {manifest.get('model', '')} to {output}/ ({formats}; interface and shapes in manifest.json)")
+
+
 # ---------------------------------------------------------------- Hugging Face interchange
 @command(name="import-hf")
 def import_hf_cmd(

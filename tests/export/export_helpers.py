@@ -1,0 +1,112 @@
+"""Shared helpers: the tiny specs, building + saving + exporting one, and batched left-padded inputs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmspec.compiler.compile import Analysis, load_analysis
+from vlmspec.runtime.checkpoint import save_model_dir
+from vlmspec.runtime.model import VisionLanguageModel, build_model
+
+SPECS = Path(__file__).resolve().parents[2] / "specs"
+
+#: One spec per must-export style runs in the fast suite: prefix (LLaVA) and MoE (MoE-LLaVA's
+#: routed experts). Each other tiny spec costs ~20 s of tracing on 2 cores, so it runs under `slow`.
+FAST = {"llava_1_5_7b_tiny", "moe_llava_phi2_tiny"}
+
+QUESTIONS = ["what is this?", "describe the picture in detail, please, with every colour you see"]
+
+
+def tiny_refs() -> list[str]:
+    """`file.vlm:model` for every `*_tiny` model in specs/."""
+    refs = []
+    for path in sorted(SPECS.glob("*.vlm")):
+        for name in re.findall(r"^model (\w+_tiny)\b", path.read_text(), flags=re.M):
+            refs.append(f"{path}:{name}")
+    return refs
+
+
+def image_tokens() -> list[str]:
+    """`<image>` and every other placeholder a spec in specs/ declares with `image_token = "..."`."""
+    found = {"<image>"}
+    for path in SPECS.glob("*.vlm"):
+        found.update(re.findall(r'image_token\s*=\s*"([^"]+)"', path.read_text()))
+    return sorted(found)
+
+
+def tiny_params() -> list[Any]:
+    """Every tiny spec as a pytest param, the ones outside FAST marked slow."""
+    out = []
+    for ref in tiny_refs():
+        name = ref.rsplit(":", 1)[1]
+        marks = () if name in FAST else (pytest.mark.slow,)
+        out.append(pytest.param(ref, id=name, marks=marks))
+    return out
+
+
+@dataclass
+class Exported:
+    ref: str
+    analysis: Analysis
+    model: VisionLanguageModel
+    model_dir: Path
+    out: Path
+    manifest: dict[str, Any]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    eos: int
+    runners: dict[str, Any] = field(default_factory=dict)
+
+    def runner(self, backend: str):
+        from vlmspec.runtime.export import ExportedModel
+
+        if backend not in self.runners:
+            self.runners[backend] = ExportedModel(self.out, backend)
+        return self.runners[backend]
+
+
+def build(ref: str, tokenizer: Any, seed: int = 0) -> tuple[Analysis, VisionLanguageModel]:
+    analysis, _ = load_analysis(ref)
+    token = analysis.ir.by_role("fusion")[0].config.image_token
+    torch.manual_seed(seed)
+    model = build_model(analysis, image_token_id=tokenizer.get_vocab()[token]).eval()
+    return analysis, model
+
+
+def export_case(ref: str, tmp: Path, tokenizer: Any, formats: tuple[str, ...]) -> Exported:
+    from vlmspec.runtime.export import export_model
+    from vlmspec.runtime.processor import Processor
+
+    analysis, model = build(ref, tokenizer)
+    model_dir = save_model_dir(model, analysis, tmp / "model", tokenizer=tokenizer)
+    out = tmp / "out"
+    manifest = export_model(model_dir, out, list(formats), max_len=128)
+    ids, mask = prompts(Processor(analysis, tokenizer))
+    return Exported(ref, analysis, model, model_dir, out, manifest, ids, mask, pixels(manifest, len(QUESTIONS)),
+                    tokenizer.eos_token_id)
+
+
+def prompts(processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of different lengths with their image tokens, left-padded to one batch."""
+    seqs = [processor.encode_prompt(q, 1) for q in QUESTIONS]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), processor.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def pixels(manifest: dict[str, Any], batch: int, seed: int = 1) -> torch.Tensor:
+    """Random images in the exported encoder's input shape (tiles included)."""
+    shape = manifest["interface"]["programs"]["encoder"]["inputs"][0]["shape"]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *shape[1:], generator=g)

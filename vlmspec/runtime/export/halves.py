@@ -1,0 +1,161 @@
+"""The exported halves as plain modules around a `VisionLanguageModel`: encoder, prefill, decode step.
+
+The split follows TensorRT-LLM's two engines: pixels -> visual tokens (the connector outputs
+`encode_images` returns, one tensor per fusion), and the language model taking those tokens with the
+prompt. Each wrapper's `forward` takes and returns flat tensors in the order the interface
+(`vlmspec.runtime.export.interface`) declares, so torch.export, ONNX and TensorRT see the same graph.
+
+The decoder halves re-run `VisionLanguageModel.forward`'s steps (embed, splice, positions, decode,
+logits) with the model's own modules, but with tensor-driven masks and a `StaticKVCache`: the eager
+`forward` reads the cache length and checks token ids and image-token counts with Python `int`s and
+`bool`s, which a graph with dynamic shapes cannot contain. Those checks move to the runner.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlmspec.runtime.decoding import DecodeState
+from vlmspec.runtime.export.cache import StaticKVCache
+from vlmspec.runtime.language import CausalLM
+from vlmspec.runtime.model import VisionLanguageModel
+
+
+def view(model: VisionLanguageModel, parts: list[str]) -> VisionLanguageModel:
+    """A `VisionLanguageModel` over some of `model`'s components (shared, not copied).
+
+    `torch.export` keeps every parameter of the module it traces, used or not, so the encoder half is
+    traced on a view holding only the encoders and connectors, the decoder halves on one holding only
+    the language model and fusions; each artefact then carries only its own weights.
+    """
+    return VisionLanguageModel({n: model.components[n] for n in parts}, roles=model.roles, sources=model.sources,
+                               order=model.order, language=model.language, image_token_id=model.image_token_id,
+                               image_grid=model.image_grid)
+
+
+def encoder_parts(model: VisionLanguageModel) -> list[str]:
+    return list(model.order)
+
+
+def decoder_parts(model: VisionLanguageModel) -> list[str]:
+    return [model.language, *model.fusions]
+
+
+def embed_tokens(llm: CausalLM, ids: Tensor) -> Tensor:
+    """`CausalLM.embed` without its out-of-vocabulary check (a data-dependent `int(ids.max())`)."""
+    body = llm.body[0]
+    h = body.embed_tokens(ids)
+    if llm.c.family == "gemma":
+        h = h * torch.tensor(llm.c.width**0.5, dtype=h.dtype)
+    if llm.c.family == "opt" and hasattr(body, "project_in"):
+        h = body.project_in(h)
+    return h
+
+
+def splice(model: VisionLanguageModel, h: Tensor, input_ids: Tensor, features: dict[str, Tensor]) -> Tensor:
+    """`VisionLanguageModel.splice` without its count check (the runner checks counts before the call)."""
+    feats = [features[f] for f in model.in_sequence if f in features]
+    if not feats:
+        return h
+    x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
+    mask = (input_ids == model.image_token_id).unsqueeze(-1)
+    return h.masked_scatter(mask, x.to(h.dtype))
+
+
+def prefill_mask(attention_mask: Tensor) -> Tensor:
+    """bool [b x 1 x s x s]: causal, padding keys hidden, each query sees itself (no empty softmax row)."""
+    s = attention_mask.shape[1]
+    pos = torch.arange(s, device=attention_mask.device)
+    causal = pos[None, :] <= pos[:, None]
+    keep = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return keep | (pos[None, :] == pos[:, None])[None, None]
+
+
+def step_mask(attention_mask: Tensor, write_index: Tensor) -> Tensor:
+    """bool [b x 1 x 1 x max_len]: real slots up to and including the one written now (write_index: [1])."""
+    slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    keep = attention_mask.bool() & (slots <= write_index)[None, :]
+    return (keep | (slots == write_index)[None, :])[:, None, None, :]
+
+
+class EncoderHalf(nn.Module):
+    """pixels [b x 3 x H x W] (tiled: [b x T x 3 x H x W] + aspect_ratio_ids [b]) -> one visual-token
+    tensor [b x n x w] per fusion, in `fusions` order."""
+
+    def __init__(self, model: VisionLanguageModel, fusions: list[str], tiled: bool):
+        super().__init__()
+        self.model = view(model, encoder_parts(model))
+        self.fusions = fusions
+        self.tiled = tiled
+
+    def forward(self, pixel_values: Tensor, aspect_ratio_ids: Tensor | None = None) -> tuple[Tensor, ...]:
+        feats = self.model.encode_images(pixel_values, aspect_ratio_ids=aspect_ratio_ids if self.tiled else None)
+        return tuple(feats[f] for f in self.fusions)
+
+
+class _DecoderHalf(nn.Module):
+    """What prefill and decode share: the pass through the language model with a static cache."""
+
+    def __init__(self, model: VisionLanguageModel, fusions: list[str], cross: dict[str, list[int]], max_len: int):
+        super().__init__()
+        self.model = model = view(model, decoder_parts(model))
+        self.fusions = fusions  # every fusion, in interface order (visual inputs of prefill)
+        self.cross = cross  # cross-attention fusion -> its layer ids (cached visual K / V)
+        self.max_len = max_len
+        fusions_ = [model.fusion(f) for f in model.fusions]
+        # what the fusion hooks read from `DecodeState` (as `VisionLanguageModel.forward` decides it)
+        self.image_mask = any(f.uses_image_mask for f in fusions_)
+        self.token_mask = any(f.uses_token_mask for f in fusions_) or bool(model.llm.moe_pairs())
+
+    def run(self, input_ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache,
+            features: dict[str, Tensor], token_mask: Tensor) -> Tensor:
+        model, llm = self.model, self.model.llm
+        h = embed_tokens(llm, input_ids)
+        h = splice(model, h, input_ids, features)
+        h = llm.add_positions(h, pos)
+        state = DecodeState(
+            rotary=llm.rotary(pos, h.dtype), mask=mask, causal=False, cache=cache,
+            image_mask=(input_ids == model.image_token_id) if self.image_mask else None,
+            token_mask=token_mask if self.token_mask else None,
+            visual={f: x for f, x in features.items() if not model.fusion(f).in_sequence},
+        )
+        h = llm.decode(h, state, model.layer_hooks())
+        return llm.logits(h[:, -1]).float()
+
+    def cross_outputs(self, cache: StaticKVCache) -> tuple[Tensor, ...]:
+        out: list[Tensor] = []
+        for f, ids in self.cross.items():
+            out.append(torch.stack([cache.cross[f"{f}.{i}"][0] for i in ids]))
+            out.append(torch.stack([cache.cross[f"{f}.{i}"][1] for i in ids]))
+        return tuple(out)
+
+
+class PrefillHalf(_DecoderHalf):
+    """(input_ids [b x s], attention_mask [b x s], visual tokens per fusion) -> (logits [b x vocab] of the
+    last position, present_keys, present_values [layers x b x kv_heads x max_len x head_dim], then per
+    cross-attention fusion its visual keys / values [xlayers x b x kv_heads x n x head_dim])."""
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *visual: Tensor) -> tuple[Tensor, ...]:
+        features = dict(zip(self.fusions, visual, strict=True))
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = StaticKVCache(self.max_len)
+        logits = self.run(input_ids, pos, prefill_mask(attention_mask), cache, features, attention_mask.bool())
+        return (logits, *cache.stacked(), *self.cross_outputs(cache))
+
+
+class DecodeHalf(_DecoderHalf):
+    """(input_ids [b x 1], position_ids [b x 1], attention_mask [b x max_len], past_keys, past_values,
+    write_index [1], cross-attention K / V) -> (logits [b x vocab], present_keys, present_values)."""
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, past_keys: Tensor,
+                past_values: Tensor, write_index: Tensor, *cross: Tensor) -> tuple[Tensor, ...]:
+        cache = StaticKVCache(self.max_len, list(past_keys.unbind(0)), list(past_values.unbind(0)), write_index)
+        it = iter(cross)
+        for f, ids in self.cross.items():
+            ks, vs = next(it), next(it)
+            for j, i in enumerate(ids):
+                cache.cross[f"{f}.{i}"] = (ks[j], vs[j])
+        logits = self.run(input_ids, position_ids, step_mask(attention_mask, write_index), cache, {},
+                          torch.ones_like(input_ids, dtype=torch.bool))
+        return (logits, *cache.stacked())

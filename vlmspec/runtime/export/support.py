@@ -1,0 +1,68 @@
+"""Which models export, decided before any tracing so a refusal costs nothing and says why.
+
+Every fusion style exports (prefix, cross_attention, visual_expert, moe; the language model's own
+`moe` block too). What does not, and why (also in docs/export.md):
+
+- M-RoPE with a static image grid: positions are (time, row, column) per image token, computed by a
+  Python loop over each prompt (`vlmspec.runtime.mrope.mrope_positions`), not by tensor ops.
+- Encoders at different resolutions (one pixel tensor per encoder): the encoder half takes one.
+- Weight-quantized components (torchao tensor subclasses): neither the ONNX exporter nor TensorRT
+  reads them; TensorRT quantizes by itself (`quantize="int8" | "fp8"` of the tensorrt format).
+
+Accepted with a note in the manifest: dynamic-resolution encoders are exported at `image_size`
+(what the processor feeds them; eager positions are 1-D there too), and instruction-aware Q-Formers
+run without the instruction (as `generate` runs them).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from vlmspec.runtime.export.errors import not_exportable
+from vlmspec.runtime.fusion import CrossAttentionFusion, MoEFusionModule, PrefixFusion, VisualExpertFusion
+from vlmspec.runtime.model import VisionLanguageModel
+
+#: Fusion module classes with an export path (the decoder halves know how to feed each).
+EXPORTABLE_FUSIONS = (PrefixFusion, CrossAttentionFusion, VisualExpertFusion, MoEFusionModule)
+
+
+def check_exportable(model: VisionLanguageModel) -> list[str]:
+    """Raise E0571 for what cannot export; return notes on what exports with a restriction."""
+    notes: list[str] = []
+    for f in model.fusions:
+        module = model.fusion(f)
+        if not isinstance(module, EXPORTABLE_FUSIONS):
+            raise not_exportable(f"fusion `{f}`", f"its style ({type(module).__name__}) has no export path yet",
+                                 help="the exportable styles are prefix, cross_attention, visual_expert and moe")
+    encoders = [n for n in model.order if model.roles[n] == "vision"]
+    if not encoders:
+        raise not_exportable("this model", "no vision encoder feeds a fusion, so there is no encoder half")
+    cfgs = [model.components[n].cfg for n in encoders]
+    if len({(c.image_size, c.tiles, c.channels) for c in cfgs}) > 1:
+        raise not_exportable("encoders at different resolutions", "the encoder half takes one pixel tensor, "
+                             "but " + ", ".join(f"`{n}` takes {c.image_size} px" for n, c in zip(encoders, cfgs,
+                                                                                               strict=True)),
+                             help="give every vision encoder the same image_size to export")
+    if model.llm.c.mrope is not None and model.image_grid is not None:
+        raise not_exportable("M-RoPE positions", "the (time, row, column) position of each image token is computed "
+                             "by a Python loop over the prompt (mrope_positions), which a graph cannot contain",
+                             help="use `rope = default`, or a dynamic-resolution encoder (1-D positions)")
+    quantized = [n for n, m in model.components.items() if _is_quantized(m)]
+    if quantized:
+        raise not_exportable(f"quantized component `{quantized[0]}`", "its weights are torchao tensor subclasses, "
+                             "which ONNX and TensorRT cannot read",
+                             help="export with `quantize = none` and let TensorRT quantize (tensorrt format, "
+                             "quantize=\"int8\" or \"fp8\")")
+    for n, c in zip(encoders, cfgs, strict=True):
+        if c.resolution != "fixed":
+            notes.append(f"`{n}` has a dynamic resolution; the encoder half takes {c.image_size}x{c.image_size} "
+                         "images (what the processor produces)")
+    for n in model.order:
+        if any(getattr(m, "instruction", None) is True for m in model.components[n].modules()):
+            notes.append(f"`{n}` is instruction-aware; the encoder half runs it without the instruction, "
+                         "as generate() does")
+    return notes
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return any(type(p.data) not in (Tensor, nn.Parameter) for p in module.parameters())
