@@ -175,6 +175,8 @@ def create_app(model: Any, cfg: ServeConfig | None = None, name: str | None = No
                 req = await engine.submit(req)
             except QueueFull:
                 return error(503, "the server is at capacity; retry later", "overloaded_error", code="queue_full")
+            except VlmSpecError as e:  # a bad image or an over-long prompt, found before queueing
+                return _engine_error(e)
         except BadRequest as e:
             return error(e.status, e.message, param=e.param, code=e.code)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -247,11 +249,24 @@ async def _sse(req: GenRequest, rid: str, created: int, model: str):
                                                                    "finish_reason": finish}]}) + "\n\n"
 
     yield chunk({"role": "assistant", "content": ""}, None)
-    while True:
+    # the envelope of a content chunk never changes: format it once, then only the delta is encoded
+    head = ("data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                   "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]})
+            ).split('"content": ""', 1)
+    done = False
+    while not done:
+        events = []
         delta = await req.deltas.get()
-        if delta is None:
-            break
-        yield chunk({"content": delta}, None)
+        while True:  # everything already decoded goes out in one write
+            if delta is None:
+                done = True
+                break
+            events.append(head[0] + '"content": ' + json.dumps(delta) + head[1] + "\n\n")
+            if req.deltas.empty():
+                break
+            delta = req.deltas.get_nowait()
+        if events:
+            yield "".join(events)
     if req.error is not None:
         yield "data: " + json.dumps({"error": {"message": str(req.error), "type": "server_error"}}) + "\n\n"
     else:

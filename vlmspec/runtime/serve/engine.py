@@ -38,6 +38,8 @@ class GenRequest:
     seed: int | None = None
     stream: bool = False
     # filled in by the engine
+    ids: list[int] | None = None
+    pixels: torch.Tensor | None = None
     text: str = ""
     tokens: int = 0
     prompt_tokens: int = 0
@@ -103,6 +105,7 @@ class Engine:
         self.images = ImageCache(self.processor.transform) if self.processor.transform is not None else None
         self.lock = threading.Lock()  # one batch on the model at a time
         self._pending: list[tuple[GenRequest, str | None]] | None = None
+        self.waiting = 0  # touched on the event loop only
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -114,7 +117,8 @@ class Engine:
             self.task.cancel()
 
     def depth(self) -> int:
-        return self.queue.qsize() if self.queue is not None else 0
+        """Requests admitted and not yet decoding (being prepared, or waiting in the queue)."""
+        return self.waiting
 
     async def submit(self, req: GenRequest) -> GenRequest:
         if self.queue is None:
@@ -123,16 +127,31 @@ class Engine:
             self.stats.rejected += 1
             raise QueueFull
         req.enqueued = time.perf_counter()
+        self.stats.requests += 1
+        self.waiting += 1
+        try:
+            # decode the image and tokenize the prompt off the model's thread, in parallel with decoding;
+            # a bad image is then a 400 before the request ever waits in the queue
+            await asyncio.to_thread(self._prepare, req)
+        except Exception:
+            self.waiting -= 1
+            self.stats.errors += 1
+            raise
         req.done = asyncio.Event()
         req.deltas = asyncio.Queue()
-        self.stats.requests += 1
         await self.queue.put(req)
         return req
+
+    def _prepare(self, req: GenRequest) -> None:
+        if req.image is not None and self.images is not None:
+            req.pixels = self.images.get(req.image, self.stats, self.max_pixels)
+        req.ids = self.processor.encode_prompt(req.question, 1 if req.pixels is not None else 0)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             first = await self.queue.get()
+            self.waiting -= 1
             batch = [first]
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_batch:
@@ -141,6 +160,7 @@ class Engine:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                    self.waiting -= 1
                 except TimeoutError:
                     break
             await asyncio.to_thread(self._run_batch, batch, loop)
@@ -167,20 +187,7 @@ class Engine:
 
     def _run_batch(self, batch: list[GenRequest], loop: asyncio.AbstractEventLoop) -> None:
         with self.lock:
-            live = []
-            for req in batch:
-                try:
-                    pixels = None
-                    if req.image is not None and self.images is not None:
-                        pixels = self.images.get(req.image, self.stats, self.max_pixels)
-                    ids = self.processor.encode_prompt(req.question, 1 if pixels is not None else 0)
-                    live.append((req, ids, pixels))
-                except Exception as e:  # noqa: BLE001 - reported to that client alone
-                    req.error = e
-                    self.stats.errors += 1
-                    self._finish(loop, req)
-            if not live:
-                return
+            live = [(req, req.ids, req.pixels) for req in batch]
             self.stats.batches += 1
             self.stats.batched_rows += len(live)
             # rows with and without an image cannot share one batch; decode each group
