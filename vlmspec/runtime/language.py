@@ -519,29 +519,17 @@ def _build(comp: Component, family: str) -> CausalLM:
     return CausalLM(lm_config(cfg, family), cfg.moe)
 
 
-@register("language", "llama")
-def build_llama(comp: Component, ctx: BuildContext) -> CausalLM:
-    if not isinstance(comp.config, Llama):
-        raise user_error("E0592", f"`{comp.name}` is not a llama model")
-    return _build(comp, "llama")
+def _family_builder(family: str, schema: type[LanguageBase]):
+    """The registered builder of one language family: the same decoder, configured by `lm_config`."""
+
+    def build(comp: Component, ctx: BuildContext) -> CausalLM:
+        if not isinstance(comp.config, schema):
+            raise user_error("E0592", f"`{comp.name}` is not a {family} model")
+        return _build(comp, family)
+
+    build.__name__ = f"build_{family}"
+    return build
 
 
-@register("language", "gemma")
-def build_gemma(comp: Component, ctx: BuildContext) -> CausalLM:
-    if not isinstance(comp.config, Gemma):
-        raise user_error("E0592", f"`{comp.name}` is not a gemma model")
-    return _build(comp, "gemma")
-
-
-@register("language", "opt")
-def build_opt(comp: Component, ctx: BuildContext) -> CausalLM:
-    if not isinstance(comp.config, OPT):
-        raise user_error("E0592", f"`{comp.name}` is not an opt model")
-    return _build(comp, "opt")
-
-
-@register("language", "phi")
-def build_phi(comp: Component, ctx: BuildContext) -> CausalLM:
-    if not isinstance(comp.config, Phi):
-        raise user_error("E0592", f"`{comp.name}` is not a phi model")
-    return _build(comp, "phi")
+for _family, _schema in (("llama", Llama), ("gemma", Gemma), ("opt", OPT), ("phi", Phi)):
+    register("language", _family)(_family_builder(_family, _schema))

@@ -48,13 +48,18 @@ class SparseMoE(nn.Module):
             return self.experts[e - 1]
         return self.experts[e]
 
+    def route(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Router probabilities [n x E], the top-k weights [n x k] (renormalised when k > 1) and experts [n x k]."""
+        probs = F.softmax(self.gate(flat).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return probs, weights, chosen
+
     def forward(self, x: Tensor, dense: FFN | None = None, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(flat).float(), dim=-1)  # [n x E]
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [n x k]
-        if self.top_k > 1:
-            weights = weights / weights.sum(-1, keepdim=True)
+        probs, weights, chosen = self.route(flat)
         out = torch.zeros_like(flat)
         for e in range(self.n_experts):
             rows, slot = (chosen == e).nonzero(as_tuple=True)

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmspec.runtime.moe import SparseMoE
@@ -30,10 +29,7 @@ class DenseRoutedMoE(SparseMoE):
                 token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(flat).float(), dim=-1)  # [n x E]
-        weights, chosen = probs.topk(self.top_k, dim=-1)  # [n x k]
-        if self.top_k > 1:
-            weights = weights / weights.sum(-1, keepdim=True)
+        probs, weights, chosen = self.route(flat)
         out = torch.zeros_like(flat)
         for e in range(self.n_experts):
             w = (weights * (chosen == e)).sum(-1, keepdim=True)  # [n x 1], 0 where expert e was not picked
