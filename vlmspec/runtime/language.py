@@ -236,10 +236,12 @@ class DecoderLayer:
     moe: SparseMoE | None
 
     def attn_norm(self, h: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The family's pre-attention norm; each family's `Parts` module defines it."""
+        raise TypeError(f"{type(self).__name__} must define `attn_norm`")
 
     def mlp_norm(self, h: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The family's pre-FFN norm; each family's `Parts` module defines it."""
+        raise TypeError(f"{type(self).__name__} must define `mlp_norm`")
 
     def forward(self, h: Tensor, state: DecodeState, idx: int, hooks: LayerHooks | None = None) -> Tensor:
         expert = hooks.expert if hooks is not None else None

@@ -55,7 +55,8 @@ class Connector(nn.Module):
         self.merge = merge
 
     def project(self, x: VisualTokens, instruction: Instruction | None = None) -> VisualTokens:
-        raise NotImplementedError
+        """The connector's own computation on the merged input; every connector kind defines it."""
+        raise TypeError(f"{type(self).__name__} must define `project`")
 
     def forward(self, sources: list[VisualTokens], instruction: Instruction | None = None) -> VisualTokens:
         x = merge_sources(sources, self.merge, self.name)

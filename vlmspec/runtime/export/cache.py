@@ -61,4 +61,4 @@ class StaticKVCache(KVCache):
         return (torch.stack([self.out_k[i] for i in range(n)]), torch.stack([self.out_v[i] for i in range(n)]))
 
     def reorder(self, index: Tensor) -> None:
-        raise NotImplementedError("a static export cache is reordered by the runner, not in the graph")
+        raise TypeError("a static export cache is reordered by the runner, not in the graph (no beam search here)")
