@@ -25,6 +25,9 @@ app = typer.Typer(
     help="[bold]vlmspec[/bold]: describe a vision-language model as text, then check, diff, build, train and serve it.\n\n"
     "A SPEC is a path to a .vlm file, optionally with a model name (`specs/llava.vlm:llava_tiny`; "
     "the file's first model by default) or a git revision (`HEAD~1:specs/llava.vlm`).",
+    epilog="Try: [bold]vlm summary specs/llava-1.5-7b.vlm[/bold], then "
+    "[bold]vlm diff specs/llava-1.5-7b.vlm specs/llava-1.5-13b.vlm[/bold]. "
+    "The language: docs/language.md.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     add_completion=False,
