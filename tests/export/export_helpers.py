@@ -95,14 +95,7 @@ def export_case(ref: str, tmp: Path, tokenizer: Any, formats: tuple[str, ...]) -
 
 def prompts(processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Two prompts of different lengths with their image tokens, left-padded to one batch."""
-    seqs = [processor.encode_prompt(q, 1) for q in QUESTIONS]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), processor.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
+    return processor.left_pad([processor.encode_prompt(q, 1) for q in QUESTIONS])
 
 
 def pixels(manifest: dict[str, Any], batch: int, seed: int = 1) -> torch.Tensor:

@@ -32,9 +32,9 @@ def llava(transformers, out: Path, *, layer: int | list[int] = -2, tie: bool = F
     return m
 
 
-def blip2(transformers, out: Path, seed: int = 0):
-    _quiet(transformers)
-    cfg = transformers.Blip2Config(
+def blip_configs() -> dict:
+    """The tiny vision / Q-Former / OPT sub-configs BLIP-2 and InstructBLIP share."""
+    return dict(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8),
         qformer_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -43,6 +43,11 @@ def blip2(transformers, out: Path, seed: int = 0):
                          num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
                          bos_token_id=2, eos_token_id=2, pad_token_id=1),
         num_query_tokens=NQ, image_token_id=IMAGE_TOKEN)
+
+
+def blip2(transformers, out: Path, seed: int = 0):
+    _quiet(transformers)
+    cfg = transformers.Blip2Config(**blip_configs())
     torch.manual_seed(seed)
     m = transformers.Blip2ForConditionalGeneration(cfg).eval()
     m.save_pretrained(str(out))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, NQ, blip2, llava  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, NQ, blip2, blip_configs, llava  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.runtime.weights import build_with_weights, import_hf  # noqa: E402
@@ -102,15 +102,7 @@ def test_instructblip_imports_with_full_coverage(tmp_path):
     """InstructBLIP: spec + weights import with every key placed (logit parity needs the instruction
     input of the Q-Former, not exercised here)."""
     transformers.utils.logging.disable_progress_bar()
-    cfg = transformers.InstructBlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=64, cross_attention_frequency=1),
-        text_config=dict(model_type="opt", vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
-                         bos_token_id=2, eos_token_id=2, pad_token_id=1),
-        num_query_tokens=NQ, image_token_id=IMAGE_TOKEN)
+    cfg = transformers.InstructBlipConfig(**blip_configs())
     torch.manual_seed(0)
     hf = transformers.InstructBlipForConditionalGeneration(cfg).eval()
     hf.save_pretrained(str(tmp_path / "hf"))

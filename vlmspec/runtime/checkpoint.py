@@ -11,7 +11,6 @@ A folder is written to a temporary sibling and renamed into place, so a crash ne
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from vlmspec.compiler.compile import Analysis, load_analysis
 from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
+from vlmspec.fsutil import fsync_dir_files, replace_dir
 
 FORMAT_VERSION = 1
 
@@ -88,15 +88,8 @@ def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, 
         (tmp / "spec.vlm").write_text(text)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir_files(tmp)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -113,15 +113,19 @@ class Processor:
         out[:, 0] = pixels
         return out
 
-    def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
-        """Left-padded prompts (one image per prompt when images are given) for `model.generate`."""
-        seqs = [self.encode_prompt(q, 1 if images else 0) for q in questions]
+    def left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists -> (input_ids, attention_mask), `[b x longest]`, padded on the left for generation."""
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            input_ids[i, width - len(s):] = torch.tensor(s)
+            input_ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
             mask[i, width - len(s):] = 1
+        return input_ids, mask
+
+    def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
+        """Left-padded prompts (one image per prompt when images are given) for `model.generate`."""
+        input_ids, mask = self.left_pad([self.encode_prompt(q, 1 if images else 0) for q in questions])
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
         if images:
             batch["pixel_values"] = self.pixel_values(images)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
-from vlmspec.fsutil import atomic_write_text
+from vlmspec.fsutil import atomic_write_text, fsync_dir_files, replace_dir
 from vlmspec.runtime.data import Dataset, read_dataset
 from vlmspec.runtime.processor import IGNORE, Encoded, Processor
 
@@ -601,15 +601,8 @@ class Trainer:
         _save_tensors(tmp / "weights.safetensors", trainable_state(model))
         torch.save({"optim": optim.state_dict(), "sched": sched.state_dict(), "rng": _rng_state()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = ckpt.with_name(ckpt.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if ckpt.exists():
-            os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir_files(tmp)
+        replace_dir(tmp, ckpt)
 
     def _evaluate(self, model, processor: Processor, stage: str, step: int) -> None:
         """Held-out VQA accuracy with the evaluation code `vlm eval` runs, so the two always agree."""

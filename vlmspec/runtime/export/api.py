@@ -14,7 +14,6 @@ a half-written folder, and an existing export folder is replaced only when the n
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from vlmspec.compiler.compile import Analysis
+from vlmspec.fsutil import replace_dir
 from vlmspec.runtime.blocks import DTYPES as SPEC_DTYPES
 from vlmspec.runtime.export import manifest as mf
 from vlmspec.runtime.export.errors import bad_option
@@ -112,7 +112,7 @@ def export_model(model_dir_or_model: str | Path | VisionLanguageModel, out_dir: 
         manifest["eos_token_id"] = getattr(tokenizer, "eos_token_id", None)
         manifest["pad_token_id"] = getattr(tokenizer, "pad_token_id", None)
         mf.write(tmp, manifest)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -241,10 +241,3 @@ def _tensorrt(model: VisionLanguageModel, iface: Interface, tmp: Path, quantize:
     return files
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -207,13 +207,9 @@ class Engine:
         from vlmspec.runtime.decoding import KVCache
 
         p = self.processor
-        width = max(len(ids) for _, ids, _ in group)
         n = len(group)
-        input_ids = torch.full((n, width), p.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, (req, ids, _) in enumerate(group):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
+        input_ids, mask = p.left_pad([ids for _, ids, _ in group])
+        for req, ids, _ in group:
             req.prompt_tokens = len(ids)
         pixels = [px for _, _, px in group]
         pixel_values = p.tile(torch.stack(pixels)) if pixels[0] is not None else None
