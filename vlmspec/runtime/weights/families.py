@@ -7,7 +7,7 @@ A family may have several layouts (transformers has saved LLaVA as `language_mod
 `model.language_model.*`); the first layout whose anchor (first rule) prefix occurs in the checkpoint
 is used. Nothing is matched by substring or by folder name.
 
-Multi-part checkpoints (LLaVA, BLIP-2, InstructBLIP) have named parts: a spec selects one with
+Multi-part checkpoints (one module each under `formats/`) have named parts: a spec selects one with
 `weights = "DIR#part"`; without `#part` the part follows the component's role.
 """
 
@@ -42,12 +42,12 @@ class Layout:
         return any(ckpt_key.startswith(ckpt) for ckpt, _ in self.rules)
 
 
-def _lay(*rules: tuple[str, str]) -> Layout:
+def lay(*rules: tuple[str, str]) -> Layout:
     return Layout(tuple(rules))
 
 
-_LM = (_lay(("model.", "model."), ("lm_head.", "lm_head.")),)
-_VISION = (_lay(("vision_model.", "")), _lay(("", "")))
+_LM = (lay(("model.", "model."), ("lm_head.", "lm_head.")),)
+_VISION = (lay(("vision_model.", "")), lay(("", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +70,15 @@ def _add(model_types: tuple[str, ...], role: str, kinds: set[str], layouts: tupl
 
 
 _add(("clip_vision_model",), "vision", {"vit"}, _VISION, "CLIPVisionModel")
-_add(("clip",), "vision", {"vit"}, (_lay(("vision_model.", "")),), "CLIPModel")
+_add(("clip",), "vision", {"vit"}, (lay(("vision_model.", "")),), "CLIPModel")
 _add(("siglip_vision_model",), "vision", {"siglip"}, _VISION, "SiglipVisionModel")
-_add(("siglip",), "vision", {"siglip"}, (_lay(("vision_model.", "")),), "SiglipModel")
+_add(("siglip",), "vision", {"siglip"}, (lay(("vision_model.", "")),), "SiglipModel")
 _add(("blip_2_vision_model", "instructblip_vision_model"), "vision", {"eva"}, _VISION, "Blip2VisionModel")
 _add(("llama", "mistral", "qwen2"), "language", {"llama"}, _LM, "LlamaForCausalLM")
 _add(("opt",), "language", {"opt"}, _LM, "OPTForCausalLM")
 _add(("phi",), "language", {"phi"}, _LM, "PhiForCausalLM")
 _add(("gemma",), "language", {"gemma"}, _LM, "GemmaForCausalLM")
-_add(("blip_2_qformer",), "connector", {"qformer"}, (_lay(("", "qformer.")),), "Blip2QFormerModel")
+_add(("blip_2_qformer",), "connector", {"qformer"}, (lay(("", "qformer.")),), "Blip2QFormerModel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +92,6 @@ class Part:
     kinds: frozenset[str] = frozenset()
 
 
-_LLAVA_LM = (_lay(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
-             _lay(("model.language_model.", "model."), ("lm_head.", "lm_head.")))
-_QFORMER = (_lay(("query_tokens", "query_tokens"), ("qformer.", "qformer."),
-                 ("language_projection.", "language_projection.")),)
-
-
 @dataclass(frozen=True, slots=True)
 class MultiFamily:
     name: str
@@ -105,23 +99,12 @@ class MultiFamily:
     default_part: dict[str, str] = field(default_factory=dict)  # role -> part
 
 
-MULTI: dict[str, MultiFamily] = {
-    "llava": MultiFamily("llava", {
-        "vision": Part("vision", (_lay(("model.vision_tower.vision_model.", "")), _lay(("model.vision_tower.", "")),
-                                  _lay(("vision_tower.vision_model.", "")), _lay(("vision_tower.", ""))),
-                       sub_config="vision_config"),
-        "projector": Part("connector", (_lay(("model.multi_modal_projector.", "")),
-                                        _lay(("multi_modal_projector.", ""))), kinds=frozenset({"mlp"})),
-        "language": Part("language", _LLAVA_LM, sub_config="text_config"),
-    }, {"vision": "vision", "connector": "projector", "language": "language"}),
-}
-for _mt in ("blip-2", "instructblip"):
-    MULTI[_mt] = MultiFamily(_mt, {
-        "vision": Part("vision", (_lay(("model.vision_model.", "")), _lay(("vision_model.", ""))),
-                       sub_config="vision_config"),
-        "qformer": Part("connector", _QFORMER, kinds=frozenset({"qformer"})),
-        "language": Part("language", _LLAVA_LM, sub_config="text_config"),
-    }, {"vision": "vision", "connector": "qformer", "language": "language"})
+def multi_family(model_type: str) -> MultiFamily | None:
+    """The multi-part family of a VLM `model_type` (formats/ declares them, one module each)."""
+    from vlmspec.runtime.weights.formats import formats
+
+    fmt = formats().get(model_type)
+    return fmt.family if fmt else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +128,8 @@ def resolve(config: dict[str, Any], part: str | None, *, component: str, role: s
     """The family and layouts of a checkpoint for one component; E0583 when they do not fit."""
     mt = str(config.get("model_type", ""))
     arch = ", ".join(config.get("architectures") or []) or mt or "unknown"
-    if mt in MULTI:
-        multi = MULTI[mt]
+    multi = multi_family(mt)
+    if multi is not None:
         name = part or multi.default_part.get(role)
         if name not in multi.parts:
             raise weights_error(WRONG_FAMILY, f"{folder} ({arch}) has no part `{name}` for {role} `{component}`",
@@ -169,7 +152,8 @@ def resolve(config: dict[str, Any], part: str | None, *, component: str, role: s
     if fam is None:
         raise weights_error(WRONG_FAMILY, f"{role} `{component}` is a `{kind}` but {folder} is a `{mt or '?'}` "
                             f"checkpoint ({arch}), which vlmspec cannot map",
-                            help="supported model_type values: " + ", ".join(sorted([*FAMILIES, *MULTI])))
+                            help="supported model_type values: " + ", ".join(sorted(FAMILIES)) + ", or a whole VLM of "
+                            "a type `vlm import-hf` reads")
     if fam.role != role or kind not in fam.kinds:
         raise weights_error(WRONG_FAMILY, f"{role} `{component}` is a `{kind}` but {folder} is a `{mt}` checkpoint "
                             f"({arch})", help=_fits(fam.kinds))

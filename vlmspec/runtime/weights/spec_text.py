@@ -1,0 +1,84 @@
+"""Pieces of `.vlm` text that the Hugging Face importers share: field lines, the language block,
+and the check that refuses a setting a spec cannot express (E0585), never dropping it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from vlmspec.runtime.weights.errors import UNSUPPORTED, weights_error
+
+VISION_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "silu": "silu"}
+CONNECTOR_ACT = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu",
+                  "quick_gelu": "quick_gelu"}
+
+
+def identifier(text: str) -> str:
+    out = re.sub(r"\W", "_", text)
+    return out if out[:1].isalpha() else f"m_{out}"
+
+
+def fields(pairs: list[tuple[str, Any]]) -> str:
+    """`key = value` lines of a component body (strings quoted, floats as written)."""
+    lines = []
+    for k, v in pairs:
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, str) and not v.startswith(("layer(", "layers(")):
+            v = f'"{v}"'
+        lines.append(f"    {k} = {v}")
+    return "\n".join(lines)
+
+
+def need(cond: bool, what: str) -> None:
+    if not cond:
+        raise weights_error(UNSUPPORTED, f"import_hf: {what}", help="a spec cannot express it yet; build the spec "
+                            "by hand, or drop that setting from the checkpoint's config")
+
+
+def rope_theta(tc: dict[str, Any]) -> float:
+    rp = tc.get("rope_parameters") or {}
+    need(rp.get("rope_type", "default") == "default" and not tc.get("rope_scaling"),
+          f"rope scaling `{rp.get('rope_type')}` of the text model")
+    return float(rp.get("rope_theta", tc.get("rope_theta", 10000.0)))
+
+
+def language_block(tc: dict[str, Any], weights: str, tie: bool) -> str:
+    mt = tc.get("model_type", "llama")
+    if mt in ("llama", "mistral", "qwen2"):
+        need(not tc.get("mlp_bias"), "Llama `mlp_bias`")
+        need(not tc.get("attention_bias") or mt == "qwen2", "Llama `attention_bias` (a biased output projection)")
+        need(tc.get("hidden_act", "silu") == "silu", f"text activation {tc.get('hidden_act')}")
+        heads = tc["num_attention_heads"]
+        pairs: list[tuple[str, Any]] = [
+            ("width", tc["hidden_size"]), ("depth", tc["num_hidden_layers"]), ("heads", heads),
+            ("kv_heads", tc.get("num_key_value_heads") or heads), ("ffn", tc["intermediate_size"]),
+            ("vocab", tc["vocab_size"]), ("max_positions", tc["max_position_embeddings"]),
+            ("norm_eps", tc.get("rms_norm_eps", 1e-6)), ("rope_theta", rope_theta(tc))]
+        hd = tc.get("head_dim")
+        if hd and hd != tc["hidden_size"] // heads:
+            pairs.append(("head_dim", hd))
+        if mt == "qwen2":
+            pairs.append(("qkv_bias", True))
+        pairs += [("tie_embeddings", tie), ("weights", weights)]
+        return f"  language llm = llama {{\n{fields(pairs)}\n  }}"
+    if mt == "opt":
+        need(tc.get("do_layer_norm_before", True), "OPT with post-LayerNorm (`do_layer_norm_before = false`)")
+        need(tc.get("enable_bias", True) and tc.get("layer_norm_elementwise_affine", True),
+              "OPT without biases or LayerNorm affine")
+        act = tc.get("activation_function", "relu")
+        need(act in ("relu", "gelu"), f"OPT activation {act}")
+        pairs = [("width", tc["hidden_size"]), ("depth", tc["num_hidden_layers"]), ("heads", tc["num_attention_heads"]),
+                 ("ffn", tc["ffn_dim"]), ("vocab", tc["vocab_size"]), ("max_positions", tc["max_position_embeddings"])]
+        if tc.get("word_embed_proj_dim", tc["hidden_size"]) != tc["hidden_size"]:
+            pairs.append(("embed_dim", tc["word_embed_proj_dim"]))
+        pairs += [("act", act), ("tie_embeddings", tie), ("weights", weights)]
+        return f"  language llm = opt {{\n{fields(pairs)}\n  }}"
+    raise weights_error(UNSUPPORTED, f"import_hf: text model `{mt}`", help="supported: llama, mistral, qwen2, opt")
+
+
+def tie(config: dict[str, Any], tc: dict[str, Any]) -> bool:
+    if "tie_word_embeddings" in tc:
+        return bool(tc["tie_word_embeddings"])
+    return bool(config.get("tie_word_embeddings", False))
