@@ -67,6 +67,10 @@ CASES: dict[str, str] = {
     "E0407": spec(stages="  stage align { train proj  freeze clip, llm  upcycle llm.mlp -> llm.moe }\n"),
     "E0408": spec(stages="  stage align { train proj  freeze clip, llm  objective lm + itx }\n"),
     "E0409": spec(stages="  stage align { train proj  freeze clip, llm  objective itc + itm }\n"),
+    "E0410": spec(connector="  connector qf = qformer(clip -> llm) { queries = 4  width = 32  depth = 2  heads = 2  "
+                  "mlp = 64  text_ffn = false }\n",
+                  fusion="  fusion prefix(qf -> llm)\n",
+                  stages="  stage align { train qf  freeze clip, llm  objective itc + itm }\n"),
     # warnings
     "W0301": spec(vision=BASE_PARTS["vision"] + "  vision extra = siglip { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2 }\n"),
 }

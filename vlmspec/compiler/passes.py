@@ -354,9 +354,17 @@ def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: Diagnostic
         _check_upcycle(ir, stage, up.source, up.dest, span("upcycle"), sink)
 
     if any(o.name in ("itc", "itm", "itg") for o in stage.objective):
-        if not any(c.kind == "qformer" for c in ir.by_role("connector")):
+        qformers = [c for c in ir.by_role("connector") if c.kind == "qformer"]
+        if not qformers:
             sink.error("E0409", f"stage `{stage.name}`: objectives itc / itm / itg need a Q-Former connector",
                        span("objective"), help="use `objective lm`, or add `connector qf = qformer(...)`")
+        elif not (qformers[0].config.pretrain and qformers[0].config.text_ffn):
+            qf = qformers[0]
+            missing = " and ".join(f"`{k} = true`" for k in ("pretrain", "text_ffn") if not getattr(qf.config, k))
+            sink.error("E0410", f"stage `{stage.name}`: objectives itc / itm / itg train the text side of Q-Former "
+                       f"`{qf.name}`, which it does not have", span("objective"),
+                       help=f"set {missing} in `{qf.name}` (the text embeddings, text feed-forwards and heads "
+                       "of BLIP-2's first stage)")
 
     plan = StagePlan(stage.name, status, trainable, lora_total)
     if not sink.has_errors and plan.total_trainable + lora_total == 0:

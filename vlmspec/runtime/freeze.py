@@ -43,6 +43,7 @@ _CONNECTOR_PARTS: dict[str, tuple[int, str]] = {
     "latents": (_RANK_PART, r"latents$"),
     "layers": (_RANK_GROUP, r"(?:qformer\.encoder|blocks)\."),
     "proj": (_RANK_PART, r"(?:language_projection|proj)\."),
+    "pretrain": (_RANK_PART, r"(?:embeddings\.|vision_projection\.|text_projection\.|itm_head\.|itg_head\.|temp$)"),
 }
 
 

@@ -35,6 +35,7 @@ from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
 from vlmspec.fsutil import atomic_write_text, fsync_dir_files, replace_dir
 from vlmspec.runtime.data import Dataset, read_dataset
+from vlmspec.runtime.objectives import FIRST_STAGE, FirstStageLoss, text_batch
 from vlmspec.runtime.processor import IGNORE, Encoded, Processor
 
 MANIFEST_VERSION = 1
@@ -429,11 +430,11 @@ class Trainer:
         from vlmspec.runtime.freeze import apply_stage
 
         opts, dist = self.opts, self.dist
-        unsupported = [o.name for o in stage.objective if o.name != "lm"]
-        if unsupported:
-            raise user_error("E0527", f"stage `{stage.name}`: the trainer implements the `lm` objective only, not "
-                             f"{', '.join(unsupported)}", help="BLIP-2's first-stage objectives (itc, itm, itg) "
-                             "are checked by `vlm check` but not trained yet; use `objective lm`")
+        first = {o.name: o.weight for o in stage.objective if o.name in FIRST_STAGE}
+        if first and len(first) != len(stage.objective):
+            raise user_error("E0527", f"stage `{stage.name}` mixes `lm` with {', '.join(first)}",
+                             help="BLIP-2 trains them in separate stages: `objective itc + itm + itg` first, "
+                             "then a stage with `objective lm`")
         path, fmt, images = _stage_data(stage, opts)
         needs_image = processor.transform is not None
         image_token = processor.image_token
@@ -446,6 +447,8 @@ class Trainer:
         if not ds.samples:
             raise user_error("E0525", f"stage `{stage.name}`: no usable records in {path}")
         enc = encode_dataset(ds, processor)
+        texts = [processor.tokenizer(" ".join(a for _, a in smp.turns).strip(), add_special_tokens=False)["input_ids"]
+                 for smp in ds.samples] if first else []
 
         upcycle_done = self._upcycle(model, stage)
         lora_modules = self._apply_lora(model, stage)
@@ -462,10 +465,15 @@ class Trainer:
             raise user_error("E0526", f"stage `{stage.name}`: batch {global_batch} does not split into "
                              f"{accum} accumulation steps x {dist.world} processes")
         micro = global_batch // (accum * dist.world)
+        if first and micro < 2 and first.keys() & {"itc", "itm"}:
+            raise user_error("E0528", f"stage `{stage.name}`: itc / itm contrast the samples of a micro-batch, and "
+                             f"batch {global_batch} leaves {micro} per micro-batch",
+                             help=f"raise `batch` to at least {2 * accum * dist.world}")
         steps_per_epoch = max(1, len(enc.examples) // global_batch)
         total = opts.steps or stage.steps or steps_per_epoch * (stage.epochs or 1)
 
-        train_model = self._wrap(model, stage)  # first: FSDP2 replaces the parameters the optimizer must hold
+        # wrap first: FSDP2 replaces the parameters the optimizer must hold
+        train_model = self._wrap(model, stage, FirstStageLoss(model, set(first)) if first else None)
         groups = _param_groups(model, stage, self.analysis)
         optim = make_optimizer(groups, stage)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(stage, total))
@@ -506,8 +514,19 @@ class Trainer:
             total_tokens = int(dist.all_sum(torch.tensor(float(n_tokens))).item())
             optim.zero_grad(set_to_none=True)
             loss_acc = 0.0
+            part_acc: dict[str, float] = {}
             for mb in micro_batches:
                 pix = [enc.pixels[k] for k in mb]
+                if first:
+                    loss, parts = self._first_stage_step(train_model, processor, first, pix, [texts[k] for k in mb],
+                                                         stage, autocast)
+                    loss = loss / accum
+                    loss.backward()
+                    loss_acc += float(loss.detach())
+                    for name, value in parts.items():
+                        part_acc[name] = part_acc.get(name, 0.0) + value / accum
+                    tokens_seen += sum(len(texts[k]) + 2 for k in mb)
+                    continue
                 batch = processor.training_batch([enc.examples[k] for k in mb],
                                                  processor.tile(torch.stack(pix)) if pix and pix[0] is not None else None)
                 labels = batch.pop("labels")
@@ -521,7 +540,9 @@ class Trainer:
                 loss.backward()
                 loss_acc += float(loss_sum.detach()) / max(1, total_tokens)
                 tokens_seen += int(batch["attention_mask"].sum())
-            loss_global = float(dist.all_sum(torch.tensor(loss_acc * 1.0)).item())
+            # lm: already divided by the global token count; first-stage losses: the mean over processes
+            loss_global = float(dist.all_sum(torch.tensor(loss_acc * 1.0)).item()) / (dist.world if first else 1)
+            parts_global = {k: float(dist.all_sum(torch.tensor(v)).item()) / dist.world for k, v in part_acc.items()}
             if stage.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], stage.clip_grad)
             optim.step()
@@ -530,8 +551,8 @@ class Trainer:
             result.losses.append(loss_global)
             elapsed = time.perf_counter() - t0
             if dist.main:
-                self._metric({"stage": stage.name, "step": step, "loss": loss_global, "lr": sched.get_last_lr()[0],
-                              "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9)})
+                self._metric({"stage": stage.name, "step": step, "loss": loss_global, **parts_global,
+                              "lr": sched.get_last_lr()[0], "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9)})
             progress(step, loss_global, tokens_seen * dist.world / max(elapsed, 1e-9))
             if opts.eval_data and opts.eval_every and step % opts.eval_every == 0 and step < total:
                 self._evaluate(model, processor, stage.name, step)
@@ -552,6 +573,21 @@ class Trainer:
         self.dist.barrier()
         return result
 
+    def _first_stage_step(self, train_model, processor: Processor, first: dict[str, float], pix: list,
+                          texts: list[list[int]], stage: Stage, autocast) -> tuple[torch.Tensor, dict[str, float]]:
+        """One micro-batch of BLIP-2's first-stage objectives: (weighted loss, each loss as a float)."""
+        if not pix or pix[0] is None:
+            raise user_error("E0528", f"stage `{stage.name}`: itc / itm / itg need an image with every sample")
+        loss_module = train_model.module if hasattr(train_model, "module") else train_model  # under DDP
+        words, positions = loss_module.model.components[loss_module.qformer_name].word_table()
+        bos = processor.bos_id if processor.bos_id is not None else processor.pad_id
+        eos = processor.eos_id if processor.eos_id is not None else processor.pad_id
+        text = text_batch(texts, bos, eos, positions.num_embeddings, words.num_embeddings, f"stage `{stage.name}`")
+        with autocast:
+            losses = train_model(torch.stack(pix), text.ids, text.mask)
+        total = sum(first[name] * value for name, value in losses.items())
+        return total, {name: float(value.detach()) for name, value in losses.items()}
+
     def _full_state(self, model) -> dict[str, torch.Tensor]:
         """The whole state dict as plain tensors; sharded (DTensor) entries are all-gathered (collective)."""
         from torch.distributed.tensor import DTensor
@@ -570,9 +606,12 @@ class Trainer:
                 out[k] = v
         return out
 
-    def _wrap(self, model, stage: Stage):
+    def _wrap(self, model, stage: Stage, loss_module: torch.nn.Module | None = None):
+        """What the training loop calls: the model, or `loss_module` (which computes the stage's losses
+        from the model), under DDP or with the model's trained components sharded by FSDP2."""
+        top = loss_module if loss_module is not None else model
         if self.dist.world <= 1:
-            return model
+            return top
         if self.opts.fsdp or stage.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -582,10 +621,11 @@ class Trainer:
                 if any(p.requires_grad for p in comp.parameters()):  # frozen components stay replicated
                     fully_shard(comp, mesh=mesh)
             self._sharded = True
-            return model
+            return top
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, find_unused_parameters=False)
+        # a first-stage stage may leave heads unused (itc alone never reaches the ITM head)
+        return DDP(top, find_unused_parameters=loss_module is not None)
 
     def _checkpoint(self, model, optim, sched, ckpt: Path, step: int, losses: list[float]) -> None:
         if self._sharded:

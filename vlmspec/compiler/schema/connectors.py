@@ -145,10 +145,13 @@ class QFormer(ConnectorBase):
     cross_every: int = Field(default=2, ge=1, description="a cross-attention block every N layers")
     instruction: bool = Field(default=False, description="instruction-aware (InstructBLIP): text tokens enter the Q-Former")
     text_ffn: bool = Field(default=True, description="keep the text-side feed-forward in each layer (HF Blip2 drops it)")
-    text_vocab: int = Field(default=30523, gt=0, description="vocabulary of the instruction embeddings")
-    max_text: int = Field(default=512, gt=0, description="positions of the instruction embeddings")
+    text_vocab: int = Field(default=30523, gt=0, description="vocabulary of the text embeddings (instruction or first-stage text)")
+    max_text: int = Field(default=512, gt=0, description="positions of the text embeddings")
     project: bool = Field(default=True, description="end with a linear projection to the output width")
     norm_eps: float = Field(default=1e-12, gt=0, description="LayerNorm epsilon")
+    pretrain: bool = Field(default=False, description="BLIP-2's first-stage text side: text embeddings and the "
+                           "ITC / ITM / ITG heads that the itc, itm and itg objectives train")
+    embed_dim: int = Field(default=256, gt=0, description="width of the image-text contrastive space (with `pretrain`)")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         return TokenShape(self.queries, self.out_width(ctx, self.width) if self.project else self.width)
@@ -169,12 +172,16 @@ class QFormer(ConnectorBase):
             "embeddings": layernorm(w) + ((self.text_vocab + self.max_text) * w if self.instruction else 0),
             "layers": self.depth * (self_attn + (2 if self.text_ffn else 1) * ffn) + n_cross * cross,
         }
+        if self.pretrain:
+            words = 0 if self.instruction else (self.text_vocab + self.max_text) * w
+            itg = linear(w, w) + layernorm(w) + self.text_vocab  # transform + output bias (decoder tied)
+            p["pretrain"] = words + 2 * linear(w, self.embed_dim) + linear(w, 2) + 1 + itg
         if self.project:
             p["proj"] = linear(w, self.out_width(ctx, w))
         return p
 
     def subpaths(self) -> list[str]:
-        return ["queries", "layers", *(["proj"] if self.project else [])]
+        return ["queries", "layers", *(["pretrain"] if self.pretrain else []), *(["proj"] if self.project else [])]
 
 
 @register

@@ -1,5 +1,7 @@
 """`qformer`: BLIP-2's Q-Former. Learned queries read the image through cross-attention every
-`cross_every` layers; InstructBLIP's variant also lets instruction text into the self-attention.
+`cross_every` layers; InstructBLIP's variant also lets instruction text into the self-attention; with `pretrain` the
+connector also holds BLIP-2's first-stage text side (text embeddings; ITC, ITM and ITG heads), which
+`vlmspec.runtime.objectives` trains.
 
 Keys follow Hugging Face's Blip2 / InstructBlip (`query_tokens`, `qformer.layernorm` or
 `qformer.embeddings.*`, `qformer.encoder.layer.N.attention.attention.query`, `crossattention`,
@@ -13,8 +15,8 @@ from torch import Tensor, nn
 
 from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.connectors import QFormer
-from vlmspec.runtime.blocks import VisualTokens, attend, check_divisible, split_heads
-from vlmspec.runtime.connectors.base import Connector, Instruction
+from vlmspec.runtime.blocks import VisualTokens, attend, check_divisible, param_dtype, split_heads
+from vlmspec.runtime.connectors.base import Connector, Instruction, merge_sources
 from vlmspec.runtime.registry import BuildContext, register
 
 
@@ -81,17 +83,18 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = Intermediate(width, hidden)
         self.output_query = AddNorm(hidden, width, eps)
 
-    def forward(self, h: Tensor, image: Tensor, n_query: int, mask: Tensor | None) -> Tensor:
+    def forward(self, h: Tensor, image: Tensor | None, n_query: int, mask: Tensor | None) -> Tensor:
         h = self.attention(h, h, mask)
         q, text = h[:, :n_query], h[:, n_query:]
-        if self.crossattention is not None:
-            q = self.crossattention(q, image)
-        q = self.output_query(self.intermediate_query(q), q)
+        if n_query:
+            if self.crossattention is not None:
+                q = self.crossattention(q, image)
+            q = self.output_query(self.intermediate_query(q), q)
         if text.shape[1] == 0:
             return q
         if self.text_ffn:
             text = self.output(self.intermediate(text), text)
-        return torch.cat([q, text], dim=1)
+        return torch.cat([q, text], dim=1) if n_query else text
 
 
 class Encoder(nn.Module):
@@ -109,12 +112,50 @@ class TextEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(positions, width)
         self.layernorm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, queries: Tensor, ids: Tensor | None) -> Tensor:
-        if ids is None:
-            return self.layernorm(queries)
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        text = self.word_embeddings(ids) + self.position_embeddings(pos)[None]
-        return self.layernorm(torch.cat([queries, text.to(queries.dtype)], dim=1))
+    def forward(self, queries: Tensor | None, ids: Tensor | None) -> Tensor:
+        return self.layernorm(join(queries, self.word_embeddings, self.position_embeddings, ids))
+
+
+class TextWords(nn.Module):
+    """BLIP-2's first-stage text embeddings (words + absolute positions); the Q-Former's own
+    LayerNorm normalises [queries; text], as in Hugging Face's `Blip2ForImageTextRetrieval`."""
+
+    def __init__(self, vocab: int, positions: int, width: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, width)
+        self.position_embeddings = nn.Embedding(positions, width)
+
+
+def join(queries: Tensor | None, words: nn.Embedding, positions: nn.Embedding, ids: Tensor | None) -> Tensor:
+    """[queries; words(ids) + positions] (either part may be absent)."""
+    if ids is None:
+        if queries is None:
+            raise ValueError("the Q-Former needs queries, text, or both")
+        return queries
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    text = words(ids) + positions(pos)[None]
+    if queries is None:
+        return text
+    return torch.cat([queries, text.to(queries.dtype)], dim=1)
+
+
+class LMHead(nn.Module):
+    """BERT's prediction head for image-grounded text generation: dense + GELU + LayerNorm, then the
+    word embeddings (tied) plus a bias."""
+
+    def __init__(self, width: int, vocab: int, eps: float):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(width, width)
+        self.transform.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.zeros_(self.bias)
+
+    def forward(self, h: Tensor, words: Tensor) -> Tensor:
+        h = self.transform.LayerNorm(torch.nn.functional.gelu(self.transform.dense(h)))
+        return torch.nn.functional.linear(h, words, self.bias)
 
 
 class QFormerModel(nn.Module):
@@ -144,9 +185,13 @@ class QFormerModel(nn.Module):
                 mask = keys[:, None, None, :]
         else:
             h = self.layernorm(queries)
+        return self.run(h, image, n_query, mask)[:, :n_query]
+
+    def run(self, h: Tensor, image: Tensor | None, n_query: int, mask: Tensor | None) -> Tensor:
+        """The layers over embedded [queries; text]; `mask` is bool [n x 1 x s|1 x s], True = may attend."""
         for layer in self.encoder.layer:
             h = layer(h, image, n_query, mask)
-        return h[:, :n_query]
+        return h
 
 
 class QFormerConnector(Connector):
@@ -158,9 +203,41 @@ class QFormerConnector(Connector):
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.queries, cfg.width))
         self.qformer = QFormerModel(cfg, enc_width, getattr(cfg, "text_ffn", True))
         self.language_projection = nn.Linear(cfg.width, out_width) if cfg.project else None
+        self.pretrain = cfg.pretrain
+        if cfg.pretrain:
+            if not cfg.instruction:  # InstructBLIP's instruction embeddings double as the text side
+                self.embeddings = TextWords(cfg.text_vocab, cfg.max_text, cfg.width)
+            self.vision_projection = nn.Linear(cfg.width, cfg.embed_dim)
+            self.text_projection = nn.Linear(cfg.width, cfg.embed_dim)
+            self.itm_head = nn.Linear(cfg.width, 2)
+            self.temp = nn.Parameter(torch.tensor(0.07))
+            self.itg_head = LMHead(cfg.width, cfg.text_vocab, cfg.norm_eps)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.query_tokens, std=std)
+        if self.pretrain:
+            with torch.no_grad():
+                self.temp.fill_(0.07)
+
+    # ---- BLIP-2's first stage (objectives itc / itm / itg); see vlmspec.runtime.objectives
+    def word_table(self) -> tuple[nn.Embedding, nn.Embedding]:
+        """(word, position) embeddings of the text side."""
+        emb = self.qformer.embeddings if self.qformer.instruction else self.embeddings
+        return emb.word_embeddings, emb.position_embeddings
+
+    def embed(self, queries: Tensor | None, ids: Tensor | None) -> Tensor:
+        """LayerNorm([queries; text embeddings]) -- the Q-Former's input."""
+        if self.qformer.instruction:
+            return self.qformer.embeddings(queries, ids)
+        words, positions = self.word_table()
+        return self.qformer.layernorm(join(queries, words, positions, ids))
+
+    def queries_for(self, n: int) -> Tensor:
+        return self.query_tokens.expand(n, -1, -1)
+
+    def merged_features(self, sources: list[VisualTokens]) -> Tensor:
+        """The image features the Q-Former cross-attends to (after the connector's source merge)."""
+        return merge_sources(sources, self.merge, self.name).x.to(param_dtype(self))
 
     def project(self, x: VisualTokens, instruction: Instruction | None = None) -> VisualTokens:
         queries = self.query_tokens.expand(x.x.shape[0], -1, -1)
