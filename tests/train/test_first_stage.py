@@ -4,6 +4,7 @@ losses reach the right parameters, and `vlm train` runs them exactly like any ot
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,21 @@ def test_first_stage_errors_are_one_line(data, tmp_path) -> None:
                             "align"], capture_output=True, text=True)
         assert r.returncode == 1 and code in r.stderr and words in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+def test_first_stage_under_ddp(spec, data, tmp_path) -> None:
+    """Two gloo processes: the loss module is what DDP wraps, unused heads (no itm here) are allowed."""
+    text = Path(spec).read_text().replace("objective itc + itm + 0.5 * itg", "objective itc + itg")
+    p = tmp_path / "ddp.vlm"
+    p.write_text(text)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "vlmspec.cli", "train", str(p), "--data", str(data), "--stage", "align", "--steps", "2",
+                "-o", str(tmp_path / "two")]
+    r = subprocess.run(torchrun, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all({"itc", "itg"} <= set(row) and "itm" not in row for row in rows)
+    from vlmspec.runtime.checkpoint import load
+
+    model = load(str(tmp_path / "two" / "final"))  # loads in a single process
+    assert model.components["qf"].pretrain

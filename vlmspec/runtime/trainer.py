@@ -624,8 +624,9 @@ class Trainer:
             return top
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # a first-stage stage may leave heads unused (itc alone never reaches the ITM head)
-        return DDP(top, find_unused_parameters=loss_module is not None)
+        # a subset of the first-stage objectives leaves heads unused (itc alone never reaches the ITM head)
+        unused = loss_module is not None and set(FIRST_STAGE) - loss_module.wanted
+        return DDP(top, find_unused_parameters=bool(unused))
 
     def _checkpoint(self, model, optim, sched, ckpt: Path, step: int, losses: list[float]) -> None:
         if self._sharded:
