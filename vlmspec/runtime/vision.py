@@ -2,9 +2,11 @@
 
 One module covers the three families because they differ only in switches the schema already
 declares (class token, pre-LayerNorm, patch bias, activation) and in the attention layout (EVA's
-fused QKV). Parameter names follow the Hugging Face vision towers (`embeddings.patch_embedding`,
-`pre_layrnorm`, `encoder.layers.N.self_attn.q_proj`, `post_layernorm`; EVA: `self_attn.qkv`,
-`self_attn.projection`) so a later importer can load checkpoints by key.
+fused QKV, also used by a `vit` with `position = rope2d`, Qwen2-VL's tower). Parameter names follow
+the Hugging Face vision towers (`embeddings.patch_embedding`, `pre_layrnorm`,
+`encoder.layers.N.self_attn.q_proj`, `post_layernorm`; EVA and rope2d: `self_attn.qkv`,
+`self_attn.projection`) so an importer can load checkpoints by key (Qwen2-VL's `blocks.N.attn.qkv`
+through a renaming layout, see `weights/formats/qwen2_vl.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from vlmspec.runtime.blocks import (
 from vlmspec.runtime.registry import BuildContext, register
 
 
+def rotate_fp32(rotary: Rotary, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q and k in float32 (the tables are float32) and return them in their own dtype, as
+    Qwen2-VL's `apply_rotary_pos_emb_vision` does; a bf16 encoder then attends in bf16."""
+    dtype = q.dtype
+    q, k = rotary.apply(q.float(), k.float())
+    return q.to(dtype), k.to(dtype)
+
+
 class VisionAttention(nn.Module):
     """CLIP / SigLIP attention: separate biased q, k, v and output projections."""
 
@@ -42,7 +52,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
         q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         if rotary is not None:
-            q, k = rotary.apply(q, k)
+            q, k = rotate_fp32(rotary, q, k)
         return self.out_proj(attend(q, k, v))
 
 
@@ -58,7 +68,7 @@ class EVAAttention(nn.Module):
     def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if rotary is not None:
-            q, k = rotary.apply(q, k)
+            q, k = rotate_fp32(rotary, q, k)
         return self.projection(attend(q, k, v))
 
 
@@ -346,7 +356,9 @@ class VisionEncoder(nn.Module):
 
 @register("vision", "vit")
 def build_vit(comp: Component, ctx: BuildContext) -> VisionEncoder:
-    return VisionEncoder(comp.config, fused_qkv=False, raw_params=False, post_norm_on_tokens=False)
+    # a rope2d ViT is Qwen2-VL's, whose attention has one fused, biased `qkv` (same parameter count)
+    fused = comp.config.position == "rope2d"
+    return VisionEncoder(comp.config, fused_qkv=fused, raw_params=False, post_norm_on_tokens=False)
 
 
 @register("vision", "siglip")
