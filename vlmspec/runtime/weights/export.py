@@ -1,19 +1,22 @@
 """`export_hf`: a vlmspec model folder with prefix fusion -> the Hugging Face LLaVA layout.
 
-The folder is loadable by `LlavaForConditionalGeneration.from_pretrained(out_dir)` (and so servable
-by anything that serves LLaVA). Only what LLaVA can express is exported: one CLIP-style `vit`, a
-2-layer `mlp` connector, a `llama` language model and a `prefix` fusion; anything else is E0586
-naming what does not fit.
+The folder is loadable by `LlavaForConditionalGeneration.from_pretrained(out_dir)` and, with the
+model's tokenizer copied and an image-processor config written from the spec, by `LlavaProcessor`
+too (so anything that serves LLaVA can serve it). Only what LLaVA can express is exported: one
+CLIP-style `vit`, a 2-layer `mlp` connector, a `llama` language model and a `prefix` fusion; anything
+else is E0586 naming what does not fit. The folder is written aside and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlmspec.fsutil import fsync_dir_files, replace_dir
 from vlmspec.runtime.weights.errors import EXPORT, weights_error
 
 _ACT_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
@@ -64,8 +67,31 @@ def llava_config(model: Any, analysis: Any) -> dict[str, Any]:
     }, (vis.name, con.name, lm.name)
 
 
+# the files `save_pretrained` writes for a tokenizer (whichever of them the model folder has)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
+
+
+def processor_configs(model: Any, analysis: Any) -> dict[str, dict[str, Any]]:
+    """`preprocessor_config.json` (CLIPImageProcessor doing what the spec's image transform does: an
+    exact resize to the encoder's size, rescale, normalise) and `processor_config.json` (LlavaProcessor)."""
+    (vis,) = analysis.ir.by_role("vision")
+    (fus,) = analysis.ir.by_role("fusion")
+    v = vis.config
+    image = {"image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+             "do_resize": True, "size": {"height": v.image_size, "width": v.image_size},
+             "resample": _RESAMPLE[v.resize], "do_center_crop": False, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.mean), "image_std": list(v.std),
+             "do_convert_rgb": True}
+    processor = {"processor_class": "LlavaProcessor", "patch_size": v.patch_size,
+                 "vision_feature_select_strategy": "default" if v.feature.tokens == "patches" else "full",
+                 "num_additional_image_tokens": 1 if v.class_token else 0, "image_token": fus.config.image_token}
+    return {"preprocessor_config.json": image, "processor_config.json": processor}
+
+
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir/config.json` + `model.safetensors` in the LLaVA layout; return out_dir."""
+    """Write `out_dir` in the LLaVA layout (config, weights, tokenizer, processor configs); return it."""
     from safetensors.torch import save_file
 
     from vlmspec.runtime.checkpoint import load
@@ -73,7 +99,9 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     model = load(model_dir)
     config, (vis, con, lm) = llava_config(model, model.analysis)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
     prefixes = {vis: "vision_tower.", con: "multi_modal_projector.", lm: "language_model."}
     tie = config["tie_word_embeddings"]
@@ -84,6 +112,14 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
             tensors[prefix + k] = t.detach().contiguous().cpu()
     dtype = next(iter(tensors.values())).dtype
     config["dtype"] = str(dtype).removeprefix("torch.")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    copied = [f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
+    for name in copied:
+        shutil.copyfile(Path(model_dir) / name, tmp / name)
+    if copied:
+        for name, cfg in processor_configs(model, model.analysis).items():
+            (tmp / name).write_text(json.dumps(cfg, indent=2))
+    fsync_dir_files(tmp)
+    replace_dir(tmp, out)
     return out
