@@ -157,3 +157,48 @@ def test_two_processes_match_one(spec, data, tmp_path, mode) -> None:
 
     model = load(str(tmp_path / "two" / "final"))  # loads in a single process
     assert model.processor is not None
+
+
+def _kill_all_running(marker: str) -> None:
+    """SIGKILL every process whose command line mentions `marker` (the launcher and its workers)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_fsdp_kill_and_resume_matches_a_straight_run(spec, data, tmp_path) -> None:
+    """Under FSDP2 the checkpoint gathers the sharded state (every rank takes part) and a resumed run
+    reaches the parameters of an uninterrupted one."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "vlmspec.cli", "train", spec, "--data", str(data), "--stage", "align", "--steps", "40",
+                "--save-every", "2", "--fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    r = subprocess.run([*torchrun, "-o", str(tmp_path / "straight")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*torchrun, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    state = killed / "stages" / "01-align" / "ckpt" / "state.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 4:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    _kill_all_running(str(killed))  # torchrun's workers live in their own process groups
+    proc.wait()
+    assert not (killed / "final").exists()
+    r = subprocess.run([*torchrun, "-o", str(killed), "--resume"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed at step" in r.stderr
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

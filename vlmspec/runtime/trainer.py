@@ -158,6 +158,22 @@ def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: s
             own[k].copy_(v)
 
 
+def _gather_fsdp_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(trained tensors, optimizer state) of an FSDP2-sharded model, unsharded on rank 0 (empty elsewhere);
+    a collective every rank must call. Optimizer state is keyed by parameter name, so it loads back into
+    any sharding of the same model."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in get_model_state_dict(model, options=full).items() if k in names}
+    return weights, get_optimizer_state_dict(model, optim, options=full)
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -280,7 +296,6 @@ class Trainer:
         self.run_dir = Path(opts.run_dir)
         self._sharded = False
         self._last_state: dict[str, torch.Tensor] = {}
-        self._warned_fsdp_ckpt = False
 
     def log(self, msg: str) -> None:
         if self.dist.main and not self.opts.quiet:
@@ -483,12 +498,7 @@ class Trainer:
         random.seed(stage.seed + index)
         result = StageResult(stage.name, 0)
         if opts.resume and (ckpt / "state.json").is_file():
-            state = json.loads((ckpt / "state.json").read_text())
-            _load_into(model, load_file(str(ckpt / "weights.safetensors")), "checkpoint")
-            blob = torch.load(ckpt / "optim.pt", weights_only=False)
-            optim.load_state_dict(blob["optim"])
-            sched.load_state_dict(blob["sched"])
-            _set_rng_state(blob["rng"])
+            state = self._restore(model, optim, sched, ckpt)
             step = state["step"]
             result.losses = state.get("losses", [])
             self.log(f"stage {stage.name}: resumed at step {step}/{total}")
@@ -629,21 +639,50 @@ class Trainer:
         return DDP(top, find_unused_parameters=bool(unused))
 
     def _checkpoint(self, model, optim, sched, ckpt: Path, step: int, losses: list[float]) -> None:
+        """Trained tensors, optimizer / scheduler / RNG state and the step, written aside then renamed
+        into place. Under FSDP2 every rank takes part in gathering the full (unsharded) state first."""
         if self._sharded:
-            if not self._warned_fsdp_ckpt:
-                self.log("note: under FSDP, runs checkpoint at stage boundaries only (--resume restarts the stage)")
-                self._warned_fsdp_ckpt = True
-            return
+            weights, optim_state = _gather_fsdp_state(model, optim)
+        else:
+            weights, optim_state = (trainable_state(model), optim.state_dict()) if self.dist.main else ({}, {})
         if not self.dist.main:
             return
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _save_tensors(tmp / "weights.safetensors", trainable_state(model))
-        torch.save({"optim": optim.state_dict(), "sched": sched.state_dict(), "rng": _rng_state()}, tmp / "optim.pt")
+        _save_tensors(tmp / "weights.safetensors", weights)
+        torch.save({"optim": optim_state, "sched": sched.state_dict(), "rng": _rng_state()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
         fsync_dir_files(tmp)
         replace_dir(tmp, ckpt)
+
+    def _restore(self, model, optim, sched, ckpt: Path) -> dict[str, Any]:
+        """Load a checkpoint written by `_checkpoint` into the (possibly FSDP-sharded) model and optimizer."""
+        state = json.loads((ckpt / "state.json").read_text())
+        weights = load_file(str(ckpt / "weights.safetensors"))
+        blob = torch.load(ckpt / "optim.pt", weights_only=False)
+        if self._sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            own = model.state_dict()
+            unknown = [k for k in weights if k not in own]
+            if unknown:
+                raise user_error("E0530", f"checkpoint holds {len(unknown)} tensors this model does not have, e.g. "
+                                 f"{unknown[0]}", help="was the run folder made with another spec? start a new "
+                                 "--output folder")
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(model, weights, options=full)
+            set_optimizer_state_dict(model, optim, blob["optim"], options=full)
+        else:
+            _load_into(model, weights, "checkpoint")
+            optim.load_state_dict(blob["optim"])
+        sched.load_state_dict(blob["sched"])
+        _set_rng_state(blob["rng"])
+        return state
 
     def _evaluate(self, model, processor: Processor, stage: str, step: int) -> None:
         """Held-out VQA accuracy with the evaluation code `vlm eval` runs, so the two always agree."""
