@@ -5,7 +5,8 @@
 Both models hold identical weights (bench/forward.py's mapping). The reference is
 `LlavaForConditionalGeneration` with the vision tower and language model frozen by hand
 (`requires_grad_(False)`), the projector trained with AdamW, as LLaVA's `pretrain.sh` does; vlmspec
-freezes through `apply_stage` from the spec's stage. Each method runs in its own subprocess so peak
+freezes through `apply_stage` from the spec's stage and computes logits only where a target is, as
+`vlm train` does. Each method runs in its own subprocess so peak
 memory (VmHWM) is its own; step time is the best of N steps (forward + backward + optimizer step).
 Appends a line to bench/RESULTS.md. Goal: >= 1.0x speed, peak memory at most the reference's.
 """
@@ -56,8 +57,8 @@ def worker(which: str, batch: int, steps: int, threads: int, weights: str) -> di
         apply_stage(model, analysis, "align")
         model.train()
 
-        def loss_of(ids, mask, px, labels):
-            return model(ids, attention_mask=mask, pixel_values=px, labels=labels).loss
+        def loss_of(ids, mask, px, labels):  # as `vlm train` calls it: logits only where a target is
+            return model(ids, attention_mask=mask, pixel_values=px, labels=labels, logits_for="labels").loss
     else:
         model = fw.hf_model().train()
         model.load_state_dict(state)

@@ -72,5 +72,7 @@ CASES: dict[str, str] = {
                   fusion="  fusion prefix(qf -> llm)\n",
                   stages="  stage align { train qf  freeze clip, llm  objective itc + itm }\n"),
     # warnings
+    "W0111": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
+                  "max_positions = 256  weights = \"checkpoints/vicuna-tiny\" }\n"),
     "W0301": spec(vision=BASE_PARTS["vision"] + "  vision extra = siglip { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2 }\n"),
 }

@@ -137,3 +137,33 @@ def test_lora_stage_freezes_the_adapted_component(tmp_path):
     model = build_model(analysis, device="meta")
     apply_stage(model, analysis, "tune")
     assert trainable_count(model) == trainable_count(model.components["proj"]) > 0
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_logits_for_labels_gives_the_same_loss_and_gradients(tmp_path, case):
+    """`logits_for = "labels"` (what `vlm train` uses) computes the head only where a target is: the
+    loss and every gradient equal the full-logits path's, and its rows are the full logits' rows."""
+    from vlmspec.runtime.model import label_targets
+
+    analysis = analyse(tmp_path, CASES[case].text())
+    torch.manual_seed(0)
+    model = build_model(analysis)
+    apply_stage(model, analysis, analysis.ir.stages[0].name)
+    ids, mask = prompts(model.image_token_id, image_tokens(analysis))
+    labels = labels_for(ids, mask, model.image_token_id)
+    px = pixels(analysis)
+    grads = []
+    for how in ("all", "labels"):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, attention_mask=mask, pixel_values=px, labels=labels, logits_for=how)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if how == "all":
+            full, loss = out.logits.detach(), out.loss.detach()
+    keep, targets = label_targets(labels)
+    assert out.logits.shape == (int(keep.sum()), full.shape[-1]) and targets.numel() == out.logits.shape[0]
+    assert torch.allclose(out.logits.detach(), full[keep], atol=1e-5)
+    assert torch.allclose(out.loss.detach(), loss, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n

@@ -99,8 +99,8 @@ def test_blip2_opt_parity(tmp_path):
 
 
 def test_instructblip_imports_with_full_coverage(tmp_path):
-    """InstructBLIP: spec + weights import with every key placed (logit parity needs the instruction
-    input of the Q-Former, not exercised here)."""
+    """InstructBLIP: spec + weights import with every key placed (logit parity, with the Q-Former's
+    instruction input: test_parity_instructblip.py)."""
     transformers.utils.logging.disable_progress_bar()
     cfg = transformers.InstructBlipConfig(**blip_configs())
     torch.manual_seed(0)

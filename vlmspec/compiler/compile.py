@@ -10,7 +10,14 @@ from pathlib import Path
 
 from vlmspec.compiler.graph import FlowGraph
 from vlmspec.compiler.ir import ModelIR, SpanTable
-from vlmspec.compiler.passes import Shapes, StagePlan, check_stages, check_structure, infer_shapes
+from vlmspec.compiler.passes import (
+    Shapes,
+    StagePlan,
+    check_stages,
+    check_structure,
+    check_weights,
+    infer_shapes,
+)
 from vlmspec.compiler.resolve import Workspace, load_workspace, resolve_model
 from vlmspec.diagnostics import Diagnostic, DiagnosticSink, SpecValidationError, did_you_mean
 
@@ -57,6 +64,7 @@ def analyse(ws: Workspace, model: str, sink: DiagnosticSink) -> Analysis | None:
     plans = check_stages(ir, spans, shapes, sink)
     if sink.has_errors:
         return None
+    check_weights(ir, spans, ws.models[model][1].path, sink)
     for (a, _b), data in graph.edges.items():
         if a in shapes.out:
             data["shape"] = str(shapes.out[a])

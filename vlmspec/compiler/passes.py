@@ -8,6 +8,7 @@ that one mistake is reported once, where it was made.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vlmspec.compiler.graph import FlowGraph, build_graph
 from vlmspec.compiler.ir import ModelIR, SpanTable
@@ -387,3 +388,26 @@ def _check_upcycle(ir: ModelIR, stage: Stage, source: str, dest: str, span, sink
         sink.error("E0407", f"stage `{stage.name}`: `{dest}` holds no experts to up-cycle into", span,
                    help=("experts live in " + ", ".join(f"`{d}`" for d in valid_dest)) if valid_dest
                    else f"add `moe {{ experts = 4  top_k = 2 }}` to `{lm.name}` or a `fusion moe(...)`")
+
+
+def check_weights(ir: ModelIR, spans: SpanTable, spec_file: str, sink: DiagnosticSink) -> None:
+    """Warn (not fail: a spec is often reviewed where its checkpoints are not) when a component's
+    `weights` folder is missing or has no config.json, the file its family is read from. Relative
+    folders are read from the spec's folder, as the loader does."""
+    for comp in ir.components.values():
+        value = getattr(comp.config, "weights", None)
+        if not value:
+            continue
+        folder = value.rsplit("#", 1)[0] if "#" in value else value
+        path = Path(folder).expanduser()
+        if not path.is_absolute():
+            path = Path(spec_file).resolve().parent / path
+        span = spans.attr(comp.name, "weights")
+        if not path.is_dir():
+            sink.warning("W0111", f"weights folder `{folder}` of `{comp.name}` does not exist", span,
+                         help=f"it is read when the model is built; relative folders are read from "
+                         f"{Path(spec_file).resolve().parent}")
+        elif not (path / "config.json").is_file():
+            sink.warning("W0111", f"weights folder `{folder}` of `{comp.name}` has no config.json", span,
+                         help="vlmspec reads the checkpoint's family (`model_type`) from it; save the model with "
+                         "`save_pretrained`")

@@ -106,14 +106,19 @@ def default_position_ids(attention_mask: Tensor | None, past: int, s: int, batch
     return pos.clamp(min=0)[:, -s:]
 
 
-def attention_mask_4d(attention_mask: Tensor | None, past: int, s: int, device: torch.device) -> tuple[Tensor | None, bool]:
+def attention_mask_4d(attention_mask: Tensor | None, past: int, s: int, device: torch.device,
+                      prefix: Tensor | None = None) -> tuple[Tensor | None, bool]:
     """(bool mask [b x 1 x s x (past+s)], causal flag) for SDPA.
 
     Without padding no mask is materialised: SDPA's own causal path for a prompt, nothing for one new
     token. Padding queries keep their own position visible so no softmax row is empty (no NaN).
+    prefix: bool [b x s], True at this pass's tokens of a bidirectional prefix (PaliGemma's prefix-LM):
+    those attend to each other in both directions; every other pair stays causal. Earlier passes'
+    tokens are in the past of every new token, so only this pass's block changes.
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded:
+    bidirectional = prefix is not None and s > 1 and bool(prefix.any())
+    if not padded and not bidirectional:
         if past == 0:
             return None, s > 1
         if s == 1:
@@ -122,7 +127,17 @@ def attention_mask_4d(attention_mask: Tensor | None, past: int, s: int, device: 
     q_pos = torch.arange(past, t, device=device)[:, None]
     k_pos = torch.arange(t, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # [1 x 1 x s x t]
+    if bidirectional and prefix is not None:
+        p = prefix.to(device=device, dtype=torch.bool)
+        block = p[:, :, None] & p[:, None, :]  # [b x s x s]
+        mask = mask | torch.nn.functional.pad(block, (past, 0))[:, None]
     if padded and attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]
         mask = mask | (k_pos == q_pos)[None, None]
     return mask, False
+
+
+def prefix_from_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """[b x s] True at the tokens before a row's first one with a label: the prompt of a prompt + answer
+    example (PaliGemma's `token_type_ids == 0`); a row without labels is all prompt."""
+    return (labels != ignore_index).long().cumsum(-1) == 0

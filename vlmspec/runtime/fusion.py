@@ -1,6 +1,8 @@
 """Fusion styles: small modules beside an unchanged language model, plugged in per decoder layer.
 
-- `prefix`: no weights; the model splices image features over the image-token embeddings.
+- `prefix`: no weights; the model splices image features over the image-token embeddings. With
+  `prefix_attention = bidirectional` (PaliGemma) the prompt attends to itself in both directions and
+  the answer causally; the model builds that mask (`vlmspec.runtime.decoding.attention_mask_4d`).
 - `cross_attention`: a tanh-gated cross-attention block (+ gated FFN) before chosen decoder layers;
   gates start at 0, so a frozen language model computes exactly what it did before, at step 0.
   Visual keys / values are computed once per image and kept in the cache while generating.
@@ -39,6 +41,8 @@ class Fusion(nn.Module):
     #: What the hooks read from `DecodeState`: image positions (visual expert), real tokens (MoE aux loss).
     uses_image_mask: bool = False
     uses_token_mask: bool = False
+    #: True when the prompt (images + text) attends bidirectionally, the answer causally (prefix-LM).
+    bidirectional_prefix: bool = False
 
     def __init__(self, name: str):
         super().__init__()
@@ -52,6 +56,10 @@ class PrefixFusion(Fusion):
     """LLaVA / BLIP-2: image features replace the image-token embeddings; nothing inside the layers."""
 
     reaches_layers = False
+
+    def __init__(self, name: str, bidirectional_prefix: bool = False):
+        super().__init__(name)
+        self.bidirectional_prefix = bidirectional_prefix
 
 
 # ---------------------------------------------------------------- cross-attention
@@ -237,7 +245,7 @@ def _spec(comp: Component, cls: type[FusionBase]) -> FusionBase:
 
 @register("fusion", "prefix")
 def build_prefix(comp: Component, ctx: BuildContext) -> PrefixFusion:
-    return PrefixFusion(comp.name)
+    return PrefixFusion(comp.name, getattr(comp.config, "prefix_attention", "causal") == "bidirectional")
 
 
 @register("fusion", "cross_attention")

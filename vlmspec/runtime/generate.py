@@ -3,7 +3,9 @@ with or without the KV cache, for batched left-padded prompts.
 
 One `Stepper` hides the difference between cached decoding (feed only the new token) and recomputing
 the whole sequence, so both paths share the decoding loops and must produce the same tokens.
-Images are encoded once, before the first step, either way.
+Images are encoded once, before the first step, either way. With a bidirectional prefix
+(`prefix_attention = bidirectional`, PaliGemma) the whole prompt is the prefix and every generated
+token is causal, as Hugging Face does with the processor's `token_type_ids`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from vlmspec.diagnostics import user_error
 from vlmspec.runtime.decoding import KVCache
 
 if TYPE_CHECKING:
+    from vlmspec.runtime.connectors.base import Instruction
     from vlmspec.runtime.model import VisionLanguageModel
 
 
@@ -30,15 +33,24 @@ class Stepper:
         self.ids, self.mask, self.features = ids, mask, features
         self.cache = KVCache(reserve=ids.shape[1] + max_new) if use_cache else None
         self.pending = ids  # tokens the cache has not seen yet
+        self.prompt = ids.shape[1]  # the prompt is the (bidirectional) prefix; generated tokens are not
+
+    def _prefix(self, s: int) -> Tensor | None:
+        """[b x s] prefix mask of the last s tokens of the sequence (None: the model attends causally)."""
+        if not self.model.bidirectional_prefix:
+            return None
+        n = self.ids.shape[1]
+        return (torch.arange(n - s, n, device=self.ids.device) < self.prompt)[None].expand(self.ids.shape[0], -1)
 
     def next_logits(self) -> Tensor:
         """[b x vocab] float32 logits for the next position."""
         if self.cache is not None:
             first = self.cache.length() == 0
             out = self.model(self.pending, attention_mask=self.mask, image_features=self.features if first else None,
-                             cache=self.cache, logits_to_keep=1)
+                             cache=self.cache, logits_to_keep=1, prefix_mask=self._prefix(self.pending.shape[1]))
         else:
-            out = self.model(self.ids, attention_mask=self.mask, image_features=self.features, logits_to_keep=1)
+            out = self.model(self.ids, attention_mask=self.mask, image_features=self.features, logits_to_keep=1,
+                             prefix_mask=self._prefix(self.ids.shape[1]))
         return out.logits[:, -1].float()
 
     def append(self, tokens: Tensor) -> None:
@@ -86,14 +98,16 @@ def generate(model: VisionLanguageModel, input_ids: Tensor, *, attention_mask: T
              pixel_values: Tensor | dict[str, Tensor] | None = None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
              eos_token_id: int | list[int] | None = None, seed: int | None = None, use_cache: bool = True,
-             image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None) -> Tensor:
+             image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None,
+             instruction: Instruction | None = None) -> Tensor:
     """New tokens [b x n] (n <= max_new_tokens; rows that stopped early are filled with the pad token,
-    which defaults to the first eos id, else 0). The image placeholder is never generated."""
+    which defaults to the first eos id, else 0). The image placeholder is never generated.
+    instruction: the instruction of an instruction-aware connector (InstructBLIP), see `forward`."""
     _check(max_new_tokens, do_sample, temperature, top_p, num_beams)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if image_features is None and pixel_values is not None:
-        image_features = model.encode_images(pixel_values)
+        image_features = model.encode_images(pixel_values, instruction)
     features = image_features or {}
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     banned = [model.image_token_id] if model.in_sequence else []

@@ -26,6 +26,7 @@ from vlmspec.runtime.decoding import (
     attention_mask_4d,
     check_mask_length,
     default_position_ids,
+    prefix_from_labels,
 )
 from vlmspec.runtime.fusion import Fusion
 from vlmspec.runtime.language import CausalLM, LayerHooks
@@ -40,7 +41,8 @@ __all__ = ["VLMOutput", "VisionLanguageModel", "build_model", "causal_lm_loss", 
 
 @dataclass(slots=True)
 class VLMOutput:
-    """logits [b x s x vocab]; loss = LM loss (+ weighted MoE aux loss) when labels are given;
+    """logits [b x s x vocab] (or [targets x vocab], one row per labelled position, with
+    `logits_for = "labels"`); loss = LM loss (+ weighted MoE aux loss) when labels are given;
     aux_loss = the weighted load-balancing loss of the MoE layers (None without MoE); cache = the
     KV cache passed in, now holding this pass too."""
 
@@ -102,6 +104,11 @@ class VisionLanguageModel(nn.Module):
 
     def _needs_token_mask(self) -> bool:
         return self._reads("uses_token_mask") or bool(self.llm.moe_pairs())
+
+    @property
+    def bidirectional_prefix(self) -> bool:
+        """Whether the prompt attends bidirectionally (a `prefix_attention = bidirectional` fusion)."""
+        return self._reads("bidirectional_prefix")
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -170,13 +177,27 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 pixel_values: Tensor | dict[str, Tensor] | None = None, labels: Tensor | None = None,
                 image_features: dict[str, Tensor] | None = None, cache: KVCache | None = None,
-                position_ids: Tensor | None = None, logits_to_keep: int = 0) -> VLMOutput:
+                position_ids: Tensor | None = None, logits_to_keep: int = 0,
+                instruction: Instruction | None = None, prefix_mask: Tensor | None = None,
+                logits_for: str = "all") -> VLMOutput:
         """input_ids [b x s] (the new tokens when a cache is given); attention_mask [b x (past + s)], 1 = real,
         0 = (left) padding; labels [b x s] with -100 where no loss is taken (shifted here).
-        `logits_to_keep` = k > 0 computes logits for the last k positions only (generation)."""
+        `logits_to_keep` = k > 0 computes logits for the last k positions only (generation).
+        `logits_for = "labels"` (with labels) computes logits only where a next-token target exists, in
+        row-major order (`label_targets(labels)` gives the targets): training needs nothing else, and the
+        image and prompt positions are often most of the sequence.
+
+        instruction: the instruction text of an instruction-aware connector (InstructBLIP's Q-Former:
+        its own tokenizer's ids and mask, Hugging Face's `qformer_input_ids` / `qformer_attention_mask`),
+        used when pixel_values are encoded here.
+        prefix_mask: bool [b x s], True at the tokens of the bidirectional prefix (Hugging Face
+        PaliGemma's `token_type_ids == 0`); read only when a fusion has `prefix_attention =
+        bidirectional`. Default: with labels, the tokens before each row's first label; else, a prompt
+        prefilled into an empty cache (generation, serving) is all prefix; else none (causal).
+        """
         llm = self.llm
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, instruction)
         features = image_features or {}
         b, s = input_ids.shape
         past = cache.length() if cache is not None else 0
@@ -188,7 +209,14 @@ class VisionLanguageModel(nn.Module):
         h = self.splice(h, input_ids, features)
         pos = position_ids if position_ids is not None else self.positions(input_ids, attention_mask, cache, past)
         h = llm.add_positions(h, pos)
-        mask, causal = attention_mask_4d(attention_mask, past, s, h.device)
+        prefix = None
+        if self.bidirectional_prefix:
+            prefix = prefix_mask
+            if prefix is None and labels is not None:
+                prefix = prefix_from_labels(labels)
+            elif prefix is None and cache is not None and past == 0:
+                prefix = torch.ones_like(input_ids, dtype=torch.bool)
+        mask, causal = attention_mask_4d(attention_mask, past, s, h.device, prefix)
         state = DecodeState(
             rotary=llm.rotary(pos, h.dtype), mask=mask, causal=causal, cache=cache,
             image_mask=(input_ids == self.image_token_id) if self._reads("uses_image_mask") else None,
@@ -199,11 +227,22 @@ class VisionLanguageModel(nn.Module):
         h = llm.decode(h, state, self.layer_hooks())
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        targets = None
+        if labels is not None and logits_for == "labels":
+            if labels.shape != input_ids.shape:
+                raise user_error("E0515", f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}")
+            keep, targets = label_targets(labels.to(h.device))
+            h = h[keep]
+        elif logits_for not in ("all", "labels"):
+            raise ValueError(f"logits_for must be 'all' or 'labels', not {logits_for!r}")
         logits = llm.logits(h)
         aux = torch.stack(state.aux).mean() if state.aux else None
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
+            else:
+                loss = causal_lm_loss(logits, labels)
             if aux is not None:
                 loss = loss + aux
         return VLMOutput(logits, loss, aux, cache)
@@ -227,14 +266,22 @@ class VisionLanguageModel(nn.Module):
                  pixel_values: Tensor | dict[str, Tensor] | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
                  eos_token_id: int | list[int] | None = None, seed: int | None = None, use_cache: bool = True,
-                 image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None) -> Tensor:
+                 image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None,
+                 instruction: Instruction | None = None) -> Tensor:
         """New tokens only, [b x n_new]; see `vlmspec.runtime.generate.generate`."""
         from vlmspec.runtime.generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                         num_beams=num_beams, eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,
-                        image_features=image_features, pad_token_id=pad_token_id)
+                        image_features=image_features, pad_token_id=pad_token_id, instruction=instruction)
+
+
+def label_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(bool [b x s]: positions that predict a labelled next token, their targets [n]), row-major."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    return keep, shifted[keep]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

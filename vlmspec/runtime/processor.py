@@ -14,6 +14,7 @@ import torch
 
 from vlmspec.compiler.compile import Analysis
 from vlmspec.diagnostics import user_error
+from vlmspec.runtime.decoding import prefix_from_labels
 from vlmspec.runtime.images import ImageInput, ImageTransform
 
 IGNORE = -100
@@ -40,6 +41,9 @@ class Processor:
         self.tiles = getattr(encoders[0].config, "tiles", 0) if encoders else 0
         fusions = ir.by_role("fusion")
         self.image_token = fusions[0].config.image_token if fusions else "<image>"
+        # PaliGemma's prefix-LM: training batches say where each prompt ends (generate knows by itself)
+        self.bidirectional_prefix = any(getattr(f.config, "prefix_attention", "causal") == "bidirectional"
+                                        for f in fusions)
         in_seq = [f for f in fusions if type(f.config).in_sequence]
         self.tokens_per_image = sum(analysis.shapes.out[f.name].tokens for f in in_seq) if in_seq else 1
         vocab = tokenizer.get_vocab()
@@ -132,7 +136,10 @@ class Processor:
         return batch
 
     def training_batch(self, examples: Sequence[Encoded], pixel_values: torch.Tensor | None) -> dict[str, Any]:
-        """Right-padded ids and labels (-100 on prompt and padding) for the causal LM loss."""
+        """Right-padded ids and labels (-100 on prompt and padding) for the causal LM loss; for a
+        bidirectional prefix (`prefix_attention = bidirectional`) also `prefix_mask`, True on each prompt
+        (the tokens before the first answer token), which the model reads since the loss may be taken
+        outside it (labels popped)."""
         width = max(len(e.input_ids) for e in examples)
         input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -143,6 +150,8 @@ class Processor:
             labels[i, :n] = torch.tensor(e.labels if e.labels is not None else e.input_ids)
             mask[i, :n] = 1
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if self.bidirectional_prefix:
+            batch["prefix_mask"] = prefix_from_labels(labels) & mask.bool()
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values
         return batch

@@ -35,6 +35,7 @@ from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
 from vlmspec.fsutil import atomic_write_text, fsync_dir_files, replace_dir
 from vlmspec.runtime.data import Dataset, read_dataset
+from vlmspec.runtime.model import label_targets
 from vlmspec.runtime.objectives import FIRST_STAGE, FirstStageLoss, text_batch
 from vlmspec.runtime.processor import IGNORE, Encoded, Processor
 
@@ -266,21 +267,6 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over answer tokens, and how many there were.
-
-    Summing (then dividing by the global token count of the optimizer step) makes gradient
-    accumulation and data parallelism give exactly the gradients of one big batch.
-    """
-    # shift the labels, not the logits: slicing the [b x s x vocab] logits would copy them
-    shift_labels = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
-    n = int((shift_labels != IGNORE).sum())
-    flat = logits.reshape(-1, logits.shape[-1])
-    loss = F.cross_entropy(flat if flat.dtype == torch.float32 else flat.float(), shift_labels,
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, n
 
 
 # ---------------------------------------------------------------- the run
@@ -540,9 +526,12 @@ class Trainer:
                 batch = processor.training_batch([enc.examples[k] for k in mb],
                                                  processor.tile(torch.stack(pix)) if pix and pix[0] is not None else None)
                 labels = batch.pop("labels")
-                with autocast:
-                    out = train_model(**batch)
-                loss_sum, _ = lm_loss_sum(out.logits, labels)
+                with autocast:  # logits only where a target is: the head's matmul and softmax shrink
+                    out = train_model(**batch, labels=labels, logits_for="labels")
+                # summed, then divided by the optimizer step's global token count: accumulation and data
+                # parallelism then give exactly the gradients of one big batch
+                _, targets = label_targets(labels)
+                loss_sum = F.cross_entropy(out.logits.float(), targets.to(out.logits.device), reduction="sum")
                 loss = loss_sum * dist.world / max(1, total_tokens)
                 aux = getattr(out, "aux_loss", None)
                 if aux is not None:

@@ -268,15 +268,10 @@ class VisionEncoder(nn.Module):
     which changes nothing in the output and saves its compute.
     """
 
-    #: SigLIP and EVA (BLIP-2) apply `post_layernorm` to the last hidden state; CLIP only to its pooled
-    #: class token, which VLMs do not use. Mirrors the Hugging Face towers.
-    post_norm_on_tokens: bool
-
-    def __init__(self, cfg: ViTBase, *, fused_qkv: bool, raw_params: bool, post_norm_on_tokens: bool):
+    def __init__(self, cfg: ViTBase, *, fused_qkv: bool, raw_params: bool):
         super().__init__()
         check_divisible(cfg.width, cfg.heads, "vision encoder")
         self.cfg = cfg
-        self.post_norm_on_tokens = post_norm_on_tokens
         self.embeddings = VisionEmbeddings(cfg, raw_params)
         if cfg.pre_norm:
             self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # sic: Hugging Face's CLIP key
@@ -337,7 +332,8 @@ class VisionEncoder(nn.Module):
         for i, layer in enumerate(self.encoder.layers[:last]):
             x = layer(x, rotary)
             states[i + 1] = x
-        if self.post_norm_on_tokens and self.cfg.post_norm and last == self.cfg.depth:
+        # SigLIP and EVA towers normalise their last hidden state (`feature_norm`); CLIP only its pooled token
+        if self.cfg.feature_norm and self.cfg.post_norm and last == self.cfg.depth:
             states[last] = self.post_layernorm(states[last])
         if aspect is not None and last == self.cfg.depth:
             # Mllama adds it between its local and global layers; one `vit` stack has no such seam
@@ -358,12 +354,12 @@ class VisionEncoder(nn.Module):
 def build_vit(comp: Component, ctx: BuildContext) -> VisionEncoder:
     # a rope2d ViT is Qwen2-VL's, whose attention has one fused, biased `qkv` (same parameter count)
     fused = comp.config.position == "rope2d"
-    return VisionEncoder(comp.config, fused_qkv=fused, raw_params=False, post_norm_on_tokens=False)
+    return VisionEncoder(comp.config, fused_qkv=fused, raw_params=False)
 
 
 @register("vision", "siglip")
 def build_siglip(comp: Component, ctx: BuildContext) -> VisionEncoder:
-    return VisionEncoder(comp.config, fused_qkv=False, raw_params=False, post_norm_on_tokens=True)
+    return VisionEncoder(comp.config, fused_qkv=False, raw_params=False)
 
 
 @register("vision", "eva")
@@ -371,4 +367,4 @@ def build_eva(comp: Component, ctx: BuildContext) -> VisionEncoder:
     cfg = comp.config
     if not isinstance(cfg, EVA):
         raise user_error("E0592", f"`{comp.name}` is not an EVA encoder")
-    return VisionEncoder(cfg, fused_qkv=True, raw_params=True, post_norm_on_tokens=True)
+    return VisionEncoder(cfg, fused_qkv=True, raw_params=True)

@@ -46,6 +46,9 @@ class Prefix(FusionBase):
     summary = "visual tokens spliced in place of <image> placeholders"
     image_token: str = Field(default="<image>", min_length=1, description="placeholder token in prompts")
     tokens: int | None = Field(default=None, gt=0, description="expected visual tokens per image (checked, e.g. LLaVA's 576)")
+    prefix_attention: Literal["causal", "bidirectional"] = Field(
+        default="causal", description="attention within the prompt (images + text): `bidirectional` is PaliGemma's "
+        "prefix-LM; the answer is causal either way")
 
     def check_against(self, ctx: ShapeContext, visual: TokenShape, llm: LanguageBase) -> None:
         _check_prefix_width(ctx, visual, llm)

@@ -98,6 +98,8 @@ class ViTBase(ComponentSchema):
     pre_norm: bool = Field(default=True, description="LayerNorm on the embeddings before the first layer")
     post_norm: bool = Field(default=True, description="LayerNorm after the last layer")
     patch_bias: bool = Field(default=False, description="bias in the patch-embedding convolution")
+    feature_norm: bool = Field(default=False, description="the last layer's tokens pass through the post-LayerNorm "
+                               "when `feature` selects them (CLIP: only its pooled token does)")
 
     @property
     def mlp_dim(self) -> int:
@@ -195,6 +197,8 @@ class SigLIP(ViTBase):
     mean: list[float] = Field(default=[0.5, 0.5, 0.5], min_length=1, description="per-channel normalisation mean")
     std: list[float] = Field(default=[0.5, 0.5, 0.5], min_length=1, description="per-channel normalisation std")
     pool_head: bool = Field(default=False, description="keep SigLIP's attention-pooling head (unused by VLMs)")
+    feature_norm: bool = Field(default=True, description="the last layer's tokens pass through the post-LayerNorm "
+                               "when `feature` selects them (LLaVA reads SigLIP before it: `false`)")
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         out = super().params(ctx)
@@ -214,6 +218,8 @@ class EVA(ViTBase):
     patch_bias: bool = Field(default=True, description="bias in the patch-embedding convolution")
     act: Literal["quick_gelu", "gelu", "gelu_tanh", "silu"] = Field(default="gelu", description="MLP activation")
     norm_eps: float = Field(default=1e-6, gt=0, description="LayerNorm epsilon")
+    feature_norm: bool = Field(default=True, description="the last layer's tokens pass through the post-LayerNorm "
+                               "when `feature` selects them (as BLIP-2 reads it)")
 
     def layer_params(self) -> int:
         w, m = self.width, self.mlp_dim

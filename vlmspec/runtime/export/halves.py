@@ -63,12 +63,14 @@ def splice(model: VisionLanguageModel, h: Tensor, input_ids: Tensor, features: d
     return h.masked_scatter(mask, x.to(h.dtype))
 
 
-def prefill_mask(attention_mask: Tensor) -> Tensor:
-    """bool [b x 1 x s x s]: causal, padding keys hidden, each query sees itself (no empty softmax row)."""
+def prefill_mask(attention_mask: Tensor, bidirectional: bool = False) -> Tensor:
+    """bool [b x 1 x s x s]: causal (or, for a prefix-LM such as PaliGemma, the whole prompt both ways),
+    padding keys hidden, each query sees itself (no empty softmax row)."""
     s = attention_mask.shape[1]
     pos = torch.arange(s, device=attention_mask.device)
-    causal = pos[None, :] <= pos[:, None]
-    keep = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    seen = (torch.ones(s, s, dtype=torch.bool, device=attention_mask.device) if bidirectional
+            else pos[None, :] <= pos[:, None])
+    keep = seen[None, None] & attention_mask.bool()[:, None, None, :]
     return keep | (pos[None, :] == pos[:, None])[None, None]
 
 
@@ -140,7 +142,8 @@ class PrefillHalf(_DecoderHalf):
         features = dict(zip(self.fusions, visual, strict=True))
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = StaticKVCache(self.max_len)
-        logits = self.run(input_ids, pos, prefill_mask(attention_mask), cache, features, attention_mask.bool())
+        mask = prefill_mask(attention_mask, self.model.bidirectional_prefix)
+        logits = self.run(input_ids, pos, mask, cache, features, attention_mask.bool())
         return (logits, *cache.stacked(), *self.cross_outputs(cache))
 
 

@@ -11,7 +11,7 @@ Every fusion style exports (prefix, cross_attention, visual_expert, moe; the lan
 
 Accepted with a note in the manifest: dynamic-resolution encoders are exported at `image_size`
 (what the processor feeds them; eager positions are 1-D there too), and instruction-aware Q-Formers
-run without the instruction (as `generate` runs them).
+run without the instruction (the encoder half takes pixels only).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def check_exportable(model: VisionLanguageModel) -> list[str]:
     for n in model.order:
         if any(getattr(m, "instruction", None) is True for m in model.components[n].modules()):
             notes.append(f"`{n}` is instruction-aware; the encoder half runs it without the instruction, "
-                         "as generate() does")
+                         "(the exported interface takes pixels only)")
     return notes
 
 

@@ -37,6 +37,7 @@ def llava_config(model: Any, analysis: Any) -> dict[str, Any]:
     vis, con, lm, fus = (by[r][0] for r in ("vision", "connector", "language", "fusion"))
     v, c, t = vis.config, con.config, lm.config
     _fit(vis.kind == "vit" and v.class_token and v.pre_norm and not v.patch_bias and v.position == "learned"
+         and not v.feature_norm
          and v.resolution == "fixed" and not v.tiles and v.temporal_patch == 1, f"vision `{vis.name}` ({vis.kind})")
     _fit(con.kind == "mlp" and c.layers == 2 and not c.norm and (c.hidden is None or c.hidden == t.width)
          and list(con.sources) == [vis.name], f"connector `{con.name}` ({con.kind})")

@@ -8,6 +8,7 @@ scaling, attention biases on the output projection, ...) are an error (E0585), n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,10 @@ def import_hf(folder: str | Path, *, name: str | None = None) -> tuple[str, dict
     source = CheckpointSource(path)
     keys = source.keys()
     components: dict[str, Any] = {}
+    declared = set(re.findall(r"^\s*(?:vision|connector|language)\s+(\w+)\s*=", text, flags=re.M))
     for comp, part in fmt.components.items():
+        if comp not in declared:
+            continue
         found = pick_layout(Resolved(mt, fmt.family.parts[part].layouts), keys)
         layout = found.rules if found else None
         components[comp] = {"weights": f"{path}#{part}", "family": f"{mt}#{part}",

@@ -20,8 +20,8 @@ Reader = Callable[[dict[str, Any], str], tuple[list[str], int | None]]
 
 @dataclass(frozen=True, slots=True)
 class VLMFormat:
-    """One Hugging Face VLM layout. `components` maps the spec's component names (as `read` writes
-    them) to the checkpoint's parts, so `import_hf` can report each component's key layout."""
+    """One Hugging Face VLM layout. `components` maps the spec's component names (those `read` may
+    write) to the checkpoint's parts, so `import_hf` can report each component's key layout."""
 
     model_types: tuple[str, ...]
     family: MultiFamily
