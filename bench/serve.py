@@ -1,12 +1,12 @@
 """Serving load test: N concurrent streaming clients for T seconds against `vlm serve`, batched vs one at a time.
 
-    python bench/serve.py [--url URL] [--clients 8] [--seconds 30] [--max-tokens 16]
+    python bench/serve.py [--url URL] [--clients 8] [--seconds 30] [--max-tokens 16] [--no-record]
 
 Without --url it starts two `vlm serve` processes on 127.0.0.1 for the tiny LLaVA (random weights,
-a trained tokenizer): one with dynamic batching (max_batch = clients), one serving one request at a
+a trained tokenizer): one batching continuously (max_batch = clients), one serving one request at a
 time, and drives both with the same clients: the ratio of their throughputs is the batching gain.
 Reports requests/s, tokens/s, p50/p95 latency, p50 time to first token, errors; appends to
-bench/RESULTS.md.
+bench/RESULTS.md (unless --no-record).
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--no-record", action="store_true", help="print the figures without appending to bench/RESULTS.md")
     args = ap.parse_args()
     if args.url:
         print(fmt("server", drive(args.url, args.clients, args.seconds, args.max_tokens)))
@@ -155,6 +156,8 @@ def main() -> None:
         print(fmt(name, rows[name]), flush=True)
     ratio = rows["batched"]["tokens_per_s"] / max(rows["one-at-a-time"]["tokens_per_s"], 1e-9)
     print(f"batched / one-at-a-time throughput: {ratio:.2f}x")
+    if args.no_record:
+        return
     line = (f"| {dt.date.today()} | `python bench/serve.py --clients {args.clients} --seconds {args.seconds:g}` | "
             f"batched {rows['batched']['tokens_per_s']:.0f} tok/s, {rows['batched']['rps']:.1f} req/s, "
             f"p50 {rows['batched']['p50'] * 1000:.0f} ms, ttft p50 {rows['batched']['ttft_p50'] * 1000:.0f} ms, "

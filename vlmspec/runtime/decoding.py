@@ -40,6 +40,10 @@ class KVCache:
             return n
         return 0
 
+    def layer_ids(self) -> list[int]:
+        """The layers with cached keys / values (for code that reshapes a cache: the server's batching)."""
+        return sorted(self._used)
+
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         """Cached keys and values of layer i: [b x hk x t x d] each."""
         n = self._used[i]

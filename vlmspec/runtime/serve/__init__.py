@@ -1,4 +1,4 @@
-"""Serving: an OpenAI-compatible HTTP server with dynamic batching (`vlm serve`)."""
+"""Serving: an OpenAI-compatible HTTP server with continuous batching (`vlm serve`)."""
 
 from vlmspec.runtime.serve.app import ServeConfig, create_app
 

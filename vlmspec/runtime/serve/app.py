@@ -4,7 +4,8 @@
                                 under --files-root), max_tokens, temperature, top_p, stop, seed, stream (SSE)
     GET  /v1/models             the model this server runs
     GET  /health                liveness
-    GET  /metrics               Prometheus text format
+    GET  /metrics               Prometheus text format (batches = prefills of arrivals; decode steps and
+                                their rows give the mean size of the continuously running batch)
 
 Malformed requests get a 4xx with an OpenAI-style `{"error": {...}}` object; a full queue gets 503.
 """
@@ -210,6 +211,9 @@ def create_app(model: Any, cfg: ServeConfig | None = None, name: str | None = No
             "# TYPE vlmspec_generated_tokens_total counter", f"vlmspec_generated_tokens_total {s.tokens}",
             "# TYPE vlmspec_batches_total counter", f"vlmspec_batches_total {s.batches}",
             "# TYPE vlmspec_batch_rows_total counter", f"vlmspec_batch_rows_total {s.batched_rows}",
+            "# TYPE vlmspec_decode_steps_total counter", f"vlmspec_decode_steps_total {s.steps}",
+            "# TYPE vlmspec_decode_step_rows_total counter", f"vlmspec_decode_step_rows_total {s.step_rows}",
+            "# TYPE vlmspec_running_requests gauge", f"vlmspec_running_requests {s.running}",
             "# TYPE vlmspec_image_cache_hits_total counter", f"vlmspec_image_cache_hits_total {s.cache_hits}",
             "# TYPE vlmspec_image_cache_misses_total counter", f"vlmspec_image_cache_misses_total {s.cache_misses}",
             "# TYPE vlmspec_request_latency_seconds_sum counter", f"vlmspec_request_latency_seconds_sum {s.latency_sum:.6f}",

@@ -1,16 +1,30 @@
-"""The serving engine: a bounded queue, dynamic batching of arrivals, a decode loop that streams.
+"""The serving engine: a bounded queue in front of one decode thread that batches continuously.
 
-Requests that arrive within `max_wait_ms` of each other are decoded together (one prefill, then one
-batched forward per token, with the KV cache); each row stops on its own (eos, stop string,
-max_tokens) and streams its text as it goes. Preprocessed images are cached by content hash, so the
-same picture asked about twice is decoded once. A full queue refuses new work (the server answers
-503) instead of growing without bound.
+The decode thread keeps a running batch and, at every decode step, (1) admits waiting requests:
+they are prefilled together (left-padded among themselves) and their KV-cache rows are merged into
+the running batch; (2) picks one token for every row; (3) retires the rows that finished (eos, stop
+string, max_tokens, full context), dropping their cache rows, so nobody waits for the slowest member
+of a batch; (4) runs one batched forward for the rows that remain.
+
+Rows of different lengths share a cache by left padding: the shorter side is padded with zeros on
+the left of the sequence axis and with 0 in the attention mask, which `attention_mask_4d` masks out
+and `default_position_ids` skips, so every row sees the positions (and, greedy, the tokens) it would
+see alone. Columns that are padding in every row are cut when rows retire, so a batch is never wider
+than its longest row.
+
+Arrivals are admitted once they fill the free places or the first of them has waited `max_wait_ms`
+for company: one prefill for a few arrivals costs much less than one each, and every prefill stalls
+the running rows for its duration.
+
+Preprocessed images are cached by content hash, so the same picture asked about twice is decoded
+once. A full queue refuses new work (the server answers 503) instead of growing without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -19,7 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
+from vlmspec.runtime.decoding import KVCache
 from vlmspec.runtime.images import open_image
 
 
@@ -40,12 +57,14 @@ class GenRequest:
     # filled in by the engine
     ids: list[int] | None = None
     pixels: torch.Tensor | None = None
+    output_ids: list[int] = field(default_factory=list)  # generated tokens, without the final eos
     text: str = ""
     tokens: int = 0
     prompt_tokens: int = 0
     finish_reason: str = "length"
     error: Exception | None = None
-    enqueued: float = 0.0
+    enqueued: float = 0.0  # submitted
+    queued: float = 0.0  # prepared, handed to the decode thread
     first_token: float | None = None
     done: asyncio.Event | None = None
     deltas: asyncio.Queue | None = None
@@ -57,8 +76,11 @@ class Stats:
     errors: int = 0
     rejected: int = 0
     tokens: int = 0
-    batches: int = 0
-    batched_rows: int = 0
+    batches: int = 0  # prefills: groups of arrivals admitted together
+    batched_rows: int = 0  # requests admitted by those prefills
+    steps: int = 0  # batched decode forwards
+    step_rows: int = 0  # rows over those forwards (step_rows / steps = mean running batch)
+    running: int = 0  # requests decoding now
     cache_hits: int = 0
     cache_misses: int = 0
     latency_sum: float = 0.0
@@ -90,7 +112,102 @@ class ImageCache:
         return pixels
 
 
+# ---------------------------------------------------------------- the running batch
+
+
+@dataclass(slots=True)
+class Row:
+    """One request in a running batch, with its own sampler so batch-mates never shift its random stream."""
+
+    req: GenRequest
+    gen: torch.Generator
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Batch:
+    """Requests that decode together: row i of `cache`, `mask` and `logits` belongs to `rows[i]`.
+
+    mask: [b x width] 1 = real token, 0 = left padding; logits: [b x vocab], each row's next-token logits.
+    """
+
+    rows: list[Row]
+    cache: KVCache
+    mask: Tensor
+    logits: Tensor
+
+    def merge(self, other: Batch, reserve: int) -> None:
+        """Append `other`'s rows (just prefilled) to this batch, left-padding the narrower side."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.cache = merge_caches(self.cache, other.cache, width, reserve)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows += other.rows
+
+    def keep(self, index: list[int], reserve: int) -> None:
+        """Keep only rows `index`, dropping the sequence columns that are now padding in every row."""
+        idx = torch.tensor(index)
+        self.rows = [self.rows[i] for i in index]
+        self.mask = self.mask.index_select(0, idx)
+        lead = int(self.mask.any(0).long().argmax())  # real tokens are right-aligned: the last column is real
+        self.mask = self.mask[:, lead:]
+        self.cache = select_rows(self.cache, idx, lead, reserve)
+        self.logits = self.logits.index_select(0, idx)
+
+    def compatible(self, other: Batch) -> bool:
+        """Batches can merge when they hold the same per-row state besides self-attention K/V, with the
+        same shapes: not when only one has cross-attention K/V of images (a request without an image
+        skips those layers), nor while one holds state of a whole prompt and the other of one token."""
+        return _row_state(self.cache) == _row_state(other.cache)
+
+
+def _row_state(cache: KVCache) -> dict[str, tuple[int, ...]]:
+    """The cache's per-row state besides self-attention K/V, by name, with its shape past the batch axis."""
+    return {**{f"cross.{n}": tuple(k.shape[1:]) for n, (k, _) in cache.cross.items()},
+            **{f"extras.{n}": tuple(t.shape[1:]) for n, t in cache.extras.items()}}
+
+
+def _pad_left(x: Tensor, width: int, dim: int = -1) -> Tensor:
+    """Zeros on the left of `dim` up to `width`. Zeros, not empty memory: a masked key still multiplies
+    its (zero) attention weight into the output, and 0 * NaN would poison the row."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def merge_caches(a: KVCache, b: KVCache, width: int, reserve: int) -> KVCache:
+    """One cache with a's rows then b's, each left-padded to `width` positions; room for `reserve`."""
+    out = KVCache(reserve=max(reserve, width))
+    for i in a.layer_ids():
+        (ka, va), (kb, vb) = a.layer(i), b.layer(i)
+        out.update(i, torch.cat([_pad_left(ka, width, 2), _pad_left(kb, width, 2)]),
+                   torch.cat([_pad_left(va, width, 2), _pad_left(vb, width, 2)]))
+    out.cross = {n: (torch.cat([k, b.cross[n][0]]), torch.cat([v, b.cross[n][1]])) for n, (k, v) in a.cross.items()}
+    out.extras = {n: torch.cat([t, b.extras[n]]) for n, t in a.extras.items()}
+    return out
+
+
+def select_rows(cache: KVCache, index: Tensor, lead: int, reserve: int) -> KVCache:
+    """Rows `index` of `cache` without its first `lead` positions (padding in every kept row)."""
+    out = KVCache(reserve=reserve)
+    for i in cache.layer_ids():
+        k, v = cache.layer(i)
+        out.update(i, k.index_select(0, index)[:, :, lead:], v.index_select(0, index)[:, :, lead:])
+    out.cross = {n: (k.index_select(0, index), v.index_select(0, index)) for n, (k, v) in cache.cross.items()}
+    out.extras = {n: t.index_select(0, index) for n, t in cache.extras.items()}
+    return out
+
+
+# ---------------------------------------------------------------- the engine
+
+
 class Engine:
+    """Owns the model: `submit` prepares a request and queues it; the decode thread (`_serve_forever`)
+    batches it with the others and streams its text to the request's `deltas`, on the event loop."""
+
     def __init__(self, model: Any, max_batch: int = 8, max_wait_ms: float = 5.0, max_queue: int = 64,
                  max_pixels: int = 16 * 1024 * 1024):
         self.model = model
@@ -100,46 +217,63 @@ class Engine:
         self.max_queue = max_queue
         self.max_pixels = max_pixels
         self.stats = Stats()
-        self.queue: asyncio.Queue[GenRequest] | None = None
-        self.task: asyncio.Task | None = None
         self.images = ImageCache(self.processor.transform) if self.processor.transform is not None else None
-        self.lock = threading.Lock()  # one batch on the model at a time
-        self._pending: list[tuple[GenRequest, str | None]] | None = None
-        self.waiting = 0  # touched on the event loop only
+        p = self.processor
+        stops = [p.eos_id, *[p.tokenizer.convert_tokens_to_ids(s) for s in p.settings.stop]]
+        self.stop_ids = {s for s in stops if s is not None}  # the token ids `inference.answer` stops at
+        # what `model.generate` never produces: the image placeholder of in-sequence fusions
+        self.banned = p.image_token_id if getattr(model, "in_sequence", None) else None
+        lm = p.analysis.ir.language
+        self.max_positions = lm.config.max_positions if lm is not None else None
+        self.batches: list[Batch] = []  # decode thread only; more than one only when rows cannot merge
+        self.incoming: queue.SimpleQueue[GenRequest | None] = queue.SimpleQueue()  # prepared, not yet admitted
+        self.held: list[GenRequest] = []  # decode thread only: taken from `incoming`, waiting to be admitted
+        self.preparing = 0  # event loop only
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.halt = threading.Event()
+        self._pending: list[tuple[GenRequest, str | None]] = []  # this step's deltas, delivered together
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._loop())
+        self.loop = asyncio.get_running_loop()
+        self.halt.clear()
+        self.thread = threading.Thread(target=self._serve_forever, name="vlmspec-decode", daemon=True)
+        self.thread.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        if self.thread is not None:
+            self.halt.set()
+            self.incoming.put(None)  # wakes an idle thread
+            await asyncio.to_thread(self.thread.join, 10)
+            self.thread = None
 
     def depth(self) -> int:
-        """Requests admitted and not yet decoding (being prepared, or waiting in the queue)."""
-        return self.waiting
+        """Requests admitted and not yet decoding (being prepared, or waiting for a place in the batch)."""
+        return self.preparing + self.incoming.qsize() + len(self.held)
 
     async def submit(self, req: GenRequest) -> GenRequest:
-        if self.queue is None:
+        if self.thread is None:
             await self.start()
         if self.depth() >= self.max_queue:
             self.stats.rejected += 1
             raise QueueFull
         req.enqueued = time.perf_counter()
         self.stats.requests += 1
-        self.waiting += 1
+        self.preparing += 1
         try:
             # decode the image and tokenize the prompt off the model's thread, in parallel with decoding;
             # a bad image is then a 400 before the request ever waits in the queue
             await asyncio.to_thread(self._prepare, req)
         except Exception:
-            self.waiting -= 1
             self.stats.errors += 1
             raise
+        finally:
+            self.preparing -= 1
         req.done = asyncio.Event()
         req.deltas = asyncio.Queue()
-        await self.queue.put(req)
+        req.queued = time.perf_counter()
+        self.incoming.put(req)
         return req
 
     def _prepare(self, req: GenRequest) -> None:
@@ -147,136 +281,224 @@ class Engine:
             req.pixels = self.images.get(req.image, self.stats, self.max_pixels)
         req.ids = self.processor.encode_prompt(req.question, 1 if req.pixels is not None else 0)
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            first = await self.queue.get()
-            self.waiting -= 1
-            batch = [first]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
+    # ------------------------------------------------------------ the decode thread
+    def _serve_forever(self) -> None:
+        """The decode thread: one iteration per decode step; it blocks only while nothing is running."""
+        while not self.halt.is_set():
+            self._collect(block=not self.batches)
+            if self.halt.is_set():
+                break
+            arrivals = self._due()
+            if arrivals or self.batches:
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-                    self.waiting -= 1
-                except TimeoutError:
-                    break
-            await asyncio.to_thread(self._run_batch, batch, loop)
+                    self.iterate(arrivals)
+                except Exception as e:  # noqa: BLE001  (a bug, not a bad request: fail what runs, keep serving)
+                    self._fail([row.req for b in self.batches for row in b.rows if not row.done], e)
+                    self.batches = []
+                    self._flush()
 
-    # ------------------------------------------------------------ decoding
-    def _emit(self, loop: asyncio.AbstractEventLoop, req: GenRequest, delta: str | None) -> None:
-        if self._pending is not None:  # inside a decode step: delivered together at the end of the step
-            self._pending.append((req, delta))
+    def running(self) -> int:
+        return sum(len(b.rows) for b in self.batches)
+
+    def _collect(self, block: bool) -> None:
+        """Move arrivals from `incoming` to `held`. An idle engine (`block`) sleeps until a request comes,
+        then until the first one held is due (see `_ready`); a running one only takes what is there."""
+        while True:
+            wait = None if block and not self._ready() else 0.0
+            if wait is None and self.held:
+                wait = max(self.held[0].queued + self.max_wait - time.perf_counter(), 0.0)
+            try:
+                req = self.incoming.get(timeout=wait) if wait != 0 else self.incoming.get_nowait()
+            except queue.Empty:
+                return
+            if req is None:  # `stop`
+                return
+            self.held.append(req)
+
+    def _ready(self) -> bool:
+        """Whether the held arrivals should be prefilled now: they fill the batch, or the first has waited
+        `max_wait` for company. A place may stay empty for a step or two rather than prefill each arrival
+        on its own (see the module docstring)."""
+        room = self.max_batch - self.running()
+        if not self.held or room <= 0:
+            return False
+        return len(self.held) >= room or time.perf_counter() >= self.held[0].queued + self.max_wait
+
+    def _due(self) -> list[GenRequest]:
+        """The held arrivals to admit at this step (as many as fit), or none yet."""
+        if not self._ready():
+            return []
+        room = self.max_batch - self.running()
+        due, self.held = self.held[:room], self.held[room:]
+        return due
+
+    @torch.inference_mode()
+    def iterate(self, arrivals: list[GenRequest]) -> None:
+        """One decode step: admit `arrivals`, then one token for every running row; stream the deltas."""
+        try:
+            if arrivals:
+                self._admit(arrivals)
+            for batch in list(self.batches):
+                self._step(batch)
+            self._coalesce()
+            self.stats.running = self.running()
+        finally:
+            self._flush()
+
+    def _admit(self, reqs: list[GenRequest]) -> None:
+        """Prefill the arrivals (rows with and without an image separately: one forward cannot mix them)
+        and merge each prefilled group into a running batch it is compatible with."""
+        for group in ([r for r in reqs if r.pixels is not None], [r for r in reqs if r.pixels is None]):
+            if not group:
+                continue
+            try:
+                self._place(self._prefill(group))
+            except Exception as e:  # noqa: BLE001  (a bad prompt fails its own group, not the running rows)
+                self._fail(group, e)
+
+    def _place(self, new: Batch) -> None:
+        """Merge a prefilled group into the running batch, or run it beside it while the two cannot merge."""
+        target = next((b for b in self.batches if b.compatible(new)), None)
+        if target is None:
+            self.batches.append(new)
+        else:
+            self._merge(target, new)
+
+    def _coalesce(self) -> None:
+        """Merge batches that have become compatible (after a step, per-pass state is one token wide in
+        both), so rows that could not join at their prefill decode in one forward from then on."""
+        if len(self.batches) < 2:
             return
-        loop.call_soon_threadsafe(_deliver, [(req, delta)])
+        merged: list[Batch] = []
+        for batch in self.batches:
+            target = next((m for m in merged if m.compatible(batch)), None)
+            if target is None:
+                merged.append(batch)
+            else:
+                self._merge(target, batch)
+        self.batches = merged
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Hand one decode step's deltas to the event loop in one wake-up, not one per row."""
-        pending, self._pending = self._pending, []
-        if pending:
-            loop.call_soon_threadsafe(_deliver, pending)
+    def _merge(self, target: Batch, other: Batch) -> None:
+        width = max(target.mask.shape[1], other.mask.shape[1])
+        target.merge(other, self._reserve(target.rows + other.rows, width))
 
-    def _finish(self, loop: asyncio.AbstractEventLoop, req: GenRequest) -> None:
-        latency = time.perf_counter() - req.enqueued
-        self.stats.latency_sum += latency
+    def _prefill(self, group: list[GenRequest]) -> Batch:
+        """The arrivals' prompts in one forward, left-padded among themselves, into a batch of their own."""
+        p = self.processor
+        self.stats.batches += 1
+        self.stats.batched_rows += len(group)
+        input_ids, mask = p.left_pad([req.ids for req in group])
+        pixels = p.tile(torch.stack([req.pixels for req in group])) if group[0].pixels is not None else None
+        rows = []
+        for req in group:
+            req.prompt_tokens = len(req.ids)
+            rows.append(Row(req, torch.Generator().manual_seed(req.seed if req.seed is not None else 0)))
+        cache = KVCache(reserve=self._reserve(rows, mask.shape[1]))
+        out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, cache=cache, logits_to_keep=1)
+        return Batch(rows, cache, mask, out.logits[:, -1].float())
+
+    def _reserve(self, rows: list[Row], width: int) -> int:
+        """Cache positions to allocate up front, so the batch's cache never grows by copying while it decodes."""
+        cap = width + max(r.req.max_tokens - r.req.tokens for r in rows)
+        return min(cap, self.max_positions) if self.max_positions else cap
+
+    def _step(self, batch: Batch) -> None:
+        """Pick every row's next token, retire the rows that finished, and run the batched forward for the rest."""
+        try:
+            tokens = self._pick(batch)
+            for row, tok in zip(batch.rows, tokens, strict=True):
+                row.done = self._take(row, tok)
+            keep = [i for i, row in enumerate(batch.rows) if not row.done]
+            if not keep:
+                self.batches.remove(batch)
+                return
+            if len(keep) < len(batch.rows):
+                batch.keep(keep, self._reserve([batch.rows[i] for i in keep], batch.mask.shape[1] + 1))
+                tokens = [tokens[i] for i in keep]
+            batch.mask = F.pad(batch.mask, (0, 1), value=1)
+            out = self.model(input_ids=torch.tensor(tokens)[:, None], attention_mask=batch.mask, cache=batch.cache,
+                             logits_to_keep=1)
+            batch.logits = out.logits[:, -1].float()
+            self.stats.steps += 1
+            self.stats.step_rows += len(keep)
+        except Exception as e:  # noqa: BLE001
+            if batch in self.batches:
+                self.batches.remove(batch)
+            self._fail([row.req for row in batch.rows if not row.done], e)
+
+    def _pick(self, batch: Batch) -> list[int]:
+        """Every row's next token: greedy rows in one argmax, sampling rows each with its own generator."""
+        logits = batch.logits
+        if self.banned is not None:
+            logits[:, self.banned] = float("-inf")
+        tokens = logits.argmax(dim=-1).tolist()  # one call for every greedy row
+        for i, row in enumerate(batch.rows):
+            if row.req.temperature > 0:
+                tokens[i] = _sample(logits[i], row.req.temperature, row.req.top_p, row.gen)
+        return tokens
+
+    def _take(self, row: Row, tok: int) -> bool:
+        """Give `tok` to the row's request: stream its text, apply its stops. True when it has finished."""
+        p = self.processor
+        req = row.req
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+        if tok in self.stop_ids:
+            req.finish_reason = "stop"
+            self._finish(req)
+            return True
+        req.output_ids.append(tok)
+        req.tokens += 1
+        self.stats.tokens += 1
+        if req.stream or req.stop:  # text is only needed as we go to stream or to stop; else once, at the end
+            text = p.decode(req.output_ids)
+            cut = _stop_at(text, req.stop)
+            if cut is not None:
+                text = text[:cut]
+            delta = text[len(req.text):]
+            req.text = text
+            if delta and req.stream:
+                self._emit(req, delta)
+            if cut is not None:
+                req.finish_reason = "stop"
+                self._finish(req)
+                return True
+        # the context is full when the fed token would not fit any more: the row ends as if at max_tokens
+        full = self.max_positions is not None and req.prompt_tokens + req.tokens > self.max_positions
+        if req.tokens >= req.max_tokens or full:
+            req.finish_reason = "length"
+            self._finish(req)
+            return True
+        return False
+
+    def _finish(self, req: GenRequest) -> None:
+        if not (req.stream or req.stop):
+            req.text = self.processor.decode(req.output_ids)
+        self.stats.latency_sum += time.perf_counter() - req.enqueued
         if req.first_token is not None:
             self.stats.ttft_sum += req.first_token - req.enqueued
-        self._emit(loop, req, None)
+        self._emit(req, None)
 
-    def _run_batch(self, batch: list[GenRequest], loop: asyncio.AbstractEventLoop) -> None:
-        with self.lock:
-            live = [(req, req.ids, req.pixels) for req in batch]
-            self.stats.batches += 1
-            self.stats.batched_rows += len(live)
-            # rows with and without an image cannot share one batch; decode each group
-            for group in (_group(live, with_image=True), _group(live, with_image=False)):
-                if group:
-                    try:
-                        self._decode(group, loop)
-                    except Exception as e:  # noqa: BLE001
-                        for req, *_ in group:
-                            req.error = e
-                            self.stats.errors += 1
-                            self._finish(loop, req)
+    def _fail(self, reqs: list[GenRequest], e: Exception) -> None:
+        for req in reqs:
+            req.error = e
+            self.stats.errors += 1
+            self.stats.latency_sum += time.perf_counter() - req.enqueued
+            self._emit(req, None)
 
-    @torch.no_grad()
-    def _decode(self, group: list[tuple[GenRequest, list[int], torch.Tensor | None]],
-                loop: asyncio.AbstractEventLoop) -> None:
-        from vlmspec.runtime.decoding import KVCache
+    # ------------------------------------------------------------ streaming
+    def _emit(self, req: GenRequest, delta: str | None) -> None:
+        """Queue a text delta (None: the request is done) for delivery at the end of this step."""
+        self._pending.append((req, delta))
 
-        p = self.processor
-        n = len(group)
-        input_ids, mask = p.left_pad([ids for _, ids, _ in group])
-        for req, ids, _ in group:
-            req.prompt_tokens = len(ids)
-        pixels = [px for _, _, px in group]
-        pixel_values = p.tile(torch.stack(pixels)) if pixels[0] is not None else None
-        gens = [torch.Generator().manual_seed(req.seed if req.seed is not None else 0) for req, _, _ in group]
-        stop_ids = {p.eos_id} if p.eos_id is not None else set()
-        generated: list[list[int]] = [[] for _ in group]
-        active = [True] * n
-        cache = KVCache()
-        out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, cache=cache)
-        logits = out.logits[:, -1]
-        max_steps = max(req.max_tokens for req, _, _ in group)
-        self._pending = []
-        try:
-            self._steps(group, loop, logits, out, cache, mask, gens, stop_ids, generated, active, max_steps)
-        finally:
-            self._flush(loop)
-            self._pending = None
-
-    def _steps(self, group, loop, logits, out, cache, mask, gens, stop_ids, generated, active, max_steps) -> None:
-        p = self.processor
-        n = len(group)
-        for _step in range(max_steps):
-            next_tokens = torch.full((n,), p.pad_id, dtype=torch.long)
-            greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
-            for i, (req, _, _) in enumerate(group):
-                if not active[i]:
-                    continue
-                tok = greedy[i] if req.temperature <= 0 else _sample(logits[i], req.temperature, req.top_p, gens[i])
-                next_tokens[i] = tok
-                if req.first_token is None:
-                    req.first_token = time.perf_counter()
-                if tok in stop_ids:
-                    req.finish_reason = "stop"
-                    active[i] = False
-                    if not req.stream:
-                        req.text = p.decode(generated[i])
-                    self._finish(loop, req)
-                    continue
-                generated[i].append(tok)
-                req.tokens += 1
-                self.stats.tokens += 1
-                last = req.tokens >= req.max_tokens
-                if req.stream or req.stop or last:  # text is only needed to stream, to stop, or at the end
-                    text = p.decode(generated[i])
-                    cut = _stop_at(text, req.stop)
-                    if cut is not None:
-                        text = text[:cut]
-                        req.finish_reason = "stop"
-                        active[i] = False
-                    delta = text[len(req.text):]
-                    req.text = text
-                    if delta and req.stream:
-                        self._emit(loop, req, delta)
-                if active[i] and last:
-                    req.finish_reason = "length"
-                    active[i] = False
-                if not active[i]:
-                    self._finish(loop, req)
-            self._flush(loop)
-            if not any(active):
-                break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-            out = self.model(input_ids=next_tokens[:, None], attention_mask=mask, cache=out.cache or cache)
-            logits = out.logits[:, -1]
-        for i, (req, _, _) in enumerate(group):
-            if active[i]:
-                self._finish(loop, req)
+    def _flush(self) -> None:
+        """Hand one decode step's deltas to the event loop in one wake-up, not one per row."""
+        pending, self._pending = self._pending, []
+        if pending and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(_deliver, pending)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is listening any more
+                pass
 
 
 def _deliver(pending: list[tuple[GenRequest, str | None]]) -> None:
@@ -284,10 +506,6 @@ def _deliver(pending: list[tuple[GenRequest, str | None]]) -> None:
         req.deltas.put_nowait(delta)
         if delta is None:
             req.done.set()
-
-
-def _group(live, with_image: bool):
-    return [x for x in live if (x[2] is not None) == with_image]
 
 
 def _stop_at(text: str, stops: list[str]) -> int | None:
