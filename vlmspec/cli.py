@@ -329,7 +329,8 @@ def build(
     spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="model folder to write")] = None,
     device: Annotated[str, typer.Option(help="`cpu`, or `meta` to check the module without allocating")] = "cpu",
-    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer folder to bundle")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer folder to bundle (with its qformer_tokenizer/, "
+                                                     "if any, for InstructBLIP)")] = None,
     seed: Annotated[int, typer.Option(help="seed for the random initialisation")] = 0,
 ) -> None:
     """Build the PyTorch model and write it as a Hugging-Face-layout folder (config.json, model.safetensors)."""
@@ -344,12 +345,14 @@ def build(
         task = progress.add_task(f"building {analysis.ir.name} on {device}")
         import torch
 
-        tok = None
+        tok = qf_tok = None
         image_id = None
         if tokenizer is not None:
             from vlmspec.runtime.tokenizer import ensure_special_tokens, load_tokenizer
 
             tok = ensure_special_tokens(load_tokenizer(tokenizer), analysis)
+            if (Path(tokenizer) / "qformer_tokenizer").is_dir():  # InstructBLIP's Q-Former reads BERT ids
+                qf_tok = load_tokenizer(Path(tokenizer) / "qformer_tokenizer", plain=True)
             fusions = analysis.ir.by_role("fusion")
             image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if fusions else None
         from vlmspec.runtime.checkpoint import build_from_spec
@@ -361,7 +364,7 @@ def build(
             from vlmspec.runtime.checkpoint import save_model_dir
 
             progress.update(task, description=f"writing {output}")
-            save_model_dir(model, analysis, output, tokenizer=tok,
+            save_model_dir(model, analysis, output, tokenizer=tok, instruction_tokenizer=qf_tok,
                            progress=lambda msg: progress.update(task, description=msg))
     if report is not None:
         out.print(str(report), markup=False)

@@ -4,6 +4,7 @@
     DIR/model.safetensors   every tensor, keys as in `VisionLanguageModel.state_dict()`
     DIR/spec.vlm            the spec the model was built from (so the folder is self-describing)
     DIR/tokenizer.json ...  the tokenizer, when there is one
+    DIR/qformer_tokenizer/  an instruction-aware Q-Former's own tokenizer (InstructBLIP), when there is one
 
 A folder is written to a temporary sibling and renamed into place, so a crash never leaves half a model.
 """
@@ -23,6 +24,7 @@ from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
 from vlmspec.fsutil import fsync_dir_files, replace_dir
 
 FORMAT_VERSION = 1
+INSTRUCTION_TOKENIZER = "qformer_tokenizer"  # the sub-folder name Hugging Face's InstructBLIP processor uses
 
 
 def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -71,7 +73,8 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, tokenizer: Any = None,
                    spec_text: str | None = None, extra: dict[str, Any] | None = None,
-                   progress: Any = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+                   progress: Any = None, state: dict[str, torch.Tensor] | None = None,
+                   instruction_tokenizer: Any = None) -> Path:
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -88,6 +91,9 @@ def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, 
         (tmp / "spec.vlm").write_text(text)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if instruction_tokenizer is not None:  # where Hugging Face's InstructBLIP processor keeps it
+            instruction_tokenizer.save_pretrained(str(tmp / INSTRUCTION_TOKENIZER))
+            fsync_dir_files(tmp / INSTRUCTION_TOKENIZER)
         fsync_dir_files(tmp)
         replace_dir(tmp, target)
     except BaseException:
@@ -179,7 +185,9 @@ def load(source: str | Path, device: str = "cpu"):
         from vlmspec.runtime.processor import Processor
         from vlmspec.runtime.tokenizer import load_tokenizer
 
-        model.processor = Processor(analysis, load_tokenizer(path))
+        qf_dir = path / INSTRUCTION_TOKENIZER
+        qf_tok = load_tokenizer(qf_dir, plain=True) if qf_dir.is_dir() else None
+        model.processor = Processor(analysis, load_tokenizer(path), qf_tok)
     else:
         model.processor = None
     model.analysis = analysis

@@ -14,6 +14,7 @@ import torch
 
 from vlmspec.compiler.compile import Analysis
 from vlmspec.diagnostics import user_error
+from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
 from vlmspec.runtime.images import ImageInput, ImageTransform
 
@@ -29,9 +30,13 @@ class Encoded:
 class Processor:
     """Builds prompts from `settings.prompt` (`{image}`, `{q}`) and answers from `settings.answer` (`{a}`)."""
 
-    def __init__(self, analysis: Analysis, tokenizer: Any):
+    def __init__(self, analysis: Analysis, tokenizer: Any, instruction_tokenizer: Any = None):
         self.analysis = analysis
         self.tokenizer = tokenizer
+        # An instruction-aware Q-Former (InstructBLIP) reads the question in its own vocabulary (BERT's);
+        # without that tokenizer the model runs without the instruction, as its encoder alone would.
+        self.instruction_tokenizer = instruction_tokenizer if any(
+            getattr(c.config, "instruction", False) for c in analysis.ir.by_role("connector")) else None
         ir = analysis.ir
         self.settings = ir.settings
         encoders = ir.by_role("vision")
@@ -127,12 +132,24 @@ class Processor:
             mask[i, width - len(s):] = 1
         return input_ids, mask
 
+    def instruction(self, questions: Sequence[str]) -> Instruction | None:
+        """The questions in the instruction-aware connector's vocabulary, right-padded (Hugging Face's
+        `qformer_input_ids` / `qformer_attention_mask`); None when the model has no such connector or no
+        tokenizer for it."""
+        if self.instruction_tokenizer is None:
+            return None
+        enc = self.instruction_tokenizer(list(questions), padding=True, return_tensors="pt")
+        return Instruction(enc["input_ids"], enc["attention_mask"])
+
     def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
         """Left-padded prompts (one image per prompt when images are given) for `model.generate`."""
         input_ids, mask = self.left_pad([self.encode_prompt(q, 1 if images else 0) for q in questions])
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
         if images:
             batch["pixel_values"] = self.pixel_values(images)
+            instruction = self.instruction(questions)
+            if instruction is not None:
+                batch["instruction"] = instruction
         return batch
 
     def training_batch(self, examples: Sequence[Encoded], pixel_values: torch.Tensor | None) -> dict[str, Any]:

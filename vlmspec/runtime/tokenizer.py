@@ -32,8 +32,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, extra_special: Iterab
     return fast
 
 
-def load_tokenizer(path: str | Path):
-    """A tokenizer saved with `save_pretrained` (or any HF tokenizer folder), offline."""
+def load_tokenizer(path: str | Path, *, plain: bool = False):
+    """A tokenizer saved with `save_pretrained` (or any HF tokenizer folder), offline. `plain` leaves it
+    as saved (no pad or image token added): a Q-Former's BERT tokenizer reads instructions, not prompts."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -44,6 +45,8 @@ def load_tokenizer(path: str | Path):
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise user_error("E0510", f"cannot load the tokenizer in {p}: {e}") from None
+    if plain:
+        return tok
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     if IMAGE_TOKEN not in tok.get_vocab():

@@ -394,7 +394,9 @@ class Engine:
             req.prompt_tokens = len(req.ids)
             rows.append(Row(req, torch.Generator().manual_seed(req.seed if req.seed is not None else 0)))
         cache = KVCache(reserve=self._reserve(rows, mask.shape[1]))
-        out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, cache=cache, logits_to_keep=1)
+        instruction = p.instruction([req.question for req in group]) if pixels is not None else None
+        out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, cache=cache, logits_to_keep=1,
+                         instruction=instruction)
         return Batch(rows, cache, mask, out.logits[:, -1].float())
 
     def _reserve(self, rows: list[Row], width: int) -> int:
