@@ -1,4 +1,5 @@
-"""Tiny Hugging Face VLMs, built from configs and saved with `save_pretrained` (no network)."""
+"""Tiny Hugging Face VLMs, built from configs and saved with `save_pretrained` (no network), and the
+import of such a folder through vlmspec that every parity test starts from."""
 
 from __future__ import annotations
 
@@ -52,3 +53,16 @@ def blip2(transformers, out: Path, seed: int = 0):
     m = transformers.Blip2ForConditionalGeneration(cfg).eval()
     m.save_pretrained(str(out))
     return m
+
+
+def imported(folder: Path, tmp: Path, name: str = "model.vlm"):
+    """`import_hf` + `build_with_weights`: (model, coverage report, mapping); mapping["spec"] is the text."""
+    from vlmspec.compiler.compile import load_analysis
+    from vlmspec.runtime.weights import build_with_weights, import_hf
+
+    text, mapping = import_hf(folder)
+    spec = tmp / name
+    spec.write_text(text)
+    analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
+    model, report = build_with_weights(analysis, image_token_id=mapping["image_token_id"])
+    return model, report, {**mapping, "spec": text}

@@ -12,11 +12,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, NQ, blip_configs  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, NQ, blip_configs, imported  # noqa: E402
 
-from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.runtime.connectors import Instruction  # noqa: E402
-from vlmspec.runtime.weights import build_with_weights, import_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,15 +34,6 @@ def instructblip(out: Path, text: str, seed: int = 0):
     m = transformers.InstructBlipForConditionalGeneration(cfg).eval()
     m.save_pretrained(str(out))
     return m
-
-
-def imported(folder: Path, tmp: Path):
-    text, mapping = import_hf(folder)
-    spec = tmp / "model.vlm"
-    spec.write_text(text)
-    analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
-    model, report = build_with_weights(analysis, image_token_id=mapping["image_token_id"])
-    return model, report
 
 
 def inputs(bos: int, pad: int, seed: int = 5):
@@ -68,7 +57,7 @@ def inputs(bos: int, pad: int, seed: int = 5):
 @pytest.mark.parametrize("text", ["opt", "llama"])
 def test_instructblip_parity(tmp_path, text):
     hf = instructblip(tmp_path / "hf", text)
-    ours, report = imported(tmp_path / "hf", tmp_path)
+    ours, report, _ = imported(tmp_path / "hf", tmp_path)
     assert report.ok, str(report)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
     bos = 2 if text == "opt" else 1
@@ -92,7 +81,7 @@ def test_instructblip_parity(tmp_path, text):
 def test_instruction_is_per_sample_with_several_images(tmp_path):
     """Two images per prompt: each sample's instruction goes to both of its images."""
     hf = instructblip(tmp_path / "hf", "opt")
-    ours, _ = imported(tmp_path / "hf", tmp_path)
+    ours, _, _ = imported(tmp_path / "hf", tmp_path)
     _, _, q_ids, q_mask, _ = inputs(2, pad=0)
     px = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     ids = torch.cat([torch.full((2, 2 * NQ), IMAGE_TOKEN), torch.tensor([[2], [2]]),

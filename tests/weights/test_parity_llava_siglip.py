@@ -11,8 +11,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, _quiet  # noqa: E402
-from test_weights_parity import _ids, imported  # noqa: E402
+from hf_tiny import (  # noqa: E402
+    IMAGE_TOKEN,
+    _quiet,
+    imported,  # noqa: E402
+)
+from test_weights_parity import _ids, assert_parity  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,16 +44,7 @@ def test_llava_siglip_parity(tmp_path, layer, head):
     ours, report, mapping = imported(tmp_path / "hf", tmp_path)
     assert report.ok and set(mapping["components"]) == {"siglip", "proj", "llm"}
     ids, mask = _ids(16, 2)
-    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits
-        out = ours(ids, attention_mask=mask, pixel_values=px).logits
-        real = mask.bool()
-        assert (ref[real] - out[real]).abs().max() <= 1e-4
-        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=16, min_new_tokens=16,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
-    assert torch.equal(ours.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=16), want)
-
+    assert_parity(hf, ours, ids, mask, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
 
 def test_default_strategy_on_siglip_is_refused(tmp_path):
     from vlmspec.diagnostics import UserInputError

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, imported  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.runtime.decoding import KVCache  # noqa: E402
-from vlmspec.runtime.weights import build_with_weights, import_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,15 +42,6 @@ def paligemma(out: Path, *, width: int = 48, kv_heads: int = 2, head_dim: int = 
     return m
 
 
-def imported(folder: Path, tmp: Path):
-    text, mapping = import_hf(folder)
-    spec = tmp / "model.vlm"
-    spec.write_text(text)
-    analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
-    model, report = build_with_weights(analysis, image_token_id=mapping["image_token_id"])
-    return model, report, text
-
-
 def prompts(pad: int, rows: int = 2, text: int = 6, seed: int = 4):
     """PaliGemma's processor layout, left-padded: [pad] <image> x 16, <bos>, prompt, "\\n"."""
     g = torch.Generator().manual_seed(seed)
@@ -73,7 +63,8 @@ PALIGEMMA = {"gqa_head_dim16": dict(), "mqa_no_pool_head": dict(kv_heads=1, head
 def test_paligemma_parity(tmp_path, variant):
     kw = PALIGEMMA[variant]
     hf = paligemma(tmp_path / "hf", **kw)
-    ours, report, text = imported(tmp_path / "hf", tmp_path)
+    ours, report, mapping = imported(tmp_path / "hf", tmp_path)
+    text = mapping["spec"]
     assert report.ok and all(c.status in ("loaded", "no tensors") for c in report.components.values())
     assert 'prefix_attention = "bidirectional"' in text
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())

@@ -10,21 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, NQ, blip2, blip_configs, llava  # noqa: E402
-
-from vlmspec.compiler.compile import load_analysis  # noqa: E402
-from vlmspec.runtime.weights import build_with_weights, import_hf  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, NQ, blip2, blip_configs, imported, llava  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-
-
-def imported(folder: Path, tmp: Path):
-    text, mapping = import_hf(folder)
-    spec = tmp / "model.vlm"
-    spec.write_text(text)
-    analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
-    model, report = build_with_weights(analysis, image_token_id=mapping["image_token_id"])
-    return model, report, mapping
 
 
 def _ids(n_image: int, pad: int, rows: int = 2, seed: int = 4):
@@ -37,6 +25,18 @@ def _ids(n_image: int, pad: int, rows: int = 2, seed: int = 4):
     ids = torch.stack(out)
     mask = (torch.arange(ids.shape[1])[None] >= torch.tensor([[pad * i] for i in range(rows)])).long()
     return ids, mask
+
+
+def assert_parity(hf, ours, ids, mask, px) -> None:
+    """Logits at real positions within 1e-4, and 16 greedy tokens identical (no early stop)."""
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        out = ours(ids, attention_mask=mask, pixel_values=px).logits
+        real = mask.bool()
+        assert (ref[real] - out[real]).abs().max() <= 1e-4
+        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=16, min_new_tokens=16,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
+    assert torch.equal(ours.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=16), want)
 
 
 LLAVA = {"gqa_layer-2": dict(layer=-2), "layer-1": dict(layer=-1), "tied": dict(tie=True, layer=-2),
@@ -53,15 +53,7 @@ def test_llava_parity(tmp_path, variant):
     if kw.get("tie"):
         assert ours.components["llm"].lm_head.weight is ours.components["llm"].model.embed_tokens.weight
     ids, mask = _ids(16, 3)
-    px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits
-        out = ours(ids, attention_mask=mask, pixel_values=px).logits
-        real = mask.bool()
-        assert (ref[real] - out[real]).abs().max() <= 1e-4
-        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=16, min_new_tokens=16,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
-    assert torch.equal(ours.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=16), want)
+    assert_parity(hf, ours, ids, mask, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
 
 
 def test_llava_two_images_per_prompt(tmp_path):
