@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from diag_cases import CASES
+from diag_cases import CASES, spec
 
 from vlmspec.compiler.compile import check_file
 from vlmspec.diagnostics import render_all
@@ -73,3 +73,13 @@ def test_all_errors_are_collected(tmp_path: Path) -> None:
         "}\n")
     codes = [d.code for d in check_file(str(path)).diagnostics]
     assert codes.count("E0104") == 1 and "E0105" in codes and "E0202" in codes, codes
+
+
+def test_capitalised_unknown_attribute_is_named(tmp_path: Path) -> None:
+    """pydantic names union branches with capitalised tags; a user's capitalised typo is not one
+    (found by the fuzz test: `Amax_positions` crashed the error report)."""
+    path = tmp_path / "spec.vlm"
+    path.write_text(spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
+                                  "Amax_positions = 256 }\n"))
+    (d,) = check_file(str(path)).diagnostics
+    assert d.code == "E0104" and "Amax_positions" in d.message and "max_positions" in (d.help or "")

@@ -558,8 +558,10 @@ def _validate(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Sp
         return None if bad else validated
     except ValidationError as err:
         errors = err.errors(include_url=False)
+        written = set(values) | {name for key in spans for name in key}  # names the user wrote
         for e in errors:
-            e["loc"] = tuple(p for p in e["loc"] if not isinstance(p, int) and not _is_union_tag(str(p)))
+            e["loc"] = tuple(p for p in e["loc"] if not isinstance(p, int)
+                             and not (_is_union_tag(str(p)) and str(p) not in written))
         # for a union field (`rope = default | mrope(...)`), report the branch the user meant: drop
         # "expected 'default'" when the call itself had a more specific problem
         specific = {e["loc"][:1] for e in errors if e["type"] != "literal_error"}
