@@ -5,7 +5,9 @@
   the answer causally; the model builds that mask (`vlmspec.runtime.decoding.attention_mask_4d`).
 - `cross_attention`: a tanh-gated cross-attention block (+ gated FFN) before chosen decoder layers;
   gates start at 0, so a frozen language model computes exactly what it did before, at step 0.
-  Visual keys / values are computed once per image and kept in the cache while generating.
+  Visual keys / values are computed once per image and kept in the cache while generating. A text
+  token attends to all its sample's images, or (`image_attention = latest`, Flamingo / IDEFICS) only
+  to the last one before it; IDEFICS checkpoints load into it (`weights/formats/idefics.py`).
 - `visual_expert` (CogVLM): per layer, a second set of QKV / output / FFN weights of the language
   model's own family and shape, used at image-token positions.
 - `moe` (MoE-LLaVA): prefix splicing plus routed experts replacing the FFN of chosen layers; expert 0
@@ -86,28 +88,33 @@ class CrossAttention(nn.Module):
             k = self.k_norm(k)
         return k, split_heads(self.v_proj(visual), self.kv_heads)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """mask: bool [b x 1 x s x n] (True = may attend) or None (every visual token)."""
         q = split_heads(self.q_proj(x), self.heads)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        return self.o_proj(attend(q, k, v))
+        return self.o_proj(attend(q, k, v, mask))
 
 
 class CrossAttentionLayer(nn.Module):
-    """h + tanh(g_attn) * xattn(norm(h)), then h + tanh(g_mlp) * ffn(norm(h)) (Mllama's layout and keys)."""
+    """h + tanh(g_attn) * xattn(norm(h)), then h + tanh(g_mlp) * ffn(norm(h)) (Mllama's layout and keys).
+
+    Gates are one scalar per branch, or with `vector_gates` one per channel, shaped [1 x 1 x width]
+    as IDEFICS stores them."""
 
     def __init__(self, llm: CausalLM, visual_width: int, spec: CrossAttentionSpec):
         super().__init__()
         self.gated = spec.gate == "tanh"
+        shape = (1, 1, llm.c.width) if getattr(spec, "vector_gates", False) else (1,)
         self.cross_attn = CrossAttention(llm.c, visual_width, spec.qk_norm)
         self.input_layernorm = llm.make_norm()
         if self.gated:
-            self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+            self.cross_attn_attn_gate = nn.Parameter(torch.zeros(shape))
         self.mlp = llm.make_ffn() if spec.mlp else None
         if spec.mlp:
             self.post_attention_layernorm = llm.make_norm()
             if self.gated:
-                self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+                self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(shape))
 
     def init_weights(self, std: float) -> None:
         for name in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
@@ -118,8 +125,16 @@ class CrossAttentionLayer(nn.Module):
     def _gate(self, name: str, x: Tensor) -> Tensor:
         return torch.tanh(getattr(self, name)).to(x.dtype) * x if self.gated else x
 
-    def forward(self, h: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        h = h + self._gate("cross_attn_attn_gate", self.cross_attn(self.input_layernorm(h), k, v))
+    def forward(self, h: Tensor, k: Tensor | None, v: Tensor | None, mask: Tensor | None = None,
+                seen: Tensor | None = None) -> Tensor:
+        """k, v None: no image at all (the cross-attention adds nothing, the feed-forward still runs).
+        mask: bool [b x 1 x s x n] or None; seen: bool [b x s], False where a token sees no image, whose
+        cross-attention output is then zero (IDEFICS' `cross_attention_gate`), or None (every token sees one)."""
+        if k is not None and v is not None:
+            a = self.cross_attn(self.input_layernorm(h), k, v, mask)
+            if seen is not None:
+                a = a.masked_fill(~seen[..., None], 0.0)
+            h = h + self._gate("cross_attn_attn_gate", a)
         if self.mlp is not None:
             h = h + self._gate("cross_attn_mlp_gate", self.mlp(self.post_attention_layernorm(h)))
         return h
@@ -133,22 +148,43 @@ class CrossBlockHook:
         self.fusion, self.idx = fusion, idx
 
     def __call__(self, h: Tensor, state: DecodeState) -> Tensor:
-        kv = self.fusion.visual_kv(self.idx, state, h.dtype)
+        f = self.fusion
+        if f.latest:
+            return f.latest_block(self.idx, h, state)
+        kv = f.visual_kv(self.idx, state, h.dtype)
         if kv is None:
             return h  # no image in this conversation: the language model alone
-        return self.fusion.layers[str(self.idx)](h, *kv)
+        return f.layers[str(self.idx)](h, *kv)
 
 
 class CrossAttentionFusion(Fusion):
-    """Flamingo / Llama 3.2 Vision. Every text token attends to every visual token of its sample (all
-    its images); Flamingo's "only the images before me" masking is not modelled."""
+    """Flamingo / IDEFICS / Llama 3.2 Vision: gated cross-attention blocks before chosen decoder layers.
+
+    `image_attention = all`: every text token attends to every visual token of its sample (all its
+    images). `image_attention = latest` (Flamingo, IDEFICS): a text token attends only to the visual
+    tokens of the last image whose image token is at or before it in the pass that brings the images
+    (images in order, `tokens_per_image` visual tokens each); a token before its row's first image
+    token, or whose image is beyond the images given, sees none: its cross-attention output is zero
+    (the gated feed-forward still runs), as Hugging Face IDEFICS does with the processor's
+    `image_attention_mask`. Later cached passes (decoding) see the image of the prompt's last token, as
+    transformers' IDEFICS `generate` does: the cache keeps, per row, that image's keys / values tiled to
+    the full visual length (values zero when the row saw none), so decoding attends without a mask and
+    the cache keeps its shapes (beam search, serving's row merges and the exported halves need no
+    extra state). Not modelled: the processor's reset after an end-of-sequence token inside a prompt
+    (packed documents); and a recomputed sequence (no cache) counts a generated `<image>` token as a
+    new image where cached decoding does not.
+    """
 
     in_sequence = False
 
-    def __init__(self, name: str, llm: CausalLM, visual_width: int, spec: CrossAttentionSpec):
+    def __init__(self, name: str, llm: CausalLM, visual_width: int, spec: CrossAttentionSpec,
+                 tokens_per_image: int | None = None):
         super().__init__(name)
         self.layer_ids = spec.layer_ids(llm.c.depth)
         self.layers = nn.ModuleDict({str(i): CrossAttentionLayer(llm, visual_width, spec) for i in self.layer_ids})
+        self.latest = getattr(spec, "image_attention", "all") == "latest"
+        self.uses_image_mask = self.latest  # the image-token positions say which image each token sees
+        self.tokens_per_image = tokens_per_image
 
     def visual_kv(self, idx: int, state: DecodeState, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         key = f"{self.name}.{idx}"
@@ -162,9 +198,51 @@ class CrossAttentionFusion(Fusion):
             state.cache.cross[key] = kv
         return kv
 
+    def latest_block(self, idx: int, h: Tensor, state: DecodeState) -> Tensor:
+        """One block under `image_attention = latest` (see the class docstring)."""
+        layer = self.layers[str(idx)]
+        key = f"{self.name}.{idx}"
+        visual = state.visual.get(self.name)
+        if visual is None:
+            kv = state.cache.cross.get(key) if state.cache is not None else None
+            if kv is None:
+                return layer(h, None, None)  # no image: no token sees one; the gated feed-forward still runs
+            return layer(h, *kv)  # decoding: the prompt's last image, as the cache holds it
+        if state.image_mask is None:
+            raise user_error("E0593", f"fusion `{self.name}` needs the image-token positions of the prompt")
+        k, v = layer.cross_attn.kv(visual.to(h.dtype))
+        n_visual = k.shape[2]
+        t = self.tokens_per_image or n_visual
+        if n_visual % t:
+            raise user_error("E0593", f"fusion `{self.name}` got {n_visual} visual tokens per sample, not a "
+                             f"multiple of the {t} tokens of one image")
+        n = n_visual // t
+        image = state.image_mask.long().cumsum(-1) - 1  # [b x s] the image each token sees, -1: none yet
+        seen = (image >= 0) & (image < n)
+        mask = None
+        if n > 1:
+            owner = torch.arange(n_visual, device=h.device) // t  # the image of each visual token
+            mask = ((owner[None, None, :] == image[:, :, None]) | ~seen[:, :, None])[:, None]  # unseen: zeroed after
+        if state.cache is not None:
+            state.cache.cross[key] = _latest_kv(k, v, image[:, -1], seen[:, -1], n, t)
+        return layer(h, k, v, mask, seen)
+
     def contribute(self, hooks: list[LayerHooks]) -> None:
         for i in self.layer_ids:
             hooks[i].before.append(CrossBlockHook(self, i))
+
+
+def _latest_kv(k: Tensor, v: Tensor, image: Tensor, seen: Tensor, n: int, t: int) -> tuple[Tensor, Tensor]:
+    """Keys / values [b x h x (n*t) x d] -> each row's image `image` [b] repeated n times (the same
+    attention output as over its t tokens alone, at the shape the cache and the exported halves
+    expect); values zero in rows where `seen` [b] is False, so attending gives exactly 0."""
+    if n == 1:
+        return k, v * seen[:, None, None, None].to(v.dtype)
+    b, hk, _, d = k.shape
+    pick = image.clamp(0, n - 1).view(b, 1, 1, 1, 1).expand(b, hk, 1, t, d)
+    k1 = k.view(b, hk, n, t, d).gather(2, pick)
+    v1 = v.view(b, hk, n, t, d).gather(2, pick) * seen[:, None, None, None, None].to(v.dtype)
+    return k1.expand(b, hk, n, t, d).reshape(b, hk, n * t, d), v1.expand(b, hk, n, t, d).reshape(b, hk, n * t, d)
 
 
 # ---------------------------------------------------------------- visual expert
@@ -251,7 +329,15 @@ def build_prefix(comp: Component, ctx: BuildContext) -> PrefixFusion:
 @register("fusion", "cross_attention")
 def build_cross_attention(comp: Component, ctx: BuildContext) -> CrossAttentionFusion:
     spec = _spec(comp, CrossAttentionSpec)
-    return CrossAttentionFusion(comp.name, _llm(ctx, comp), ctx.output_shape(comp.name).width, spec)
+    visual = ctx.input_shape(comp.name)
+    tokens = None
+    if getattr(spec, "image_attention", "all") == "latest":
+        if visual.dynamic or visual.tokens <= 0:
+            raise user_error("E0592", f"fusion `{comp.name}` has `image_attention = latest` but its images give a "
+                             "varying number of visual tokens", help="use a fixed-resolution encoder, or "
+                             "`image_attention = all`")
+        tokens = visual.tokens
+    return CrossAttentionFusion(comp.name, _llm(ctx, comp), ctx.output_shape(comp.name).width, spec, tokens)
 
 
 @register("fusion", "visual_expert")

@@ -195,6 +195,7 @@ class Perceiver(ConnectorBase):
     heads: int = Field(default=16, gt=0, description="attention heads")
     head_dim: int = Field(default=96, gt=0, description="width of one head")
     mlp_ratio: int = Field(default=4, gt=0, description="feed-forward width as a multiple of the input width")
+    act: Act = Field(default="gelu", description="feed-forward activation (Flamingo: gelu, IDEFICS: relu)")
     qk_norm: bool = Field(default=False, description="LayerNorm on queries and keys per head (IDEFICS)")
     project: bool = Field(default=False, description="end with a linear projection to the output width")
 

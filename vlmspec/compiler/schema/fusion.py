@@ -72,6 +72,13 @@ class CrossAttention(FusionBase):
     mlp: bool = Field(default=True, description="a gated feed-forward after each cross-attention")
     qk_norm: bool = Field(default=False, description="RMSNorm on queries and keys per head (Llama 3.2 Vision)")
     image_token: str = Field(default="<image>", min_length=1, description="marks where images sit in the prompt")
+    image_attention: Literal["all", "latest"] = Field(
+        default="all", description="which images a text token attends to: `all` of its sample's, or only the "
+        "`latest` one whose image token is at or before it (Flamingo, IDEFICS)")
+    vector_gates: bool = Field(default=False, description="one tanh gate per channel instead of one per branch "
+                               "(IDEFICS' `alpha_type = vector`)")
+    weights: str | None = Field(default=None, description="local checkpoint folder (`DIR#part`) to load these "
+                                "blocks from")
 
     def layer_ids(self, depth: int) -> list[int]:
         if self.layers is not None:
@@ -99,8 +106,8 @@ class CrossAttention(FusionBase):
             block += 2 * llm.hd
         if self.mlp:
             block += llm.mlp_params() + llm.norm_params()
-        if self.gate == "tanh":
-            block += 2
+        if self.gate == "tanh":  # one gate per branch: the cross-attention, and the feed-forward
+            block += (2 if self.mlp else 1) * (w if self.vector_gates else 1)
         return {"blocks": len(self.layer_ids(llm.depth)) * block}
 
 

@@ -3,19 +3,18 @@
 Keys follow Hugging Face's IDEFICS resampler (`latents`, `blocks.N.0` attention with
 `context_layer_norm`, `latents_layer_norm`, `q_proj`, `k_proj`, `v_proj`, `output_proj` and, with
 `qk_norm`, per-head `q_layer_norm` / `k_layer_norm`; `blocks.N.1`
-feed-forward with `ln`, `fc`, `c_proj`; final `layer_norm`). The feed-forward uses GELU as Flamingo
-does (IDEFICS uses ReLU).
+feed-forward with `ln`, `fc`, `c_proj`; final `layer_norm`), so `vlm import-hf` loads an IDEFICS
+resampler by key. The feed-forward's activation is `act`: GELU as in Flamingo by default, ReLU in IDEFICS.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.connectors import Perceiver
-from vlmspec.runtime.blocks import VisualTokens, attend, split_heads
+from vlmspec.runtime.blocks import VisualTokens, activation, attend, split_heads
 from vlmspec.runtime.connectors.base import Connector, Instruction
 from vlmspec.runtime.registry import BuildContext, register
 
@@ -48,14 +47,15 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverMLP(nn.Module):
-    def __init__(self, d: int, hidden: int):
+    def __init__(self, d: int, hidden: int, act: str = "gelu"):
         super().__init__()
+        self.act = activation(act)
         self.ln = nn.LayerNorm(d)
         self.fc = nn.Linear(d, hidden, bias=False)
         self.c_proj = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.fc(self.ln(x))))
+        return self.c_proj(self.act(self.fc(self.ln(x))))
 
 
 class PerceiverConnector(Connector):
@@ -66,7 +66,7 @@ class PerceiverConnector(Connector):
         self.latents = nn.Parameter(torch.zeros(cfg.latents, d))
         self.blocks = nn.ModuleList([
             nn.ModuleList([PerceiverAttention(d, cfg.heads, cfg.head_dim, getattr(cfg, "qk_norm", False)),
-                           PerceiverMLP(d, cfg.mlp_ratio * d)])
+                           PerceiverMLP(d, cfg.mlp_ratio * d, getattr(cfg, "act", "gelu"))])
             for _ in range(cfg.depth)
         ])
         self.layer_norm = nn.LayerNorm(d)

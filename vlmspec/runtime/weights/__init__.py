@@ -3,7 +3,8 @@
 - `load_component_weights` / `apply_spec_weights` / `build_with_weights`: fill components whose spec
   sets `weights = "DIR"` (or `"DIR#part"` for one part of a multi-part checkpoint) by explicit per-family
   key tables, with a `CoverageReport`.
-- `import_hf(dir)`: a LLaVA / BLIP-2 / InstructBLIP folder -> an equivalent `.vlm` spec.
+- `import_hf(dir)`: a LLaVA / BLIP-2 / InstructBLIP / PaliGemma / Qwen2-VL / IDEFICS folder -> an
+  equivalent `.vlm` spec.
 - `export_hf(model_dir, out_dir)`: a prefix-fusion model folder -> the HF LLaVA layout.
 """
 
