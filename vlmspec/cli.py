@@ -486,7 +486,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help="require `Authorization: Bearer KEY`", envvar="VLMSPEC_API_KEY")] = None,
     files_root: Annotated[Path | None, typer.Option(help="allow image_url paths to local files under this folder")] = None,
     max_batch: Annotated[int, typer.Option(help="requests decoded together (the running batch)")] = 8,
-    max_wait_ms: Annotated[float, typer.Option(help="how long an arrival waits for others to join the batch with it")] = 5.0,
+    max_wait_ms: Annotated[float, typer.Option(help="how long an arrival waits for others to join the batch with it")] = 20.0,
     max_queue: Annotated[int, typer.Option(help="waiting requests before 503")] = 64,
     max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 20.0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,

@@ -39,7 +39,7 @@ class ServeConfig:
     files_root: str | None = None
     max_tokens_limit: int = 1024
     max_batch: int = 8
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 20.0
     max_queue: int = 64
 
 
