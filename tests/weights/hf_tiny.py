@@ -66,3 +66,21 @@ def imported(folder: Path, tmp: Path, name: str = "model.vlm"):
     analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
     model, report = build_with_weights(analysis, image_token_id=mapping["image_token_id"])
     return model, report, {**mapping, "spec": text}
+
+
+def cli_round_trip(hf_dir: Path, tmp: Path):
+    """`vlm import-hf` -> `vlm check` / `vlm fmt --check` -> `vlm build` -> `vlmspec.load`: the model."""
+    from typer.testing import CliRunner
+
+    from vlmspec.cli import app
+    from vlmspec.runtime.checkpoint import load
+
+    runner = CliRunner()
+    spec = tmp / "imported.vlm"
+    r = runner.invoke(app, ["import-hf", str(hf_dir), "-o", str(spec)])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(app, ["check", str(spec)]).exit_code == 0
+    assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0  # written in canonical form
+    r = runner.invoke(app, ["build", str(spec), "-o", str(tmp / "built")])
+    assert r.exit_code == 0, r.output
+    return load(str(tmp / "built"))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import imported  # noqa: E402
+from hf_tiny import cli_round_trip, imported  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -244,21 +244,8 @@ def test_idefics_without_a_named_image_token_and_no_extra_rows_is_refused(tmp_pa
 
 def test_idefics_cli_round_trip(tmp_path):
     """`vlm import-hf` -> `vlm check` / `vlm fmt --check` -> `vlm build` -> the same logits."""
-    from typer.testing import CliRunner
-
-    from vlmspec.cli import app
-    from vlmspec.runtime.checkpoint import load
-
-    runner = CliRunner()
     hf = idefics(tmp_path / "hf", resampler=False, alpha="vector")
-    spec = tmp_path / "imported.vlm"
-    r = runner.invoke(app, ["import-hf", str(tmp_path / "hf"), "-o", str(spec)])
-    assert r.exit_code == 0, r.output
-    assert runner.invoke(app, ["check", str(spec)]).exit_code == 0
-    assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
-    r = runner.invoke(app, ["build", str(spec), "-o", str(tmp_path / "built")])
-    assert r.exit_code == 0, r.output
-    model = load(str(tmp_path / "built"))
+    model = cli_round_trip(tmp_path / "hf", tmp_path)
     image = VOCAB + 1
     assert model.image_token_id == image
     ids, mask, px, iam = batch(image, images=[2], pads=[0])

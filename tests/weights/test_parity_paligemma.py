@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, imported  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, cli_round_trip, imported  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.runtime.decoding import KVCache  # noqa: E402
@@ -113,21 +113,8 @@ def test_paligemma_prefix_and_suffix_match_token_type_ids(tmp_path):
 
 def test_paligemma_cli_round_trip(tmp_path):
     """`vlm import-hf` -> `vlm check` / `vlm fmt --check` -> `vlm build` -> the same logits."""
-    from typer.testing import CliRunner
-
-    from vlmspec.cli import app
-    from vlmspec.runtime.checkpoint import load
-
-    runner = CliRunner()
     hf = paligemma(tmp_path / "hf", kv_heads=1, head=False)
-    spec = tmp_path / "imported.vlm"
-    r = runner.invoke(app, ["import-hf", str(tmp_path / "hf"), "-o", str(spec)])
-    assert r.exit_code == 0, r.output
-    assert runner.invoke(app, ["check", str(spec)]).exit_code == 0
-    assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
-    r = runner.invoke(app, ["build", str(spec), "-o", str(tmp_path / "built")])
-    assert r.exit_code == 0, r.output
-    model = load(str(tmp_path / "built"))
+    model = cli_round_trip(tmp_path / "hf", tmp_path)
     assert model.image_token_id == IMAGE_TOKEN and model.bidirectional_prefix
     ids, mask = prompts(pad=0, rows=1)
     px = torch.randn(1, 3, 32, 32)
