@@ -44,7 +44,12 @@ def rope_theta(tc: dict[str, Any]) -> float:
     return float(rp.get("rope_theta", tc.get("rope_theta", 10000.0)))
 
 
+# transformers maps Gemma's legacy `gelu` to the tanh approximation (GemmaConfig.__post_init__)
+GEMMA_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "silu": "silu"}
+
+
 def language_block(tc: dict[str, Any], weights: str, tie: bool) -> str:
+    """The `language llm = ... { }` block of a text config (Llama / Mistral / Qwen2, OPT, Gemma)."""
     mt = tc.get("model_type", "llama")
     if mt in ("llama", "mistral", "qwen2"):
         need(not tc.get("mlp_bias"), "Llama `mlp_bias`")
@@ -75,7 +80,20 @@ def language_block(tc: dict[str, Any], weights: str, tie: bool) -> str:
             pairs.append(("embed_dim", tc["word_embed_proj_dim"]))
         pairs += [("act", act), ("tie_embeddings", tie), ("weights", weights)]
         return f"  language llm = opt {{\n{fields(pairs)}\n  }}"
-    raise weights_error(UNSUPPORTED, f"import_hf: text model `{mt}`", help="supported: llama, mistral, qwen2, opt")
+    if mt == "gemma":  # GemmaConfig's defaults where a config leaves a field out
+        need(not tc.get("attention_bias"), "Gemma `attention_bias`")
+        act = tc.get("hidden_act") or tc.get("hidden_activation") or "gelu_pytorch_tanh"
+        need(act in GEMMA_ACT, f"Gemma activation {act}")
+        heads = tc.get("num_attention_heads", 16)
+        pairs = [
+            ("width", tc.get("hidden_size", 3072)), ("depth", tc.get("num_hidden_layers", 28)), ("heads", heads),
+            ("kv_heads", tc.get("num_key_value_heads") or heads), ("head_dim", tc.get("head_dim") or 256),
+            ("ffn", tc.get("intermediate_size", 24576)), ("vocab", tc.get("vocab_size", 256000)),
+            ("max_positions", tc.get("max_position_embeddings", 8192)), ("norm_eps", tc.get("rms_norm_eps", 1e-6)),
+            ("rope_theta", rope_theta(tc)), ("act", GEMMA_ACT[act]), ("tie_embeddings", tie), ("weights", weights)]
+        return f"  language llm = gemma {{\n{fields(pairs)}\n  }}"
+    raise weights_error(UNSUPPORTED, f"import_hf: text model `{mt}`",
+                        help="supported: llama, mistral, qwen2, opt, gemma")
 
 
 def tie(config: dict[str, Any], tc: dict[str, Any]) -> bool:

@@ -14,26 +14,7 @@ from typing import Any
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
 from vlmspec.runtime.weights.source import CheckpointSource
-from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, need, rope_theta, tie
-
-# transformers maps Gemma's legacy `gelu` to the tanh approximation (GemmaConfig.__post_init__)
-GEMMA_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "silu": "silu"}
-
-
-def gemma_block(tc: dict[str, Any], weights: str, tied: bool) -> str:
-    """The `language llm = gemma { ... }` block of a Gemma text config (GemmaConfig's defaults)."""
-    need(tc.get("model_type", "gemma") == "gemma", f"PaliGemma text model `{tc.get('model_type')}` (Gemma 1 only)")
-    need(not tc.get("attention_bias"), "Gemma `attention_bias`")
-    act = tc.get("hidden_act") or tc.get("hidden_activation") or "gelu_pytorch_tanh"
-    need(act in GEMMA_ACT, f"Gemma activation {act}")
-    heads = tc.get("num_attention_heads", 16)
-    pairs: list[tuple[str, Any]] = [
-        ("width", tc.get("hidden_size", 3072)), ("depth", tc.get("num_hidden_layers", 28)), ("heads", heads),
-        ("kv_heads", tc.get("num_key_value_heads") or heads), ("head_dim", tc.get("head_dim") or 256),
-        ("ffn", tc.get("intermediate_size", 24576)), ("vocab", tc.get("vocab_size", 256000)),
-        ("max_positions", tc.get("max_position_embeddings", 8192)), ("norm_eps", tc.get("rms_norm_eps", 1e-6)),
-        ("rope_theta", rope_theta(tc)), ("act", GEMMA_ACT[act]), ("tie_embeddings", tied), ("weights", weights)]
-    return f"  language llm = gemma {{\n{fields(pairs)}\n  }}"
+from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, language_block, need, tie
 
 
 def _pool_head(vc: dict[str, Any], folder: str) -> bool:
@@ -46,6 +27,8 @@ def _pool_head(vc: dict[str, Any], folder: str) -> bool:
 
 def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     vc, tc = config["vision_config"], config["text_config"]
+    need(tc.get("model_type", "gemma") == "gemma", f"PaliGemma text model `{tc.get('model_type')}` (Gemma 1 only)")
+    tc = {"model_type": "gemma", **tc}
     need(vc.get("model_type") == "siglip_vision_model", f"PaliGemma vision tower `{vc.get('model_type')}` "
          "(SigLIP only)")
     act = vc.get("hidden_act", "gelu_pytorch_tanh")
@@ -69,7 +52,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     return [
         f"  vision siglip = siglip {{\n{fields(vision)}\n  }}",
         f"  connector proj = linear(siglip -> llm) {{\n{proj}\n  }}",
-        gemma_block(tc, f"{folder}#language", tie(config, tc)),
+        language_block(tc, f"{folder}#language", tie(config, tc)),
         f"  fusion prefix(proj -> llm) {{\n{fusion}\n  }}",
     ], image_token
 
