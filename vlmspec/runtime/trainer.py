@@ -146,12 +146,16 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
-def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-    own = model.state_dict()
+def _check_known(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> None:
     unknown = [k for k in tensors if k not in own]
     if unknown:
         raise user_error("E0530", f"{what} holds {len(unknown)} tensors this model does not have, e.g. {unknown[0]}",
                          help="was the run folder made with another spec? start a new --output folder")
+
+
+def _load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    _check_known(own, tensors, what)
     with torch.no_grad():
         for k, v in tensors.items():
             if own[k].shape != v.shape:
@@ -657,12 +661,7 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
-            own = model.state_dict()
-            unknown = [k for k in weights if k not in own]
-            if unknown:
-                raise user_error("E0530", f"checkpoint holds {len(unknown)} tensors this model does not have, e.g. "
-                                 f"{unknown[0]}", help="was the run folder made with another spec? start a new "
-                                 "--output folder")
+            _check_known(model.state_dict(), weights, "checkpoint")
             full = StateDictOptions(full_state_dict=True, strict=False)
             set_model_state_dict(model, weights, options=full)
             set_optimizer_state_dict(model, optim, blob["optim"], options=full)
