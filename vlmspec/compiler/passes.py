@@ -390,18 +390,26 @@ def _check_upcycle(ir: ModelIR, stage: Stage, source: str, dest: str, span, sink
                    else f"add `moe {{ experts = 4  top_k = 2 }}` to `{lm.name}` or a `fusion moe(...)`")
 
 
+def weights_location(value: str, spec_file: str) -> tuple[Path, str | None]:
+    """`weights = "DIR"` or `"DIR#part"` -> (folder, part). A relative folder is read from the spec's
+    folder: one rule for `vlm check` and for the loader."""
+    folder, part = value.rsplit("#", 1) if "#" in value else (value, None)
+    path = Path(folder).expanduser()
+    if not path.is_absolute():
+        path = Path(spec_file).resolve().parent / path
+    return path, part or None
+
+
 def check_weights(ir: ModelIR, spans: SpanTable, spec_file: str, sink: DiagnosticSink) -> None:
     """Warn (not fail: a spec is often reviewed where its checkpoints are not) when a component's
     `weights` folder is missing or has no config.json, the file its family is read from. Relative
-    folders are read from the spec's folder, as the loader does."""
+    folders are read from the spec's folder (`weights_location`, which the loader uses too)."""
     for comp in ir.components.values():
         value = getattr(comp.config, "weights", None)
         if not value:
             continue
-        folder = value.rsplit("#", 1)[0] if "#" in value else value
-        path = Path(folder).expanduser()
-        if not path.is_absolute():
-            path = Path(spec_file).resolve().parent / path
+        path, _ = weights_location(value, spec_file)
+        folder = value.rsplit("#", 1)[0]
         span = spans.attr(comp.name, "weights")
         if not path.is_dir():
             sink.warning("W0111", f"weights folder `{folder}` of `{comp.name}` does not exist", span,

@@ -115,14 +115,6 @@ class Resolved:
     layouts: tuple[Layout, ...]
 
 
-def split_weights(value: str) -> tuple[str, str | None]:
-    """`DIR#part` -> (DIR, part); `DIR` -> (DIR, None)."""
-    if "#" in value:
-        folder, part = value.rsplit("#", 1)
-        return folder, part or None
-    return value, None
-
-
 def resolve(config: dict[str, Any], part: str | None, *, component: str, role: str, kind: str,
             folder: str) -> Resolved:
     """The family and layouts of a checkpoint for one component; E0583 when they do not fit."""

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from vlmspec.compiler.compile import Analysis
+from vlmspec.compiler.passes import weights_location
 from vlmspec.runtime.blocks import init_weights
 from vlmspec.runtime.weights.errors import COVERAGE, weights_error
-from vlmspec.runtime.weights.families import Layout, pick_layout, resolve, split_weights
+from vlmspec.runtime.weights.families import Layout, pick_layout, resolve
 from vlmspec.runtime.weights.report import ComponentCoverage, CoverageReport
 from vlmspec.runtime.weights.source import CheckpointSource, read_config
 
@@ -38,15 +39,6 @@ class _Plan:
     reads: dict[str, str]          # canonical component key -> checkpoint key
     aliases: dict[str, str]        # alias key -> canonical key
     alias_reads: dict[str, str]    # alias key -> checkpoint key, when the checkpoint stores the alias too
-
-
-def weights_folder(value: str, analysis: Analysis) -> tuple[Path, str | None]:
-    """`weights` as written in the spec -> (folder, part); relative folders are read from the spec's folder."""
-    folder, part = split_weights(value)
-    path = Path(folder).expanduser()
-    if not path.is_absolute():
-        path = Path(analysis.file).resolve().parent / path
-    return path, part
 
 
 def _tensor_keys(module: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -116,7 +108,7 @@ def plan_weights(model: nn.Module, analysis: Analysis, *, allow_new: set[str] | 
             cov.new = _tensor_keys(module)[0]
             report.components[name] = cov
             continue
-        folder, part = weights_folder(value, analysis)
+        folder, part = weights_location(value, analysis.file)
         if folder not in sources:
             config = read_config(folder)
             sources[folder] = (config, CheckpointSource(folder, allow_pickle=allow_pickle))
