@@ -215,24 +215,21 @@ def idefics(ir: ModelIR):
     return IdeficsForVisionText2Text, cfg
 
 
-# Mllama's vision encoder is 32 local layers followed by 8 gated "global" ones; the spec writes one `vit` of
-# depth 40, so the split is not in the spec and is given here.
-MLLAMA_GLOBAL_LAYERS = {"llama_3_2_11b_vision": 8, "llama_3_2_11b_vision_tiny": 1}
-
-
 def mllama(ir: ModelIR):
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
     v, proj, lm = _one(ir, "vision"), _one(ir, "connector", "linear"), _one(ir, "language")
     xa = _one(ir, "fusion", "cross_attention")
-    assert v.kind == "vit" and v.tiles >= 1 and v.feature.layers[-1] == v.depth and proj.bias
+    assert v.kind == "vit" and v.tiles >= 1 and v.global_layers >= 1 and v.feature.layers[0] == v.depth
+    assert not v.attn_bias and proj.bias and lm.embed_extra == 8
     assert xa.layers is not None and xa.qk_norm and xa.mlp and xa.gate == "tanh"
-    n_global = MLLAMA_GLOBAL_LAYERS[ir.name]
+    assert xa.image_attention == "latest_group" and xa.no_image == "attend_all"
     ratios = [[w, h] for w in range(1, v.tiles + 1) for h in range(1, v.tiles // w + 1)]
-    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth - n_global,
-                  num_global_layers=n_global, attention_heads=v.heads, image_size=v.image_size,
+    # Mllama counts intermediate layer outputs from 0, the spec hidden states from the embeddings
+    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth - v.global_layers,
+                  num_global_layers=v.global_layers, attention_heads=v.heads, image_size=v.image_size,
                   patch_size=v.patch_size, num_channels=v.channels, max_num_tiles=v.tiles,
-                  supported_aspect_ratios=ratios, intermediate_layers_indices=list(v.feature.layers[:-1]),
+                  supported_aspect_ratios=ratios, intermediate_layers_indices=[i - 1 for i in v.feature.layers[1:]],
                   vision_output_dim=v.width * len(v.feature.layers))
     # a cross-attention block before self-attention layer j is layer j + (blocks before it) in Mllama's numbering
     cross = [j + k for k, j in enumerate(sorted(xa.layers))]
@@ -242,15 +239,7 @@ def mllama(ir: ModelIR):
                 rope_parameters=dict(rope_type="default", rope_theta=lm.rope_theta),
                 bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return MllamaForConditionalGeneration, MllamaConfig(vision_config=vision, text_config=text,
-                                                        image_token_index=lm.vocab - 1)
-
-
-def mllama_explained(a: Analysis) -> int:
-    v, lm = _one(a.ir, "vision"), _one(a.ir, "language")
-    attn_biases = v.depth * 4 * v.width  # `vit` attention has biases, Mllama's has none
-    global_gates = 2 * MLLAMA_GLOBAL_LAYERS[a.ir.name]  # gate_attn and gate_ffn of each global layer
-    extra_rows = 8 * lm.width  # Mllama's embedding has vocab + 8 rows; its output head has vocab
-    return attn_biases - global_gates - extra_rows
+                                                        image_token_index=ir.settings.image_token_id)
 
 
 def qwen2_vl(ir: ModelIR):
@@ -308,7 +297,7 @@ PARITY = [
     Parity("minigpt4-vicuna-7b.vlm:minigpt4_vicuna_7b", blip2),
     Parity("instructblip-vicuna-7b.vlm:instructblip_vicuna_7b", instructblip),
     Parity("idefics-9b.vlm:idefics_9b", idefics),
-    Parity("llama-3.2-11b-vision.vlm:llama_3_2_11b_vision", mllama, mllama_explained),
+    Parity("llama-3.2-11b-vision.vlm:llama_3_2_11b_vision", mllama),
     Parity("qwen2-vl-2b.vlm:qwen2_vl_2b", qwen2_vl),
     Parity("paligemma-3b.vlm:paligemma_3b", paligemma),
 ]

@@ -83,3 +83,61 @@ def test_bf16_export_matches_bf16_eager(tokenizer, tmp_path):
 
     _, model = build(f"{SPECS / 'llava-1.5-7b.vlm'}:llava_1_5_7b_tiny", tokenizer)
     run_both(model.to(torch.bfloat16), tmp_len=128, dtype_tol=1e-2)
+
+
+TILED_GROUPS = """
+model m {
+  vision enc = vit { image_size = 16  patch_size = 8  width = 32  depth = 3  heads = 2  mlp = 64  tiles = 2
+                     global_layers = 1  tile_padding = 8  attn_bias = false  feature = layers([3, 1]).all }
+  connector proj = linear(enc -> llm)
+  language llm = llama { width = 48  depth = 3  heads = 4  ffn = 96  vocab = 512  embed_extra = 8
+                         max_positions = 64 }
+  fusion cross_attention(proj -> llm) { layers = [1, 2]  qk_norm = true  image_token = "<|image|>"
+                                        image_attention = latest_group  no_image = attend_all }
+  image_token_id = 512
+}
+"""
+
+
+def test_tiled_latest_group_cross_attention_exports(tokenizer, tmp_path):
+    """Llama 3.2 Vision's masks in the exported halves: prefill takes the aspect-ratio ids (which tiles
+    are real) and returns what the prompt's last token sees; decode reads it back. Rows: one with a
+    single-tile image, one with both tiles real, text before the image token (attends to all)."""
+    spec = tmp_path / "tiled.vlm"
+    spec.write_text(TILED_GROUPS)
+    _, model = build(f"{spec}:m", tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():  # gates start at 0 and would hide the cross-attention
+            if p.numel() == 1:
+                p.fill_(0.7)
+    iface = Interface.of(model, 64, 8)
+    assert iface.prefill_aspect and iface.masked == ["cross_attention"] and iface.embed_rows == 520
+    wrappers = _wrappers(model, iface)
+    prefill = trace(wrappers[PREFILL], iface, PREFILL, model).module()
+    decode = trace(wrappers[DECODE], iface, DECODE, model).module()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (2, 9), generator=g)
+    ids[:, 3] = model.image_token_id
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    aspect = torch.tensor([1, 3])
+    px = torch.randn(2, 2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        feats = model.encode_images(px, aspect_ratio_ids=aspect)
+        cache = KVCache()
+        eager = model(ids, attention_mask=mask, image_features=feats, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits, keys, values, *cross = prefill(ids, mask, aspect, feats["cross_attention"])
+        assert float((logits - eager).abs().max()) < 1e-4
+        assert cross[-1].shape == (2, 2 * 5) and cross[-1][0].tolist() == [1] * 5 + [0] * 5  # tile 2 pads
+        s = ids.shape[1]
+        slots = torch.zeros(2, 64, dtype=torch.long)
+        slots[:, :s] = mask
+        full = mask
+        for t in range(2):
+            tok = eager.argmax(-1)
+            full = torch.cat([full, torch.ones(2, 1, dtype=torch.long)], 1)
+            eager = model(tok[:, None], attention_mask=full, cache=cache, logits_to_keep=1).logits[:, -1]
+            slots[:, s + t] = 1
+            logits, keys, values = decode(tok[:, None], mask.sum(1, keepdim=True) + t, slots, keys, values,
+                                          torch.tensor([s + t]), *cross)
+            assert float((logits - eager).abs().max()) < 1e-4

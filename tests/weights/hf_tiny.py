@@ -68,6 +68,17 @@ def imported(folder: Path, tmp: Path, name: str = "model.vlm"):
     return model, report, {**mapping, "spec": text}
 
 
+def built(text: str, mapping: dict, tmp: Path, name: str):
+    """Build an (edited) imported spec with the checkpoint's weights."""
+    from vlmspec.compiler.compile import load_analysis
+    from vlmspec.runtime.weights import build_with_weights
+
+    spec = tmp / name
+    spec.write_text(text)
+    analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
+    return build_with_weights(analysis, image_token_id=mapping["image_token_id"])[0]
+
+
 def cli_round_trip(hf_dir: Path, tmp: Path):
     """`vlm import-hf` -> `vlm check` / `vlm fmt --check` -> `vlm build` -> `vlmspec.load`: the model."""
     from typer.testing import CliRunner

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import cli_round_trip, imported  # noqa: E402
+from hf_tiny import built, cli_round_trip, imported  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
 from vlmspec.runtime.decoding import KVCache  # noqa: E402
-from vlmspec.runtime.weights import build_with_weights, import_hf  # noqa: E402
+from vlmspec.runtime.weights import import_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.idefics.processing_idefics import (  # noqa: E402
@@ -66,14 +66,6 @@ def idefics(out: Path, *, extra: int = 2, resampler: bool = True, qk: bool = Tru
         (out / "added_tokens.json").write_text(json.dumps({"<fake_token_around_image>": image_token - 1,
                                                            "<image>": image_token}))
     return m
-
-
-def built(text: str, mapping: dict, tmp: Path, name: str):
-    """Build an (edited) imported spec with the checkpoint's weights."""
-    spec = tmp / name
-    spec.write_text(text)
-    analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
-    return build_with_weights(analysis, image_token_id=mapping["image_token_id"])[0]
 
 
 class _Tok:

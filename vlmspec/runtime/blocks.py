@@ -7,6 +7,7 @@ length, `h` heads, `d` head width, `w` model width.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,6 +111,17 @@ def inv_frequencies(dim: int, theta: float, device: torch.device | str | None = 
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
 
+def llama3_frequencies(inv: Tensor, factor: float, low: float, high: float, original: int) -> Tensor:
+    """Llama 3.1's scaling of rotary frequencies: wavelengths shorter than original / high are kept,
+    longer than original / low divided by `factor`, and the band between blends the two smoothly."""
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > original / low, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    middle = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(middle, blended, scaled)
+
+
 @dataclass(slots=True)
 class Rotary:
     """cos / sign-folded sin tables for one forward pass, shaped to broadcast over heads: [b x 1 x s x r].
@@ -127,6 +139,12 @@ class Rotary:
 
     def apply(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         return apply_rotary(q, self.cos, self.sin_signed), apply_rotary(k, self.cos, self.sin_signed)
+
+
+def tracing() -> bool:
+    """Whether this code is being traced (torch.export, torch.compile): checks and shortcuts that read
+    tensor values (`bool(mask.all())`) must not run then; the graph takes the general path."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:

@@ -16,6 +16,11 @@ from torch import Tensor
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import Rotary
 
+#: The image-features entry (beside one per fusion) holding a tiled encoder's aspect-ratio ids [b x images]:
+#: features travel as one dict through generation, beam search and serving, and the ids must follow them.
+#: No fusion can have this name (a fusion is named by its kind).
+ASPECT_RATIO_IDS = "aspect_ratio_ids"
+
 
 class KVCache:
     """Per-layer self-attention keys / values, plus cross-attention keys / values of the images.
@@ -82,7 +87,8 @@ class DecodeState:
 
     mask: bool [b x 1 x s x t] (True = may attend) or None with `causal` telling SDPA what to do;
     image_mask: [b x s] True at image-token positions of this pass's input; token_mask: [b x s] True
-    at real (non-padding) tokens; visual: fusion name -> features [b x n x d].
+    at real (non-padding) tokens; visual: fusion name -> features [b x n x d]; aspect_ratio_ids:
+    [b x images] tile layouts of a tiled encoder's images (None: every image in its first tile).
     """
 
     rotary: Rotary | None
@@ -93,6 +99,7 @@ class DecodeState:
     token_mask: Tensor | None = None
     visual: dict[str, Tensor] = field(default_factory=dict)
     aux: list[Tensor] = field(default_factory=list)
+    aspect_ratio_ids: Tensor | None = None
 
 
 def check_mask_length(attention_mask: Tensor | None, past: int, s: int) -> None:

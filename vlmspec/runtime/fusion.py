@@ -20,6 +20,8 @@ changes, so a Hugging Face checkpoint of the language model still loads by key.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +29,7 @@ from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.fusion import CrossAttention as CrossAttentionSpec
 from vlmspec.compiler.schema.fusion import FusionBase, MoEFusion, VisualExpert
 from vlmspec.diagnostics import user_error
-from vlmspec.runtime.blocks import RMSNorm, attend, split_heads
+from vlmspec.runtime.blocks import RMSNorm, attend, split_heads, tracing
 from vlmspec.runtime.decoding import DecodeState
 from vlmspec.runtime.language import CausalLM, LayerHooks, LMConfig
 from vlmspec.runtime.moe import SparseMoE
@@ -126,17 +128,22 @@ class CrossAttentionLayer(nn.Module):
         return torch.tanh(getattr(self, name)).to(x.dtype) * x if self.gated else x
 
     def forward(self, h: Tensor, k: Tensor | None, v: Tensor | None, mask: Tensor | None = None,
-                seen: Tensor | None = None) -> Tensor:
+                seen: Tensor | None = None, ffn_rows: Tensor | None = None) -> Tensor:
         """k, v None: no image at all (the cross-attention adds nothing, the feed-forward still runs).
         mask: bool [b x 1 x s x n] or None; seen: bool [b x s], False where a token sees no image, whose
-        cross-attention output is then zero (IDEFICS' `cross_attention_gate`), or None (every token sees one)."""
+        cross-attention output is then zero (IDEFICS' `cross_attention_gate`), or None (every token sees one);
+        ffn_rows: bool [b x s], False where the feed-forward output is zeroed (Mllama's
+        `full_text_row_masked_out_mask`), or None."""
         if k is not None and v is not None:
             a = self.cross_attn(self.input_layernorm(h), k, v, mask)
             if seen is not None:
                 a = a.masked_fill(~seen[..., None], 0.0)
             h = h + self._gate("cross_attn_attn_gate", a)
         if self.mlp is not None:
-            h = h + self._gate("cross_attn_mlp_gate", self.mlp(self.post_attention_layernorm(h)))
+            f = self.mlp(self.post_attention_layernorm(h))
+            if ffn_rows is not None:
+                f = f * ffn_rows[..., None].to(f.dtype)
+            h = h + self._gate("cross_attn_mlp_gate", f)
         return h
 
 
@@ -149,6 +156,8 @@ class CrossBlockHook:
 
     def __call__(self, h: Tensor, state: DecodeState) -> Tensor:
         f = self.fusion
+        if f.masked:
+            return f.masked_block(self.idx, h, state)
         if f.latest:
             return f.latest_block(self.idx, h, state)
         kv = f.visual_kv(self.idx, state, h.dtype)
@@ -178,13 +187,20 @@ class CrossAttentionFusion(Fusion):
     in_sequence = False
 
     def __init__(self, name: str, llm: CausalLM, visual_width: int, spec: CrossAttentionSpec,
-                 tokens_per_image: int | None = None):
+                 tokens_per_image: int | None = None, tiles: TileLayout | None = None):
         super().__init__(name)
         self.layer_ids = spec.layer_ids(llm.c.depth)
         self.layers = nn.ModuleDict({str(i): CrossAttentionLayer(llm, visual_width, spec) for i in self.layer_ids})
-        self.latest = getattr(spec, "image_attention", "all") == "latest"
-        self.uses_image_mask = self.latest  # the image-token positions say which image each token sees
+        self.image_attention = spec.image_attention
+        self.no_image = spec.no_image
+        self.latest = self.image_attention == "latest"
+        self.uses_image_mask = self.image_attention != "all"  # image-token positions say which image a token sees
         self.tokens_per_image = tokens_per_image
+        self.tiles = tiles
+        # the general path: a per-token mask over the visual tokens, kept in the cache for decoding; the
+        # `latest` + `skip_attention` path (IDEFICS) folds its mask into the cached keys / values instead
+        self.masked = (self.image_attention == "latest_group" or tiles is not None
+                       or (self.latest and self.no_image != "skip_attention"))
 
     def visual_kv(self, idx: int, state: DecodeState, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         key = f"{self.name}.{idx}"
@@ -227,9 +243,87 @@ class CrossAttentionFusion(Fusion):
             state.cache.cross[key] = _latest_kv(k, v, image[:, -1], seen[:, -1], n, t)
         return layer(h, k, v, mask, seen)
 
+    def visible(self, state: DecodeState, n_visual: int, b: int, s: int, device: torch.device) -> Tensor:
+        """bool [b x s x n_visual]: the visual tokens each text token of this pass may attend to."""
+        t = self.tokens_per_image or n_visual
+        if n_visual % t:
+            raise user_error("E0593", f"fusion `{self.name}` got {n_visual} visual tokens per sample, not a "
+                             f"multiple of the {t} tokens of one image")
+        n = n_visual // t
+        owner = torch.arange(n_visual, device=device) // t  # the image of each visual token
+        if self.image_attention == "all":
+            sees = torch.ones(b, s, n_visual, dtype=torch.bool, device=device)
+        else:
+            if state.image_mask is None:
+                raise user_error("E0593", f"fusion `{self.name}` needs the image-token positions of the prompt")
+            marks = state.image_mask
+            image = torch.arange(n, device=device)
+            hi = marks.long().cumsum(-1) - 1  # [b x s] the latest image at or before each token (-1: none)
+            sees_image = (image <= hi[..., None]) & (hi[..., None] >= 0)  # [b x s x n]
+            if self.image_attention == "latest":
+                sees_image = sees_image & (image >= hi[..., None])
+            else:  # latest_group: the images in the same run of adjacent image tokens as the latest one
+                first = torch.arange(s, device=device) == 0
+                starts = marks & ~(marks.roll(1, dims=-1) & ~first)
+                run = starts.long().cumsum(-1) - 1  # [b x s] the run of the latest image token so far
+                token_of = marks[..., None] & (hi[..., None] == image)  # [b x s x n]: image j's own token
+                run_of = (token_of.long() * run[..., None]).sum(1)  # [b x n] the run of image j
+                sees_image = sees_image & (run_of[:, None, :] == run[..., None])
+            sees = sees_image[..., owner]
+        if self.tiles is not None:
+            sees = sees & self.tiles.valid(state.aspect_ratio_ids, b, n, device)[:, None, :]
+        return sees
+
+    def masked_block(self, idx: int, h: Tensor, state: DecodeState) -> Tensor:
+        """One block under a per-token visual mask (`latest_group`, tiled images, `no_image` choices).
+
+        The prompt pass computes what each token sees; the cache keeps the visual keys / values and what the
+        prompt's last token saw, which every later token sees too (as transformers extends Mllama's
+        `cross_attention_mask` by repeating its last row)."""
+        layer = self.layers[str(idx)]
+        key, mask_key = f"{self.name}.{idx}", f"{self.name}.visible"
+        visual = state.visual.get(self.name)
+        if visual is None:
+            kv = state.cache.cross.get(key) if state.cache is not None else None
+            if kv is None:
+                return h  # no image in this conversation: the language model alone
+            sees = state.cache.extras[mask_key][:, None, :].expand(-1, h.shape[1], -1)
+        else:
+            kv = layer.cross_attn.kv(visual.to(h.dtype))
+            sees = self.visible(state, visual.shape[1], h.shape[0], h.shape[1], h.device)
+            if state.cache is not None:
+                state.cache.cross[key] = kv
+                state.cache.extras[mask_key] = sees[:, -1]
+        seen = sees.any(-1)  # [b x s]
+        mask = sees | ~seen[..., None]  # a token that sees nothing attends to all (then, or not, zeroed)
+        mask4 = None if not tracing() and bool(mask.all()) else mask[:, None]
+        zero_attn = None if self.no_image == "attend_all" else seen
+        zero_ffn = None if self.no_image == "skip_attention" else seen
+        return layer(h, *kv, mask4, zero_attn, zero_ffn)
+
     def contribute(self, hooks: list[LayerHooks]) -> None:
         for i in self.layer_ids:
             hooks[i].before.append(CrossBlockHook(self, i))
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How a tiled encoder's visual tokens lie: `tiles` tiles of `per_tile` tokens per image, and the number
+    of tiles each aspect-ratio id puts to use (Mllama's layouts; id 0, a padding image, keeps one)."""
+
+    tiles: int
+    per_tile: int
+    in_use: tuple[int, ...]
+
+    def valid(self, aspect: Tensor | None, b: int, n: int, device: torch.device) -> Tensor:
+        """bool [b x (n * tiles * per_tile)]: False at the tokens of padding tiles."""
+        ids = aspect if aspect is not None else torch.ones(b, n, dtype=torch.long, device=device)
+        ids = ids.reshape(b, -1).to(device)
+        if ids.shape[1] != n:
+            raise user_error("E0593", f"aspect_ratio_ids give {ids.shape[1]} images per sample, the features {n}")
+        used = torch.tensor(self.in_use, device=device)[ids.clamp(0, len(self.in_use) - 1)]  # [b x n]
+        tile = torch.arange(self.tiles, device=device)
+        return (tile[None, None, :] < used[..., None]).repeat_interleave(self.per_tile, dim=-1).reshape(b, -1)
 
 
 def _latest_kv(k: Tensor, v: Tensor, image: Tensor, seen: Tensor, n: int, t: int) -> tuple[Tensor, Tensor]:
@@ -330,14 +424,36 @@ def build_prefix(comp: Component, ctx: BuildContext) -> PrefixFusion:
 def build_cross_attention(comp: Component, ctx: BuildContext) -> CrossAttentionFusion:
     spec = _spec(comp, CrossAttentionSpec)
     visual = ctx.input_shape(comp.name)
+    tiles = _tile_layout(comp, ctx, visual.tokens)
     tokens = None
-    if getattr(spec, "image_attention", "all") == "latest":
+    if spec.image_attention != "all" or tiles is not None:
         if visual.dynamic or visual.tokens <= 0:
-            raise user_error("E0592", f"fusion `{comp.name}` has `image_attention = latest` but its images give a "
-                             "varying number of visual tokens", help="use a fixed-resolution encoder, or "
-                             "`image_attention = all`")
+            raise user_error("E0592", f"fusion `{comp.name}` has `image_attention = {spec.image_attention}` but its "
+                             "images give a varying number of visual tokens", help="use a fixed-resolution "
+                             "encoder, or `image_attention = all`")
         tokens = visual.tokens
-    return CrossAttentionFusion(comp.name, _llm(ctx, comp), ctx.output_shape(comp.name).width, spec, tokens)
+    return CrossAttentionFusion(comp.name, _llm(ctx, comp), ctx.output_shape(comp.name).width, spec, tokens, tiles)
+
+
+def _tile_layout(comp: Component, ctx: BuildContext, tokens: int) -> TileLayout | None:
+    """The tile layout of the visual tokens when one tiled encoder (`tiles` > 1) feeds this fusion through
+    per-token connectors (each tile keeps its tokens, so padding tiles can be masked); else None."""
+    components = ctx.analysis.ir.components
+    seen: list[Component] = []
+    todo = list(comp.sources)
+    while todo:
+        c = components[todo.pop()]
+        if c.role == "vision":
+            seen.append(c)
+        else:
+            todo.extend(c.sources)
+    tiled = [c for c in seen if getattr(c.config, "tiles", 0) > 1]
+    if len(seen) != 1 or not tiled:
+        return None
+    enc = tiled[0].config
+    if tokens <= 0 or tokens % enc.tiles or tokens != ctx.output_shape(tiled[0].name).tokens:
+        return None
+    return TileLayout(enc.tiles, tokens // enc.tiles, enc.tiles_in_use)
 
 
 @register("fusion", "visual_expert")

@@ -20,9 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmspec.compiler.ir import Component
-from vlmspec.compiler.schema.language import OPT, Gemma, LanguageBase, Llama, MoE, MRoPE, Phi
+from vlmspec.compiler.schema.language import OPT, Gemma, LanguageBase, Llama, Llama3RoPE, MoE, MRoPE, Phi
 from vlmspec.diagnostics import user_error
-from vlmspec.runtime.blocks import RMSNorm, Rotary, activation, attend, inv_frequencies, split_heads
+from vlmspec.runtime.blocks import (
+    RMSNorm,
+    Rotary,
+    activation,
+    attend,
+    inv_frequencies,
+    llama3_frequencies,
+    split_heads,
+)
 from vlmspec.runtime.decoding import DecodeState
 from vlmspec.runtime.moe import SparseMoE
 from vlmspec.runtime.registry import BuildContext, register
@@ -50,10 +58,18 @@ class LMConfig:
     rotary_dim: int = 0  # 0: no rotary (OPT)
     mrope: tuple[int, ...] | None = None
     embed_dim: int | None = None  # OPT word-embedding width
+    embed_extra: int = 0  # embedding rows past the vocabulary that the head lacks (Mllama)
+    llama3: tuple[float, float, float, int] | None = None  # (factor, low, high, original positions)
 
     @property
     def n_vocab(self) -> int:
+        """Rows of the output head (the logits' width)."""
         return self.vocab + self.extra_vocab
+
+    @property
+    def embed_rows(self) -> int:
+        """Rows of the input embedding: the head's, plus `embed_extra` ones it never predicts."""
+        return self.n_vocab + self.embed_extra
 
 
 def lm_config(cfg: LanguageBase, family: str) -> LMConfig:
@@ -64,13 +80,19 @@ def lm_config(cfg: LanguageBase, family: str) -> LMConfig:
     if family == "opt" and (cfg.n_kv != cfg.heads or cfg.hd * cfg.heads != cfg.width):
         raise user_error("E0509", "an `opt` language model has width = heads x head_dim and no grouped-query "
                          "attention", help="drop `kv_heads` / `head_dim`, or use `llama`")
+    if cfg.embed_extra and (cfg.extra_vocab or cfg.tie_embeddings):
+        raise user_error("E0509", "`embed_extra` rows cannot be combined with `extra_vocab` or `tie_embeddings` "
+                         "(the head would need rows the embedding has, or the reverse)",
+                         help="drop `embed_extra`, or untie the head and drop `extra_vocab`")
     return LMConfig(
         family=family, width=cfg.width, depth=cfg.depth, heads=cfg.heads, kv_heads=cfg.n_kv, head_dim=hd,
         ffn=cfg.ffn, vocab=cfg.vocab, extra_vocab=cfg.extra_vocab, max_positions=cfg.max_positions,
         eps=cfg.norm_eps, theta=cfg.rope_theta, act=getattr(cfg, "act", "silu"), tie=cfg.tie_embeddings,
         qkv_bias=getattr(cfg, "qkv_bias", False), rotary_dim=rotary,
         mrope=tuple(cfg.rope.sections) if isinstance(cfg.rope, MRoPE) else None,
-        embed_dim=getattr(cfg, "embed_dim", None))
+        embed_dim=getattr(cfg, "embed_dim", None), embed_extra=cfg.embed_extra,
+        llama3=(r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_positions)
+        if isinstance(r := cfg.rope, Llama3RoPE) else None)
 
 
 # ---------------------------------------------------------------- parts: attention projections and FFNs
@@ -363,10 +385,14 @@ def head(dim: int, vocab: int, extra: int, bias: bool, extra_bias: bool) -> nn.L
 class RotaryEmbedding(nn.Module):
     """cos / sin for position ids [b x s], or M-RoPE's [3 x b x s] (time, height, width sections)."""
 
-    def __init__(self, dim: int, theta: float, mrope: tuple[int, ...] | None):
+    def __init__(self, dim: int, theta: float, mrope: tuple[int, ...] | None,
+                 llama3: tuple[float, float, float, int] | None = None):
         super().__init__()
         self.mrope = mrope
-        self.register_buffer("inv_freq", inv_frequencies(dim, theta), persistent=False)
+        inv = inv_frequencies(dim, theta)
+        if llama3 is not None:
+            inv = llama3_frequencies(inv, *llama3)
+        self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, pos: Tensor, dtype: torch.dtype) -> Rotary:
         inv = self.inv_freq.float()
@@ -420,7 +446,7 @@ class CausalLM(nn.Module):
             body = body.decoder
         self.body = [body]  # a plain list: the body is registered once, under its Hugging Face name
         e = c.embed_dim or c.width
-        body.embed_tokens = embedding(c.vocab, c.extra_vocab, e)
+        body.embed_tokens = embedding(c.vocab + c.embed_extra, c.extra_vocab, e)
         if c.family == "opt":
             body.embed_positions = OPTPositions(c.max_positions, c.width)
             if e != c.width:
@@ -432,7 +458,7 @@ class CausalLM(nn.Module):
         body.add_module(norm_name, _norm(c, c.family == "gemma"))
         self.norm_name = norm_name
         if c.rotary_dim:
-            body.rotary_emb = RotaryEmbedding(c.rotary_dim, c.theta, c.mrope)
+            body.rotary_emb = RotaryEmbedding(c.rotary_dim, c.theta, c.mrope, c.llama3)
         phi = c.family == "phi"
         self.lm_head = head(e, c.vocab, c.extra_vocab, bias=phi and not c.tie, extra_bias=phi)
         if c.tie:
@@ -474,8 +500,9 @@ class CausalLM(nn.Module):
 
     def embed(self, ids: Tensor) -> Tensor:
         b = self.body[0]
-        if ids.numel() and ids.device.type != "meta" and int(ids.max()) >= self.c.n_vocab:
-            raise user_error("E0596", f"token id {int(ids.max())} is outside the vocabulary of {self.c.n_vocab}")
+        rows = self.c.embed_rows
+        if ids.numel() and ids.device.type != "meta" and int(ids.max()) >= rows:
+            raise user_error("E0596", f"token id {int(ids.max())} is outside the vocabulary of {rows}")
         h = b.embed_tokens(ids)
         if self.c.family == "gemma":
             h = h * torch.tensor(self.c.width**0.5, dtype=h.dtype)

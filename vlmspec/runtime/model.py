@@ -21,6 +21,7 @@ from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import DTYPES, VisualTokens, init_weights
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import (
+    ASPECT_RATIO_IDS,
     DecodeState,
     KVCache,
     attention_mask_4d,
@@ -120,7 +121,8 @@ class VisionLanguageModel(nn.Module):
 
         pixel_values: [b x c x h x w] (one image per sample), [b x n x c x h x w], or a dict giving each
         vision encoder its own tensor (encoders at different resolutions). A tiled encoder (`tiles = T`)
-        takes [b (x n) x T x c x h x w], with `aspect_ratio_ids` [b (x n)] choosing the tile layout.
+        takes [b (x n) x T x c x h x w], with `aspect_ratio_ids` [b (x n)] choosing the tile layout; the
+        ids (default 1: the image in the first tile) come back as features[ASPECT_RATIO_IDS] [b x n].
         """
         outs: dict[str, VisualTokens] = {}
         batch: tuple[int, int] | None = None
@@ -149,11 +151,15 @@ class VisionLanguageModel(nn.Module):
         for f in self.fusions:
             x = torch.cat([outs[s].x for s in self.sources[f]], dim=1)
             features[f] = x.reshape(b, n * x.shape[1], x.shape[2])
+        if any(getattr(self.components[e].cfg, "tiles", 0) for e in self.order if self.roles[e] == "vision"):
+            # which tiles of each image are real: cross-attention masks the rest
+            features[ASPECT_RATIO_IDS] = (aspect_ratio_ids.reshape(b, n) if aspect_ratio_ids is not None else
+                                          torch.ones(b, n, dtype=torch.long, device=x.device))
         return features
 
     def extract_features(self, pixel_values: Tensor | dict[str, Tensor]) -> Tensor:
         """Connector output embeddings [b x tokens x d], e.g. for retrieval (all fusions' inputs, in order)."""
-        feats = list(self.encode_images(pixel_values).values())
+        feats = [x for f, x in self.encode_images(pixel_values).items() if f != ASPECT_RATIO_IDS]
         if len({f.shape[-1] for f in feats}) > 1:
             raise user_error("E0598", "fusions take features of different widths; use `encode_images` instead")
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
@@ -179,7 +185,7 @@ class VisionLanguageModel(nn.Module):
                 image_features: dict[str, Tensor] | None = None, cache: KVCache | None = None,
                 position_ids: Tensor | None = None, logits_to_keep: int = 0,
                 instruction: Instruction | None = None, prefix_mask: Tensor | None = None,
-                logits_for: str = "all") -> VLMOutput:
+                logits_for: str = "all", aspect_ratio_ids: Tensor | None = None) -> VLMOutput:
         """input_ids [b x s] (the new tokens when a cache is given); attention_mask [b x (past + s)], 1 = real,
         0 = (left) padding; labels [b x s] with -100 where no loss is taken (shifted here).
         `logits_to_keep` = k > 0 computes logits for the last k positions only (generation).
@@ -194,10 +200,12 @@ class VisionLanguageModel(nn.Module):
         PaliGemma's `token_type_ids == 0`); read only when a fusion has `prefix_attention =
         bidirectional`. Default: with labels, the tokens before each row's first label; else, a prompt
         prefilled into an empty cache (generation, serving) is all prefix; else none (causal).
+        aspect_ratio_ids: [b (x n)] tile layouts of a tiled encoder's images (Mllama's numbering), used
+        when pixel_values are encoded here (`encode_images` puts them among the image features).
         """
         llm = self.llm
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values, instruction)
+            image_features = self.encode_images(pixel_values, instruction, aspect_ratio_ids)
         features = image_features or {}
         b, s = input_ids.shape
         past = cache.length() if cache is not None else 0
@@ -222,7 +230,8 @@ class VisionLanguageModel(nn.Module):
             image_mask=(input_ids == self.image_token_id) if self._reads("uses_image_mask") else None,
             token_mask=attention_mask[:, -s:].bool() if attention_mask is not None and self._needs_token_mask()
             else None,
-            visual={f: x for f, x in features.items() if not self.fusion(f).in_sequence},
+            visual={f: x for f, x in features.items() if f != ASPECT_RATIO_IDS and not self.fusion(f).in_sequence},
+            aspect_ratio_ids=features.get(ASPECT_RATIO_IDS),
         )
         h = llm.decode(h, state, self.layer_hooks())
         if logits_to_keep:
@@ -267,14 +276,15 @@ class VisionLanguageModel(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
                  eos_token_id: int | list[int] | None = None, seed: int | None = None, use_cache: bool = True,
                  image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None,
-                 instruction: Instruction | None = None) -> Tensor:
+                 instruction: Instruction | None = None, aspect_ratio_ids: Tensor | None = None) -> Tensor:
         """New tokens only, [b x n_new]; see `vlmspec.runtime.generate.generate`."""
         from vlmspec.runtime.generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                         num_beams=num_beams, eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,
-                        image_features=image_features, pad_token_id=pad_token_id, instruction=instruction)
+                        image_features=image_features, pad_token_id=pad_token_id, instruction=instruction,
+                        aspect_ratio_ids=aspect_ratio_ids)
 
 
 def label_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -328,7 +338,7 @@ def build_model(analysis: Analysis, *, image_token_id: int | None = None, device
         target = override or (lm_dtype if isinstance(cfg, FusionBase) else DTYPES[getattr(cfg, "dtype", "fp32")])
         module.to(dtype=target)
     llm = ctx.built[lm.name]
-    n_vocab = llm.c.n_vocab  # type: ignore[union-attr]
+    n_vocab = llm.c.embed_rows  # type: ignore[union-attr]
     if image_token_id is None:
         image_token_id = ir.settings.image_token_id
     token = llm.c.vocab - 1 if image_token_id is None else image_token_id  # type: ignore[union-attr]

@@ -57,14 +57,14 @@ def load_tokenizer(path: str | Path, *, plain: bool = False):
 def ensure_special_tokens(tok, analysis):
     """Add the spec's image placeholder(s) and task tokens the tokenizer lacks, as LLaVA adds `<image>`.
 
-    The language model must have room for them: the tokenizer may not outgrow `vocab + extra_vocab`.
+    The language model must have room for them: the tokenizer may not outgrow `vocab + extra_vocab + embed_extra`.
     """
     wanted = [f.config.image_token for f in analysis.ir.by_role("fusion")] + list(analysis.ir.settings.task_tokens)
     missing = [t for t in dict.fromkeys(wanted) if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     lm = analysis.ir.language.config if analysis.ir.language else None
-    if lm is not None and len(tok) > lm.vocab + lm.extra_vocab:
+    if lm is not None and len(tok) > lm.vocab + lm.extra_vocab + lm.embed_extra:
         raise user_error("E0512", f"the tokenizer has {len(tok)} tokens but `{analysis.ir.language.name}` has "
                          f"vocab = {lm.vocab}", help="use a matching tokenizer or raise `vocab`")
     return tok

@@ -319,7 +319,7 @@ class Trainer:
                 extra.append(fusions[0].config.image_token)
             tok = train_tokenizer(texts, lm.vocab, extra_special=dict.fromkeys(extra))
             self.log(f"trained a {len(tok)}-token BPE tokenizer on the training text (no tokenizer was given)")
-        if len(tok) > lm.vocab + lm.extra_vocab:
+        if len(tok) > lm.vocab + lm.extra_vocab + lm.embed_extra:
             raise user_error("E0512", f"the tokenizer has {len(tok)} tokens but `{self.analysis.ir.language.name}` "
                              f"has vocab = {lm.vocab}", help="use a matching tokenizer or raise `vocab`")
         if self.dist.main:

@@ -11,6 +11,8 @@ through a renaming layout, see `weights/formats/qwen2_vl.py`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +28,7 @@ from vlmspec.runtime.blocks import (
     check_divisible,
     inv_frequencies,
     split_heads,
+    tracing,
 )
 from vlmspec.runtime.registry import BuildContext, register
 
@@ -39,21 +42,22 @@ def rotate_fp32(rotary: Rotary, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class VisionAttention(nn.Module):
-    """CLIP / SigLIP attention: separate biased q, k, v and output projections."""
+    """CLIP / SigLIP attention: separate q, k, v and output projections (biased unless `attn_bias = false`,
+    as in Llama 3.2 Vision)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, bias: bool = True):
         super().__init__()
         self.heads = heads
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = nn.Linear(width, width, bias=bias)
+        self.k_proj = nn.Linear(width, width, bias=bias)
+        self.v_proj = nn.Linear(width, width, bias=bias)
+        self.out_proj = nn.Linear(width, width, bias=bias)
 
-    def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary | None = None, mask: Tensor | None = None) -> Tensor:
         q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         if rotary is not None:
             q, k = rotate_fp32(rotary, q, k)
-        return self.out_proj(attend(q, k, v))
+        return self.out_proj(attend(q, k, v, mask))
 
 
 class EVAAttention(nn.Module):
@@ -65,11 +69,11 @@ class EVAAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.projection = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary | None = None, mask: Tensor | None = None) -> Tensor:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if rotary is not None:
             q, k = rotate_fp32(rotary, q, k)
-        return self.projection(attend(q, k, v))
+        return self.projection(attend(q, k, v, mask))
 
 
 class VisionMLP(nn.Module):
@@ -84,19 +88,31 @@ class VisionMLP(nn.Module):
 
 
 class VisionLayer(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)); a gated one (Llama 3.2 Vision's
+    global layers) scales each branch by tanh of its own scalar (`gate_attn`, `gate_ffn`)."""
 
-    def __init__(self, cfg: ViTBase, fused_qkv: bool):
+    def __init__(self, cfg: ViTBase, fused_qkv: bool, gated: bool = False):
         super().__init__()
         w = cfg.width
-        self.self_attn = EVAAttention(w, cfg.heads) if fused_qkv else VisionAttention(w, cfg.heads)
+        self.self_attn = EVAAttention(w, cfg.heads) if fused_qkv else VisionAttention(w, cfg.heads, cfg.attn_bias)
         self.layer_norm1 = nn.LayerNorm(w, eps=cfg.norm_eps)
         self.mlp = VisionMLP(w, cfg.mlp_dim, cfg.act)
         self.layer_norm2 = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.gated = gated
+        if gated:
+            self.gate_attn = nn.Parameter(torch.zeros(1))
+            self.gate_ffn = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, rotary: Rotary | None = None) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), rotary)
-        return x + self.mlp(self.layer_norm2(x))
+    def init_weights(self, std: float) -> None:
+        if self.gated:  # Meta's initialisation: each branch starts at tanh(pi / 4) ~ 0.66 of its weight
+            nn.init.constant_(self.gate_attn, math.pi / 4)
+            nn.init.constant_(self.gate_ffn, math.pi / 4)
+
+    def forward(self, x: Tensor, rotary: Rotary | None = None, mask: Tensor | None = None) -> Tensor:
+        a = self.self_attn(self.layer_norm1(x), rotary, mask)
+        x = x + (torch.tanh(self.gate_attn).to(a.dtype) * a if self.gated else a)
+        f = self.mlp(self.layer_norm2(x))
+        return x + (torch.tanh(self.gate_ffn).to(f.dtype) * f if self.gated else f)
 
 
 class AspectRatioEmbedding(nn.Module):
@@ -170,7 +186,8 @@ class VisionEmbeddings(nn.Module):
         return pe[0] if isinstance(pe, nn.Parameter) else pe.weight
 
     def forward(self, pixels: Tensor, aspect: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
-        """[n x c x H x W] -> ([n x t x w], (rows, cols)); tiled: [(n*T) x c x H x W] -> [n x (T*t) x w]."""
+        """[n x c x H x W] -> ([n x t x w], (rows, cols)); tiled: [(n*T) x c x H x W] and aspect [n]
+        -> [n x T x t x w], in Mllama's order (pre-tile embedding, class token, gated positions)."""
         if self.temporal > 1:
             pixels = pixels.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
         x = self.patch_embedding(pixels)
@@ -185,11 +202,11 @@ class VisionEmbeddings(nn.Module):
         if self.tiles and aspect is not None:
             n, t, w = x.shape[0] // self.tiles, x.shape[1], x.shape[2]
             gate = torch.tanh(self.position_gate).to(x.dtype)
-            tile_pos = self.tile_embedding(aspect).view(n, self.tiles, t, w).to(x.dtype)
-            x = x.view(n, self.tiles, t, w) + gate * tile_pos
+            x = x.view(n, self.tiles, t, w)
             if self.learned:
                 x = x + (1 - gate) * self._resized_positions(gh, gw).to(x.dtype)
-            return x.view(n, self.tiles * t, w), (gh, gw)
+            tile_pos = self.tile_embedding(aspect).view(n, self.tiles, t, w).to(x.dtype)
+            return x + gate * tile_pos, (gh, gw)
         if self.learned:
             x = x + self._resized_positions(gh, gw).to(x.dtype)
         return x, (gh, gw)
@@ -275,7 +292,8 @@ class VisionEncoder(nn.Module):
         self.embeddings = VisionEmbeddings(cfg, raw_params)
         if cfg.pre_norm:
             self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # sic: Hugging Face's CLIP key
-        self.encoder = Encoder([VisionLayer(cfg, fused_qkv) for _ in range(cfg.depth)])
+        local = cfg.depth - cfg.global_layers
+        self.encoder = Encoder([VisionLayer(cfg, fused_qkv, gated=i >= local) for i in range(cfg.depth)])
         if cfg.post_norm:
             self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         if isinstance(cfg, SigLIP) and cfg.pool_head:
@@ -284,6 +302,14 @@ class VisionEncoder(nn.Module):
         if cfg.tiles and (cfg.position != "learned" or cfg.resolution != "fixed"):
             raise user_error("E0519", "a tiled encoder (`tiles`) needs learned positions and a fixed resolution",
                              help="drop `tiles`, or use `position = learned` and `resolution = fixed`")
+        if (cfg.global_layers or cfg.tile_padding) and not cfg.tiles:
+            raise user_error("E0519", "`global_layers` and `tile_padding` belong to a tiled encoder (`tiles`)",
+                             help="set `tiles`, or drop them")
+        if cfg.global_layers >= cfg.depth:
+            raise user_error("E0519", f"global_layers = {cfg.global_layers} leaves no local layer of the "
+                             f"{cfg.depth}", help=f"use global_layers < depth = {cfg.depth}")
+        if cfg.tiles:
+            self.register_buffer("tiles_in_use", torch.tensor(cfg.tiles_in_use), persistent=False)
         depth = cfg.depth
         self.selected = [i if i >= 0 else depth + 1 + i for i in cfg.feature.layers]
 
@@ -317,13 +343,10 @@ class VisionEncoder(nn.Module):
         aspect_ratio_ids [n] (1-based into the tile layouts, Mllama's numbering) default to 1.
         """
         self._check(pixels)
-        dtype = self.embeddings.patch_embedding.weight.dtype
-        aspect = None
         if self.cfg.tiles:
-            aspect = aspect_ratio_ids if aspect_ratio_ids is not None else torch.ones(
-                pixels.shape[0], dtype=torch.long, device=pixels.device)
-            pixels = pixels.flatten(0, 1)
-        x, grid = self.embeddings(pixels.to(dtype), aspect)
+            return self._tiled(pixels, aspect_ratio_ids)
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        x, grid = self.embeddings(pixels.to(dtype))
         if self.cfg.pre_norm:
             x = self.pre_layrnorm(x)
         rotary = self.rotary(grid, self.cfg.class_token, x.device) if self.rotary is not None else None
@@ -335,19 +358,63 @@ class VisionEncoder(nn.Module):
         # SigLIP and EVA towers normalise their last hidden state (`feature_norm`); CLIP only its pooled token
         if self.cfg.feature_norm and self.cfg.post_norm and last == self.cfg.depth:
             states[last] = self.post_layernorm(states[last])
-        if aspect is not None and last == self.cfg.depth:
-            # Mllama adds it between its local and global layers; one `vit` stack has no such seam
-            t = states[last].shape[1] // self.cfg.tiles
-            tiled = states[last].view(-1, self.cfg.tiles, t, states[last].shape[-1])
-            states[last] = self.embeddings.post_tile_positional_embedding(tiled, aspect).flatten(1, 2)
         feats = [states[i] for i in self.selected]
         out = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
         if self.cfg.class_token and self.cfg.feature.tokens == "patches":
-            if self.cfg.tiles:
-                n, d = out.shape[0], out.shape[-1]
-                return VisualTokens(out.view(n, self.cfg.tiles, -1, d)[:, :, 1:].reshape(n, -1, d), None)
             return VisualTokens(out[:, 1:], grid)
-        return VisualTokens(out, grid if not (self.cfg.class_token or self.cfg.tiles) else None)
+        return VisualTokens(out, grid if not self.cfg.class_token else None)
+
+    def tile_mask(self, aspect: Tensor) -> Tensor:
+        """bool [n x T]: the tiles an image's aspect-ratio id puts to use (the rest are padding)."""
+        if not tracing() and bool(((aspect < 0) | (aspect >= len(self.tiles_in_use))).any()):
+            raise user_error("E0593", f"aspect_ratio_ids must be in 0..{len(self.tiles_in_use) - 1} for "
+                             f"{self.cfg.tiles} tiles, got {aspect.tolist()}")
+        used = self.tiles_in_use.to(aspect.device)[aspect]
+        return torch.arange(self.cfg.tiles, device=aspect.device)[None] < used[:, None]
+
+    def _tiled(self, pixels: Tensor, aspect_ratio_ids: Tensor | None) -> VisualTokens:
+        """Llama 3.2 Vision's tiled encoder: every tile of an image in one sequence, each tile's tokens
+        padded with zeros to a multiple of `tile_padding`; a token may attend to another unless both are
+        padding (a padding tile's or a padding position's), as Mllama's reference does; the local layers,
+        then (with `global_layers`) the post-LayerNorm, the post-tile embedding and the gated global
+        layers (without them the post-tile embedding comes after the last layer). Padding positions are
+        dropped from the output, padding tiles kept (cross-attention masks them)."""
+        cfg = self.cfg
+        n, tiles = pixels.shape[0], cfg.tiles
+        aspect = aspect_ratio_ids if aspect_ratio_ids is not None else torch.ones(
+            n, dtype=torch.long, device=pixels.device)
+        real_tiles = self.tile_mask(aspect)
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        x, _ = self.embeddings(pixels.flatten(0, 1).to(dtype), aspect)  # [n x T x t x w]
+        if cfg.pre_norm:
+            x = self.pre_layrnorm(x)
+        t, w = x.shape[2], x.shape[3]
+        pad = (-t) % cfg.tile_padding if cfg.tile_padding else 0
+        length = t + pad
+        x = F.pad(x, (0, 0, 0, pad)).reshape(n, tiles * length, w)
+        real = (real_tiles[:, :, None] & (torch.arange(length, device=x.device) < t)[None, None]).reshape(n, -1)
+        mask = None if not tracing() and bool(real.all()) else (real[:, :, None] | real[:, None, :])[:, None]
+        states = {0: x}
+        last = max(self.selected)
+        seam = cfg.depth - cfg.global_layers if cfg.global_layers else cfg.depth
+        post_tile = self.embeddings.post_tile_positional_embedding
+        for i, layer in enumerate(self.encoder.layers[:last]):
+            if i == seam:
+                if cfg.post_norm:
+                    x = self.post_layernorm(x)
+                x = post_tile(x.view(n, tiles, length, w), aspect).reshape(n, tiles * length, w)
+            x = layer(x, None, mask)
+            states[i + 1] = x
+        if last == cfg.depth and not cfg.global_layers:
+            if cfg.feature_norm and cfg.post_norm:
+                states[last] = self.post_layernorm(states[last])
+            states[last] = post_tile(states[last].view(n, tiles, length, w), aspect).reshape(n, tiles * length, w)
+        feats = [states[i] for i in self.selected]
+        out = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        out = out.view(n, tiles, length, -1)[:, :, :t]
+        if cfg.class_token and cfg.feature.tokens == "patches":
+            out = out[:, :, 1:]
+        return VisualTokens(out.reshape(n, -1, out.shape[-1]), None)
 
 
 @register("vision", "vit")

@@ -72,9 +72,15 @@ class CrossAttention(FusionBase):
     mlp: bool = Field(default=True, description="a gated feed-forward after each cross-attention")
     qk_norm: bool = Field(default=False, description="RMSNorm on queries and keys per head (Llama 3.2 Vision)")
     image_token: str = Field(default="<image>", min_length=1, description="marks where images sit in the prompt")
-    image_attention: Literal["all", "latest"] = Field(
-        default="all", description="which images a text token attends to: `all` of its sample's, or only the "
-        "`latest` one whose image token is at or before it (Flamingo, IDEFICS)")
+    image_attention: Literal["all", "latest", "latest_group"] = Field(
+        default="all", description="which images a text token attends to: `all` of its sample's, only the "
+        "`latest` one whose image token is at or before it (Flamingo, IDEFICS), or the `latest_group` of "
+        "adjacent image tokens (Llama 3.2 Vision: `<|image|><|image|>` shows both to the text after them)")
+    no_image: Literal["skip_attention", "skip_block", "attend_all"] = Field(
+        default="skip_attention", description="a text token that sees no image (before the first image token): "
+        "its cross-attention adds nothing (`skip_attention`, IDEFICS), neither branch adds anything "
+        "(`skip_block`, Meta's Llama 3.2 reference), or its cross-attention reads every visual token and its "
+        "feed-forward adds nothing (`attend_all`, transformers' Mllama)")
     vector_gates: bool = Field(default=False, description="one tanh gate per channel instead of one per branch "
                                "(IDEFICS' `alpha_type = vector`)")
     weights: str | None = Field(default=None, description="local checkpoint folder (`DIR#part`) to load these "

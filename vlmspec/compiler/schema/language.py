@@ -56,6 +56,28 @@ class MRoPE(Schema):
         return f"mrope(sections = [{', '.join(map(str, self.sections))}])"
 
 
+class Llama3RoPE(Schema):
+    """`llama3(factor = 8, ...)`: Llama 3.1's frequency-dependent RoPE scaling for long contexts."""
+
+    factor: float = Field(default=8.0, gt=0, description="how much longer than the original context")
+    low_freq_factor: float = Field(default=1.0, gt=0, description="wavelengths above original / this are scaled")
+    high_freq_factor: float = Field(default=4.0, gt=0, description="wavelengths below original / this are kept")
+    original_max_positions: int = Field(default=8192, gt=0, description="the context the model was trained at")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_call(cls, v: Any) -> Any:
+        if isinstance(v, CallValue):
+            if v.name != "llama3" or v.args:
+                raise ValueError("expected `default`, `mrope(sections = [t, h, w])` or `llama3(factor = F, ...)`")
+            return v.kw()
+        return v
+
+    def to_vlm(self) -> str:
+        return (f"llama3(factor = {self.factor}, low_freq_factor = {self.low_freq_factor}, "
+                f"high_freq_factor = {self.high_freq_factor}, original_max_positions = {self.original_max_positions})")
+
+
 class LanguageBase(ComponentSchema):
     role = "language"
     width: int = Field(default=4096, gt=0, description="hidden size")
@@ -66,9 +88,13 @@ class LanguageBase(ComponentSchema):
     ffn: int = Field(default=11008, gt=0, description="feed-forward hidden size")
     vocab: int = Field(default=32000, gt=0, description="vocabulary size")
     extra_vocab: int = Field(default=0, ge=0, description="extra trainable token rows (IDEFICS' decoupled embeddings)")
+    embed_extra: int = Field(default=0, ge=0, description="input-embedding rows past `vocab` that the output head "
+                             "never predicts (Llama 3.2 Vision: 8, its `<|image|>` among them)")
     max_positions: int = Field(default=4096, gt=0, description="longest sequence (prompt + image tokens + answer)")
     rope_theta: float = Field(default=10000.0, gt=0, description="rotary base frequency")
-    rope: Literal["default"] | MRoPE = Field(default="default", description="`default` or `mrope(sections = [...])`")
+    rope: Literal["default"] | MRoPE | Llama3RoPE = Field(
+        default="default", description="`default`, `mrope(sections = [...])` (Qwen2-VL) or `llama3(factor = 8, ...)` "
+        "(Llama 3.1+ long-context scaling)")
     norm_eps: float = Field(default=1e-6, gt=0, description="normalisation epsilon")
     tie_embeddings: bool = Field(default=False, description="share the input embedding with the output head")
     moe: MoE | None = Field(default=None, description="turn FFNs into routed experts: `moe { experts = 4  top_k = 2 }`")
@@ -114,7 +140,7 @@ class LanguageBase(ComponentSchema):
         return self.width  # RMSNorm: weight only
 
     def embed_params(self) -> int:
-        return (self.vocab + self.extra_vocab) * self.width
+        return (self.vocab + self.extra_vocab + self.embed_extra) * self.width
 
     def head_params(self) -> int:
         base = 0 if self.tie_embeddings else self.vocab * self.width
@@ -196,7 +222,7 @@ class OPT(LanguageBase):
         return layernorm(self.width)
 
     def embed_params(self) -> int:
-        p = (self.vocab + self.extra_vocab) * self.e + (self.max_positions + 2) * self.width
+        p = (self.vocab + self.extra_vocab + self.embed_extra) * self.e + (self.max_positions + 2) * self.width
         if self.e != self.width:
             p += 2 * self.e * self.width
         return p

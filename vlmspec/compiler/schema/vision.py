@@ -86,6 +86,11 @@ class ViTBase(ComponentSchema):
     resolution: Literal["fixed"] | DynamicResolution = Field(default="fixed", description="`fixed` or `dynamic(...)`")
     temporal_patch: int = Field(default=1, ge=1, description="frames per patch (2 for Qwen2-VL video-ready patches)")
     tiles: int = Field(default=0, ge=0, description="Llama 3.2 Vision tiling: up to N tiles, gated tile embeddings (0: none)")
+    global_layers: int = Field(default=0, ge=0, description="the last N layers are gated global layers, after the "
+                               "post-LayerNorm and the post-tile embedding (Llama 3.2 Vision: 8 of 40; needs `tiles`)")
+    tile_padding: int = Field(default=0, ge=0, description="pad each tile's tokens with zeros to a multiple of N that "
+                              "real tokens attend to and padding does not (Llama 3.2 Vision: 8; needs `tiles`)")
+    attn_bias: bool = Field(default=True, description="biases in the attention projections (Llama 3.2 Vision: none)")
     mean: list[float] = Field(default=CLIP_MEAN, min_length=1, description="per-channel normalisation mean")
     std: list[float] = Field(default=CLIP_STD, min_length=1, description="per-channel normalisation std")
     resize: Literal["bicubic", "bilinear", "nearest"] = Field(default="bicubic", description="resize filter")
@@ -141,13 +146,20 @@ class ViTBase(ComponentSchema):
         return TokenShape(tokens, self.width * len(self.feature.layers), dynamic)
 
     @property
+    def tiles_in_use(self) -> tuple[int, ...]:
+        """Tiles each aspect-ratio id puts to use: id k >= 1 is the k-th layout (w, h) with w * h <= tiles,
+        in Mllama's order; id 0 (a padding image) keeps its first tile, as Mllama's processor marks it."""
+        t = self.tiles
+        return (1, *(w * h for w in range(1, t + 1) for h in range(1, t + 1) if w * h <= t))
+
+    @property
     def aspect_ratios(self) -> int:
         """Tile layouts (w x h with w * h <= tiles) that get an aspect-ratio embedding, as in Mllama."""
         return sum(self.tiles // a for a in range(1, self.tiles + 1))
 
     def layer_params(self) -> int:
         w, m = self.width, self.mlp_dim
-        attn = 4 * linear(w, w)
+        attn = 4 * linear(w, w, self.attn_bias)
         return attn + linear(w, m) + linear(m, w) + 2 * layernorm(w)
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
@@ -157,7 +169,7 @@ class ViTBase(ComponentSchema):
             embed += w
         if self.position == "learned":
             embed += (self.num_patches + (1 if self.class_token else 0)) * w
-        out = {"embeddings": embed, "layers": self.depth * self.layer_params()}
+        out = {"embeddings": embed, "layers": self.depth * self.layer_params() + 2 * self.global_layers}
         if self.tiles:
             # Mllama: a per-tile position embedding and pre- / post-encoder tile embeddings for every
             # aspect ratio (plus one padding row), each with a scalar tanh gate

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlmspec.runtime.decoding import DecodeState
+from vlmspec.runtime.decoding import ASPECT_RATIO_IDS, DecodeState
 from vlmspec.runtime.export.cache import StaticKVCache
 from vlmspec.runtime.language import CausalLM
 from vlmspec.runtime.model import VisionLanguageModel
@@ -106,6 +106,9 @@ class _DecoderHalf(nn.Module):
         self.cross = cross  # cross-attention fusion -> its layer ids (cached visual K / V)
         self.max_len = max_len
         fusions_ = [model.fusion(f) for f in model.fusions]
+        # cross-attention fusions whose per-token visual mask travels with the cache (prefill -> decode)
+        self.masked = [f for f in cross if model.fusion(f).masked]
+        self.prefill_aspect = any(model.fusion(f).tiles is not None for f in self.masked)
         # what the fusion hooks read from `DecodeState` (as `VisionLanguageModel.forward` decides it)
         self.image_mask = any(f.uses_image_mask for f in fusions_)
         self.token_mask = any(f.uses_token_mask for f in fusions_) or bool(model.llm.moe_pairs())
@@ -120,7 +123,8 @@ class _DecoderHalf(nn.Module):
             rotary=llm.rotary(pos, h.dtype), mask=mask, causal=False, cache=cache,
             image_mask=(input_ids == model.image_token_id) if self.image_mask else None,
             token_mask=token_mask if self.token_mask else None,
-            visual={f: x for f, x in features.items() if not model.fusion(f).in_sequence},
+            visual={f: x for f, x in features.items() if f != ASPECT_RATIO_IDS and not model.fusion(f).in_sequence},
+            aspect_ratio_ids=features.get(ASPECT_RATIO_IDS),
         )
         h = llm.decode(h, state, model.layer_hooks())
         return llm.logits(h[:, -1]).float()
@@ -130,6 +134,7 @@ class _DecoderHalf(nn.Module):
         for f, ids in self.cross.items():
             out.append(torch.stack([cache.cross[f"{f}.{i}"][0] for i in ids]))
             out.append(torch.stack([cache.cross[f"{f}.{i}"][1] for i in ids]))
+        out += [cache.extras[f"{f}.visible"].long() for f in self.masked]
         return tuple(out)
 
 
@@ -139,7 +144,12 @@ class PrefillHalf(_DecoderHalf):
     cross-attention fusion its visual keys / values [xlayers x b x kv_heads x n x head_dim])."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *visual: Tensor) -> tuple[Tensor, ...]:
+        aspect = None
+        if self.prefill_aspect:  # (input_ids, attention_mask, aspect_ratio_ids, visual tokens...)
+            aspect, *visual = visual  # type: ignore[assignment]
         features = dict(zip(self.fusions, visual, strict=True))
+        if aspect is not None:
+            features[ASPECT_RATIO_IDS] = aspect[:, None]
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = StaticKVCache(self.max_len)
         mask = prefill_mask(attention_mask, self.model.bidirectional_prefix)
@@ -159,6 +169,8 @@ class DecodeHalf(_DecoderHalf):
             ks, vs = next(it), next(it)
             for j, i in enumerate(ids):
                 cache.cross[f"{f}.{i}"] = (ks[j], vs[j])
+        for f in self.masked:
+            cache.extras[f"{f}.visible"] = next(it).bool()
         logits = self.run(input_ids, position_ids, step_mask(attention_mask, write_index), cache, {},
                           torch.ones_like(input_ids, dtype=torch.bool))
         return (logits, *cache.stacked())

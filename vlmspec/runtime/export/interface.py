@@ -77,6 +77,9 @@ class Interface:
     in_sequence: list[str]  # fusions whose tokens are spliced at image-token positions
     cross: dict[str, list[int]]  # cross-attention fusion -> decoder layers with cached visual K / V
     tiled: bool
+    masked: list[str] = field(default_factory=list)  # cross-attention fusions whose visual mask the cache keeps
+    prefill_aspect: bool = False  # prefill takes aspect_ratio_ids (a fusion masks padding tiles)
+    embed_rows: int = 0  # token ids below this are valid input (the logits may be narrower)
     programs: dict[str, ProgramSpec] = field(default_factory=dict)
     dims: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -111,13 +114,20 @@ class Interface:
         cross_specs = [TensorSpec(f"cross_{kind}_{f}", (len(ids), "batch", llm.kv_heads, n_vis[f], llm.head_dim), act,
                                   f"cross-attention {kind} of `{f}`, computed once at prefill")
                        for f, ids in cross.items() for kind in ("keys", "values")]
+        masked = [f for f in cross if model.fusion(f).masked]
+        prefill_aspect = tiled and any(model.fusion(f).tiles is not None for f in masked)
+        cross_specs += [TensorSpec(f"cross_visible_{f}", ("batch", n_vis[f]), "int64",
+                                   f"1 at the visual tokens of `{f}` the prompt's last token sees (so do later ones)")
+                        for f in masked]
+        aspect = [TensorSpec("aspect_ratio_ids", ("batch",), "int64", "tile layout id (1-based): which tiles "
+                             "cross-attention reads")] if prefill_aspect else []
         logits = TensorSpec("logits", ("batch", llm.n_vocab), "float32", "next-token logits")
         programs = {
             ENCODER: ProgramSpec(ENCODER, tuple(enc_in), tuple(visual)),
             PREFILL: ProgramSpec(PREFILL, (
                 TensorSpec("input_ids", ("batch", "seq"), "int64", "left-padded prompt with image tokens"),
                 TensorSpec("attention_mask", ("batch", "seq"), "int64", "1 = real token, 0 = left padding"),
-                *visual), (logits, *kv, *cross_specs)),
+                *aspect, *visual), (logits, *kv, *cross_specs)),
             DECODE: ProgramSpec(DECODE, (
                 TensorSpec("input_ids", ("batch", 1), "int64", "the token chosen last step"),
                 TensorSpec("position_ids", ("batch", 1), "int64", "its position (real tokens before it)"),
@@ -128,7 +138,8 @@ class Interface:
                 *cross_specs), (logits, *kv)),
         }
         dims = {"batch": {"min": 1, "max": max_batch}, "seq": {"min": 1, "max": max_len}}
-        return cls(max_len, max_batch, dtype, fusions, list(model.in_sequence), cross, tiled, programs, dims)
+        return cls(max_len, max_batch, dtype, fusions, list(model.in_sequence), cross, tiled, masked, prefill_aspect,
+                   llm.embed_rows, programs, dims)
 
     # ------------------------------------------------------------ torch.export inputs
     def example_inputs(self, program: str, model: VisionLanguageModel, batch: int = 2) -> tuple[Tensor, ...]:
@@ -173,7 +184,7 @@ class Interface:
         named = {n: Dim(n, min=r["min"], max=r["max"]) for n, r in self.dims.items()}
         per = [{i: named[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None
                for t in self.programs[program].inputs]
-        fixed = {ENCODER: 2 if self.tiled else 1, PREFILL: 2, DECODE: 6}[program]
+        fixed = {ENCODER: 2 if self.tiled else 1, PREFILL: 2, DECODE: 6}[program]  # (aspect ids travel in *visual)
         head, tail = per[:fixed], per[fixed:]
         if program == ENCODER and not self.tiled:
             return tuple(head)
@@ -182,4 +193,5 @@ class Interface:
     def to_json(self) -> dict[str, Any]:
         return {"dims": self.dims, "max_len": self.max_len, "dtype": dtype_name(self.dtype),
                 "fusions": self.fusions, "in_sequence": self.in_sequence, "cross_attention": self.cross,
-                "tiled": self.tiled, "programs": {n: p.to_json() for n, p in self.programs.items()}}
+                "tiled": self.tiled, "masked": self.masked, "prefill_aspect": self.prefill_aspect,
+                "embed_rows": self.embed_rows, "programs": {n: p.to_json() for n, p in self.programs.items()}}

@@ -142,13 +142,18 @@ class ExportedModel:
             args.append(ids.long())
         return dict(zip(self.fusions, self.programs[ENCODER](*args), strict=True))
 
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor,
-                features: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """-> (logits [b x vocab], (keys, values, cross K / V ...)) for `step`."""
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, features: dict[str, Tensor],
+                aspect_ratio_ids: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """-> (logits [b x vocab], (keys, values, cross K / V, visual masks ...)) for `step`."""
         if input_ids.shape[1] > self.max_len:
             raise bad_input(f"the prompt is {input_ids.shape[1]} tokens but the exported cache holds {self.max_len}",
                             help="shorten the prompt, or export with a larger max_len")
-        out = self.programs[PREFILL](input_ids.long(), attention_mask.long(), *(features[f] for f in self.fusions))
+        aspect = []
+        if self.manifest["interface"].get("prefill_aspect"):
+            aspect = [aspect_ratio_ids.long() if aspect_ratio_ids is not None
+                      else torch.ones(input_ids.shape[0], dtype=torch.long)]
+        out = self.programs[PREFILL](input_ids.long(), attention_mask.long(), *aspect,
+                                     *(features[f] for f in self.fusions))
         return out[0], tuple(out[1:])
 
     def step(self, token: Tensor, position: Tensor, mask: Tensor, cache: tuple[Tensor, ...],
@@ -179,7 +184,7 @@ class ExportedModel:
             return input_ids.new_empty(b, 0)
         features = image_features if image_features is not None else self.encode_images(pixel_values,
                                                                                         aspect_ratio_ids)
-        logits, cache = self.prefill(input_ids, mask, features)
+        logits, cache = self.prefill(input_ids, mask, features, aspect_ratio_ids)
         slots = torch.zeros(b, self.max_len, dtype=torch.long)
         slots[:, :s] = mask
         position = mask.sum(1)
@@ -216,7 +221,8 @@ class ExportedModel:
         n_img = pixels.shape[0] if pixels is not None else next(iter(features.values())).shape[0]  # type: ignore[union-attr]
         if n_img != b:
             raise bad_input(f"{n_img} images for {b} prompts", help="give one image per prompt")
-        vocab = self.manifest["interface"]["programs"][PREFILL]["outputs"][0]["shape"][1]
+        vocab = (self.manifest["interface"].get("embed_rows")
+                 or self.manifest["interface"]["programs"][PREFILL]["outputs"][0]["shape"][1])
         if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             raise bad_input(f"token id {int(ids.max())} is outside the vocabulary of {vocab}")
         want = sum(self._visual_tokens(f) for f in self.in_sequence)

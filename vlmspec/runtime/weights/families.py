@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 from vlmspec.runtime.weights.errors import UNSUPPORTED, WRONG_FAMILY, weights_error
 
 
@@ -40,6 +42,16 @@ class Layout:
     def owns(self, ckpt_key: str) -> bool:
         """Whether a checkpoint key belongs to this part (else it is another part's, and ignored)."""
         return any(ckpt_key.startswith(ckpt) for ckpt, _ in self.rules)
+
+    def bind(self, config: dict[str, Any]) -> Layout:
+        """This layout for one checkpoint: one whose mapping depends on the checkpoint's config (which
+        decoder layers are Mllama's cross-attention ones) fills it in here."""
+        return self
+
+    def convert(self, key: str, tensor: Tensor) -> Tensor:
+        """The checkpoint tensor as component key `key` holds it (a layout that stores a tensor in another
+        arrangement, of the same shape, rearranges it here)."""
+        return tensor
 
 
 def lay(*rules: tuple[str, str]) -> Layout:
@@ -156,8 +168,8 @@ def _fits(kinds: frozenset[str]) -> str:
     return "that checkpoint fits a component of kind " + " / ".join(f"`{k}`" for k in sorted(kinds))
 
 
-def pick_layout(resolved: Resolved, keys: list[str]) -> Layout | None:
+def pick_layout(resolved: Resolved, keys: list[str], config: dict[str, Any]) -> Layout | None:
     for layout in resolved.layouts:
         if layout.present(keys):
-            return layout
+            return layout.bind(config)
     return None

@@ -53,7 +53,7 @@ def import_hf(folder: str | Path, *, name: str | None = None) -> tuple[str, dict
     for comp, part in fmt.components.items():
         if comp not in declared:
             continue
-        found = pick_layout(Resolved(mt, fmt.family.parts[part].layouts), keys)
+        found = pick_layout(Resolved(mt, fmt.family.parts[part].layouts), keys, config)
         layout = found.rules if found else None
         components[comp] = {"weights": f"{path}#{part}", "family": f"{mt}#{part}",
                             "layout": [list(r) for r in layout] if layout else None}

@@ -39,6 +39,7 @@ class _Plan:
     reads: dict[str, str]          # canonical component key -> checkpoint key
     aliases: dict[str, str]        # alias key -> canonical key
     alias_reads: dict[str, str]    # alias key -> checkpoint key, when the checkpoint stores the alias too
+    layout: Layout | None = None
 
 
 def _tensor_keys(module: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -84,7 +85,7 @@ def _plan_component(name: str, module: nn.Module, source: CheckpointSource, layo
         cov.tied.append(alias)
     if layout is not None:
         cov.unexpected = sorted(k for k in source.keys() if layout.owns(k) and k not in consumed)
-    return _Plan(cov, source, reads, aliases, alias_reads)
+    return _Plan(cov, source, reads, aliases, alias_reads, layout)
 
 
 def _allowed(path: str, allow_new: set[str]) -> bool:
@@ -115,7 +116,8 @@ def plan_weights(model: nn.Module, analysis: Analysis, *, allow_new: set[str] | 
         config, source = sources[folder]
         resolved = resolve(config, part, component=name, role=comp.role, kind=comp.kind, folder=str(folder))
         cov = ComponentCoverage(name, source=value, family=resolved.family)
-        plans[name] = _plan_component(name, module, source, pick_layout(resolved, source.keys()), cov, allow)
+        plans[name] = _plan_component(name, module, source, pick_layout(resolved, source.keys(), config), cov,
+                                      allow)
         report.components[name] = cov
     return report, plans
 
@@ -228,6 +230,8 @@ def _load_plan(module: nn.Module, plan: _Plan, device: str | torch.device) -> li
         current = own[key]
         with torch.no_grad():
             tensor = source.get(ck, current.dtype)  # type: ignore[union-attr]
+            if plan.layout is not None:
+                tensor = plan.layout.convert(key, tensor)
             owner, leaf = _owner(module, key)
             if current.device.type == "meta":
                 if isinstance(current, nn.Parameter):

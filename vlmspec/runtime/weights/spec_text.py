@@ -19,13 +19,17 @@ def identifier(text: str) -> str:
     return out if out[:1].isalpha() else f"m_{out}"
 
 
+class Raw(str):
+    """A value written as is (a call such as `llama3(factor = 8.0)`), not as a quoted string."""
+
+
 def fields(pairs: list[tuple[str, Any]]) -> str:
     """`key = value` lines of a component body (strings quoted, floats as written)."""
     lines = []
     for k, v in pairs:
         if isinstance(v, bool):
             v = "true" if v else "false"
-        elif isinstance(v, str) and not v.startswith(("layer(", "layers(")):
+        elif isinstance(v, str) and not isinstance(v, Raw) and not v.startswith(("layer(", "layers(")):
             v = f'"{v}"'
         lines.append(f"    {k} = {v}")
     return "\n".join(lines)
@@ -35,6 +39,22 @@ def need(cond: bool, what: str) -> None:
     if not cond:
         raise weights_error(UNSUPPORTED, f"import_hf: {what}", help="a spec cannot express it yet; build the spec "
                             "by hand, or drop that setting from the checkpoint's config")
+
+
+def rope_fields(tc: dict[str, Any]) -> list[tuple[str, Any]]:
+    """`rope_theta`, plus `rope = llama3(...)` for Llama 3.1's scaling (transformers' `rope_parameters`, or
+    the older `rope_scaling` + `rope_theta`); other scalings are refused."""
+    rp = dict(tc.get("rope_parameters") or {})
+    rp.update(tc.get("rope_scaling") or {})
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    theta = float(rp.get("rope_theta", tc.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return [("rope_theta", theta)]
+    need(kind == "llama3", f"rope scaling `{kind}` of the text model")
+    call = (f"llama3(factor = {float(rp.get('factor', 8.0))}, low_freq_factor = {float(rp.get('low_freq_factor', 1.0))}, "
+            f"high_freq_factor = {float(rp.get('high_freq_factor', 4.0))}, "
+            f"original_max_positions = {int(rp.get('original_max_position_embeddings', 8192))})")
+    return [("rope_theta", theta), ("rope", Raw(call))]
 
 
 def rope_theta(tc: dict[str, Any]) -> float:
@@ -60,7 +80,7 @@ def language_block(tc: dict[str, Any], weights: str, tie: bool) -> str:
             ("width", tc["hidden_size"]), ("depth", tc["num_hidden_layers"]), ("heads", heads),
             ("kv_heads", tc.get("num_key_value_heads") or heads), ("ffn", tc["intermediate_size"]),
             ("vocab", tc["vocab_size"]), ("max_positions", tc["max_position_embeddings"]),
-            ("norm_eps", tc.get("rms_norm_eps", 1e-6)), ("rope_theta", rope_theta(tc))]
+            ("norm_eps", tc.get("rms_norm_eps", 1e-6)), *rope_fields(tc)]
         hd = tc.get("head_dim")
         if hd and hd != tc["hidden_size"] // heads:
             pairs.append(("head_dim", hd))
