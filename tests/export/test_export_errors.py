@@ -79,24 +79,6 @@ def test_live_model_needs_its_analysis(tokenizer, tmp_path):
     assert code(e) == "E0572" and "Analysis" in str(e.value)
 
 
-def test_mrope_with_an_image_grid_is_not_exportable(tokenizer, tmp_path):
-    """Fixed-resolution M-RoPE: per-image (t, row, col) positions come from a Python loop."""
-    spec = tmp_path / "mrope.vlm"
-    spec.write_text(
-        "model m {\n"
-        "  vision enc = vit { image_size = 32  patch_size = 8  width = 32  depth = 1  heads = 2  mlp = 64\n"
-        "                     feature = layer(-1).patches }\n"
-        "  connector proj = linear(enc -> llm)\n"
-        "  language llm = llama { width = 64  depth = 1  heads = 4  kv_heads = 2  ffn = 128  vocab = 512\n"
-        "                         max_positions = 64  rope = mrope(sections = [2, 3, 3]) }\n"
-        "  fusion prefix(proj -> llm)\n"
-        "}\n")
-    analysis, model = build(f"{spec}:m", tokenizer)
-    with pytest.raises(UserInputError) as e:
-        export_model(model, tmp_path / "out", ["pt2"], analysis=analysis)
-    assert code(e) == "E0571" and "M-RoPE" in str(e.value) and "mrope_positions" in str(e.value)
-
-
 def test_runner_refuses_what_the_graph_cannot_check(exports, tmp_path):
     case = exports(LLAVA)
     runner = case.runner("pt2")

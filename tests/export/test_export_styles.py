@@ -31,13 +31,12 @@ def run_both(model, tmp_len: int = 64, dtype_tol: float = 1e-4):
     wrappers = _wrappers(model, iface)
     prefill = trace(wrappers[PREFILL], iface, PREFILL, model).module()
     decode = trace(wrappers[DECODE], iface, DECODE, model).module()
-    n = iface.programs[PREFILL].inputs[2].shape[1]
+    n = iface.visual_spec(iface.fusions[0]).shape[1]
     ids = torch.randint(0, 400, (2, n + 5))
     ids[:, 2:2 + n] = model.image_token_id
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    feats = {f: torch.randn(2, *iface.programs[PREFILL].inputs[2 + i].shape[1:]).to(model.llm.dtype())
-             for i, f in enumerate(iface.fusions)}
+    feats = {f: torch.randn(2, *iface.visual_spec(f).shape[1:]).to(model.llm.dtype()) for f in iface.fusions}
     with torch.no_grad():
         cache = KVCache()
         eager = model(ids, attention_mask=mask, image_features=feats, cache=cache, logits_to_keep=1).logits[:, -1]
@@ -141,3 +140,49 @@ def test_tiled_latest_group_cross_attention_exports(tokenizer, tmp_path):
             logits, keys, values = decode(tok[:, None], mask.sum(1, keepdim=True) + t, slots, keys, values,
                                           torch.tensor([s + t]), *cross)
             assert float((logits - eager).abs().max()) < 1e-4
+
+
+MROPE_GRID = """
+model m {
+  vision enc = vit { image_size = 32  patch_size = 8  width = 32  depth = 1  heads = 2  mlp = 64
+                     feature = layer(-1).patches }
+  connector proj = linear(enc -> llm)
+  language llm = llama { width = 64  depth = 2  heads = 4  kv_heads = 2  ffn = 128  vocab = 512
+                         max_positions = 128  rope = mrope(sections = [2, 3, 3]) }
+  fusion prefix(proj -> llm)
+}
+"""
+
+
+def test_mrope_positions_are_computed_by_the_runner(tokenizer, tmp_path):
+    """M-RoPE numbers image tokens by (time, row, column): a Python loop over the prompt that a graph
+    cannot hold, so the runner computes the prefill positions and the decode offset. Prefill and decode
+    match eager, and so do the greedy tokens, for a left-padded batch."""
+    from export_helpers import export_case
+
+    spec = tmp_path / "mrope.vlm"
+    spec.write_text(MROPE_GRID)
+    case = export_case(f"{spec}:m", tmp_path, tokenizer, ("pt2",))
+    assert case.manifest["interface"]["image_grid"] == [4, 4]
+    model, ids, mask, px = case.model, case.input_ids, case.attention_mask, case.pixel_values
+    runner = case.runner("pt2")
+    with torch.no_grad():
+        feats = model.encode_images(px)
+        cache = KVCache()
+        eager = model(ids, attention_mask=mask, image_features=feats, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits, state = runner.prefill(ids, mask, feats)
+        assert float((logits - eager).abs().max()) < 1e-4
+        assert int(runner.mrope_delta.abs().max()) > 0  # the images moved the text's positions
+        b, s = ids.shape
+        slots = torch.zeros(b, runner.max_len, dtype=torch.long)
+        slots[:, :s] = mask
+        full = mask
+        for t in range(3):
+            tok = eager.argmax(-1)
+            full = torch.cat([full, torch.ones(b, 1, dtype=torch.long)], dim=1)
+            eager = model(tok[:, None], attention_mask=full, cache=cache, logits_to_keep=1).logits[:, -1]
+            slots[:, s + t] = 1
+            logits, state = runner.step(tok, mask.sum(1) + t, slots, state, s + t)
+            assert float((logits - eager).abs().max()) < 1e-4
+    want = model.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=8)
+    assert torch.equal(runner.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=8), want)

@@ -80,3 +80,31 @@ def test_errors_render_as_one_line_diagnostics(tiny):
         model(torch.ones(1, 129, dtype=torch.long))
     assert e.value.diagnostics[0].code == "E0514"
     assert str(e.value).startswith("error[E0514]")
+
+
+_VIT = "vision enc = vit { image_size = 16  patch_size = 8  width = 32  depth = 2  heads = 2  mlp = 64 "
+_LLM = "language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  max_positions = 64 "
+
+
+@pytest.mark.parametrize(("vision", "llm", "message"), [
+    (_VIT + "global_layers = 1 }", _LLM + "}", "belong to a tiled encoder"),
+    (_VIT + "tiles = 2  global_layers = 2 }", _LLM + "}", "leaves no local layer"),
+    ("vision enc = eva { image_size = 16  patch_size = 8  width = 32  depth = 2  heads = 2  mlp = 64  "
+     "attn_bias = false }", _LLM + "}", "needs separate q / k / v projections"),
+    (_VIT + "}", _LLM + "embed_extra = 8  tie_embeddings = true }", "`embed_extra` rows cannot be combined"),
+])
+def test_settings_that_cannot_build_are_one_line_errors(tmp_path, vision, llm, message):
+    text = (f"model m {{\n  {vision}\n  connector proj = linear(enc -> llm)\n  {llm}\n"
+            "  fusion prefix(proj -> llm)\n}\n")
+    analysis = analyse(tmp_path, text)
+    with pytest.raises(UserInputError, match=message) as e:
+        build_model(analysis)
+    assert "\n" not in e.value.diagnostics[0].message
+
+
+def test_aspect_ratio_ids_out_of_range(tmp_path):
+    text = ("model m {\n  " + _VIT + "tiles = 2  feature = layer(-1).all }\n  connector proj = linear(enc -> llm)\n  "
+            + _LLM + "}\n  fusion cross_attention(proj -> llm) { every = 1 }\n}\n")
+    model = build_model(analyse(tmp_path, text))
+    with pytest.raises(UserInputError, match=r"aspect_ratio_ids must be in 0..3 for 2 tiles"):
+        model.encode_images(torch.zeros(1, 2, 3, 16, 16), aspect_ratio_ids=torch.tensor([7]))

@@ -1,5 +1,6 @@
 """Qwen2-VL through `import_hf` + `build_with_weights` against `Qwen2VLForConditionalGeneration`: logits within
-1e-4 (fp32) and 16 greedy tokens identical, at a fixed image size.
+1e-4 (fp32) and 16 greedy tokens identical, at the processor's size and at other (non-square) sizes: the
+model reads images at their own resolution and numbers their tokens for M-RoPE on their own grid.
 
 Hugging Face takes the images as the processor lays them out: flattened patches ordered by 2x2 merge windows,
 each repeated over `temporal_patch_size` frames, with `image_grid_thw`; `hf_pixels` builds exactly that from the
@@ -63,7 +64,7 @@ def hf_pixels(px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.reshape(n * gh * gw, c * TEMPORAL * PATCH * PATCH), torch.tensor([[1, gh, gw]] * n)
 
 
-def prompts(images: int, pad: int, rows: int = 2, seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def prompts(images: int, pad: int, rows: int = 2, seed: int = 4, tokens: int = TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of `bos, (<vision_start> image tokens <vision_end>) x images, text`, row i left-padded by pad * i."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -71,16 +72,16 @@ def prompts(images: int, pad: int, rows: int = 2, seed: int = 4) -> tuple[torch.
         p = pad * i
         parts = [torch.zeros(p, dtype=torch.long), torch.tensor([1])]
         for _ in range(images):
-            parts += [torch.tensor([START]), torch.full((TOKENS,), IMG), torch.tensor([END])]
+            parts += [torch.tensor([START]), torch.full((tokens,), IMG), torch.tensor([END])]
         out.append(torch.cat([*parts, torch.randint(3, 99, (8 - p,), generator=g)]))
     ids = torch.stack(out)
     mask = (torch.arange(ids.shape[1])[None] >= torch.tensor([[pad * i] for i in range(rows)])).long()
     return ids, mask
 
 
-def check_parity(hf, ours, images: int, pad: int) -> float:
-    ids, mask = prompts(images, pad)
-    px = torch.randn(2, images, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(2))
+def check_parity(hf, ours, images: int, pad: int, size: tuple[int, int] = (SIDE, SIDE)) -> float:
+    ids, mask = prompts(images, pad, tokens=(size[0] // (PATCH * MERGE)) * (size[1] // (PATCH * MERGE)))
+    px = torch.randn(2, images, 3, *size, generator=torch.Generator().manual_seed(2))
     pixel_values, grid = hf_pixels(px.flatten(0, 1))
     kw = dict(pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=(ids == IMG).int())
     mine = px if images > 1 else px[:, 0]
@@ -114,6 +115,17 @@ def test_qwen2_vl_parity(tmp_path, variant):
     if kw.get("tie"):
         assert ours.components["llm"].lm_head.weight is ours.components["llm"].model.embed_tokens.weight
     check_parity(hf, ours, images, pad)
+
+
+@pytest.mark.parametrize(("size", "images"), [((32, 64), 1), ((64, 32), 2), ((80, 48), 1)])
+def test_qwen2_vl_parity_at_native_resolution(tmp_path, size, images):
+    """Images of other sizes than the processor's (non-square, larger or smaller): the spec says
+    `resolution = dynamic(...)`, the tower attends over the image's own grid and M-RoPE numbers the
+    tokens on the merged grid (2 x 4, 4 x 2, 5 x 3 tokens), as transformers' `get_rope_index` does."""
+    hf = qwen2_vl(tmp_path / "hf", seed=3)
+    ours, report, mapping = imported(tmp_path / "hf", tmp_path)
+    assert report.ok and "resolution = dynamic(min_pixels = 2304, max_pixels = 2304)" in mapping["spec"]
+    check_parity(hf, ours, images=images, pad=2, size=size)
 
 
 def test_qwen2_vl_vision_tokens_match(tmp_path):

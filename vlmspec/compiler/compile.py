@@ -71,6 +71,21 @@ def analyse(ws: Workspace, model: str, sink: DiagnosticSink) -> Analysis | None:
     return Analysis(ir, spans, graph, shapes, plans, ws.models[model][1].path)
 
 
+def shapes_at_image_size(analysis: Analysis) -> Shapes:
+    """Token shapes when every encoder reads `image_size` images, what vlmspec's processor feeds it. A
+    dynamic-resolution encoder's own shape counts its largest images (`max_pixels`), which bounds the
+    sequence but is not how many image tokens a processed image needs."""
+    ir = analysis.ir
+    dynamic = {n: c for n, c in ir.components.items()
+               if c.role == "vision" and getattr(c.config, "resolution", "fixed") != "fixed"}
+    if not dynamic:
+        return analysis.shapes
+    fixed = {n: c.model_copy(update={"config": c.config.model_copy(update={"resolution": "fixed"})})
+             for n, c in dynamic.items()}
+    ir = ir.model_copy(update={"components": {**ir.components, **fixed}})
+    return infer_shapes(ir, analysis.spans, analysis.graph, DiagnosticSink())
+
+
 def split_ref(ref: str) -> tuple[str, str | None, str | None]:
     """`file.vlm`, `file.vlm:model`, `REV:path.vlm` or `REV:path.vlm:model` -> (path, model, rev)."""
     parts = ref.split(":")

@@ -16,10 +16,13 @@ from torch import Tensor
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import Rotary
 
-#: The image-features entry (beside one per fusion) holding a tiled encoder's aspect-ratio ids [b x images]:
-#: features travel as one dict through generation, beam search and serving, and the ids must follow them.
-#: No fusion can have this name (a fusion is named by its kind).
+#: Image-features entries beside one per fusion: a tiled encoder's aspect-ratio ids [b x images], and the
+#: token grid of the images [b x 2] (rows, columns) for M-RoPE positions. Features travel as one dict
+#: through generation, beam search and serving, and these must follow them. No fusion can have these
+#: names (a fusion is named by its kind).
 ASPECT_RATIO_IDS = "aspect_ratio_ids"
+IMAGE_GRID = "image_grid"
+IMAGE_FACTS = (ASPECT_RATIO_IDS, IMAGE_GRID)
 
 
 class KVCache:

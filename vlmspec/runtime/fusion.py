@@ -180,8 +180,8 @@ class CrossAttentionFusion(Fusion):
     the full visual length (values zero when the row saw none), so decoding attends without a mask and
     the cache keeps its shapes (beam search, serving's row merges and the exported halves need no
     extra state). Not modelled: the processor's reset after an end-of-sequence token inside a prompt
-    (packed documents); and a recomputed sequence (no cache) counts a generated `<image>` token as a
-    new image where cached decoding does not.
+    (packed documents). A generated `<image>` token is text: cached decoding never sees it as an image,
+    and recomputing generation (no cache) passes the prompt's image positions (`forward(image_mask=)`).
     """
 
     in_sequence = False

@@ -48,9 +48,11 @@ class Stepper:
             first = self.cache.length() == 0
             out = self.model(self.pending, attention_mask=self.mask, image_features=self.features if first else None,
                              cache=self.cache, logits_to_keep=1, prefix_mask=self._prefix(self.pending.shape[1]))
-        else:
+        else:  # recomputed: images are where the prompt put them (a generated image token is text)
+            images = self.ids == self.model.image_token_id
+            images[:, self.prompt:] = False
             out = self.model(self.ids, attention_mask=self.mask, image_features=self.features, logits_to_keep=1,
-                             prefix_mask=self._prefix(self.ids.shape[1]))
+                             prefix_mask=self._prefix(self.ids.shape[1]), image_mask=images)
         return out.logits[:, -1].float()
 
     def append(self, tokens: Tensor) -> None:

@@ -22,6 +22,8 @@ from vlmspec.runtime.blocks import DTYPES, VisualTokens, init_weights
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import (
     ASPECT_RATIO_IDS,
+    IMAGE_FACTS,
+    IMAGE_GRID,
     DecodeState,
     KVCache,
     attention_mask_4d,
@@ -155,11 +157,23 @@ class VisionLanguageModel(nn.Module):
             # which tiles of each image are real: cross-attention masks the rest
             features[ASPECT_RATIO_IDS] = (aspect_ratio_ids.reshape(b, n) if aspect_ratio_ids is not None else
                                           torch.ones(b, n, dtype=torch.long, device=x.device))
+        grid = self._token_grid(outs)
+        if grid is not None:  # M-RoPE numbers an image's tokens by row and column of this grid
+            features[IMAGE_GRID] = torch.tensor(grid, device=x.device).expand(b, 2)
         return features
+
+    def _token_grid(self, outs: dict[str, VisualTokens]) -> tuple[int, int] | None:
+        """The (rows, columns) grid of one image's tokens in the sequence, for M-RoPE: known when one
+        in-sequence fusion reads one source that keeps a grid (a patch merger's output)."""
+        llm = self.components[self.language] if self.language in self.components else None  # (an encoder half has none)
+        if not isinstance(llm, CausalLM) or llm.c.mrope is None or len(self.in_sequence) != 1:
+            return None
+        sources = self.sources[self.in_sequence[0]]
+        return outs[sources[0]].grid if len(sources) == 1 else None
 
     def extract_features(self, pixel_values: Tensor | dict[str, Tensor]) -> Tensor:
         """Connector output embeddings [b x tokens x d], e.g. for retrieval (all fusions' inputs, in order)."""
-        feats = [x for f, x in self.encode_images(pixel_values).items() if f != ASPECT_RATIO_IDS]
+        feats = [x for f, x in self.encode_images(pixel_values).items() if f not in IMAGE_FACTS]
         if len({f.shape[-1] for f in feats}) > 1:
             raise user_error("E0598", "fusions take features of different widths; use `encode_images` instead")
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
@@ -185,7 +199,8 @@ class VisionLanguageModel(nn.Module):
                 image_features: dict[str, Tensor] | None = None, cache: KVCache | None = None,
                 position_ids: Tensor | None = None, logits_to_keep: int = 0,
                 instruction: Instruction | None = None, prefix_mask: Tensor | None = None,
-                logits_for: str = "all", aspect_ratio_ids: Tensor | None = None) -> VLMOutput:
+                logits_for: str = "all", aspect_ratio_ids: Tensor | None = None,
+                image_mask: Tensor | None = None) -> VLMOutput:
         """input_ids [b x s] (the new tokens when a cache is given); attention_mask [b x (past + s)], 1 = real,
         0 = (left) padding; labels [b x s] with -100 where no loss is taken (shifted here).
         `logits_to_keep` = k > 0 computes logits for the last k positions only (generation).
@@ -202,6 +217,8 @@ class VisionLanguageModel(nn.Module):
         prefilled into an empty cache (generation, serving) is all prefix; else none (causal).
         aspect_ratio_ids: [b (x n)] tile layouts of a tiled encoder's images (Mllama's numbering), used
         when pixel_values are encoded here (`encode_images` puts them among the image features).
+        image_mask: bool [b x s], where the images' tokens are (default: input_ids == image_token_id);
+        generation passes the prompt's, so that a generated image token is text, not a new image.
         """
         llm = self.llm
         if image_features is None and pixel_values is not None:
@@ -215,7 +232,9 @@ class VisionLanguageModel(nn.Module):
                              f"{llm.c.max_positions}", help="shorten the prompt or max_new_tokens")
         h = llm.embed(input_ids)
         h = self.splice(h, input_ids, features)
-        pos = position_ids if position_ids is not None else self.positions(input_ids, attention_mask, cache, past)
+        grid = features.get(IMAGE_GRID)
+        pos = position_ids if position_ids is not None else self.positions(
+            input_ids, attention_mask, cache, past, tuple(grid[0].tolist()) if grid is not None else None)
         h = llm.add_positions(h, pos)
         prefix = None
         if self.bidirectional_prefix:
@@ -227,10 +246,11 @@ class VisionLanguageModel(nn.Module):
         mask, causal = attention_mask_4d(attention_mask, past, s, h.device, prefix)
         state = DecodeState(
             rotary=llm.rotary(pos, h.dtype), mask=mask, causal=causal, cache=cache,
-            image_mask=(input_ids == self.image_token_id) if self._reads("uses_image_mask") else None,
+            image_mask=(image_mask if image_mask is not None else input_ids == self.image_token_id)
+            if self._reads("uses_image_mask") else None,
             token_mask=attention_mask[:, -s:].bool() if attention_mask is not None and self._needs_token_mask()
             else None,
-            visual={f: x for f, x in features.items() if f != ASPECT_RATIO_IDS and not self.fusion(f).in_sequence},
+            visual={f: x for f, x in features.items() if f not in IMAGE_FACTS and not self.fusion(f).in_sequence},
             aspect_ratio_ids=features.get(ASPECT_RATIO_IDS),
         )
         h = llm.decode(h, state, self.layer_hooks())
@@ -256,15 +276,20 @@ class VisionLanguageModel(nn.Module):
                 loss = loss + aux
         return VLMOutput(logits, loss, aux, cache)
 
-    def positions(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, past: int) -> Tensor:
-        """[b x s] position ids (real tokens counted, left padding skipped), or [3 x b x s] for M-RoPE."""
+    def positions(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, past: int,
+                  grid: tuple[int, int] | None = None) -> Tensor:
+        """[b x s] position ids (real tokens counted, left padding skipped), or [3 x b x s] for M-RoPE,
+        whose image tokens are numbered on `grid` (the images' token grid; default: the static one)."""
         b, s = input_ids.shape
         pos = default_position_ids(attention_mask, past, s, b, input_ids.device)
-        if self.llm.c.mrope is None or self.image_grid is None:
+        grid = grid or self.image_grid
+        if self.llm.c.mrope is None:
             return pos
         if past == 0:
+            if grid is None:
+                return pos
             mask = attention_mask[:, -s:] if attention_mask is not None else None
-            pos3, delta = mrope_positions(input_ids, mask, self.image_token_id, self.image_grid)
+            pos3, delta = mrope_positions(input_ids, mask, self.image_token_id, grid)
             if cache is not None:
                 cache.extras["mrope_delta"] = delta
             return pos3

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vlmspec.compiler.compile import Analysis
+from vlmspec.compiler.compile import Analysis, shapes_at_image_size
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
@@ -50,7 +50,9 @@ class Processor:
         self.bidirectional_prefix = any(getattr(f.config, "prefix_attention", "causal") == "bidirectional"
                                         for f in fusions)
         in_seq = [f for f in fusions if type(f.config).in_sequence]
-        self.tokens_per_image = sum(analysis.shapes.out[f.name].tokens for f in in_seq) if in_seq else 1
+        # images are fed at image_size (a dynamic-resolution encoder's own shape counts its largest images)
+        shapes = shapes_at_image_size(analysis)
+        self.tokens_per_image = sum(shapes.out[f.name].tokens for f in in_seq) if in_seq else 1
         vocab = tokenizer.get_vocab()
         if self.image_token not in vocab:
             raise user_error("E0511", f"the tokenizer has no `{self.image_token}` token",

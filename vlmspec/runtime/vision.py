@@ -305,6 +305,9 @@ class VisionEncoder(nn.Module):
         if (cfg.global_layers or cfg.tile_padding) and not cfg.tiles:
             raise user_error("E0519", "`global_layers` and `tile_padding` belong to a tiled encoder (`tiles`)",
                              help="set `tiles`, or drop them")
+        if fused_qkv and not cfg.attn_bias:
+            raise user_error("E0519", "`attn_bias = false` needs separate q / k / v projections; this encoder's "
+                             "attention is one fused, biased `qkv` (EVA, rope2d)", help="drop `attn_bias`")
         if cfg.global_layers >= cfg.depth:
             raise user_error("E0519", f"global_layers = {cfg.global_layers} leaves no local layer of the "
                              f"{cfg.depth}", help=f"use global_layers < depth = {cfg.depth}")

@@ -195,7 +195,7 @@ def _max_len(model: VisionLanguageModel, max_len: int | None) -> int:
 
 
 def _check_room(iface: Interface) -> None:
-    n = sum(iface.programs[PREFILL].inputs[2 + iface.fusions.index(f)].shape[1] for f in iface.in_sequence)
+    n = sum(iface.visual_spec(f).shape[1] for f in iface.in_sequence)
     if iface.max_len < n + 2:
         raise bad_option(f"max_len = {iface.max_len} leaves no room: one image alone takes {n} tokens",
                          help=f"use max_len >= {n + 2}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlmspec.runtime.decoding import ASPECT_RATIO_IDS, DecodeState
+from vlmspec.runtime.decoding import ASPECT_RATIO_IDS, IMAGE_FACTS, DecodeState
 from vlmspec.runtime.export.cache import StaticKVCache
 from vlmspec.runtime.language import CausalLM
 from vlmspec.runtime.model import VisionLanguageModel
@@ -109,6 +109,7 @@ class _DecoderHalf(nn.Module):
         # cross-attention fusions whose per-token visual mask travels with the cache (prefill -> decode)
         self.masked = [f for f in cross if model.fusion(f).masked]
         self.prefill_aspect = any(model.fusion(f).tiles is not None for f in self.masked)
+        self.mrope = model.llm.c.mrope is not None
         # what the fusion hooks read from `DecodeState` (as `VisionLanguageModel.forward` decides it)
         self.image_mask = any(f.uses_image_mask for f in fusions_)
         self.token_mask = any(f.uses_token_mask for f in fusions_) or bool(model.llm.moe_pairs())
@@ -123,7 +124,7 @@ class _DecoderHalf(nn.Module):
             rotary=llm.rotary(pos, h.dtype), mask=mask, causal=False, cache=cache,
             image_mask=(input_ids == model.image_token_id) if self.image_mask else None,
             token_mask=token_mask if self.token_mask else None,
-            visual={f: x for f, x in features.items() if f != ASPECT_RATIO_IDS and not model.fusion(f).in_sequence},
+            visual={f: x for f, x in features.items() if f not in IMAGE_FACTS and not model.fusion(f).in_sequence},
             aspect_ratio_ids=features.get(ASPECT_RATIO_IDS),
         )
         h = llm.decode(h, state, model.layer_hooks())
@@ -139,18 +140,24 @@ class _DecoderHalf(nn.Module):
 
 
 class PrefillHalf(_DecoderHalf):
-    """(input_ids [b x s], attention_mask [b x s], visual tokens per fusion) -> (logits [b x vocab] of the
-    last position, present_keys, present_values [layers x b x kv_heads x max_len x head_dim], then per
-    cross-attention fusion its visual keys / values [xlayers x b x kv_heads x n x head_dim])."""
+    """(input_ids [b x s], attention_mask [b x s], [M-RoPE: position_ids [3 x b x s]], [aspect_ratio_ids [b]],
+    visual tokens per fusion) -> (logits [b x vocab] of the last position, present_keys, present_values
+    [layers x b x kv_heads x max_len x head_dim], then per cross-attention fusion its visual keys / values
+    [xlayers x b x kv_heads x n x head_dim], then the visual masks of `masked` fusions).
+
+    M-RoPE positions come in from the runner (`mrope_positions`, a Python loop over the prompt that a
+    graph cannot hold); later tokens' positions are 1-D plus the offset it returns."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *visual: Tensor) -> tuple[Tensor, ...]:
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.mrope:
+            pos, *visual = visual  # type: ignore[assignment]
         aspect = None
-        if self.prefill_aspect:  # (input_ids, attention_mask, aspect_ratio_ids, visual tokens...)
+        if self.prefill_aspect:
             aspect, *visual = visual  # type: ignore[assignment]
         features = dict(zip(self.fusions, visual, strict=True))
         if aspect is not None:
             features[ASPECT_RATIO_IDS] = aspect[:, None]
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = StaticKVCache(self.max_len)
         mask = prefill_mask(attention_mask, self.model.bidirectional_prefix)
         logits = self.run(input_ids, pos, mask, cache, features, attention_mask.bool())

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlmspec.runtime.decoding import IMAGE_GRID
+from vlmspec.runtime.export.errors import not_exportable
 from vlmspec.runtime.model import VisionLanguageModel
 
 ENCODER, PREFILL, DECODE = "encoder", "prefill", "decode"
@@ -80,6 +82,7 @@ class Interface:
     masked: list[str] = field(default_factory=list)  # cross-attention fusions whose visual mask the cache keeps
     prefill_aspect: bool = False  # prefill takes aspect_ratio_ids (a fusion masks padding tiles)
     embed_rows: int = 0  # token ids below this are valid input (the logits may be narrower)
+    image_grid: list[int] | None = None  # M-RoPE: one image's token grid, for the positions the runner computes
     programs: dict[str, ProgramSpec] = field(default_factory=dict)
     dims: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -121,6 +124,14 @@ class Interface:
                         for f in masked]
         aspect = [TensorSpec("aspect_ratio_ids", ("batch",), "int64", "tile layout id (1-based): which tiles "
                              "cross-attention reads")] if prefill_aspect else []
+        grid = None
+        if llm.mrope is not None:
+            if IMAGE_GRID not in feats:
+                raise not_exportable("M-RoPE positions", "the images' token grid is unknown (the in-sequence "
+                                     "fusion reads several sources, or its tokens keep no grid)")
+            grid = [int(v) for v in feats[IMAGE_GRID][0].tolist()]
+            aspect.insert(0, TensorSpec("position_ids", (3, "batch", "seq"), "int64", "M-RoPE (time, row, column) "
+                                        "positions of the prompt (vlmspec.runtime.mrope.mrope_positions)"))
         logits = TensorSpec("logits", ("batch", llm.n_vocab), "float32", "next-token logits")
         programs = {
             ENCODER: ProgramSpec(ENCODER, tuple(enc_in), tuple(visual)),
@@ -139,7 +150,7 @@ class Interface:
         }
         dims = {"batch": {"min": 1, "max": max_batch}, "seq": {"min": 1, "max": max_len}}
         return cls(max_len, max_batch, dtype, fusions, list(model.in_sequence), cross, tiled, masked, prefill_aspect,
-                   llm.embed_rows, programs, dims)
+                   llm.embed_rows, grid, programs, dims)
 
     # ------------------------------------------------------------ torch.export inputs
     def example_inputs(self, program: str, model: VisionLanguageModel, batch: int = 2) -> tuple[Tensor, ...]:
@@ -165,6 +176,10 @@ class Interface:
                 x = torch.randn(shape).to(dtype)
             out.append(x)
         return tuple(out)
+
+    def visual_spec(self, fusion: str) -> TensorSpec:
+        """The prefill input carrying one fusion's visual tokens."""
+        return next(t for t in self.programs[PREFILL].inputs if t.name == f"visual_{fusion}")
 
     def _size(self, name: str, dim: int) -> int:
         for p in self.programs.values():
@@ -194,4 +209,4 @@ class Interface:
         return {"dims": self.dims, "max_len": self.max_len, "dtype": dtype_name(self.dtype),
                 "fusions": self.fusions, "in_sequence": self.in_sequence, "cross_attention": self.cross,
                 "tiled": self.tiled, "masked": self.masked, "prefill_aspect": self.prefill_aspect,
-                "embed_rows": self.embed_rows, "programs": {n: p.to_json() for n, p in self.programs.items()}}
+                "embed_rows": self.embed_rows, "image_grid": self.image_grid, "programs": {n: p.to_json() for n, p in self.programs.items()}}

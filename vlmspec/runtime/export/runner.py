@@ -21,6 +21,7 @@ from torch import Tensor
 from vlmspec.runtime.export import manifest as mf
 from vlmspec.runtime.export.errors import bad_folder, bad_input, bad_option, missing
 from vlmspec.runtime.export.interface import DECODE, ENCODER, PREFILL
+from vlmspec.runtime.mrope import mrope_positions
 
 BACKENDS = ("pt2", "onnx", "tensorrt")
 
@@ -90,6 +91,7 @@ class ExportedModel:
             raise bad_folder(f"{self.folder}: the {backend} artefacts are incomplete ({', '.join(self.programs)})")
         self._share_weights()
         self._processor: Any = None
+        self.mrope_delta: Tensor | None = None  # M-RoPE: how far the last prefill's images moved positions
 
     # ------------------------------------------------------------ loading
     def _load(self, program: str, spec: dict[str, Any], threads: int | None, providers: list[str] | None) -> Any:
@@ -148,17 +150,26 @@ class ExportedModel:
         if input_ids.shape[1] > self.max_len:
             raise bad_input(f"the prompt is {input_ids.shape[1]} tokens but the exported cache holds {self.max_len}",
                             help="shorten the prompt, or export with a larger max_len")
-        aspect = []
+        extra = []
+        self.mrope_delta = None
+        grid = self.manifest["interface"].get("image_grid")
+        if grid is not None:  # M-RoPE: positions by a Python loop over the prompt, outside the graph
+            pos3, self.mrope_delta = mrope_positions(input_ids.long(), attention_mask.long(), self.image_token_id,
+                                                     (int(grid[0]), int(grid[1])))
+            extra.append(pos3)
         if self.manifest["interface"].get("prefill_aspect"):
-            aspect = [aspect_ratio_ids.long() if aspect_ratio_ids is not None
-                      else torch.ones(input_ids.shape[0], dtype=torch.long)]
-        out = self.programs[PREFILL](input_ids.long(), attention_mask.long(), *aspect,
+            extra.append(aspect_ratio_ids.long() if aspect_ratio_ids is not None
+                         else torch.ones(input_ids.shape[0], dtype=torch.long))
+        out = self.programs[PREFILL](input_ids.long(), attention_mask.long(), *extra,
                                      *(features[f] for f in self.fusions))
         return out[0], tuple(out[1:])
 
     def step(self, token: Tensor, position: Tensor, mask: Tensor, cache: tuple[Tensor, ...],
              write_index: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """One decode step: token [b], position [b], mask [b x max_len] -> (logits, cache)."""
+        """One decode step: token [b], position [b] (real tokens before it; M-RoPE's offset from the last
+        `prefill` is added here), mask [b x max_len] -> (logits, cache)."""
+        if self.mrope_delta is not None:
+            position = position + self.mrope_delta
         keys, values, *cross = cache
         out = self.programs[DECODE](token.long()[:, None], position.long()[:, None], mask, keys, values,
                                     torch.tensor([write_index], dtype=torch.long), *cross)

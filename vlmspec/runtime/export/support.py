@@ -3,11 +3,12 @@
 Every fusion style exports (prefix, cross_attention, visual_expert, moe; the language model's own
 `moe` block too). What does not, and why (also in docs/export.md):
 
-- M-RoPE with a static image grid: positions are (time, row, column) per image token, computed by a
-  Python loop over each prompt (`vlmspec.runtime.mrope.mrope_positions`), not by tensor ops.
 - Encoders at different resolutions (one pixel tensor per encoder): the encoder half takes one.
 - Weight-quantized components (torchao tensor subclasses): neither the ONNX exporter nor TensorRT
   reads them; TensorRT quantizes by itself (`quantize="int8" | "fp8"` of the tensorrt format).
+
+M-RoPE positions are (time, row, column) per image token, computed by a Python loop over each prompt
+(`vlmspec.runtime.mrope.mrope_positions`): the runner computes them and feeds the prefill program.
 
 Accepted with a note in the manifest: dynamic-resolution encoders are exported at `image_size`
 (what the processor feeds them; eager positions are 1-D there too), and instruction-aware Q-Formers
@@ -43,10 +44,6 @@ def check_exportable(model: VisionLanguageModel) -> list[str]:
                              "but " + ", ".join(f"`{n}` takes {c.image_size} px" for n, c in zip(encoders, cfgs,
                                                                                                strict=True)),
                              help="give every vision encoder the same image_size to export")
-    if model.llm.c.mrope is not None and model.image_grid is not None:
-        raise not_exportable("M-RoPE positions", "the (time, row, column) position of each image token is computed "
-                             "by a Python loop over the prompt (mrope_positions), which a graph cannot contain",
-                             help="use `rope = default`, or a dynamic-resolution encoder (1-D positions)")
     quantized = [n for n, m in model.components.items() if _is_quantized(m)]
     if quantized:
         raise not_exportable(f"quantized component `{quantized[0]}`", "its weights are torchao tensor subclasses, "

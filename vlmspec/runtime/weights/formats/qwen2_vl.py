@@ -1,10 +1,11 @@
 """Qwen2-VL (`Qwen2VLForConditionalGeneration`): a ViT with 2-D rotary positions and 3-D (2-frame) patches,
 the 2x2 patch merger, a Qwen2 text model with multimodal rotary positions (M-RoPE), prefix fusion.
 
-Qwen2-VL reads each image at its own resolution; a spec here reads images at one fixed size (the M-RoPE
-grid of the image tokens is the fusion's static token grid). The importer writes a fixed `image_size`
-and says so in the spec: an image of that size (a multiple of patch_size x merge) gives exactly the
-tokens and positions Hugging Face's processor and `get_rope_index` give it.
+Qwen2-VL reads each image at its own resolution: the spec says `resolution = dynamic(min_pixels, max_pixels)`
+(the processor's range) and the model takes any image whose sides are multiples of patch_size x merge,
+numbering its tokens for M-RoPE on the grid the merger gives it, as `get_rope_index` does. `image_size`
+is the size vlmspec's own processor feeds (a square inside that range, which Qwen2-VL's processor keeps
+as it is).
 
 Keys: the vision tower is `visual.patch_embed.proj`, `visual.blocks.N.{norm1, attn.qkv, attn.proj, norm2,
 mlp.fc1, mlp.fc2}` (under `model.` since transformers 4.52); a rope2d `vit` keeps its own key names
@@ -22,7 +23,7 @@ from typing import Any
 
 from vlmspec.runtime.weights.families import Layout, MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
-from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, need
+from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need
 
 #: Merged tokens per side of the default image (448 x 448 pixels for Qwen2-VL's 14-pixel patches).
 DEFAULT_MERGED_SIDE = 16
@@ -61,6 +62,19 @@ def _preprocessor(folder: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
+
+
+#: Qwen2VLImageProcessor's defaults: 56 x 56 to 1280 merged 28 x 28 tokens
+DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)
+
+
+def pixel_range(pre: dict[str, Any]) -> tuple[int, int]:
+    """[min_pixels, max_pixels] of the processor (its defaults when the folder has no preprocessor file)."""
+    size = pre.get("size") or {}
+    lo = int(pre.get("min_pixels") or size.get("shortest_edge") or DEFAULT_PIXELS[0])
+    hi = int(pre.get("max_pixels") or size.get("longest_edge") or DEFAULT_PIXELS[1])
+    need(0 < lo <= hi, f"a processor pixel range [{lo}, {hi}]")
+    return lo, hi
 
 
 def image_side(pre: dict[str, Any], factor: int) -> int:
@@ -119,7 +133,8 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
         ("image_size", side), ("patch_size", patch), ("temporal_patch", int(vc.get("temporal_patch_size", 2))),
         ("channels", int(vc.get("in_channels", vc.get("in_chans", 3)))), ("width", width),
         ("depth", int(vc.get("depth", 32))), ("heads", heads), ("mlp", int(width * vc.get("mlp_ratio", 4))),
-        ("act", VISION_ACT[act]), ("norm_eps", 1e-6), ("position", "rope2d"), ("class_token", False),
+        ("act", VISION_ACT[act]), ("norm_eps", 1e-6), ("position", "rope2d"),
+        ("resolution", Raw("dynamic(min_pixels = {}, max_pixels = {})".format(*pixel_range(pre)))), ("class_token", False),
         ("pre_norm", False), ("post_norm", False), ("feature", "layer(-1).patches")]
     raw_vision = []
     if mean and std:
@@ -127,14 +142,13 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     vision.append(("weights", f"{folder}#vision"))
     merger = fields([("merge", merge), ("layers", 2), ("act", "gelu"), ("weights", f"{folder}#merger")])
     tokens = (side // (patch * merge)) ** 2
-    note = (f"  # Qwen2-VL reads images at their own resolution; this spec reads {side} x {side} images "
-            f"({tokens} tokens each),\n  # which Qwen2-VL's processor keeps as they are (resolution = dynamic(...) "
-            "is not imported).\n")
+    note = (f"  # Images keep their own size inside [min_pixels, max_pixels]; vlmspec's processor feeds {side} x "
+            f"{side}\n  # ({tokens} tokens each), a size Qwen2-VL's processor keeps as it is.\n")
     return [
         note + f"  vision vit = vit {{\n{fields(vision)}\n" + "".join(f"{r}\n" for r in raw_vision) + "  }",
         f"  connector merger = patch_merger(vit -> llm) {{\n{merger}\n  }}",
         _language_block(config, tc, f"{folder}#language"),
-        f"  fusion prefix(merger -> llm) {{\n{fields([('image_token', '<|image_pad|>'), ('tokens', tokens)])}\n  }}",
+        f"  fusion prefix(merger -> llm) {{\n{fields([('image_token', '<|image_pad|>')])}\n  }}",
     ], int(config.get("image_token_id", config.get("image_token_index", 151655)))
 
 
