@@ -68,6 +68,19 @@ def imported(folder: Path, tmp: Path, name: str = "model.vlm"):
     return model, report, {**mapping, "spec": text}
 
 
+def randomise(model, fresh: tuple[str, ...], perturbed: tuple[str, ...] = ("norm",)) -> None:
+    """Draw parameters whose name contains one of `fresh` anew from N(0, 1) (transformers starts gates at 0,
+    which would hide the branches they gate) and nudge those matching `perturbed` (norms start at 1)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f in name for f in fresh) and not any(f in name for f in perturbed):
+                p.copy_(torch.randn_like(p))
+            elif any(f in name for f in perturbed):  # (`latents_layer_norm` is a norm)
+                p.add_(0.2 * torch.randn_like(p))
+
+
 def built(text: str, mapping: dict, tmp: Path, name: str):
     """Build an (edited) imported spec with the checkpoint's weights."""
     from vlmspec.compiler.compile import load_analysis

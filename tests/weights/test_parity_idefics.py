@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import built, cli_round_trip, imported  # noqa: E402
+from hf_tiny import built, cli_round_trip, imported, randomise  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -53,14 +53,7 @@ def idefics(out: Path, *, extra: int = 2, resampler: bool = True, qk: bool = Tru
     cfg = transformers.IdeficsConfig(**kw)
     torch.manual_seed(seed)
     m = transformers.IdeficsForVisionText2Text(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "alpha" in name:
-                p.copy_(torch.randn_like(p))
-            elif "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-            elif "latents" in name:
-                p.copy_(torch.randn_like(p))
+    randomise(m, fresh=("alpha", "latents"))
     m.save_pretrained(str(out))
     if image_token is not None:
         (out / "added_tokens.json").write_text(json.dumps({"<fake_token_around_image>": image_token - 1,

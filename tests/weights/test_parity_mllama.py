@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import built, cli_round_trip, imported  # noqa: E402
+from hf_tiny import built, cli_round_trip, imported, randomise  # noqa: E402
 
 from vlmspec.diagnostics import UserInputError  # noqa: E402
 from vlmspec.runtime.decoding import KVCache  # noqa: E402
@@ -53,12 +53,7 @@ def mllama(out: Path, *, kv_heads: int = 2, cross: tuple[int, ...] = (1, 4), dep
     cfg = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE)
     torch.manual_seed(seed)
     m = transformers.MllamaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "gate" in name:
-                p.copy_(torch.randn_like(p))
-            elif "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
+    randomise(m, fresh=("gate",))
     m.save_pretrained(str(out))
     return m
 
