@@ -20,9 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import built, cli_round_trip, imported, randomise  # noqa: E402
 
+from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
 from vlmspec.runtime.decoding import KVCache  # noqa: E402
 from vlmspec.runtime.weights import import_hf  # noqa: E402
+from vlmspec.runtime.weights.formats import formats  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.mllama.processing_mllama import (  # noqa: E402
@@ -223,3 +225,22 @@ def test_mllama_cli_round_trip(tmp_path):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, pixel_values=px, aspect_ratio_ids=aspect).logits
     assert (ref[mask.bool()] - out[mask.bool()]).abs().max() <= 1e-4
+
+
+def test_llama_3_2_11b_vision_config_reads_with_the_published_parameter_count(tmp_path):
+    """The released checkpoint's config (MllamaConfig's defaults plus its llama3 RoPE scaling) imports into
+    a spec whose summary is the class's 10,670,220,835 parameters, without reading any weight."""
+    folder = tmp_path / "hf"
+    data = transformers.MllamaConfig().to_dict()
+    data["vision_config"]["image_size"] = 560  # the released checkpoints' tile (the class default is 448)
+    data["text_config"]["rope_parameters"] = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                  low_freq_factor=1.0, high_freq_factor=4.0,
+                                                  original_max_position_embeddings=8192)
+    blocks, token = formats()["mllama"].read(data, str(folder))  # the spec text import_hf writes, no weights read
+    text = "model m {\n" + "\n".join(blocks) + f"\n  image_token_id = {token}\n}}\n"
+    assert "rope = llama3(factor = 8.0" in text and "layers = [3, 7, 11, 15, 19, 23, 27, 31]" in text
+    assert "feature = layers([40, 4, 8, 16, 24, 31]).all" in text and token == 128256
+    spec = tmp_path / "m.vlm"
+    spec.write_text(text)
+    analysis, _ = load_analysis(f"{spec}:m")
+    assert analysis.total_params == 10_670_220_835
