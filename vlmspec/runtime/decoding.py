@@ -103,6 +103,8 @@ class DecodeState:
     visual: dict[str, Tensor] = field(default_factory=dict)
     aux: list[Tensor] = field(default_factory=list)
     aspect_ratio_ids: Tensor | None = None
+    #: what one pass computes once for all the layers that read it (a fusion's visual mask)
+    memo: dict[str, tuple[Tensor | None, ...]] = field(default_factory=dict)
 
 
 def check_mask_length(attention_mask: Tensor | None, past: int, s: int) -> None:

@@ -287,16 +287,21 @@ class CrossAttentionFusion(Fusion):
             kv = state.cache.cross.get(key) if state.cache is not None else None
             if kv is None:
                 return h  # no image in this conversation: the language model alone
-            sees = state.cache.extras[mask_key][:, None, :].expand(-1, h.shape[1], -1)
         else:
             kv = layer.cross_attn.kv(visual.to(h.dtype))
-            sees = self.visible(state, visual.shape[1], h.shape[0], h.shape[1], h.device)
             if state.cache is not None:
                 state.cache.cross[key] = kv
-                state.cache.extras[mask_key] = sees[:, -1]
-        seen = sees.any(-1)  # [b x s]
-        mask = sees | ~seen[..., None]  # a token that sees nothing attends to all (then, or not, zeroed)
-        mask4 = None if not tracing() and bool(mask.all()) else mask[:, None]
+        if self.name not in state.memo:  # once per pass, for all this fusion's layers
+            if visual is None:
+                sees = state.cache.extras[mask_key][:, None, :].expand(-1, h.shape[1], -1)  # type: ignore[union-attr]
+            else:
+                sees = self.visible(state, visual.shape[1], h.shape[0], h.shape[1], h.device)
+                if state.cache is not None:
+                    state.cache.extras[mask_key] = sees[:, -1]
+            seen = sees.any(-1)  # [b x s]
+            mask = sees | ~seen[..., None]  # a token that sees nothing attends to all (then, or not, zeroed)
+            state.memo[self.name] = (None if not tracing() and bool(mask.all()) else mask[:, None], seen)
+        mask4, seen = state.memo[self.name]
         zero_attn = None if self.no_image == "attend_all" else seen
         zero_ffn = None if self.no_image == "skip_attention" else seen
         return layer(h, *kv, mask4, zero_attn, zero_ffn)
