@@ -244,3 +244,41 @@ def test_llama_3_2_11b_vision_config_reads_with_the_published_parameter_count(tm
     spec.write_text(text)
     analysis, _ = load_analysis(f"{spec}:m")
     assert analysis.total_params == 10_670_220_835
+
+
+@pytest.mark.parametrize(("height", "width"), [(20, 20), (32, 32), (40, 90), (90, 40), (300, 100), (100, 300),
+                                               (64, 64), (70, 33), (500, 420), (33, 129)])
+def test_tiling_matches_the_mllama_image_processor(height, width):
+    """vlmspec's processor cuts an image into tiles as transformers' MllamaImageProcessor (PIL) does: the
+    same canvas (so the same aspect-ratio id), resize, padding, normalisation and tile order."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from vlmspec.runtime.images import TiledImageTransform
+
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    hf = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=TILES, image_mean=mean,
+                                 image_std=std)
+    ours = TiledImageTransform(32, mean, std, "bilinear", TILES)
+    rng = np.random.default_rng(height * 1000 + width)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    ref = hf(images=[[img]], return_tensors="pt")
+    got = ours(img)
+    assert got.aspect_ratio_id == int(ref["aspect_ratio_ids"][0, 0])
+    assert float((got.pixels - ref["pixel_values"][0, 0]).abs().max()) < 1e-5
+
+
+def test_mllama_processor_settings_are_imported(tmp_path):
+    """preprocessor_config.json gives the spec its mean / std and resize filter; a tile size or tile count
+    other than the model's is refused."""
+    mllama(tmp_path / "hf")
+    pre = {"image_processor_type": "MllamaImageProcessor", "size": {"height": 32, "width": 32},
+           "max_image_tiles": TILES, "resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4]}
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(pre))
+    text, _ = import_hf(tmp_path / "hf")
+    assert 'resize = "bilinear"' in text and "mean = [0.5, 0.4, 0.3]" in text and "std = [0.2, 0.3, 0.4]" in text
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({**pre, "size": {"height": 48, "width": 48}}))
+    with pytest.raises(UserInputError) as e:
+        import_hf(tmp_path / "hf")
+    assert e.value.diagnostics[0].code == "E0585" and "tile size 48" in e.value.diagnostics[0].message

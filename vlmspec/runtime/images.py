@@ -7,7 +7,9 @@ a one-line `UserInputError`, because images come from users and datasets, not fr
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,8 @@ def open_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 class ImageTransform:
-    """Resize to the encoder's square input, scale to [0, 1], normalise with the spec's mean and std."""
+    """Resize to the encoder's square input, scale to [0, 1], normalise with the spec's mean and std.
+    `from_encoder` gives a `TiledImageTransform` for a tiled encoder (Llama 3.2 Vision)."""
 
     def __init__(self, size: int, mean: list[float], std: list[float], resize: str = "bicubic"):
         self.size = size
@@ -63,15 +66,80 @@ class ImageTransform:
 
     @classmethod
     def from_encoder(cls, cfg: Any) -> ImageTransform:
+        if getattr(cfg, "tiles", 0):
+            return TiledImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.tiles)
         return cls(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize)
 
-    def __call__(self, img: ImageInput) -> torch.Tensor:
+    def normalise(self, pil: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.asarray(pil, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (arr - self.mean) / self.std
+
+    def __call__(self, img: ImageInput) -> Any:
         """-> `[3 x size x size]` float32."""
         pil = open_image(img)
         if pil.size != (self.size, self.size):
             pil = pil.resize((self.size, self.size), self.filter)
-        arr = torch.from_numpy(np.asarray(pil, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        return (arr - self.mean) / self.std
+        return self.normalise(pil)
 
-    def batch(self, images: list[ImageInput]) -> torch.Tensor:
-        return torch.stack([self(i) for i in images])
+    def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs of this transform, one per image -> (pixel_values, aspect_ratio_ids or None)."""
+        return torch.stack(items), None
+
+    def batch(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.stack([self(i) for i in images])
+
+
+@dataclass(frozen=True, slots=True)
+class Tiles:
+    """One image cut into tiles: pixels [tiles x 3 x size x size] (unused tiles zero) and its layout id."""
+
+    pixels: torch.Tensor
+    aspect_ratio_id: int
+
+
+class TiledImageTransform(ImageTransform):
+    """Llama 3.2 Vision's tiling, as its processor does it: among the layouts of up to `tiles` tiles (rows x
+    columns, Mllama's order), the canvas that needs the least upscaling, else the least downscaling (the
+    smaller canvas on a tie); the image resized to fit it with its aspect ratio kept, padded at the bottom
+    and right with black, normalised, cut into tiles row by row; the tiles left over are zero."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float], resize: str, tiles: int):
+        super().__init__(size, mean, std, resize)
+        self.tiles = tiles
+        self.layouts = [(r, c) for r in range(1, tiles + 1) for c in range(1, tiles + 1) if r * c <= tiles]
+
+    def canvas(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of tiles for an image of this size."""
+        s = self.size
+        scales = [min(r * s / height, c * s / width) for r, c in self.layouts]
+        up = [x for x in scales if x >= 1]
+        best = min(up) if up else max(scales)
+        chosen = [lay for lay, x in zip(self.layouts, scales, strict=True) if x == best]
+        return min(chosen, key=lambda lay: lay[0] * lay[1])  # first of the smallest area, as Mllama picks
+
+    def fit(self, height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+        """(height, width) of the image resized into its canvas, aspect ratio kept, at least one tile a side."""
+        s = self.size
+        target_w, target_h = min(max(width, s), cols * s), min(max(height, s), rows * s)
+        scale_h, scale_w = target_h / height, target_w / width
+        if scale_w < scale_h:
+            return min(math.floor(height * scale_w) or 1, target_h), target_w
+        return target_h, min(math.floor(width * scale_h) or 1, target_w)
+
+    def __call__(self, img: ImageInput) -> Tiles:
+        pil = open_image(img)
+        rows, cols = self.canvas(pil.height, pil.width)
+        h, w = self.fit(pil.height, pil.width, rows, cols)
+        if (pil.width, pil.height) != (w, h):
+            pil = pil.resize((w, h), self.filter)
+        s = self.size
+        canvas = Image.new("RGB", (cols * s, rows * s))  # black, normalised with the rest
+        canvas.paste(pil, (0, 0))
+        x = self.normalise(canvas)  # [3 x rows*s x cols*s]
+        tiles = x.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
+        out = torch.zeros(self.tiles, 3, s, s)
+        out[: rows * cols] = tiles
+        return Tiles(out, self.layouts.index((rows, cols)) + 1)
+
+    def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.stack([t.pixels for t in items]), torch.tensor([t.aspect_ratio_id for t in items])

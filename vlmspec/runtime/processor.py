@@ -41,8 +41,8 @@ class Processor:
         self.settings = ir.settings
         encoders = ir.by_role("vision")
         self.transform = ImageTransform.from_encoder(encoders[0].config) if encoders else None
-        # tiled encoders (Llama 3.2 Vision) take [tiles x c x h x w] per image: the image fills tile 0
-        # (aspect ratio 1x1), the other tiles are padding
+        # a tiled encoder's transform (Llama 3.2 Vision) cuts each image into up to `tiles` tiles and says
+        # which layout it chose (aspect_ratio_ids)
         self.tiles = getattr(encoders[0].config, "tiles", 0) if encoders else 0
         fusions = ir.by_role("fusion")
         self.image_token = fusions[0].config.image_token if fusions else "<image>"
@@ -112,17 +112,20 @@ class Processor:
 
     # ------------------------------------------------------------------ batches
     def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
-        if self.transform is None or not images:
-            return None
-        return self.tile(self.transform.batch(list(images)))
+        return self.images(images)[0]
 
-    def tile(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`[b x c x h x w]` -> `[b x tiles x c x h x w]` for tiled encoders; unchanged otherwise."""
-        if not self.tiles:
-            return pixels
-        out = pixels.new_zeros((pixels.shape[0], self.tiles, *pixels.shape[1:]))
-        out[:, 0] = pixels
-        return out
+    def images(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixel_values, aspect_ratio_ids): `[b x c x h x w]`, or `[b x tiles x c x h x w]` with the
+        layout of each image for a tiled encoder (else None)."""
+        if self.transform is None or not images:
+            return None, None
+        return self.transform.batch(list(images))
+
+    def stack(self, items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image transform's outputs (one per image, as `transform(image)` gave them) -> a batch."""
+        if self.transform is None:
+            raise user_error("E0505", "this model has no vision encoder to read images")
+        return self.transform.stack(list(items))
 
     def left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token lists -> (input_ids, attention_mask), `[b x longest]`, padded on the left for generation."""
@@ -148,13 +151,16 @@ class Processor:
         input_ids, mask = self.left_pad([self.encode_prompt(q, 1 if images else 0) for q in questions])
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
         if images:
-            batch["pixel_values"] = self.pixel_values(images)
+            batch["pixel_values"], aspect = self.images(images)
+            if aspect is not None:
+                batch["aspect_ratio_ids"] = aspect
             instruction = self.instruction(questions)
             if instruction is not None:
                 batch["instruction"] = instruction
         return batch
 
-    def training_batch(self, examples: Sequence[Encoded], pixel_values: torch.Tensor | None) -> dict[str, Any]:
+    def training_batch(self, examples: Sequence[Encoded], pixel_values: torch.Tensor | None,
+                       aspect_ratio_ids: torch.Tensor | None = None) -> dict[str, Any]:
         """Right-padded ids and labels (-100 on prompt and padding) for the causal LM loss; for a
         bidirectional prefix (`prefix_attention = bidirectional`) also `prefix_mask`, True on each prompt
         (the tokens before the first answer token), which the model reads since the loss may be taken
@@ -173,4 +179,6 @@ class Processor:
             batch["prefix_mask"] = prefix_from_labels(labels) & mask.bool()
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values
+        if aspect_ratio_ids is not None:
+            batch["aspect_ratio_ids"] = aspect_ratio_ids
         return batch

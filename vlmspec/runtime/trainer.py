@@ -527,8 +527,8 @@ class Trainer:
                         part_acc[name] = part_acc.get(name, 0.0) + value / accum
                     tokens_seen += sum(len(texts[k]) + 2 for k in mb)
                     continue
-                batch = processor.training_batch([enc.examples[k] for k in mb],
-                                                 processor.tile(torch.stack(pix)) if pix and pix[0] is not None else None)
+                pixels, aspect = processor.stack(pix) if pix and pix[0] is not None else (None, None)
+                batch = processor.training_batch([enc.examples[k] for k in mb], pixels, aspect)
                 labels = batch.pop("labels")
                 with autocast:  # logits only where a target is: the head's matmul and softmax shrink
                     out = train_model(**batch, labels=labels, logits_for="labels")
@@ -587,7 +587,7 @@ class Trainer:
         eos = processor.eos_id if processor.eos_id is not None else processor.pad_id
         text = text_batch(texts, bos, eos, positions.num_embeddings, words.num_embeddings, f"stage `{stage.name}`")
         with autocast:
-            losses = train_model(torch.stack(pix), text.ids, text.mask)
+            losses = train_model(processor.stack(pix)[0], text.ids, text.mask)
         total = sum(first[name] * value for name, value in losses.items())
         return total, {name: float(value.detach()) for name, value in losses.items()}
 

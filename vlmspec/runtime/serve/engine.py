@@ -58,7 +58,7 @@ class GenRequest:
     stream: bool = False
     # filled in by the engine
     ids: list[int] | None = None
-    pixels: torch.Tensor | None = None
+    pixels: Any = None  # the image transform's output (a tensor, or `Tiles` for a tiled encoder)
     output_ids: list[int] = field(default_factory=list)  # generated tokens, without the final eos
     text: str = ""
     tokens: int = 0
@@ -92,13 +92,13 @@ class Stats:
 class ImageCache:
     """LRU of preprocessed pixel tensors, keyed by the sha256 of the image bytes."""
 
-    def __init__(self, transform: Callable[[Any], torch.Tensor], capacity: int = 256):
+    def __init__(self, transform: Callable[[Any], Any], capacity: int = 256):
         self.transform = transform
         self.capacity = capacity
-        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.items: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, data: bytes, stats: Stats, max_pixels: int) -> torch.Tensor:
+    def get(self, data: bytes, stats: Stats, max_pixels: int) -> Any:
         key = hashlib.sha256(data).hexdigest()
         with self.lock:
             if key in self.items:
@@ -390,7 +390,7 @@ class Engine:
         self.stats.batches += 1
         self.stats.batched_rows += len(group)
         input_ids, mask = p.left_pad([req.ids for req in group])
-        pixels = p.tile(torch.stack([req.pixels for req in group])) if group[0].pixels is not None else None
+        pixels, aspect = p.stack([req.pixels for req in group]) if group[0].pixels is not None else (None, None)
         rows = []
         for req in group:
             req.prompt_tokens = len(req.ids)
@@ -398,7 +398,7 @@ class Engine:
         cache = KVCache(reserve=self._reserve(rows, mask.shape[1]))
         instruction = p.instruction([req.question for req in group]) if pixels is not None else None
         out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, cache=cache, logits_to_keep=1,
-                         instruction=instruction)
+                         instruction=instruction, aspect_ratio_ids=aspect)
         return Batch(rows, cache, mask, out.logits[:, -1].float())
 
     def _reserve(self, rows: list[Row], width: int) -> int:

@@ -20,9 +20,11 @@ What the spec says, and why:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from vlmspec.runtime.weights.families import Layout, MultiFamily, Part
 from vlmspec.runtime.weights.formats.base import VLMFormat
-from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, need, rope_fields
+from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need, rope_fields
 
 #: checkpoint prefixes: transformers' save layout (still written by 5.x), then its in-memory one
 _SAVED = {"vision": "vision_model.", "projector": "multi_modal_projector.", "text": "language_model.model.",
@@ -198,6 +200,32 @@ def _layouts(cls: type[_Bound]) -> tuple[Layout, ...]:
                  for p in _PREFIXES)
 
 
+#: PIL resampling codes in preprocessor_config.json -> the spec's `resize`
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _preprocessing(folder: str, size: int, tiles: int) -> list[tuple[str, Any]]:
+    """The processor's mean / std / resize filter (preprocessor_config.json), checked against the model."""
+    path = Path(folder) / "preprocessor_config.json"
+    try:
+        pre = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pre = {}
+    if not isinstance(pre, dict) or not pre:
+        return [("resize", "bilinear")]  # MllamaImageProcessor's filter
+    side = (pre.get("size") or {}).get("height", size)
+    need(side == size, f"a processor tile size {side} other than the vision model's {size}")
+    need(int(pre.get("max_image_tiles", tiles)) == tiles, f"a processor max_image_tiles {pre.get('max_image_tiles')} "
+         f"other than the vision model's {tiles}")
+    resample = pre.get("resample", 2)
+    need(resample in _RESAMPLE, f"processor resample filter {resample}")
+    out: list[tuple[str, Any]] = [("resize", _RESAMPLE[resample])]
+    mean, std = pre.get("image_mean"), pre.get("image_std")
+    if isinstance(mean, list) and isinstance(std, list):
+        out += [("mean", Raw(str([float(m) for m in mean]))), ("std", Raw(str([float(x) for x in std])))]
+    return out
+
+
 def read(config: dict[str, Any], folder: str) -> tuple[list[str], int | None]:
     vc, tc = config.get("vision_config") or {}, config.get("text_config") or {}
     size, patch = int(vc.get("image_size", 560)), int(vc.get("patch_size", 14))
@@ -223,7 +251,8 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int | None]:
         ("tiles", tiles), ("global_layers", n_global), ("tile_padding", 8), ("attn_bias", False),
         ("width", width), ("depth", depth), ("heads", int(vc.get("attention_heads", 16))),
         ("mlp", int(vc.get("intermediate_size", 5120))), ("act", VISION_ACT[act]),
-        ("norm_eps", float(vc.get("norm_eps", 1e-5))), ("feature", feature), ("weights", f"{folder}#vision")])
+        ("norm_eps", float(vc.get("norm_eps", 1e-5))), ("feature", feature), *_preprocessing(folder, size, tiles),
+        ("weights", f"{folder}#vision")])
     blocks = [f"  vision vit = vit {{\n{vision}\n  }}"]
 
     text_width = int(tc.get("hidden_size", 4096))
