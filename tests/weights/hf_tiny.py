@@ -81,6 +81,22 @@ def randomise(model, fresh: tuple[str, ...], perturbed: tuple[str, ...] = ("norm
                 p.add_(0.2 * torch.randn_like(p))
 
 
+def refusal(folder: Path, config: dict):
+    """The diagnostic `import_hf` raises for a folder holding only this config.json."""
+    import json
+
+    import pytest
+
+    from vlmspec.diagnostics import UserInputError
+    from vlmspec.runtime.weights import import_hf
+
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError) as e:
+        import_hf(folder)
+    return e.value.diagnostics[0]
+
+
 def built(text: str, mapping: dict, tmp: Path, name: str):
     """Build an (edited) imported spec with the checkpoint's weights."""
     from vlmspec.compiler.compile import load_analysis

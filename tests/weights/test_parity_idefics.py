@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import built, cli_round_trip, imported, randomise  # noqa: E402
+from hf_tiny import built, cli_round_trip, imported, randomise, refusal  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -208,14 +208,9 @@ def test_idefics_beam_search_keeps_each_beams_image(tmp_path):
 ])
 def test_idefics_refuses_what_a_spec_cannot_say(tmp_path, over, message):
     folder = tmp_path / "hf"
-    folder.mkdir()
     cfg = transformers.IdeficsConfig(vocab_size=VOCAB, additional_vocab_size=2, hidden_size=64,
                                      num_attention_heads=4, vision_config=dict(embed_dim=32, num_attention_heads=4))
-    data = {**cfg.to_dict(), **over}
-    (folder / "config.json").write_text(json.dumps(data))
-    with pytest.raises(UserInputError) as e:
-        import_hf(folder)
-    diag = e.value.diagnostics[0]
+    diag = refusal(folder, {**cfg.to_dict(), **over})
     assert diag.code == "E0585" and message in diag.message
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import built, cli_round_trip, imported, randomise  # noqa: E402
+from hf_tiny import built, cli_round_trip, imported, randomise, refusal  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -201,17 +201,13 @@ def test_mllama_beam_search_keeps_each_beams_mask(tmp_path):
 ])
 def test_mllama_refuses_what_a_spec_cannot_say(tmp_path, over, message):
     folder = tmp_path / "hf"
-    folder.mkdir()
     cfg = transformers.MllamaConfig(text_config=dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4,
                                                      num_hidden_layers=6, cross_attention_layers=[1, 4]),
                                     vision_config=dict(hidden_size=32, attention_heads=2, num_hidden_layers=3,
                                                        intermediate_layers_indices=[0, 2], vision_output_dim=96))
     data = cfg.to_dict()
     data["text_config"].update(over)
-    (folder / "config.json").write_text(json.dumps(data))
-    with pytest.raises(UserInputError) as e:
-        import_hf(folder)
-    diag = e.value.diagnostics[0]
+    diag = refusal(folder, data)
     assert diag.code == "E0585" and message in diag.message
 
 
