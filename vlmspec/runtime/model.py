@@ -124,7 +124,8 @@ class VisionLanguageModel(nn.Module):
         pixel_values: [b x c x h x w] (one image per sample), [b x n x c x h x w], or a dict giving each
         vision encoder its own tensor (encoders at different resolutions). A tiled encoder (`tiles = T`)
         takes [b (x n) x T x c x h x w], with `aspect_ratio_ids` [b (x n)] choosing the tile layout; the
-        ids (default 1: the image in the first tile) come back as features[ASPECT_RATIO_IDS] [b x n].
+        ids (default 1: the image in the first tile) come back as features[ASPECT_RATIO_IDS] [b x n], and
+        for M-RoPE the images' token grid as features[IMAGE_GRID] [b x 2].
         """
         outs: dict[str, VisualTokens] = {}
         batch: tuple[int, int] | None = None
@@ -165,7 +166,8 @@ class VisionLanguageModel(nn.Module):
     def _token_grid(self, outs: dict[str, VisualTokens]) -> tuple[int, int] | None:
         """The (rows, columns) grid of one image's tokens in the sequence, for M-RoPE: known when one
         in-sequence fusion reads one source that keeps a grid (a patch merger's output)."""
-        llm = self.components[self.language] if self.language in self.components else None  # (an encoder half has none)
+        # an exported encoder half holds no language model
+        llm = self.components[self.language] if self.language in self.components else None
         if not isinstance(llm, CausalLM) or llm.c.mrope is None or len(self.in_sequence) != 1:
             return None
         sources = self.sources[self.in_sequence[0]]
