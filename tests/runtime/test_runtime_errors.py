@@ -108,3 +108,19 @@ def test_aspect_ratio_ids_out_of_range(tmp_path):
     model = build_model(analyse(tmp_path, text))
     with pytest.raises(UserInputError, match=r"aspect_ratio_ids must be in 0..3 for 2 tiles"):
         model.encode_images(torch.zeros(1, 2, 3, 16, 16), aspect_ratio_ids=torch.tensor([7]))
+
+
+def test_retrieval_embeddings_read_the_tile_layout(tmp_path):
+    """`vlm eval` retrieval embeds a tiled encoder's images with the layout the processor chose: a
+    two-tile layout reads the second tile, the default (one tile) masks it."""
+    import numpy as np
+
+    from vlmspec.evaluation.embeddings import image_embeddings
+
+    text = ("model m {\n  " + _VIT + "tiles = 2  feature = layer(-1).all }\n  connector proj = linear(enc -> llm)\n  "
+            + _LLM + "}\n  fusion cross_attention(proj -> llm) { every = 1 }\n}\n")
+    model = build_model(analyse(tmp_path, text)).eval()
+    px = torch.randn(1, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    one = image_embeddings(model, px)
+    assert np.allclose(one, image_embeddings(model, px, torch.tensor([1])))
+    assert not np.allclose(one, image_embeddings(model, px, torch.tensor([3])), atol=1e-4)

@@ -48,16 +48,21 @@ def _as_tokens(x: Any) -> Any:
     return x if x.dim() == 3 else x[:, None, :]
 
 
-def image_embeddings(model: Any, pixel_values: Any) -> np.ndarray:
-    """`[batch x width]`: the model's visual tokens for each image, mean-pooled."""
+def image_embeddings(model: Any, pixel_values: Any, aspect_ratio_ids: Any = None) -> np.ndarray:
+    """`[batch x width]`: the model's visual tokens for each image, mean-pooled (a tiled encoder's images
+    with their layout ids)."""
     import torch
 
     extract = getattr(model, "extract_features", None)
     if extract is None:
         raise user_error("E0554", "this model has no `extract_features`, so it cannot embed images for retrieval")
     device = _device(model)
+    if device is not None:
+        pixel_values = pixel_values.to(device)
+        aspect_ratio_ids = aspect_ratio_ids.to(device) if aspect_ratio_ids is not None else None
     with torch.no_grad():
-        feats = _as_tokens(extract(pixel_values.to(device) if device is not None else pixel_values))
+        feats = _as_tokens(extract(pixel_values) if aspect_ratio_ids is None else
+                           extract(pixel_values, aspect_ratio_ids=aspect_ratio_ids))
     return feats.float().mean(dim=1).cpu().numpy()
 
 
@@ -117,7 +122,7 @@ def run_retrieval(model: Any, es: EvalSet, batch_size: int, max_bad: int,
             kept, imgs = open_batch(chunk, es.bad)
             es.check(max_bad)   # stop once unreadable images pass the limit, not at the end
             if kept:
-                img_vecs.append(image_embeddings(model, processor.pixel_values(imgs)))
+                img_vecs.append(image_embeddings(model, *processor.images(imgs)))
                 done += kept
             advance(len(chunk))
     captions = [(i, c) for i, s in enumerate(done) for c in s.references]

@@ -173,9 +173,11 @@ class VisionLanguageModel(nn.Module):
         sources = self.sources[self.in_sequence[0]]
         return outs[sources[0]].grid if len(sources) == 1 else None
 
-    def extract_features(self, pixel_values: Tensor | dict[str, Tensor]) -> Tensor:
+    def extract_features(self, pixel_values: Tensor | dict[str, Tensor],
+                         aspect_ratio_ids: Tensor | None = None) -> Tensor:
         """Connector output embeddings [b x tokens x d], e.g. for retrieval (all fusions' inputs, in order)."""
-        feats = [x for f, x in self.encode_images(pixel_values).items() if f not in IMAGE_FACTS]
+        feats = [x for f, x in self.encode_images(pixel_values, aspect_ratio_ids=aspect_ratio_ids).items()
+                 if f not in IMAGE_FACTS]
         if len({f.shape[-1] for f in feats}) > 1:
             raise user_error("E0598", "fusions take features of different widths; use `encode_images` instead")
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
