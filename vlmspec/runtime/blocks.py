@@ -141,6 +141,13 @@ class Rotary:
         return apply_rotary(q, self.cos, self.sin_signed), apply_rotary(k, self.cos, self.sin_signed)
 
 
+def tiles_in_use(in_use: Tensor, aspect: Tensor, tiles: int) -> Tensor:
+    """bool [... x tiles]: the tiles each aspect-ratio id (Mllama's numbering) puts to use; `in_use[id]`
+    counts them (`ViTBase.tiles_in_use`), the rest of an image's tiles are padding."""
+    used = in_use.to(aspect.device)[aspect]
+    return torch.arange(tiles, device=aspect.device) < used[..., None]
+
+
 def tracing() -> bool:
     """Whether this code is being traced (torch.export, torch.compile): checks and shortcuts that read
     tensor values (`bool(mask.all())`) must not run then; the graph takes the general path."""

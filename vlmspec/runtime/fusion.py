@@ -29,7 +29,7 @@ from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.fusion import CrossAttention as CrossAttentionSpec
 from vlmspec.compiler.schema.fusion import FusionBase, MoEFusion, VisualExpert
 from vlmspec.diagnostics import user_error
-from vlmspec.runtime.blocks import RMSNorm, attend, split_heads, tracing
+from vlmspec.runtime.blocks import RMSNorm, attend, split_heads, tiles_in_use, tracing
 from vlmspec.runtime.decoding import DecodeState
 from vlmspec.runtime.language import CausalLM, LayerHooks, LMConfig
 from vlmspec.runtime.moe import SparseMoE
@@ -326,9 +326,8 @@ class TileLayout:
         ids = ids.reshape(b, -1).to(device)
         if ids.shape[1] != n:
             raise user_error("E0593", f"aspect_ratio_ids give {ids.shape[1]} images per sample, the features {n}")
-        used = torch.tensor(self.in_use, device=device)[ids.clamp(0, len(self.in_use) - 1)]  # [b x n]
-        tile = torch.arange(self.tiles, device=device)
-        return (tile[None, None, :] < used[..., None]).repeat_interleave(self.per_tile, dim=-1).reshape(b, -1)
+        real = tiles_in_use(torch.tensor(self.in_use, device=device), ids.clamp(0, len(self.in_use) - 1), self.tiles)
+        return real.repeat_interleave(self.per_tile, dim=-1).reshape(b, -1)  # [b x n x T] -> per visual token
 
 
 def _latest_kv(k: Tensor, v: Tensor, image: Tensor, seen: Tensor, n: int, t: int) -> tuple[Tensor, Tensor]:

@@ -111,9 +111,6 @@ class Processor:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     # ------------------------------------------------------------------ batches
-    def pixel_values(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
-        return self.images(images)[0]
-
     def images(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(pixel_values, aspect_ratio_ids): `[b x c x h x w]`, or `[b x tiles x c x h x w]` with the
         layout of each image for a tiled encoder (else None)."""

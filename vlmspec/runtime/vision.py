@@ -28,6 +28,7 @@ from vlmspec.runtime.blocks import (
     check_divisible,
     inv_frequencies,
     split_heads,
+    tiles_in_use,
     tracing,
 )
 from vlmspec.runtime.registry import BuildContext, register
@@ -372,8 +373,7 @@ class VisionEncoder(nn.Module):
         if not tracing() and bool(((aspect < 0) | (aspect >= len(self.tiles_in_use))).any()):
             raise user_error("E0593", f"aspect_ratio_ids must be in 0..{len(self.tiles_in_use) - 1} for "
                              f"{self.cfg.tiles} tiles, got {aspect.tolist()}")
-        used = self.tiles_in_use.to(aspect.device)[aspect]
-        return torch.arange(self.cfg.tiles, device=aspect.device)[None] < used[:, None]
+        return tiles_in_use(self.tiles_in_use, aspect, self.cfg.tiles)
 
     def _tiled(self, pixels: Tensor, aspect_ratio_ids: Tensor | None) -> VisualTokens:
         """Llama 3.2 Vision's tiled encoder: every tile of an image in one sequence, each tile's tokens

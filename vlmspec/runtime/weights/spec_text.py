@@ -58,10 +58,10 @@ def rope_fields(tc: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def rope_theta(tc: dict[str, Any]) -> float:
-    rp = tc.get("rope_parameters") or {}
-    need(rp.get("rope_type", "default") == "default" and not tc.get("rope_scaling"),
-          f"rope scaling `{rp.get('rope_type')}` of the text model")
-    return float(rp.get("rope_theta", tc.get("rope_theta", 10000.0)))
+    """The rotary base of a text model whose spec kind takes no RoPE scaling (Gemma, IDEFICS' Llama)."""
+    pairs = rope_fields(tc)
+    need(len(pairs) == 1, "rope scaling `llama3` of the text model")
+    return float(pairs[0][1])
 
 
 # transformers maps Gemma's legacy `gelu` to the tanh approximation (GemmaConfig.__post_init__)
