@@ -67,6 +67,7 @@ CASES: dict[str, str] = {
     "E0407": spec(stages="  stage align { train proj  freeze clip, llm  upcycle llm.mlp -> llm.moe }\n"),
     "E0408": spec(stages="  stage align { train proj  freeze clip, llm  objective lm + itx }\n"),
     "E0409": spec(stages="  stage align { train proj  freeze clip, llm  objective itc + itm }\n"),
+    "E0411": spec(stages="  stage align { train proj, fusion(lr = 1e-4)  freeze clip, llm }\n"),
     "E0410": spec(connector="  connector qf = qformer(clip -> llm) { queries = 4  width = 32  depth = 2  heads = 2  "
                   "mlp = 64  text_ffn = false }\n",
                   fusion="  fusion prefix(qf -> llm)\n",

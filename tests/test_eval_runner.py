@@ -24,6 +24,7 @@ from vlmspec.compiler.compile import load_analysis
 from vlmspec.diagnostics import UserInputError
 from vlmspec.evaluation import read_eval_data, run_eval, run_eval_server, write_results
 from vlmspec.runtime.processor import Processor
+from vlmspec.runtime.session import Session
 from vlmspec.runtime.synth import COLORS, corpus, synthesize
 from vlmspec.runtime.tokenizer import train_tokenizer
 
@@ -133,6 +134,11 @@ def test_whole_file_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- a stand-in model
+def as_session(model: Any) -> Session:
+    """What `vlmspec.load` returns, around a stand-in (or real) model that carries its processor."""
+    return Session(model.analysis, model, model.processor.tokenizer)
+
+
 class FakeVLM:
     """The attributes and methods `run_eval` uses, with a real processor: it "sees" the colour of the
     largest coloured area, answers colour questions right and shape questions with "circle"."""
@@ -193,7 +199,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_vqa_end_to_end(processor: Processor, synth: Path, tmp_path: Path) -> None:
     model = FakeVLM(processor)
-    res = run_eval(model, "vqa", str(synth / "test_vqa.jsonl"), batch_size=3, max_new_tokens=4, progress=False)
+    res = run_eval(as_session(model), "vqa", str(synth / "test_vqa.jsonl"), batch_size=3, max_new_tokens=4, progress=False)
     records = [json.loads(line) for line in (synth / "test_vqa.jsonl").read_text().splitlines()]
     right = [r["answers"][0] in {"circle", *COLORS} and (r["question"].startswith("What color")
                                                          or r["answers"][0] == "circle") for r in records]
@@ -216,7 +222,7 @@ def test_vqa_end_to_end(processor: Processor, synth: Path, tmp_path: Path) -> No
 def test_caption_end_to_end(processor: Processor, synth: Path) -> None:
     pytest.importorskip("pycocoevalcap")
     model = FakeVLM(processor)
-    res = run_eval(model, "caption", str(synth / "test_captions.jsonl"), batch_size=4, progress=False)
+    res = run_eval(as_session(model), "caption", str(synth / "test_captions.jsonl"), batch_size=4, progress=False)
     assert all("Describe the image." in p for p in model.prompts)
     assert res["generation"]["prompt"] == "Describe the image."
     m = res["metrics"]
@@ -224,13 +230,13 @@ def test_caption_end_to_end(processor: Processor, synth: Path) -> None:
     row = res["samples"][0]
     assert set(row) == {"id", "image", "prediction", "references", "bleu4", "cider"}
     assert row["prediction"].startswith("a ") and len(row["references"]) == 2
-    res2 = run_eval(FakeVLM(processor), "caption", str(synth / "test_captions.jsonl"), prompt="Caption:",
+    res2 = run_eval(as_session(FakeVLM(processor)), "caption", str(synth / "test_captions.jsonl"), prompt="Caption:",
                     progress=False, limit=2)
     assert res2["generation"]["prompt"] == "Caption:" and len(res2["samples"]) == 2
 
 
 def test_retrieval_end_to_end(processor: Processor, synth: Path) -> None:
-    res = run_eval(FakeVLM(processor), "retrieval", str(synth / "test_captions.jsonl"), batch_size=3, progress=False)
+    res = run_eval(as_session(FakeVLM(processor)), "retrieval", str(synth / "test_captions.jsonl"), batch_size=3, progress=False)
     m = res["metrics"]
     assert m["images"] == 8 and m["captions"] == 16
     for d in ("i2t", "t2i"):
@@ -243,7 +249,7 @@ def test_retrieval_end_to_end(processor: Processor, synth: Path) -> None:
 def test_retrieval_needs_features(processor: Processor, synth: Path) -> None:
     bare = types.SimpleNamespace(processor=processor, analysis=processor.analysis)   # no extract_features
     with pytest.raises(UserInputError) as e:
-        run_eval(bare, "retrieval", str(synth / "test_captions.jsonl"), progress=False)
+        run_eval(as_session(bare), "retrieval", str(synth / "test_captions.jsonl"), progress=False)
     assert code_of(e) == "E0554"
 
 
@@ -255,15 +261,15 @@ def test_unreadable_images_count_as_bad(processor: Processor, synth: Path, tmp_p
     data = tmp_path / "vqa.jsonl"
     data.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserInputError) as e:
-        run_eval(FakeVLM(processor), "vqa", str(data), images=str(synth), progress=False)
+        run_eval(as_session(FakeVLM(processor)), "vqa", str(data), images=str(synth), progress=False)
     assert code_of(e) == "E0550" and f"{data}:2" in e.value.diagnostics[0].message
-    res = run_eval(FakeVLM(processor), "vqa", str(data), images=str(synth), max_bad=1, progress=False)
+    res = run_eval(as_session(FakeVLM(processor)), "vqa", str(data), images=str(synth), max_bad=1, progress=False)
     assert len(res["samples"]) == 4 and res["skipped"][0]["where"] == f"{data}:2"
     assert "not a valid image" in res["skipped"][0]["reason"]
 
 
 def test_progress_bar_runs(processor: Processor, synth: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_eval(FakeVLM(processor), "vqa", str(synth / "test_vqa.jsonl"), progress=True, limit=2)
+    run_eval(as_session(FakeVLM(processor)), "vqa", str(synth / "test_vqa.jsonl"), progress=True, limit=2)
     assert "eval vqa" in capsys.readouterr().err
 
 
@@ -273,9 +279,9 @@ def test_tiny_built_model(processor: Processor, synth: Path) -> None:
     model = model_mod.build_model(processor.analysis, image_token_id=processor.image_token_id)
     model.eval()
     model.processor, model.analysis = processor, processor.analysis
-    res = run_eval(model, "vqa", str(synth / "test_vqa.jsonl"), max_new_tokens=2, progress=False, limit=3)
+    res = run_eval(as_session(model), "vqa", str(synth / "test_vqa.jsonl"), max_new_tokens=2, progress=False, limit=3)
     assert len(res["samples"]) == 3 and 0 <= res["metrics"]["vqa_accuracy"] <= 100
-    res = run_eval(model, "retrieval", str(synth / "test_captions.jsonl"), progress=False, limit=4)
+    res = run_eval(as_session(model), "retrieval", str(synth / "test_captions.jsonl"), progress=False, limit=4)
     assert res["metrics"]["images"] == 4 and res["metrics"]["captions"] == 8
     m = res["metrics"]   # 8 captions and 4 images: everything is within the top 10 and the top 5
     assert 0 <= m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"] == 100.0 and m["t2i_r5"] == 100.0

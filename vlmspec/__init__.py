@@ -19,7 +19,8 @@ def check(ref: str):
 
 
 def load(source: str, device: str = "cpu") -> Any:
-    """A model from a folder written by `vlm build` / `vlm train`, or built fresh from `spec.vlm[:model]`."""
-    from vlmspec.runtime.checkpoint import load as _load
+    """A `Session` (model, processor, tokenizer, run-time facts) from a folder written by `vlm build` /
+    `vlm train`, or built fresh from `spec.vlm[:model]` with its `weights` loaded."""
+    from vlmspec.runtime.session import load_session
 
-    return _load(source, device=device)
+    return load_session(source, device=device)

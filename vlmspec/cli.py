@@ -330,7 +330,8 @@ def build(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="model folder to write")] = None,
     device: Annotated[str, typer.Option(help="`cpu`, or `meta` to check the module without allocating")] = "cpu",
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer folder to bundle (with its qformer_tokenizer/, "
-                                                     "if any, for InstructBLIP)")] = None,
+                                                     "if any, for InstructBLIP); default: the language model's "
+                                                     "`tokenizer`, else its `weights` folder's")] = None,
     seed: Annotated[int, typer.Option(help="seed for the random initialisation")] = 0,
 ) -> None:
     """Build the PyTorch model and write it as a Hugging-Face-layout folder (config.json, model.safetensors)."""
@@ -343,28 +344,16 @@ def build(
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as progress:
         task = progress.add_task(f"building {analysis.ir.name} on {device}")
-        import torch
+        from vlmspec.runtime.session import build_session
 
-        tok = qf_tok = None
-        image_id = None
-        if tokenizer is not None:
-            from vlmspec.runtime.tokenizer import ensure_special_tokens, load_tokenizer
-
-            tok = ensure_special_tokens(load_tokenizer(tokenizer), analysis)
-            if (Path(tokenizer) / "qformer_tokenizer").is_dir():  # InstructBLIP's Q-Former reads BERT ids
-                qf_tok = load_tokenizer(Path(tokenizer) / "qformer_tokenizer", plain=True)
-            fusions = analysis.ir.by_role("fusion")
-            image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if fusions else None
-        from vlmspec.runtime.checkpoint import build_from_spec
-
-        torch.manual_seed(seed)
-        model, report = build_from_spec(analysis, image_token_id=image_id, device=device)
+        session = build_session(analysis, tokenizer=tokenizer, device=device, seed=seed)
+        model, report, tok = session.model, session.report, session.tokenizer
         n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         if output is not None and device != "meta":
             from vlmspec.runtime.checkpoint import save_model_dir
 
             progress.update(task, description=f"writing {output}")
-            save_model_dir(model, analysis, output, tokenizer=tok, instruction_tokenizer=qf_tok,
+            save_model_dir(model, analysis, output, tokenizer=tok, instruction_tokenizer=session.instruction_tokenizer,
                            progress=lambda msg: progress.update(task, description=msg))
     if report is not None:
         out.print(str(report), markup=False)
@@ -388,11 +377,11 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
 ) -> None:
     """Answer a prompt about an image with a built or trained model."""
-    from vlmspec.runtime.checkpoint import load
     from vlmspec.runtime.inference import answer
+    from vlmspec.runtime.session import load_session
 
-    model = load(str(model_dir))
-    for text in answer(model, [prompt] * max(1, len(image or [])), [str(i) for i in image] if image else None,
+    session = load_session(model_dir)
+    for text in answer(session, [prompt] * max(1, len(image or [])), [str(i) for i in image] if image else None,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        num_beams=num_beams, seed=seed):
         out.print(text, markup=False)
@@ -499,18 +488,18 @@ def serve(
 
         torch.set_num_threads(threads)
 
-    from vlmspec.runtime.checkpoint import load
     from vlmspec.runtime.serve import ServeConfig, create_app
+    from vlmspec.runtime.session import load_session
 
-    model = load(str(model_dir))
-    if model.processor is None:
+    session = load_session(model_dir)
+    if session.processor is None:
         _fail([Diagnostic("E0534", f"{model_dir} has no tokenizer, so it cannot read prompts",
                           help="build it with --tokenizer, or serve a `vlm train` output (RUN/final)")], {})
     cfg = ServeConfig(max_body=int(max_body_mb * 1024 * 1024), api_key=api_key,
                       files_root=str(files_root) if files_root else None, max_batch=max_batch,
                       max_wait_ms=max_wait_ms, max_queue=max_queue)
-    err.print(f"serving {model.analysis.ir.name} on http://{host}:{port}/v1 (POST /v1/chat/completions)")
-    uvicorn.run(create_app(model, cfg), host=host, port=port, log_level="warning")
+    err.print(f"serving {session.name} on http://{host}:{port}/v1 (POST /v1/chat/completions)")
+    uvicorn.run(create_app(session, cfg), host=host, port=port, log_level="warning")
 
 
 # ---------------------------------------------------------------- export
@@ -590,10 +579,9 @@ def evaluate(
     else:
         if target is None:
             _fail([Diagnostic("E0005", "`vlm eval` needs a model folder (or --server URL)")], {})
-        from vlmspec.runtime.checkpoint import load
+        from vlmspec.runtime.session import load_session
 
-        model = load(target)
-        results = run_eval(model, task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        results = run_eval(load_session(target), task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            max_bad=max_bad, limit=limit)
     metrics = results["metrics"]
     out.print(f"{task} on {data}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

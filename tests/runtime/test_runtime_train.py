@@ -8,8 +8,9 @@ import pytest
 import torch
 from runtime_helpers import CASES, analyse, image_tokens, labels_for, pixels, prompts
 
-from vlmspec.runtime.freeze import Claim, apply_stage, parameter_paths, trainable_count
+from vlmspec.runtime.freeze import apply_stage, trainable_count
 from vlmspec.runtime.model import build_model
+from vlmspec.runtime.spec_paths import Claim, ParamTable
 
 #: The compiler books `llm.moe` as `moe_extra + n * mlp(expert ffn)`, but an MoE layer whose experts are
 #: smaller than the dense FFN trains `moe_extra + n * mlp(dense ffn)` (see the runtime report).
@@ -40,7 +41,7 @@ def test_training_step(tmp_path, case):
     assert out.logits.shape == (*ids.shape, llm.vocab + llm.extra_vocab)
     assert math.isfinite(float(out.loss.detach()))
     plan = next(p for p in analysis.plans if p.name == stage)
-    claims = parameter_paths(model, analysis)
+    claims = ParamTable.of(model, analysis).claims
     for name, module in model.components.items():
         grads = [n for n, p in module.named_parameters() if p.grad is not None
                  and not _claimed_by_trained_fusion(claims[f"components.{name}.{n}"], plan.status)]

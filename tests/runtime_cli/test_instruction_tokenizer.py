@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from vlmspec.compiler.compile import load_analysis
-from vlmspec.runtime.checkpoint import load, save_model_dir
+from vlmspec.runtime.checkpoint import save_model_dir
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.inference import answer
 from vlmspec.runtime.model import build_model
+from vlmspec.runtime.session import load_session
 from vlmspec.runtime.synth import corpus
 from vlmspec.runtime.tokenizer import train_tokenizer
 
@@ -55,8 +56,8 @@ QUESTIONS = ["what color is the shape?", "which shape is it?"]
 
 
 def test_answer_passes_the_instruction(folder: Path) -> None:
-    model = load(str(folder))
-    proc = model.processor
+    session = load_session(folder)
+    model, proc = session.model, session.processor
     assert proc.instruction_tokenizer is not None
     images = [_png((200, 30, 30)), _png((30, 30, 200))]
     batch = proc.generation_batch(QUESTIONS, images)
@@ -68,7 +69,7 @@ def test_answer_passes_the_instruction(folder: Path) -> None:
         with_ins = model.encode_images(batch["pixel_values"], ins)
         without = model.encode_images(batch["pixel_values"], None)
     assert not torch.allclose(next(iter(with_ins.values())), next(iter(without.values())))
-    got = answer(model, QUESTIONS, images, max_new_tokens=6)
+    got = answer(session, QUESTIONS, images, max_new_tokens=6)
     with torch.no_grad():
         new = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                              pixel_values=batch["pixel_values"], instruction=Instruction(ins.ids, ins.mask),
@@ -86,7 +87,7 @@ def test_server_passes_the_instruction(folder: Path) -> None:
 
     from vlmspec.runtime.serve import ServeConfig, create_app
 
-    model = load(str(folder))
+    model = load_session(folder)
     image = _png((30, 160, 30))
     want = answer(model, [QUESTIONS[0]], [image], max_new_tokens=6)[0]
     import httpx

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from vlmspec.runtime.serve import ServeConfig, create_app
+from vlmspec.runtime.session import Session
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = f"{ROOT}/specs/llava-1.5-7b.vlm:llava_1_5_7b_tiny"
@@ -35,8 +36,9 @@ def data_url(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from vlmspec.compiler.compile import load_analysis
-    from vlmspec.runtime.checkpoint import load, save_model_dir
+    from vlmspec.runtime.checkpoint import save_model_dir
     from vlmspec.runtime.model import build_model
+    from vlmspec.runtime.session import load_session
     from vlmspec.runtime.synth import corpus
     from vlmspec.runtime.tokenizer import train_tokenizer
 
@@ -46,7 +48,7 @@ def model(tmp_path_factory):
     m = build_model(analysis, image_token_id=tok.convert_tokens_to_ids("<image>"))
     out = tmp_path_factory.mktemp("model") / "tiny"
     save_model_dir(m, analysis, out, tokenizer=tok)
-    return load(str(out))
+    return load_session(out)
 
 
 class Server:
@@ -190,8 +192,8 @@ class Slow(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.processor = inner.processor
-        self.analysis = inner.analysis
+        self.image_token_id = inner.image_token_id
+        self.in_sequence = inner.in_sequence
 
     def forward(self, **kw):
         time.sleep(0.05)
@@ -199,7 +201,8 @@ class Slow(torch.nn.Module):
 
 
 def test_queue_full_returns_503(model) -> None:
-    app = create_app(Slow(model), ServeConfig(max_queue=1, max_batch=1, max_wait_ms=0))
+    slow = Session(model.analysis, Slow(model.model), model.tokenizer)
+    app = create_app(slow, ServeConfig(max_queue=1, max_batch=1, max_wait_ms=0))
     with Server(app) as s:
         async def burst():
             async with httpx.AsyncClient(timeout=60) as client:

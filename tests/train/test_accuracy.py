@@ -40,15 +40,15 @@ def test_blip2_first_stage_learns_retrieval(tmp_path) -> None:
     import torch
 
     from vlmspec.runtime import objectives as O
-    from vlmspec.runtime.checkpoint import load
     from vlmspec.runtime.images import open_image
+    from vlmspec.runtime.session import load_session
 
     data = tmp_path / "shapes"
     subprocess.run([*VLM, "data", "synth", "-o", str(data), "--n", "2000", "--test", "64"], check=True)
     subprocess.run([*VLM, "train", f"{ROOT}/specs/blip2-opt-2.7b.vlm:blip2_opt_2_7b_tiny", "--data", str(data),
                     "--stage", "qformer_align", "-o", str(tmp_path / "run")], check=True)
-    model = load(str(tmp_path / "run" / "final")).eval()
-    proc = model.processor
+    session = load_session(tmp_path / "run" / "final").eval()
+    model, proc = session.model, session.processor
     recs = [json.loads(x) for x in (data / "test_captions.jsonl").read_text().splitlines()][:64]
     captions = [r["captions"][0] for r in recs]
     pix = torch.stack([proc.transform(open_image(str(data / r["image"]))) for r in recs])

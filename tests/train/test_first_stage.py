@@ -230,7 +230,7 @@ def test_first_stage_under_ddp(spec, data, tmp_path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all({"itc", "itg"} <= set(row) and "itm" not in row for row in rows)
-    from vlmspec.runtime.checkpoint import load
+    from vlmspec.runtime.session import load_session
 
-    model = load(str(tmp_path / "two" / "final"))  # loads in a single process
+    model = load_session(tmp_path / "two" / "final").model  # loads in a single process
     assert model.components["qf"].pretrain

@@ -153,9 +153,9 @@ def test_two_processes_match_one(spec, data, tmp_path, mode) -> None:
     two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5, (one, two)
-    from vlmspec.runtime.checkpoint import load
+    from vlmspec.runtime.session import load_session
 
-    model = load(str(tmp_path / "two" / "final"))  # loads in a single process
+    model = load_session(tmp_path / "two" / "final")  # loads in a single process
     assert model.processor is not None
 
 

@@ -1,5 +1,9 @@
 """Tiny Hugging Face VLMs, built from configs and saved with `save_pretrained` (no network), and the
-import of such a folder through vlmspec that every parity test starts from."""
+import of such a folder through vlmspec that every parity test starts from.
+
+Every reference goes through `randomise` before it is saved (transformers' init leaves norms at 1, biases,
+gates and queries at 0: a runtime that dropped any of them would still match), and every parity test
+checks with `assert_sees_image` that its reference's logits depend on the pixels before comparing."""
 
 from __future__ import annotations
 
@@ -29,21 +33,25 @@ def llava(transformers, out: Path, *, layer: int | list[int] = -2, tie: bool = F
         vision_feature_layer=layer, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     m = transformers.LlavaForConditionalGeneration(cfg).eval()
+    randomise(m, seed=seed)
     m.save_pretrained(str(out))
     return m
 
 
 def blip_configs() -> dict:
-    """The tiny vision / Q-Former / OPT sub-configs BLIP-2 and InstructBLIP share."""
+    """The tiny vision / Q-Former / OPT sub-configs BLIP-2 and InstructBLIP share. Weights are drawn with
+    std 0.1 (the vision config's own default is 1e-10, and at 0.02 the four query tokens move the OPT
+    logits by ~3e-4 when the image changes: too little for a parity test to see the image)."""
+    init = dict(initializer_range=0.1)
     return dict(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+                           image_size=32, patch_size=8, **init),
         qformer_config=dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=64, cross_attention_frequency=1),
+                            intermediate_size=64, max_position_embeddings=64, cross_attention_frequency=1, **init),
         text_config=dict(model_type="opt", vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
-                         bos_token_id=2, eos_token_id=2, pad_token_id=1),
-        num_query_tokens=NQ, image_token_id=IMAGE_TOKEN)
+                         bos_token_id=2, eos_token_id=2, pad_token_id=1, init_std=0.1, **init),
+        num_query_tokens=NQ, image_token_id=IMAGE_TOKEN, **init)
 
 
 def blip2(transformers, out: Path, seed: int = 0):
@@ -51,6 +59,7 @@ def blip2(transformers, out: Path, seed: int = 0):
     cfg = transformers.Blip2Config(**blip_configs())
     torch.manual_seed(seed)
     m = transformers.Blip2ForConditionalGeneration(cfg).eval()
+    randomise(m, seed=seed)
     m.save_pretrained(str(out))
     return m
 
@@ -68,17 +77,46 @@ def imported(folder: Path, tmp: Path, name: str = "model.vlm"):
     return model, report, {**mapping, "spec": text}
 
 
-def randomise(model, fresh: tuple[str, ...], perturbed: tuple[str, ...] = ("norm",)) -> None:
-    """Draw parameters whose name contains one of `fresh` anew from N(0, 1) (transformers starts gates at 0,
-    which would hide the branches they gate) and nudge those matching `perturbed` (norms start at 1)."""
-    import torch
+#: Parameters drawn from N(0, 1) when transformers leaves them constant: tanh gates (0 hides the branch
+#: they gate), learned queries and latents (0 makes every query alike).
+FRESH = ("gate", "alpha", "query_tokens", "latents")
 
+
+def randomise(model, fresh: tuple[str, ...] = (), seed: int = 0) -> None:
+    """Give every parameter transformers leaves at a constant init random values, seeded, so that a
+    runtime which drops one (a norm's weight or bias, an attention bias, the queries) cannot match:
+    norm weights (1, Gemma's 0) are nudged by N(0, 0.2), biases drawn from N(0, 0.2), gates and queries
+    (and any name containing one of `fresh`) from N(0, 1); rows an embedding keeps at zero (the padding
+    row) are drawn like the other rows. Call it after building the reference and before saving it."""
+    g = torch.Generator().manual_seed(seed)
+    fresh = FRESH + tuple(fresh)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(f in name for f in fresh) and not any(f in name for f in perturbed):
-                p.copy_(torch.randn_like(p))
-            elif any(f in name for f in perturbed):  # (`latents_layer_norm` is a norm)
-                p.add_(0.2 * torch.randn_like(p))
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            flat = p.detach().flatten()
+            if any(f in name for f in fresh):
+                p.copy_(noise)
+            elif bool((flat == flat[0]).all()):
+                p.add_(0.2 * noise)  # 1 -> 1 + N(0, 0.2); 0 -> N(0, 0.2)
+            elif p.dim() == 2:
+                zero = (p == 0).all(dim=1)
+                if bool(zero.any()):
+                    p[zero] = noise[zero] * p[~zero].std()
+            assert float(p.detach().abs().max()) > 1e-6, f"{name} is still (nearly) zero"
+
+
+def assert_sees_image(logits_of, px: torch.Tensor, tol: float = 1e-4, real: torch.Tensor | None = None) -> float:
+    """The reference's logits move by more than 100 x `tol` when the pixels change (padding stays zero):
+    a parity test whose reference ignores the image cannot catch a bug in the encoder or connector.
+    `logits_of(pixels)` runs the reference; `real` [b x s] picks the positions compared."""
+    other = torch.randn(px.shape, generator=torch.Generator().manual_seed(1234)) * (px != 0)
+    with torch.no_grad():
+        a, b = logits_of(px), logits_of(other)
+    if real is not None:
+        a, b = a[real], b[real]
+    moved = float((a - b).abs().max())
+    assert moved > 100 * tol, f"the reference's logits move by {moved:.2e} when the image changes"
+    return moved
 
 
 def refusal(folder: Path, config: dict):
@@ -113,7 +151,6 @@ def cli_round_trip(hf_dir: Path, tmp: Path):
     from typer.testing import CliRunner
 
     from vlmspec.cli import app
-    from vlmspec.runtime.checkpoint import load
 
     runner = CliRunner()
     spec = tmp / "imported.vlm"
@@ -123,4 +160,13 @@ def cli_round_trip(hf_dir: Path, tmp: Path):
     assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0  # written in canonical form
     r = runner.invoke(app, ["build", str(spec), "-o", str(tmp / "built")])
     assert r.exit_code == 0, r.output
-    return load(str(tmp / "built"))
+    return loaded(tmp / "built")[0]
+
+
+def loaded(folder: Path):
+    """`vlmspec.load(folder)`: (model in eval mode, its processor or None)."""
+    import vlmspec
+
+    session = vlmspec.load(str(folder))
+    model = getattr(session, "model", session)  # a Session holds the model; older releases returned it
+    return model.eval(), getattr(session, "processor", None)

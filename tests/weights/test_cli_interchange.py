@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from hf_tiny import IMAGE_TOKEN, llava
+from hf_tiny import IMAGE_TOKEN, assert_sees_image, llava, loaded
 from typer.testing import CliRunner
 
 from vlmspec.cli import app
-from vlmspec.runtime.checkpoint import load
 
 runner = CliRunner()
 
@@ -26,10 +25,11 @@ def test_import_build_export_from_the_cli(tmp_path: Path) -> None:
     r = runner.invoke(app, ["build", str(spec), "-o", str(tmp_path / "built")])
     assert r.exit_code == 0, r.output
     assert "matches" in r.output and "missing" in r.output.lower()  # the coverage report is printed
-    model = load(str(tmp_path / "built"))
+    model, _ = loaded(tmp_path / "built")
     assert model.image_token_id == IMAGE_TOKEN
     ids = torch.cat([torch.tensor([[1]]), torch.full((1, 16), IMAGE_TOKEN), torch.randint(2, 99, (1, 8))], 1)
     px = torch.randn(1, 3, 32, 32)
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=p).logits, px)
     with torch.no_grad():
         ours = model(ids, attention_mask=torch.ones_like(ids), pixel_values=px).logits
         ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px).logits

@@ -12,10 +12,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
+from hf_tiny import loaded  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
-from vlmspec.runtime.checkpoint import load, save_model_dir  # noqa: E402
+from vlmspec.runtime.checkpoint import save_model_dir  # noqa: E402
 from vlmspec.runtime.model import build_model  # noqa: E402
 from vlmspec.runtime.tokenizer import train_tokenizer  # noqa: E402
 from vlmspec.runtime.weights import export_hf  # noqa: E402
@@ -48,11 +49,11 @@ def test_exported_folder_runs_with_the_transformers_processor(tmp_path: Path) ->
     out = export_hf(tmp_path / "vlm", tmp_path / "hf")
     assert not (tmp_path / ".hf.tmp").exists()
 
-    ours = load(str(tmp_path / "vlm")).eval()
+    ours, processor = loaded(tmp_path / "vlm")
     image = Image.effect_noise((40, 28), 60).convert("RGB")
     question = "what colour is the circle?"
-    ids = torch.tensor([ours.processor.encode_prompt(question)])
-    px = ours.processor.transform(image)[None]
+    ids = torch.tensor([processor.encode_prompt(question)])
+    px = processor.transform(image)[None]
 
     processor = transformers.LlavaProcessor.from_pretrained(str(out))
     text = "USER: <image>\n" + question + " ASSISTANT:"

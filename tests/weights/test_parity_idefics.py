@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import built, cli_round_trip, imported, randomise, refusal  # noqa: E402
+from hf_tiny import assert_sees_image, built, cli_round_trip, imported, randomise, refusal  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -53,7 +53,7 @@ def idefics(out: Path, *, extra: int = 2, resampler: bool = True, qk: bool = Tru
     cfg = transformers.IdeficsConfig(**kw)
     torch.manual_seed(seed)
     m = transformers.IdeficsForVisionText2Text(cfg).eval()
-    randomise(m, fresh=("alpha", "latents"))
+    randomise(m, seed=seed)
     m.save_pretrained(str(out))
     if image_token is not None:
         (out / "added_tokens.json").write_text(json.dumps({"<fake_token_around_image>": image_token - 1,
@@ -121,6 +121,8 @@ def test_idefics_parity(tmp_path, variant):
     assert image == kw.get("image_token", VOCAB + kw.get("extra", 2) - 1)
     ids, mask, px, iam = batch(image, images=[2, 1, 2], pads=[0, 9, 2])
     real = mask.bool()
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p, image_attention_mask=iam).logits,
+                      px, real=real)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, image_attention_mask=iam).logits
         out = ours(ids, attention_mask=mask, pixel_values=px).logits
@@ -138,7 +140,7 @@ def test_idefics_parity(tmp_path, variant):
 def test_idefics_generated_image_token_keeps_the_prompts_image(tmp_path):
     """Cached decoding gives generated tokens the image of the prompt's last token, as transformers'
     `generate` does, even after the model generates `<image>` (this seed does)."""
-    hf = idefics(tmp_path / "hf", seed=0)
+    hf = idefics(tmp_path / "hf", seed=28)
     ours, _, mapping = imported(tmp_path / "hf", tmp_path)
     image = mapping["image_token_id"]
     ids, mask, px, iam = batch(image, images=[2, 1, 2], pads=[0, 9, 2])
@@ -229,6 +231,8 @@ def test_idefics_cli_round_trip(tmp_path):
     image = VOCAB + 1
     assert model.image_token_id == image
     ids, mask, px, iam = batch(image, images=[2], pads=[0])
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p, image_attention_mask=iam).logits,
+                      px)
     with torch.no_grad():
         ours = model(ids, attention_mask=mask, pixel_values=px).logits
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, image_attention_mask=iam).logits

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, NQ, blip_configs, imported  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, NQ, assert_sees_image, blip_configs, imported, randomise  # noqa: E402
 
 from vlmspec.runtime.connectors import Instruction  # noqa: E402
 
@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 LLAMA = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-             eos_token_id=2, pad_token_id=0)
+             eos_token_id=2, pad_token_id=0, initializer_range=0.1)
 
 
 def instructblip(out: Path, text: str, seed: int = 0):
@@ -32,6 +32,7 @@ def instructblip(out: Path, text: str, seed: int = 0):
     cfg = transformers.InstructBlipConfig(**configs)
     torch.manual_seed(seed)
     m = transformers.InstructBlipForConditionalGeneration(cfg).eval()
+    randomise(m, seed=seed)
     m.save_pretrained(str(out))
     return m
 
@@ -64,6 +65,8 @@ def test_instructblip_parity(tmp_path, text):
     ids, mask, q_ids, q_mask, px = inputs(bos, pad=2 if text == "llama" else 0)
     instruction = Instruction(q_ids, q_mask)
     real = mask.bool()
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p, qformer_input_ids=q_ids,
+                                   qformer_attention_mask=q_mask).logits, px, real=real)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, qformer_input_ids=q_ids,
                  qformer_attention_mask=q_mask).logits
@@ -86,6 +89,8 @@ def test_instruction_is_per_sample_with_several_images(tmp_path):
     px = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     ids = torch.cat([torch.full((2, 2 * NQ), IMAGE_TOKEN), torch.tensor([[2], [2]]),
                      torch.randint(3, 99, (2, 6), generator=torch.Generator().manual_seed(8))], 1)
+    assert_sees_image(lambda p: hf.get_image_features(p.flatten(0, 1), qformer_input_ids=q_ids.repeat_interleave(2, 0),
+                      qformer_attention_mask=q_mask.repeat_interleave(2, 0)).pooler_output, px)
     with torch.no_grad():
         ref = hf.get_image_features(px.flatten(0, 1), qformer_input_ids=q_ids.repeat_interleave(2, 0),
                                     qformer_attention_mask=q_mask.repeat_interleave(2, 0)).pooler_output

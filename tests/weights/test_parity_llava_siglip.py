@@ -11,11 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import (  # noqa: E402
-    IMAGE_TOKEN,
-    _quiet,
-    imported,  # noqa: E402
-)
+from hf_tiny import IMAGE_TOKEN, _quiet, imported, randomise  # noqa: E402
 from test_weights_parity import _ids, assert_parity  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -34,6 +30,7 @@ def llava_siglip(out: Path, *, layer: int, head: bool, strategy: str = "full"):
         vision_feature_layer=layer)
     torch.manual_seed(0)
     m = transformers.LlavaForConditionalGeneration(cfg).eval()
+    randomise(m)
     m.save_pretrained(str(out))
     return m
 

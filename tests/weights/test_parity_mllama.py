@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import built, cli_round_trip, imported, randomise, refusal  # noqa: E402
+from hf_tiny import assert_sees_image, built, cli_round_trip, imported, randomise, refusal  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -37,6 +37,8 @@ IMAGE = VOCAB  # `<|image|>` is the first of the embedding's 8 extra rows, as in
 TILES = 4
 #: tiles in use per aspect-ratio id for 4 tiles: (1,1) (1,2) (1,3) (1,4) (2,1) (2,2) (3,1) (4,1); id 0 pads
 IN_USE = [1, 1, 2, 3, 4, 2, 4, 3, 4]
+#: weights' std: at transformers' 0.02 the image moves the logits by ~1e-3, too little to see
+INIT = 0.1
 
 
 def mllama(out: Path, *, kv_heads: int = 2, cross: tuple[int, ...] = (1, 4), depth: int = 6, local: int = 3,
@@ -47,15 +49,15 @@ def mllama(out: Path, *, kv_heads: int = 2, cross: tuple[int, ...] = (1, 4), dep
     transformers.utils.logging.set_verbosity_error()
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=local, num_global_layers=n_global,
                   attention_heads=2, image_size=32, patch_size=8, max_num_tiles=TILES,
-                  intermediate_layers_indices=list(inter), vision_output_dim=32 * (len(inter) + 1))
+                  intermediate_layers_indices=list(inter), vision_output_dim=32 * (len(inter) + 1), initializer_range=INIT)
     text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=depth,
                 num_attention_heads=4, num_key_value_heads=kv_heads, cross_attention_layers=list(cross),
-                max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+                max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=INIT)
     text.update(over)
     cfg = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE)
     torch.manual_seed(seed)
     m = transformers.MllamaForConditionalGeneration(cfg).eval()
-    randomise(m, fresh=("gate",))
+    randomise(m, seed=seed)
     m.save_pretrained(str(out))
     return m
 
@@ -134,6 +136,8 @@ def test_mllama_parity(tmp_path, variant, rows):
     assert mapping["image_token_id"] == IMAGE
     ids, mask, px, aspect, ar_mask, xmask = batch(ROWS[rows])
     real = mask.bool()
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p, aspect_ratio_ids=aspect,
+                                   aspect_ratio_mask=ar_mask, cross_attention_mask=xmask).logits, px, real=real)
     ref, want = _reference(hf, ids, mask, px, aspect, ar_mask, xmask)
     with torch.no_grad():
         out = ours(ids, attention_mask=mask, pixel_values=px, aspect_ratio_ids=aspect).logits
@@ -217,6 +221,8 @@ def test_mllama_cli_round_trip(tmp_path):
     model = cli_round_trip(tmp_path / "hf", tmp_path)
     assert model.image_token_id == IMAGE
     ids, mask, px, aspect, ar_mask, xmask = batch(ROWS["one_image_each"])
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p, aspect_ratio_ids=aspect,
+                                   aspect_ratio_mask=ar_mask, cross_attention_mask=xmask).logits, px, real=mask.bool())
     ref, _ = _reference(hf, ids, mask, px, aspect, ar_mask, xmask)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, pixel_values=px, aspect_ratio_ids=aspect).logits

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, cli_round_trip, imported  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, assert_sees_image, cli_round_trip, imported, randomise  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.runtime.decoding import KVCache  # noqa: E402
@@ -38,6 +38,7 @@ def paligemma(out: Path, *, width: int = 48, kv_heads: int = 2, head_dim: int = 
         image_token_id=IMAGE_TOKEN, projection_dim=width)
     torch.manual_seed(seed)
     m = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    randomise(m, seed=seed)
     m.save_pretrained(str(out))
     return m
 
@@ -73,6 +74,8 @@ def test_paligemma_parity(tmp_path, variant):
     tti = torch.zeros_like(ids)  # what the processor returns for prompts without a suffix
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     real = mask.bool()
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p, token_type_ids=tti).logits, px,
+                      real=real)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, token_type_ids=tti).logits
         out = ours(ids, attention_mask=mask, pixel_values=px, prefix_mask=tti == 0).logits
@@ -102,6 +105,7 @@ def test_paligemma_prefix_and_suffix_match_token_type_ids(tmp_path):
     tti = torch.cat([torch.zeros(2, ids.shape[1] - 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long)], 1)
     labels = ids.masked_fill(tti == 0, -100)
     px = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p, token_type_ids=tti).logits, px)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, token_type_ids=tti, labels=labels)
         explicit = ours(ids, attention_mask=mask, pixel_values=px, prefix_mask=tti == 0).logits
@@ -118,6 +122,8 @@ def test_paligemma_cli_round_trip(tmp_path):
     assert model.image_token_id == IMAGE_TOKEN and model.bidirectional_prefix
     ids, mask = prompts(pad=0, rows=1)
     px = torch.randn(1, 3, 32, 32)
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p,
+                                   token_type_ids=torch.zeros_like(ids)).logits, px)
     with torch.no_grad():
         ours = model(ids, attention_mask=mask, pixel_values=px, prefix_mask=torch.ones_like(ids, dtype=torch.bool))
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, token_type_ids=torch.zeros_like(ids)).logits

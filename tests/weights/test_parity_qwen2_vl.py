@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import imported  # noqa: E402
+from hf_tiny import assert_sees_image, imported, randomise  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -46,6 +46,7 @@ def qwen2_vl(out: Path, *, kv_heads: int = 2, tie: bool = False, seed: int = 0):
         tie_word_embeddings=tie)
     torch.manual_seed(seed)
     m = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    randomise(m, seed=seed)
     m.save_pretrained(str(out))
     # min_pixels = max_pixels: the processor's one size, which the importer writes as `image_size`
     (out / "preprocessor_config.json").write_text(json.dumps({
@@ -85,6 +86,8 @@ def check_parity(hf, ours, images: int, pad: int, size: tuple[int, int] = (SIDE,
     pixel_values, grid = hf_pixels(px.flatten(0, 1))
     kw = dict(pixel_values=pixel_values, image_grid_thw=grid, mm_token_type_ids=(ids == IMG).int())
     mine = px if images > 1 else px[:, 0]
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, **{**kw, "pixel_values": hf_pixels(p.flatten(0, 1))[0]}).logits,
+                      px, real=mask.bool())
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, **kw).logits
         out = ours(ids, attention_mask=mask, pixel_values=mine).logits

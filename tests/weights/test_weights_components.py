@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, blip2, llava  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, blip2, llava, randomise  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
@@ -48,8 +48,10 @@ def folders(tmp_path_factory):
     vis = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
         patch_size=8)).eval()
+    randomise(vis)
     vis.save_pretrained(str(root / "clip"))
     lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LM)).eval()
+    randomise(lm)
     lm.save_pretrained(str(root / "llama"))
     lm.save_pretrained(str(root / "sharded"), max_shard_size="100KB")
     blip2(transformers, root / "blip2")

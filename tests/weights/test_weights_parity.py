@@ -1,5 +1,6 @@
 """Import tiny Hugging Face VLMs through `import_hf` + `build_with_weights` and compare with the
-reference classes: logits within 1e-4 (fp32) and 16 greedy tokens identical."""
+reference classes (randomised, and seeing the image): logits within 1e-4 (fp32) and 16 greedy tokens
+identical."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, NQ, blip2, blip_configs, imported, llava  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, NQ, assert_sees_image, blip2, blip_configs, imported, llava, randomise  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,7 +29,9 @@ def _ids(n_image: int, pad: int, rows: int = 2, seed: int = 4):
 
 
 def assert_parity(hf, ours, ids, mask, px) -> None:
-    """Logits at real positions within 1e-4, and 16 greedy tokens identical (no early stop)."""
+    """Logits at real positions within 1e-4, and 16 greedy tokens identical (no early stop); the
+    reference's logits depend on the image."""
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p).logits, px, real=mask.bool())
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits
         out = ours(ids, attention_mask=mask, pixel_values=px).logits
@@ -61,6 +64,7 @@ def test_llava_two_images_per_prompt(tmp_path):
     ours, _, _ = imported(tmp_path / "hf", tmp_path)
     ids, mask = _ids(32, 0)
     px = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p.flatten(0, 1)).logits, px)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px.flatten(0, 1)).logits
         out = ours(ids, attention_mask=mask, pixel_values=px).logits
@@ -80,6 +84,7 @@ def test_blip2_opt_parity(tmp_path):
     ids = torch.cat([torch.full((2, NQ), IMAGE_TOKEN), torch.tensor([[2], [2]]), torch.randint(3, 99, (2, 8), generator=g)], 1)
     mask = torch.ones_like(ids)
     px = torch.randn(2, 3, 32, 32, generator=g)
+    assert_sees_image(lambda p: hf(input_ids=ids, attention_mask=mask, pixel_values=p).logits, px)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits
         out = ours(ids, attention_mask=mask, pixel_values=px).logits
@@ -97,6 +102,7 @@ def test_instructblip_imports_with_full_coverage(tmp_path):
     cfg = transformers.InstructBlipConfig(**blip_configs())
     torch.manual_seed(0)
     hf = transformers.InstructBlipForConditionalGeneration(cfg).eval()
+    randomise(hf)
     hf.save_pretrained(str(tmp_path / "hf"))
     ours, report, _ = imported(tmp_path / "hf", tmp_path)
     assert report.ok, str(report)

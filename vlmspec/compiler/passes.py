@@ -204,32 +204,10 @@ def valid_paths(ir: ModelIR) -> list[str]:
 
 
 def part_params(ir: ModelIR, shapes: Shapes, path: str) -> int:
-    """Parameters under a graph path such as `llm`, `llm.moe` or `clip.attn`."""
+    """Parameters under a graph path such as `llm`, `llm.moe` or `clip.attn`, as the component's kind counts them."""
     comp_name, _, sub = path.partition(".")
-    comp = ir.components[comp_name]
-    params = shapes.params.get(comp_name, {})
-    if not sub:
-        if isinstance(comp.config, MoEFusion) and ir.language is not None:
-            llm = ir.language.config
-            return params.get("experts", 0) + len(comp.config.layer_ids(llm.depth)) * llm.mlp_params()
-        return sum(params.values())
-    cfg = comp.config
-    if isinstance(cfg, LanguageBase):
-        if sub == "attn":
-            return cfg.depth * cfg.attn_params()
-        if sub == "mlp":
-            return cfg.depth * cfg.mlp_params()
-        if sub == "moe" and cfg.moe is not None:
-            # the experts replace each MoE layer's dense FFN: the extra parameters plus the FFN they replace
-            return params.get("moe", 0) + len(cfg.moe.layer_ids(cfg.depth)) * cfg.mlp_params()
-    if comp.role == "vision":
-        if sub == "attn":
-            return cfg.depth * 4 * (cfg.width * cfg.width + cfg.width)
-        if sub == "mlp":
-            return cfg.depth * (2 * cfg.width * cfg.mlp_dim + cfg.width + cfg.mlp_dim)
-        if sub == "norm":
-            return params.get("norms", 0)
-    return params.get(sub, 0)
+    llm = ir.language.config if ir.language is not None else None
+    return ir.components[comp_name].config.part_params(sub, shapes.params.get(comp_name, {}), llm)
 
 
 def lora_params(ir: ModelIR, comp_name: str, targets: list[str], rank: int) -> int:
@@ -288,6 +266,12 @@ def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: Diagnostic
                 continue
             for p in _expand(raw, fusion_names):
                 decisions[p] = kw
+
+    for t in stage.train:
+        if t.lr is not None and t.path in paths and not any(part_params(ir, shapes, p) for p in _expand(t.path, fusion_names)):
+            sink.error("E0411", f"stage `{stage.name}`: the learning rate of `{t.path}` reaches no parameter",
+                       span(f"train:{t.path}"), help=f"`{t.path}` has no parameters in model `{ir.name}`: drop "
+                       "its `lr`, or give the rate to a part that has some")
 
     lora_total = 0
     for lo in stage.lora:

@@ -106,15 +106,11 @@ def _token_batch(processor: Any, texts: Sequence[str]) -> tuple[Any, Any]:
     return ids, mask
 
 
-def run_retrieval(model: Any, es: EvalSet, batch_size: int, max_bad: int,
+def run_retrieval(model: Any, processor: Any, es: EvalSet, batch_size: int, max_bad: int,
                   progress: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Embed every image and caption of `es`, then recall@1/5/10 both ways; rows are per image."""
     from vlmspec.evaluation.retrieval import cosine_similarity, recall_at_k
 
-    processor = getattr(model, "processor", None)
-    if processor is None:
-        raise user_error("E0534", "this model folder has no tokenizer, so it cannot read captions",
-                         help="build it with `vlm build SPEC -o DIR --tokenizer TOKENIZER_DIR`")
     done: list[EvalSample] = []
     img_vecs: list[np.ndarray] = []
     with progress_bar(progress, len(es.samples), "eval retrieval: images") as advance:

@@ -15,29 +15,26 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmspec.diagnostics import user_error
 from vlmspec.evaluation.batching import batches, open_batch, png_bytes, progress_bar
 from vlmspec.evaluation.formats import TASKS, EvalSample, EvalSet, read_eval_data
 from vlmspec.fsutil import atomic_write_text
 
+if TYPE_CHECKING:
+    from vlmspec.runtime.session import Session
+
 CAPTION_PROMPT = "Describe the image."
 RESULTS_FORMAT = 1
 
 
 # ---------------------------------------------------------------- identity of what was evaluated
-def spec_hash(model: Any) -> str | None:
+def spec_hash(analysis: Any) -> str | None:
     """The hash `vlm train` records for a run (same definition), so results can be matched to runs."""
-    analysis = getattr(model, "analysis", None)
     if analysis is None:
         return None
     return hashlib.sha256(analysis.ir.model_dump_json().encode()).hexdigest()[:16]
-
-
-def model_name(model: Any) -> str | None:
-    analysis = getattr(model, "analysis", None)
-    return analysis.ir.name if analysis is not None else None
 
 
 def _load(task: str, data: str, images: str | None, max_bad: int, annotations: str | None,
@@ -90,11 +87,11 @@ def _results(task: str, es: EvalSet, data: str, images: str | None, metrics: dic
 
 
 # ---------------------------------------------------------------- a model in this process
-def run_eval(model: Any, task: str, data: str, images: str | None = None, batch_size: int = 16,
+def run_eval(session: Session, task: str, data: str, images: str | None = None, batch_size: int = 16,
              max_new_tokens: int = 16, max_bad: int = 0, progress: bool = True, *, prompt: str | None = None,
              annotations: str | None = None, image_pattern: str | None = None,
              limit: int | None = None) -> dict[str, Any]:
-    """Evaluate `model` (from `vlmspec.load`) on `data` for `task` ("vqa", "caption" or "retrieval").
+    """Evaluate a session's model (from `vlmspec.load`) on `data` for `task` ("vqa", "caption" or "retrieval").
 
     `images`: the folder image paths are relative to (default: the data file's folder). `prompt`: the
     captioning instruction (default "Describe the image."). `annotations` / `image_pattern`: see
@@ -103,11 +100,11 @@ def run_eval(model: Any, task: str, data: str, images: str | None = None, batch_
     unreadable images included, had to be skipped.
     """
     es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
-    identity = {"model": model_name(model), "spec_hash": spec_hash(model), "server": None}
+    identity = {"model": session.name, "spec_hash": spec_hash(session.analysis), "server": None}
     if task == "retrieval":
         from vlmspec.evaluation.embeddings import run_retrieval
 
-        metrics, rows = run_retrieval(model, es, batch_size, max_bad, progress)
+        metrics, rows = run_retrieval(session.model, session.require_processor(), es, batch_size, max_bad, progress)
         return _results(task, es, data, images, metrics, rows, {"batch_size": batch_size,
                                                                 "pooling": "mean over tokens", "similarity": "cosine"},
                         **identity)
@@ -122,12 +119,12 @@ def run_eval(model: Any, task: str, data: str, images: str | None = None, batch_
             es.check(max_bad)   # stop once unreadable images pass the limit, not at the end
             if kept:
                 prompts = [s.question or "" for s in kept] if task == "vqa" else [text] * len(kept)
-                predictions += answer(model, prompts, imgs, max_new_tokens=max_new_tokens, temperature=0.0,
+                predictions += answer(session, prompts, imgs, max_new_tokens=max_new_tokens, temperature=0.0,
                                       batch_size=len(kept))
                 done += kept
             advance(len(chunk))
     metrics, rows = _score(task, es, done, predictions)
-    template = getattr(getattr(getattr(model, "processor", None), "settings", None), "prompt", None)
+    template = session.analysis.ir.settings.prompt
     generation = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "decoding": "greedy",
                   "batch_size": batch_size, **({"prompt": text} if task == "caption" else {}),
                   **({"prompt_template": template} if isinstance(template, str) else {})}

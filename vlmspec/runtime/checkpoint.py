@@ -1,4 +1,4 @@
-"""Model folders in the Hugging Face layout, and `vlmspec.load`.
+"""Model folders in the Hugging Face layout: what `vlm build` and `vlm train` write (read by `runtime.session`).
 
     DIR/config.json         {"vlmspec": version, "model": name, "ir": resolved IR, "image_token_id": ...}
     DIR/model.safetensors   every tensor, keys as in `VisionLanguageModel.state_dict()`
@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from vlmspec.compiler.compile import Analysis, load_analysis
-from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
+from vlmspec.compiler.compile import Analysis
+from vlmspec.diagnostics import user_error
 from vlmspec.fsutil import fsync_dir_files, replace_dir
 
 FORMAT_VERSION = 1
+FOLDER_WEIGHTS = "model.safetensors"
 INSTRUCTION_TOKENIZER = "qformer_tokenizer"  # the sub-folder name Hugging Face's InstructBLIP processor uses
 
 
@@ -82,7 +83,7 @@ def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, 
         state = state if state is not None else model.state_dict()
         if progress is not None:
             progress(f"writing {len(state)} tensors")
-        save_state(tmp / "model.safetensors", state, {"vlmspec": str(FORMAT_VERSION)})
+        save_state(tmp / FOLDER_WEIGHTS, state, {"vlmspec": str(FORMAT_VERSION)})
         config = {"vlmspec": FORMAT_VERSION, "model": analysis.ir.name, "architectures": ["VisionLanguageModel"],
                   "image_token_id": getattr(model, "image_token_id", None),
                   "ir": json.loads(analysis.ir.model_dump_json()), **(extra or {})}
@@ -102,17 +103,8 @@ def save_model_dir(model: torch.nn.Module, analysis: Analysis, out: str | Path, 
     return target
 
 
-def analysis_of_dir(path: Path) -> Analysis:
-    config = _config(path)
-    spec = path / "spec.vlm"
-    try:
-        analysis, _ = load_analysis(f"{spec}:{config['model']}")
-    except SpecValidationError as e:
-        raise VlmSpecError(e.diagnostics, e.sources) from None
-    return analysis
-
-
-def _config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json, checked to be vlmspec's."""
     cfg = path / "config.json"
     if not cfg.is_file():
         raise user_error("E0540", f"{path} is not a vlmspec model folder (no config.json)",
@@ -125,70 +117,3 @@ def _config(path: Path) -> dict[str, Any]:
         raise user_error("E0540", f"{cfg} was not written by vlmspec",
                          help="import Hugging Face checkpoints with `weights = \"DIR\"` in a spec")
     return config
-
-
-def has_weights(analysis: Analysis) -> bool:
-    return any(getattr(c.config, "weights", None) for c in analysis.ir.components.values())
-
-
-def build_from_spec(analysis: Analysis, *, image_token_id: int | None = None, device: str = "cpu"):
-    """Build a spec's model; components with `weights = "DIR"` load them (with a coverage report)."""
-    from vlmspec.runtime.model import build_model
-    from vlmspec.runtime.quantize import apply_quantization
-
-    report = None
-    if has_weights(analysis) and device != "meta":
-        from vlmspec.runtime.weights import build_with_weights
-
-        model, report = build_with_weights(analysis, image_token_id=image_token_id, device=device)
-    else:
-        model = build_model(analysis, image_token_id=image_token_id, device=device)
-    if device != "meta":
-        apply_quantization(model, analysis)
-    return model, report
-
-
-def load(source: str | Path, device: str = "cpu"):
-    """A model from a folder written by `vlm build` / `vlm train`, or built fresh from `spec.vlm[:model]`.
-
-    Returns the `VisionLanguageModel`; its `processor` attribute holds the tokenizer-backed processor
-    when the folder has a tokenizer.
-    """
-    from vlmspec.runtime.model import build_model
-
-    path = Path(str(source).split(":")[0]) if not Path(str(source)).is_dir() else Path(source)
-    if not path.is_dir():
-        analysis, _ = load_analysis(str(source))
-        model = build_from_spec(analysis, device=device)[0]
-        model.analysis, model.processor = analysis, None
-        return model
-    config = _config(path)
-    analysis = analysis_of_dir(path)
-    model = build_model(analysis, image_token_id=config.get("image_token_id"), device=device)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise user_error("E0541", f"{path} has no model.safetensors")
-    state = load_state(weights)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise user_error("E0542", f"{weights} does not fit the spec: {len(missing)} missing, {len(unexpected)} "
-                         f"unexpected tensors" + (f" (e.g. missing {missing[0]})" if missing else
-                                                  f" (e.g. unexpected {unexpected[0]})"))
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    from vlmspec.runtime.quantize import apply_quantization
-
-    apply_quantization(model, analysis)
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        from vlmspec.runtime.processor import Processor
-        from vlmspec.runtime.tokenizer import load_tokenizer
-
-        qf_dir = path / INSTRUCTION_TOKENIZER
-        qf_tok = load_tokenizer(qf_dir, plain=True) if qf_dir.is_dir() else None
-        model.processor = Processor(analysis, load_tokenizer(path), qf_tok)
-    else:
-        model.processor = None
-    model.analysis = analysis
-    return model

@@ -34,6 +34,7 @@ from vlmspec.runtime.decoding import DecodeState
 from vlmspec.runtime.language import CausalLM, LayerHooks, LMConfig
 from vlmspec.runtime.moe import SparseMoE
 from vlmspec.runtime.registry import BuildContext, register
+from vlmspec.runtime.spec_paths import CLAIM, SpecPart
 
 
 class Fusion(nn.Module):
@@ -401,6 +402,12 @@ class MoEFusionModule(Fusion):
 
     def moe_pairs(self, llm: CausalLM) -> list[tuple[SparseMoE, nn.Module]]:
         return [(self.layers[str(i)], llm.layers[i]) for i in self.layer_ids]
+
+    def claims(self, model: nn.Module) -> list[SpecPart]:
+        """The dense FFNs of this fusion's layers: each is its layer's expert 0, so the path naming this
+        fusion covers them too (vlmspec.runtime.spec_paths)."""
+        llm = model.llm  # type: ignore[attr-defined]
+        return [SpecPart("", [m for i in self.layer_ids for m in llm.layers[i].ffn_modules()], CLAIM)]
 
 
 # ---------------------------------------------------------------- builders

@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlmspec.diagnostics import user_error
 
+if TYPE_CHECKING:
+    from vlmspec.runtime.session import Session
 
-def answer(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = None, *, max_new_tokens: int = 32,
-           temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1, seed: int | None = None,
-           batch_size: int = 16) -> list[str]:
+
+def answer(session: Session, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
+           max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
+           seed: int | None = None, batch_size: int = 16) -> list[str]:
     """One answer per prompt (each with its image, when given), batched with left padding."""
-    processor = getattr(model, "processor", None)
-    if processor is None:
-        raise user_error("E0534", "this model folder has no tokenizer, so it cannot read prompts",
-                         help="build it with `vlm build SPEC -o DIR --tokenizer TOKENIZER_DIR`")
+    processor = session.require_processor()
     if images is not None and len(images) != len(prompts):
         raise user_error("E0505", f"{len(prompts)} prompts but {len(images)} images")
     if images is None and processor.transform is not None and processor.tokens_per_image:
         raise user_error("E0505", "this model needs an image: pass --image FILE")
-    stops = [processor.eos_id, *[processor.tokenizer.convert_tokens_to_ids(s) for s in processor.settings.stop]]
+    stop_ids = session.facts.stop_ids
+    model = session.model
     outputs: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
@@ -31,8 +32,7 @@ def answer(model: Any, prompts: Sequence[str], images: Sequence[Any] | None = No
         with torch.no_grad():
             new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
-                                 num_beams=num_beams, eos_token_id=[s for s in stops if s is not None], seed=seed)
-        stop_ids = {s for s in stops if s is not None}
+                                 num_beams=num_beams, eos_token_id=list(stop_ids), seed=seed)
         for row in new.tolist():
             kept = []
             for t in row:

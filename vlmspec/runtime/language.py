@@ -34,6 +34,7 @@ from vlmspec.runtime.blocks import (
 from vlmspec.runtime.decoding import DecodeState
 from vlmspec.runtime.moe import SparseMoE
 from vlmspec.runtime.registry import BuildContext, register
+from vlmspec.runtime.spec_paths import EXPERTS, GROUP, SpecPart
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,24 @@ class Parts(nn.Module):
         """The dense FFN's weights in an expert's key layout (for up-cycling)."""
         return self.mlp.state_dict()
 
+    def ffn_modules(self) -> list[nn.Module]:
+        """The modules of the dense FFN (spec path `mlp`); none in a layer whose experts replace it."""
+        return [self.mlp] if self.has_ffn else []
+
+    def lora_linears(self) -> dict[str, nn.Module]:
+        """LoRA target (`attn.q`, `mlp.down`) -> the linear layer implementing it in this layer."""
+        a = self.self_attn
+        out: dict[str, nn.Module] = {"attn.q": a.q_proj, "attn.k": a.k_proj, "attn.v": a.v_proj,
+                                     "attn.o": getattr(a, a.out_name)}
+        mlp = self.ffn_modules()
+        if len(mlp) == 1 and isinstance(mlp[0], GatedMLP):
+            out.update({"mlp.gate": mlp[0].gate_proj, "mlp.up": mlp[0].up_proj, "mlp.down": mlp[0].down_proj})
+        elif len(mlp) == 1:
+            out.update({"mlp.fc1": mlp[0].fc1, "mlp.fc2": mlp[0].fc2})
+        elif len(mlp) == 2:
+            out.update({"mlp.fc1": mlp[0], "mlp.fc2": mlp[1]})
+        return out
+
 
 class LlamaParts(Parts):
     def __init__(self, c: LMConfig, with_ffn: bool = True):
@@ -208,6 +227,9 @@ class OPTParts(Parts):
 
     def ffn_state(self) -> dict[str, Tensor]:
         return {f"{m}.{p}": t for m in ("fc1", "fc2") for p, t in getattr(self, m).state_dict().items()}
+
+    def ffn_modules(self) -> list[nn.Module]:
+        return [self.fc1, self.fc2] if self.has_ffn else []
 
 
 # ---------------------------------------------------------------- fusion hook points
@@ -539,6 +561,27 @@ class CausalLM(nn.Module):
     def moe_pairs(self) -> list[tuple[SparseMoE, nn.Module]]:
         """(MoE block, its layer) for every layer of this model's own `moe` block."""
         return [(layer.moe, layer) for layer in self.layers if getattr(layer, "moe", None) is not None]
+
+    # --- what each spec path (`llm.attn`, `llm.moe`, ...) covers; see vlmspec.runtime.spec_paths
+    def spec_parts(self) -> list[SpecPart]:
+        b = self.body[0]
+        layers = list(self.layers)
+        embed = [b.embed_tokens, *(getattr(b, n, None) for n in ("embed_positions", "project_in", "project_out"))]
+        # an up-cycled layer's dense FFN is its expert 0, so `moe` covers it too
+        experts = [m for block, layer in self.moe_pairs()
+                   for m in [block, *(layer.ffn_modules() if block.dense_is_expert0 else [])]]
+        return [SpecPart("embed", embed, GROUP), SpecPart("layers", [b.layers], GROUP),
+                SpecPart("attn", [layer.self_attn for layer in layers]),
+                SpecPart("mlp", [m for layer in layers for m in layer.ffn_modules()]),
+                SpecPart("norm", [getattr(b, self.norm_name)]), SpecPart("head", [self.lm_head]),
+                SpecPart("moe", experts, EXPERTS)]
+
+    def lora_parts(self) -> dict[str, list[nn.Module]]:
+        out: dict[str, list[nn.Module]] = {}
+        for layer in self.layers:
+            for target, linear in layer.lora_linears().items():
+                out.setdefault(target, []).append(linear)
+        return out
 
 
 def _build(comp: Component, family: str) -> CausalLM:

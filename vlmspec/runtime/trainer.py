@@ -38,6 +38,8 @@ from vlmspec.runtime.data import Dataset, read_dataset
 from vlmspec.runtime.model import label_targets
 from vlmspec.runtime.objectives import FIRST_STAGE, FirstStageLoss, text_batch
 from vlmspec.runtime.processor import IGNORE, Encoded, Processor
+from vlmspec.runtime.session import Session
+from vlmspec.runtime.spec_paths import ParamTable, expand_fusion, stage_rates
 
 MANIFEST_VERSION = 1
 
@@ -126,6 +128,42 @@ def spec_hash(analysis: Analysis) -> str:
     return hashlib.sha256(analysis.ir.model_dump_json().encode()).hexdigest()[:16]
 
 
+def architecture_hash(analysis: Analysis) -> str:
+    """The spec without its stage schedule: what a run's tensors are tied to."""
+    import hashlib
+
+    return hashlib.sha256(analysis.ir.model_dump_json(exclude={"stages"}).encode()).hexdigest()[:16]
+
+
+#: Stage fields a stage in progress can take up from its checkpoint on: how long it runs, on what data,
+#: with which rates. The rest (what it trains, its optimizer's kind, its objective) fixes the shape of
+#: the optimizer state and of what the checkpoint holds.
+SCHEDULE_ONLY = ("steps", "epochs", "data", "batch", "grad_accum", "precision", "warmup", "schedule", "clip_grad",
+                 "max_length", "optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.momentum")
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: value}
+
+
+def stage_changes(old: dict[str, Any], new: Stage) -> dict[str, tuple[Any, Any]]:
+    """field -> (old, new) for what changed in a stage's definition (`steps`: (200, 60))."""
+    a, b = _leaves(old), _leaves(new.model_dump(mode="json"))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _show(changes: dict[str, tuple[Any, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, str) else v
+
+    return ", ".join(f"{k} {fmt(a)} -> {fmt(b)}" for k, (a, b) in changes.items())
+
+
 # ---------------------------------------------------------------- weights
 
 
@@ -188,6 +226,16 @@ class Encodings:
     pixels: list[torch.Tensor | None]
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A stage's data, ready before any stage trains: first-stage objective weights, encoded samples,
+    and (first stage) the caption token ids."""
+
+    first: dict[str, float]
+    enc: Encodings
+    texts: list[list[int]]
+
+
 def _stage_data(stage: Stage, opts: TrainOptions) -> tuple[str, str, str | None]:
     fmt = "auto"
     images = opts.images
@@ -222,21 +270,15 @@ def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
 # ---------------------------------------------------------------- optimisation
 
 
-def _param_groups(model: torch.nn.Module, stage: Stage, analysis: Analysis) -> list[dict[str, Any]]:
-    """One group per component with its own learning rate (`train proj(lr = ...)`), the rest at the optimizer's."""
-    lr_of = {t.path: t.lr for t in stage.train if t.lr is not None}
-    lr_of.update({lo.path: lo.lr for lo in stage.lora if lo.lr is not None})
+def _param_groups(model: torch.nn.Module, stage: Stage, analysis: Analysis, table: ParamTable) -> list[dict[str, Any]]:
+    """One group per learning rate: a parameter takes the rate of the most specific path that sets one
+    (`train llm, llm.attn(lr = 1e-5)`: the attention at 1e-5, the rest of `llm` at the optimizer's)."""
+    rates = stage_rates(analysis, stage.name)
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        parts = name.split(".")
-        comp = parts[1] if parts[0] == "components" and len(parts) > 1 else parts[0]
-        lr = stage.optim.lr
-        for path, plr in lr_of.items():
-            if path == comp or path.split(".")[0] == comp:
-                lr = plr
-        groups.setdefault(lr, []).append(p)
+        if p.requires_grad:
+            lr = table.rate(name, rates)
+            groups.setdefault(stage.optim.lr if lr is None else lr, []).append(p)
     return [{"params": ps, "lr": lr} for lr, ps in groups.items()]
 
 
@@ -293,15 +335,18 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
     def _tokenizer(self, all_stages: list[Stage]):
-        from vlmspec.runtime.tokenizer import load_tokenizer, train_tokenizer
+        """The run's tokenizer: the one saved in the run folder, else the given or spec-named one (with
+        the spec's special tokens, as `vlm build` adds them), else a BPE trained on the stages' text."""
+        from vlmspec.runtime.session import load_tokenizers, tokenizer_source
+        from vlmspec.runtime.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
 
         saved = self.run_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():
-            return load_tokenizer(saved)
+            return ensure_special_tokens(load_tokenizer(saved), self.analysis)
         lm = self.analysis.ir.language.config
-        source = self.opts.tokenizer or getattr(lm, "tokenizer", None) or getattr(lm, "weights", None)
-        if source:
-            tok = load_tokenizer(source)
+        source = tokenizer_source(self.analysis, self.opts.tokenizer)
+        if source is not None:
+            tok, _ = load_tokenizers(self.analysis, source)
         else:
             texts = []
             for st in all_stages:
@@ -317,22 +362,19 @@ class Trainer:
             fusions = self.analysis.ir.by_role("fusion")
             if fusions:
                 extra.append(fusions[0].config.image_token)
-            tok = train_tokenizer(texts, lm.vocab, extra_special=dict.fromkeys(extra))
+            tok = ensure_special_tokens(train_tokenizer(texts, lm.vocab, extra_special=dict.fromkeys(extra)),
+                                        self.analysis)
             self.log(f"trained a {len(tok)}-token BPE tokenizer on the training text (no tokenizer was given)")
-        if len(tok) > lm.vocab + lm.extra_vocab + lm.embed_extra:
-            raise user_error("E0512", f"the tokenizer has {len(tok)} tokens but `{self.analysis.ir.language.name}` "
-                             f"has vocab = {lm.vocab}", help="use a matching tokenizer or raise `vocab`")
         if self.dist.main:
             tok.save_pretrained(str(saved))
         return tok
 
-    def _build(self, tokenizer):
-        from vlmspec.runtime.model import build_model
+    def _build(self, tokenizer) -> Session:
+        """The model every stage starts from, built the one way every command builds it: the spec's
+        `weights` loaded, `dtype` and `quantize` honoured, the rest seeded."""
+        from vlmspec.runtime.session import build_session
 
-        image_token = self.analysis.ir.by_role("fusion")[0].config.image_token if self.analysis.ir.by_role("fusion") else None
-        image_id = tokenizer.convert_tokens_to_ids(image_token) if image_token else None
-        torch.manual_seed(self._seed())
-        return build_model(self.analysis, image_token_id=image_id)
+        return build_session(self.analysis, tokenizer=tokenizer, seed=self._seed())
 
     def _seed(self) -> int:
         return self.analysis.ir.stages[0].seed if self.analysis.ir.stages else 0
@@ -355,27 +397,37 @@ class Trainer:
         manifest = _read_manifest(self.run_dir)
         digest = spec_hash(self.analysis)
         if manifest is not None and manifest.get("spec_hash") != digest:
-            raise user_error("E0531", f"{self.run_dir} holds a run of another architecture "
-                             f"(`{manifest.get('model')}`, spec hash {manifest.get('spec_hash')})",
-                             help="use a new --output folder")
+            if manifest.get("architecture_hash") != architecture_hash(self.analysis):
+                raise user_error("E0531", f"{self.run_dir} holds a run of another architecture "
+                                 f"(`{manifest.get('model')}`, spec hash {manifest.get('spec_hash')})",
+                                 help="use a new --output folder")
+            self._take_up_schedule(manifest, stages, digest)
         if manifest is not None and not self.opts.resume and any(s["state"] != "pending" for s in manifest["stages"]):
             wanted = self.opts.stages or [s.name for s in stages]
             if any(s["name"] in wanted and s["state"] != "pending" for s in manifest["stages"]):
                 raise user_error("E0532", f"{self.run_dir} already holds trained stages",
                                  help="pass --resume to continue it, or choose a new --output folder")
+        wanted_names = self.opts.stages or [s.name for s in stages]
         if manifest is None:
             manifest = {"version": MANIFEST_VERSION, "spec": self.spec_ref, "model": self.analysis.ir.name,
-                        "spec_hash": digest,
+                        "spec_hash": digest, "architecture_hash": architecture_hash(self.analysis),
                         "stages": [{"name": s.name, "index": i + 1, "state": "pending",
-                                    "output": f"stages/{i + 1:02d}-{s.name}/weights.safetensors"}
+                                    "output": f"stages/{i + 1:02d}-{s.name}/weights.safetensors",
+                                    "definition": s.model_dump(mode="json")}
                                    for i, s in enumerate(stages)]}
             if self.dist.main:
                 atomic_write_text(self.run_dir / "spec.vlm", self.spec_text)
                 _write_manifest(self.run_dir, manifest)
         tokenizer = self._tokenizer(stages)
         self.dist.barrier()
-        processor = Processor(self.analysis, tokenizer)
-        model = self._build(tokenizer)
+        self._check_quantized()
+        session = self._build(tokenizer)
+        self.session = session
+        if session.report is not None:
+            self.log(str(session.report))
+        processor, model = session.require_processor(), session.model
+        model.train()
+        prepared = {st.name: self._prepare(st, processor) for st in stages if st.name in wanted_names}
         init = self.run_dir / "init.safetensors"
         if init.is_file():
             _load_into(model, load_file(str(init)), "init.safetensors")
@@ -402,11 +454,12 @@ class Trainer:
             entry["state"] = "running"
             if self.dist.main:
                 _write_manifest(self.run_dir, manifest)
-            result = self._train_stage(model, processor, stage, i, out.parent)
+            result = self._train_stage(model, processor, stage, i, out.parent, prepared[stage.name])
             results.append(result)
             if self._sharded:
                 # FSDP2 shards modules in place; continue from a plain model holding the gathered weights
-                model = self._build(tokenizer)
+                model = self._build(tokenizer).model
+                model.train()
                 _load_into(model, self._last_state, "the gathered FSDP state")
                 self._sharded = False
             entry["state"] = "done"
@@ -420,6 +473,39 @@ class Trainer:
         self.dist.barrier()
         return results
 
+    def _take_up_schedule(self, manifest: dict[str, Any], stages: list[Stage], digest: str) -> None:
+        """The spec changed only in its stage schedule since the run began: say what changed and carry on
+        where that is sound (a pending stage takes any change; a stage in progress takes new lengths,
+        data and rates); refuse where the trained tensors or the checkpoint would not fit the new text."""
+        if not self.opts.resume:
+            raise user_error("E0532", f"{self.run_dir} holds a run whose stage schedule differs from this spec",
+                             help="pass --resume to continue it under the new schedule, or choose a new --output "
+                             "folder")
+        old_names = [s["name"] for s in manifest["stages"]]
+        new_names = [s.name for s in stages]
+        if old_names != new_names:
+            raise user_error("E0536", f"{self.run_dir}: the stages changed ({', '.join(old_names)} -> "
+                             f"{', '.join(new_names)}); a run resumes the schedule it began with",
+                             help="put the stages back as they were, or start a new --output folder")
+        for entry, stage in zip(manifest["stages"], stages, strict=True):
+            changes = stage_changes(entry.get("definition", {}), stage)
+            if not changes:
+                continue
+            state = entry["state"]
+            ckpt = (self.run_dir / entry["output"]).parent / "ckpt" / "state.json"
+            fixed = [k for k in changes if not k.startswith(SCHEDULE_ONLY)]
+            if state == "done" or (state == "running" and ckpt.is_file() and fixed):
+                why = "is done" if state == "done" else f"is in progress and {', '.join(fixed)} changed"
+                raise user_error("E0537", f"stage `{stage.name}` {why}: {_show(changes)}",
+                                 help="its trained tensors (or its checkpoint) follow the old definition: put it "
+                                 "back, or start a new --output folder")
+            self.log(f"stage {stage.name}: {_show(changes)}")
+            entry["definition"] = stage.model_dump(mode="json")
+        manifest["spec_hash"] = digest
+        if self.dist.main:
+            atomic_write_text(self.run_dir / "spec.vlm", self.spec_text)
+            _write_manifest(self.run_dir, manifest)
+
     def _write_final(self, model, tokenizer, manifest) -> None:
         from vlmspec.runtime.checkpoint import save_model_dir
 
@@ -431,21 +517,18 @@ class Trainer:
                  "--prompt ...)")
 
     # ------------------------------------------------------------ one stage
-    def _train_stage(self, model, processor: Processor, stage: Stage, index: int, stage_dir: Path) -> StageResult:
-        from vlmspec.runtime.freeze import apply_stage
-
-        opts, dist = self.opts, self.dist
+    def _prepare(self, stage: Stage, processor: Processor) -> Prepared:
+        """A stage's data read, checked and encoded: done for every stage before the first one trains,
+        so a bad record in the last stage's data is reported in seconds, not after hours."""
         first = {o.name: o.weight for o in stage.objective if o.name in FIRST_STAGE}
         if first and len(first) != len(stage.objective):
             raise user_error("E0527", f"stage `{stage.name}` mixes `lm` with {', '.join(first)}",
                              help="BLIP-2 trains them in separate stages: `objective itc + itm + itg` first, "
                              "then a stage with `objective lm`")
-        path, fmt, images = _stage_data(stage, opts)
+        path, fmt, images = _stage_data(stage, self.opts)
         needs_image = processor.transform is not None
-        image_token = processor.image_token
         ds = read_dataset(path, fmt, images, needs_image=needs_image, image_token="<image>")
-        del image_token
-        ds.check(opts.max_bad)
+        ds.check(self.opts.max_bad)
         if ds.bad:
             self.log(f"stage {stage.name}: skipped {len(ds.bad)} bad records (first: {ds.bad[0].where}: "
                      f"{ds.bad[0].reason})")
@@ -454,10 +537,30 @@ class Trainer:
         enc = encode_dataset(ds, processor)
         texts = [processor.tokenizer(" ".join(a for _, a in smp.turns).strip(), add_special_tokens=False)["input_ids"]
                  for smp in ds.samples] if first else []
+        return Prepared(first, enc, texts)
+
+    def _check_quantized(self) -> None:
+        """A component stored as integers (`quantize = int8`) cannot take gradients: refuse a stage that
+        trains or adapts one, instead of training something else."""
+        for plan in self.analysis.plans:
+            for comp, status in plan.status.items():
+                mode = getattr(self.analysis.ir.components[comp].config, "quantize", "none")
+                if mode != "none" and status not in ("frozen", "empty"):
+                    raise user_error("E0535", f"stage `{plan.name}` trains `{comp}`, which `quantize = {mode}` "
+                                     "stores as integers", help=f"freeze `{comp}` in that stage, or drop `quantize` "
+                                     "while training (quantize the trained model for serving)")
+
+    def _train_stage(self, model, processor: Processor, stage: Stage, index: int, stage_dir: Path,
+                     prepared: Prepared) -> StageResult:
+        from vlmspec.runtime.freeze import apply_stage
+
+        opts, dist = self.opts, self.dist
+        first, enc, texts = prepared.first, prepared.enc, prepared.texts
 
         upcycle_done = self._upcycle(model, stage)
         lora_modules = self._apply_lora(model, stage)
-        apply_stage(model, self.analysis, stage.name)
+        table = ParamTable.of(model, self.analysis)  # after LoRA: adapters lie under their layers' paths
+        apply_stage(model, self.analysis, stage.name, table)
         for m in lora_modules:
             for n, p in m.named_parameters():
                 if "lora_" in n:
@@ -478,8 +581,8 @@ class Trainer:
         total = opts.steps or stage.steps or steps_per_epoch * (stage.epochs or 1)
 
         # wrap first: FSDP2 replaces the parameters the optimizer must hold
-        train_model = self._wrap(model, stage, FirstStageLoss(model, set(first)) if first else None)
-        groups = _param_groups(model, stage, self.analysis)
+        train_model = self._wrap(model, stage, table, FirstStageLoss(model, set(first)) if first else None)
+        groups = _param_groups(model, stage, self.analysis, table)
         optim = make_optimizer(groups, stage)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(stage, total))
         ckpt = stage_dir / "ckpt"
@@ -570,7 +673,7 @@ class Trainer:
         state = self._full_state(model)  # every rank takes part: FSDP gathers its shards here
         self._last_state = state
         if dist.main:
-            _save_tensors(stage_dir / "weights.safetensors", self._changed_state(model, stage, state))
+            _save_tensors(stage_dir / "weights.safetensors", self._changed_state(model, stage, state, table))
             if ckpt.exists():
                 shutil.rmtree(ckpt, ignore_errors=True)
         self.dist.barrier()
@@ -597,19 +700,18 @@ class Trainer:
 
         return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
 
-    def _changed_state(self, model, stage: Stage, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors a stage may have changed: its trainable parameters, plus every tensor of the components
-        whose LoRA adapters were merged or whose experts were up-cycled (no longer trainable by then)."""
+    def _changed_state(self, model, stage: Stage, state: dict[str, torch.Tensor],
+                       table: ParamTable) -> dict[str, torch.Tensor]:
+        """Tensors a stage may have changed: its trainable parameters, plus every parameter under the
+        paths whose LoRA adapters were merged or whose experts were up-cycled (frozen by then)."""
         names = {n for n, p in model.named_parameters() if p.requires_grad}
-        comps = {lo.path.split(".")[0] for lo in stage.lora} | {u.dest.split(".")[0] for u in stage.upcycle}
-        out = {}
-        for k, v in state.items():
-            parts = k.split(".")
-            if k in names or (parts[0] == "components" and len(parts) > 1 and parts[1] in comps):
-                out[k] = v
-        return out
+        merged = ParamTable.of(model, self.analysis) if stage.lora else table  # names without the adapters
+        for path in [p for lo in stage.lora for p in expand_fusion(lo.path, self.analysis)] + \
+                [p for u in stage.upcycle for p in expand_fusion(u.dest, self.analysis)]:
+            names.update(merged.covered(path))
+        return {k: v for k, v in state.items() if k in names}
 
-    def _wrap(self, model, stage: Stage, loss_module: torch.nn.Module | None = None):
+    def _wrap(self, model, stage: Stage, table: ParamTable, loss_module: torch.nn.Module | None = None):
         """What the training loop calls: the model, or `loss_module` (which computes the stage's losses
         from the model), under DDP or with the model's trained components sharded by FSDP2."""
         top = loss_module if loss_module is not None else model
@@ -620,9 +722,9 @@ class Trainer:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh("cpu", (self.dist.world,))
-            for comp in model.components.values():
-                if any(p.requires_grad for p in comp.parameters()):  # frozen components stay replicated
-                    fully_shard(comp, mesh=mesh)
+            trained = table.components_with(n for n, p in model.named_parameters() if p.requires_grad)
+            for name in sorted(trained):  # frozen components stay replicated
+                fully_shard(model.components[name], mesh=mesh)
             self._sharded = True
             return top
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -651,6 +753,7 @@ class Trainer:
 
     def _restore(self, model, optim, sched, ckpt: Path) -> dict[str, Any]:
         """Load a checkpoint written by `_checkpoint` into the (possibly FSDP-sharded) model and optimizer."""
+        fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optim.param_groups]
         state = json.loads((ckpt / "state.json").read_text())
         weights = load_file(str(ckpt / "weights.safetensors"))
         blob = torch.load(ckpt / "optim.pt", weights_only=False)
@@ -669,6 +772,13 @@ class Trainer:
             _load_into(model, weights, "checkpoint")
             optim.load_state_dict(blob["optim"])
         sched.load_state_dict(blob["sched"])
+        if fresh != [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optim.param_groups]:
+            # the schedule changed since the checkpoint (`_take_up_schedule`): the new rates hold from here
+            for group, new in zip(optim.param_groups, fresh, strict=True):
+                group.update(new)
+            sched.base_lrs = [g["initial_lr"] for g in optim.param_groups]
+            for group, base, factor in zip(optim.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * factor(sched.last_epoch)
         _set_rng_state(blob["rng"])
         return state
 
@@ -677,11 +787,11 @@ class Trainer:
         if self.dist.main:
             from vlmspec.evaluation import run_eval
 
-            model.processor, model.analysis = processor, self.analysis
+            session = Session(self.analysis, model, processor.tokenizer, processor.instruction_tokenizer)
             was_training = model.training
             model.eval()
             try:
-                results = run_eval(model, "vqa", self.opts.eval_data, progress=False)
+                results = run_eval(session, "vqa", self.opts.eval_data, progress=False)
             finally:
                 model.train(was_training)
             acc = results["metrics"]["vqa_accuracy"]

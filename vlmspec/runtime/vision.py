@@ -32,6 +32,7 @@ from vlmspec.runtime.blocks import (
     tracing,
 )
 from vlmspec.runtime.registry import BuildContext, register
+from vlmspec.runtime.spec_paths import GROUP, SpecPart
 
 
 def rotate_fp32(rotary: Rotary, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,6 +317,26 @@ class VisionEncoder(nn.Module):
             self.register_buffer("tiles_in_use", torch.tensor(cfg.tiles_in_use), persistent=False)
         depth = cfg.depth
         self.selected = [i if i >= 0 else depth + 1 + i for i in cfg.feature.layers]
+
+    # --- what each spec path (`clip.attn`, `clip.norm`, ...) covers; see vlmspec.runtime.spec_paths
+    def spec_parts(self) -> list[SpecPart]:
+        layers = list(self.encoder.layers)
+        return [SpecPart("embeddings", [self.embeddings], GROUP), SpecPart("layers", [self.encoder.layers], GROUP),
+                SpecPart("attn", [layer.self_attn for layer in layers]),
+                SpecPart("mlp", [layer.mlp for layer in layers]),
+                SpecPart("norm", [getattr(self, "pre_layrnorm", None), getattr(self, "post_layernorm", None)])]
+
+    def lora_parts(self) -> dict[str, list[nn.Module]]:
+        out: dict[str, list[nn.Module]] = {}
+        for layer in self.encoder.layers:
+            a = layer.self_attn
+            linears = ({"attn.q": a.qkv, "attn.k": a.qkv, "attn.v": a.qkv, "attn.o": a.projection}
+                       if isinstance(a, EVAAttention) else
+                       {"attn.q": a.q_proj, "attn.k": a.k_proj, "attn.v": a.v_proj, "attn.o": a.out_proj})
+            linears.update({"mlp.fc1": layer.mlp.fc1, "mlp.fc2": layer.mlp.fc2})
+            for target, linear in linears.items():
+                out.setdefault(target, []).append(linear)
+        return out
 
     @property
     def image_dims(self) -> int:

@@ -87,6 +87,13 @@ class ComponentSchema(Schema):
         """Linear layers (relative paths) that LoRA may wrap."""
         return []
 
+    def part_params(self, sub: str, parts: dict[str, int], llm: Any = None) -> int:
+        """Parameters under sub-path `sub` ("" for the whole component), from this kind's per-part counts
+        (`params()`); `llm` is the language model's schema, for parts that reach into it. The run-time
+        modules declare the same paths (`spec_parts()`); tests/runtime/test_spec_paths.py holds the two
+        to one answer."""
+        return sum(parts.values()) if not sub else parts.get(sub, 0)
+
 
 @dataclass(slots=True)
 class KindRegistry:

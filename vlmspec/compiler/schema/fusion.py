@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -178,3 +178,8 @@ class MoEFusion(FusionBase):
     def params_for(self, llm: LanguageBase, visual: TokenShape) -> dict[str, int]:
         moe = self.as_moe()
         return {"experts": len(moe.layer_ids(llm.depth)) * llm.moe_extra(moe)}
+
+    def part_params(self, sub: str, parts: dict[str, int], llm: Any = None) -> int:
+        if not sub and llm is not None:  # the experts, and the dense FFNs they start from (expert 0)
+            return parts.get("experts", 0) + len(self.layer_ids(llm.depth)) * llm.mlp_params()
+        return super().part_params(sub, parts, llm)

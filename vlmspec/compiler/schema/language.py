@@ -161,6 +161,20 @@ class LanguageBase(ComponentSchema):
             p["moe"] = len(self.moe.layer_ids(self.depth)) * self.moe_extra(self.moe)
         return p
 
+    def part_params(self, sub: str, parts: dict[str, int], llm: Any = None) -> int:
+        if sub == "attn":
+            return self.depth * self.attn_params()
+        if sub == "mlp":  # MoE layers whose experts differ in size from the dense FFN have none
+            moe = self.moe
+            without = len(moe.layer_ids(self.depth)) if moe is not None and moe.ffn not in (None, self.ffn) else 0
+            return (self.depth - without) * self.mlp_params()
+        if sub == "layers":  # a layer's experts live in the layer
+            return parts.get("layers", 0) + parts.get("moe", 0)
+        if sub == "moe" and self.moe is not None:
+            # the experts replace each MoE layer's dense FFN: the extra parameters plus the FFN they replace
+            return parts.get("moe", 0) + len(self.moe.layer_ids(self.depth)) * self.mlp_params()
+        return super().part_params(sub, parts, llm)
+
     def subpaths(self) -> list[str]:
         paths = ["embed", "layers", "attn", "mlp", "norm", "head"]
         if self.moe is not None:

@@ -180,6 +180,18 @@ class ViTBase(ComponentSchema):
             out["norms"] = norms
         return out
 
+    def part_params(self, sub: str, parts: dict[str, int], llm: Any = None) -> int:
+        w, m = self.width, self.mlp_dim
+        if sub == "attn":
+            return self.depth * 4 * linear(w, w, self.attn_bias)
+        if sub == "mlp":
+            return self.depth * (linear(w, m) + linear(m, w))
+        if sub == "norm":
+            return parts.get("norms", 0)
+        if sub == "embeddings":  # a tiled encoder's tile and tile-position embeddings sit with the patches'
+            return parts.get("embeddings", 0) + parts.get("tile_embeddings", 0)
+        return super().part_params(sub, parts, llm)
+
     def subpaths(self) -> list[str]:
         return ["embeddings", "layers", "attn", "mlp", "norm"]
 

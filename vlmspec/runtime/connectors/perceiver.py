@@ -17,6 +17,7 @@ from vlmspec.compiler.schema.connectors import Perceiver
 from vlmspec.runtime.blocks import VisualTokens, activation, attend, split_heads
 from vlmspec.runtime.connectors.base import Connector, Instruction
 from vlmspec.runtime.registry import BuildContext, register
+from vlmspec.runtime.spec_paths import GROUP, SpecPart
 
 
 class PerceiverAttention(nn.Module):
@@ -71,6 +72,10 @@ class PerceiverConnector(Connector):
         ])
         self.layer_norm = nn.LayerNorm(d)
         self.proj = nn.Linear(d, out_width) if cfg.project else None
+
+    def spec_parts(self) -> list[SpecPart]:
+        return [SpecPart("latents", [self.latents]), SpecPart("layers", [self.blocks], GROUP),
+                SpecPart("proj", [self.proj])]
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.latents, std=1.0)

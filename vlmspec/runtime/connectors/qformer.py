@@ -18,6 +18,7 @@ from vlmspec.compiler.schema.connectors import QFormer
 from vlmspec.runtime.blocks import VisualTokens, attend, check_divisible, param_dtype, split_heads
 from vlmspec.runtime.connectors.base import Connector, Instruction, merge_sources
 from vlmspec.runtime.registry import BuildContext, register
+from vlmspec.runtime.spec_paths import GROUP, SpecPart
 
 
 class MultiHead(nn.Module):
@@ -212,6 +213,12 @@ class QFormerConnector(Connector):
             self.itm_head = nn.Linear(cfg.width, 2)
             self.temp = nn.Parameter(torch.tensor(0.07))
             self.itg_head = LMHead(cfg.width, cfg.text_vocab, cfg.norm_eps)
+
+    def spec_parts(self) -> list[SpecPart]:
+        heads = ("embeddings", "vision_projection", "text_projection", "itm_head", "temp", "itg_head")
+        return [SpecPart("queries", [self.query_tokens]), SpecPart("layers", [self.qformer.encoder], GROUP),
+                SpecPart("proj", [self.language_projection]),
+                SpecPart("pretrain", [getattr(self, n, None) for n in heads] if self.pretrain else [])]
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.query_tokens, std=std)

@@ -43,12 +43,13 @@ from vlmspec.runtime.export.to_tensorrt import (
     tensorrt_unavailable,
 )
 from vlmspec.runtime.model import VisionLanguageModel
+from vlmspec.runtime.session import Session, load_session
 
 FORMATS = ("pt2", "onnx", "tensorrt")
 PROGRAMS = (ENCODER, PREFILL, DECODE)
 
 
-def export_model(model_dir_or_model: str | Path | VisionLanguageModel, out_dir: str | Path,
+def export_model(model_dir_or_model: str | Path | VisionLanguageModel | Session, out_dir: str | Path,
                  formats: Sequence[str] | str = ("pt2",), max_len: int | None = None,
                  dtype: str | torch.dtype | None = None, *, max_batch: int = 64, analysis: Analysis | None = None,
                  tokenizer: Any = None, quantize: str | None = None,
@@ -59,8 +60,8 @@ def export_model(model_dir_or_model: str | Path | VisionLanguageModel, out_dir: 
 
     max_len: cache length (default: the language model's max_positions; at most that). dtype: "fp32",
     "bf16", "fp16" or a torch dtype (default: the model's own). max_batch: the largest batch the
-    artefacts accept. A live model needs its `Analysis` (`analysis=` or a `.analysis` attribute, as
-    `vlmspec.load` sets) and, for a self-contained folder, a tokenizer (`tokenizer=` or `.processor`).
+    artefacts accept. A session (`vlmspec.load`) or a model folder brings its analysis and tokenizer; a
+    live model needs `analysis=` and, for a self-contained folder, `tokenizer=`.
     quantize / calibration: TensorRT-only int8 / fp8 post-training quantization and its batches.
     """
     say = progress or (lambda _msg: None)
@@ -145,30 +146,25 @@ def _check_target(out: Path) -> None:
         raise bad_option(f"{out} exists and is not an export folder", help="choose a new or empty output folder")
 
 
-def _resolve(src: str | Path | VisionLanguageModel, analysis: Analysis | None,
+def _resolve(src: str | Path | VisionLanguageModel | Session, analysis: Analysis | None,
              tokenizer: Any) -> tuple[VisionLanguageModel, Analysis, Any, str]:
-    """(model, analysis, tokenizer, spec text) from a model folder or a live model."""
-    if isinstance(src, VisionLanguageModel):
-        model = src
-        analysis = analysis or getattr(model, "analysis", None)
-        if analysis is None:
-            raise bad_option("exporting a live model needs its Analysis",
-                             help="pass analysis=vlmspec.check('spec.vlm:model'), or export a model folder")
-        spec_path = Path(analysis.file)
-        spec_text = spec_path.read_text(encoding="utf-8") if spec_path.is_file() else ""
-    else:
+    """(model, analysis, tokenizer, spec text) from a model folder, a session or a live model."""
+    if isinstance(src, str | Path):
         path = Path(src)
         if not path.is_dir():
             raise bad_option(f"{path} is not a model folder", help="export a folder written by `vlm build` or "
                              "`vlm train`")
-        from vlmspec.runtime.checkpoint import load
-
-        model = load(path)
-        analysis = model.analysis
-        spec_text = (path / "spec.vlm").read_text(encoding="utf-8")
-    if tokenizer is None:
-        processor = getattr(model, "processor", None)
-        tokenizer = getattr(processor, "tokenizer", None)
+        src = load_session(path)
+    if isinstance(src, Session):
+        tokenizer = tokenizer if tokenizer is not None else src.tokenizer
+        model, analysis = src.model, src.analysis
+    else:
+        model = src
+        if analysis is None:
+            raise bad_option("exporting a live model needs its Analysis",
+                             help="pass analysis=vlmspec.check('spec.vlm:model'), or export a model folder")
+    spec_path = Path(analysis.file)
+    spec_text = spec_path.read_text(encoding="utf-8") if spec_path.is_file() else ""
     return model, analysis, tokenizer, spec_text
 
 

@@ -20,7 +20,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +29,9 @@ from starlette.routing import Route
 
 from vlmspec.diagnostics import VlmSpecError
 from vlmspec.runtime.serve.engine import Engine, GenRequest, QueueFull
+
+if TYPE_CHECKING:
+    from vlmspec.runtime.session import Session
 
 
 @dataclass(slots=True)
@@ -147,11 +150,11 @@ def parse_chat(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenRequest, bool
     return req, bool(body.get("stream", False))
 
 
-def create_app(model: Any, cfg: ServeConfig | None = None, name: str | None = None) -> Starlette:
+def create_app(session: Session, cfg: ServeConfig | None = None, name: str | None = None) -> Starlette:
     cfg = cfg or ServeConfig()
-    engine = Engine(model, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue,
+    engine = Engine(session, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue,
                     max_pixels=cfg.max_pixels)
-    model_name = name or model.analysis.ir.name
+    model_name = name or session.name
     started = time.time()
 
     def authorised(request: Request) -> bool:

@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from torch import Tensor
 
 from vlmspec.runtime.decoding import KVCache
 from vlmspec.runtime.images import open_image
+
+if TYPE_CHECKING:
+    from vlmspec.runtime.session import Session
 
 
 class QueueFull(Exception):
@@ -210,23 +213,20 @@ class Engine:
     """Owns the model: `submit` prepares a request and queues it; the decode thread (`_serve_forever`)
     batches it with the others and streams its text to the request's `deltas`, on the event loop."""
 
-    def __init__(self, model: Any, max_batch: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
+    def __init__(self, session: Session, max_batch: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
                  max_pixels: int = 16 * 1024 * 1024):
-        self.model = model
-        self.processor = model.processor
+        self.model = session.model
+        self.processor = session.require_processor()
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.max_pixels = max_pixels
         self.stats = Stats()
         self.images = ImageCache(self.processor.transform) if self.processor.transform is not None else None
-        p = self.processor
-        stops = [p.eos_id, *[p.tokenizer.convert_tokens_to_ids(s) for s in p.settings.stop]]
-        self.stop_ids = {s for s in stops if s is not None}  # the token ids `inference.answer` stops at
-        # what `model.generate` never produces: the image placeholder of in-sequence fusions
-        self.banned = p.image_token_id if getattr(model, "in_sequence", None) else None
-        lm = p.analysis.ir.language
-        self.max_positions = lm.config.max_positions if lm is not None else None
+        facts = session.facts
+        self.stop_ids = set(facts.stop_ids)  # the token ids `inference.answer` stops at
+        self.banned = facts.banned_id  # what `model.generate` never produces
+        self.max_positions = facts.max_positions
         self.batches: list[Batch] = []  # decode thread only; more than one only when rows cannot merge
         self.incoming: queue.SimpleQueue[GenRequest | None] = queue.SimpleQueue()  # prepared, not yet admitted
         self.held: list[GenRequest] = []  # decode thread only: taken from `incoming`, waiting to be admitted

@@ -95,10 +95,11 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` in the LLaVA layout (config, weights, tokenizer, processor configs); return it."""
     from safetensors.torch import save_file
 
-    from vlmspec.runtime.checkpoint import load
+    from vlmspec.runtime.session import load_session
 
-    model = load(model_dir)
-    config, (vis, con, lm) = llava_config(model, model.analysis)
+    session = load_session(model_dir)
+    model = session.model
+    config, (vis, con, lm) = llava_config(model, session.analysis)
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,7 +120,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     for name in copied:
         shutil.copyfile(Path(model_dir) / name, tmp / name)
     if copied:
-        for name, cfg in processor_configs(model, model.analysis).items():
+        for name, cfg in processor_configs(model, session.analysis).items():
             (tmp / name).write_text(json.dumps(cfg, indent=2))
     fsync_dir_files(tmp)
     replace_dir(tmp, out)
