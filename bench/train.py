@@ -44,8 +44,8 @@ def worker(which: str, batch: int, steps: int, threads: int, weights: str) -> di
     state = load_file(weights)  # both workers read the same weights from disk: symmetric peak memory
     if which == "vlmspec":
         from vlmspec.compiler.compile import load_analysis
-        from vlmspec.runtime.freeze import apply_stage
         from vlmspec.runtime.model import build_model
+        from vlmspec.runtime.train.freeze import apply_stage
 
         spec = fw.SPEC.replace("}\n}\n", "}\n  stage align { train proj  freeze clip, llm }\n}\n")
         with tempfile.TemporaryDirectory() as d:

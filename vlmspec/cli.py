@@ -410,7 +410,7 @@ def train(
     if dry_run:
         _print_plan(analysis)
         return
-    from vlmspec.runtime.trainer import Trainer, TrainOptions
+    from vlmspec.runtime.train import Trainer, TrainOptions
 
     path = spec.split(":")[0] if not Path(spec).is_file() else spec
     opts = TrainOptions(run_dir=output, data=data, images=images, stages=stage, resume=resume, max_bad=max_bad,

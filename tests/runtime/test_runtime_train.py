@@ -8,9 +8,9 @@ import pytest
 import torch
 from runtime_helpers import CASES, analyse, image_tokens, labels_for, pixels, prompts
 
-from vlmspec.runtime.freeze import apply_stage, trainable_count
 from vlmspec.runtime.model import build_model
 from vlmspec.runtime.spec_paths import Claim, ParamTable
+from vlmspec.runtime.train.freeze import apply_stage, trainable_count
 
 #: The compiler books `llm.moe` as `moe_extra + n * mlp(expert ffn)`, but an MoE layer whose experts are
 #: smaller than the dense FFN trains `moe_extra + n * mlp(dense ffn)` (see the runtime report).

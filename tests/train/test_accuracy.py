@@ -39,9 +39,9 @@ def test_blip2_first_stage_learns_retrieval(tmp_path) -> None:
     caption of a held-out image well above chance (about 5x in 150 steps)."""
     import torch
 
-    from vlmspec.runtime import objectives as O
     from vlmspec.runtime.images import open_image
     from vlmspec.runtime.session import load_session
+    from vlmspec.runtime.train import objectives as O
 
     data = tmp_path / "shapes"
     subprocess.run([*VLM, "data", "synth", "-o", str(data), "--n", "2000", "--test", "64"], check=True)

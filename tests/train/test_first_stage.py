@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from vlmspec.compiler.compile import load_analysis
-from vlmspec.runtime import objectives as O
-from vlmspec.runtime import trainer as trainer_mod
 from vlmspec.runtime.model import build_model
 from vlmspec.runtime.synth import synthesize
-from vlmspec.runtime.trainer import Trainer, TrainOptions
+from vlmspec.runtime.train import Trainer, TrainOptions
+from vlmspec.runtime.train import loop as trainer_mod
+from vlmspec.runtime.train import objectives as O
 
 VLM = [sys.executable, "-m", "vlmspec.cli"]
 
@@ -146,7 +146,8 @@ def test_contrastive_loss_is_low_for_matching_features() -> None:
 
 def run(spec: str, data: Path, out: Path, **kw) -> Trainer:
     analysis, _ = load_analysis(spec)
-    t = Trainer(analysis, TrainOptions(run_dir=out, data=str(data), quiet=True, **kw), Path(spec).read_text(), spec)
+    t = Trainer(analysis, TrainOptions(run_dir=out, data=str(data), **{"quiet": True, **kw}), Path(spec).read_text(),
+                spec)
     t.run()
     return t
 
@@ -198,10 +199,15 @@ def test_first_stage_resume_is_bitwise(spec, data, tmp_path, monkeypatch) -> Non
     with pytest.raises(Crash):
         run(spec, data, tmp_path / "crashed", stages=["align"], save_every=2)
     monkeypatch.setattr(Trainer, "_checkpoint", real)
-    run(spec, data, tmp_path / "crashed", stages=["align"], save_every=2, resume=True)
+    log: list[str] = []
+    run(spec, data, tmp_path / "crashed", stages=["align"], save_every=2, resume=True, quiet=False, log=log.append)
+    # it resumed (a run that ignored its checkpoint and started again would reach the same weights)
+    assert any("stage align: resumed at step 2/4" in line for line in log), log
+    steps = [json.loads(x)["step"] for x in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], steps  # steps 3 and 4 trained after the restart, 1 and 2 not again
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "crashed" / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_first_stage_errors_are_one_line(data, tmp_path) -> None:

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from vlmspec.compiler.compile import load_analysis
-from vlmspec.runtime import trainer as trainer_mod
 from vlmspec.runtime.synth import synthesize
-from vlmspec.runtime.trainer import Trainer, TrainOptions
+from vlmspec.runtime.train import Trainer, TrainOptions
+from vlmspec.runtime.train import loop as trainer_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 VLM = [sys.executable, "-m", "vlmspec.cli"]
@@ -87,7 +87,7 @@ def test_stage_trains_exactly_what_it_says(spec, data, tmp_path, monkeypatch) ->
 
 def test_lora_stays_in_the_named_component(spec, data, tmp_path, monkeypatch) -> None:
     wrapped = []
-    from vlmspec.runtime import lora
+    from vlmspec.runtime.train import lora
 
     real = lora.inject_lora
     monkeypatch.setattr(lora, "inject_lora", lambda *a: wrapped.extend(real(*a)) or wrapped)
@@ -120,15 +120,18 @@ def test_kill_and_resume_is_bitwise(spec, data, tmp_path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists()
+    saved = json.loads(state.read_text())["step"]  # the last checkpoint before the kill
     r = subprocess.run([*args, "-o", str(killed), "--resume"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert "resumed at step" in r.stderr
+    # it resumed from that checkpoint (a run that started again would reach the same weights too)
+    assert 6 <= saved < 40 and f"resumed at step {saved}/40" in r.stderr, (saved, r.stderr[-2000:])
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(killed / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    losses_a = [json.loads(x)["loss"] for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines() if "loss" in x]
-    losses_b = [json.loads(x)["loss"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert losses_a == losses_b
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    rows_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == list(range(1, 41))  # each step once: none trained twice
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
 
 
 def test_refuses_to_overwrite_a_run(spec, data, tmp_path) -> None:
@@ -196,9 +199,12 @@ def test_fsdp_kill_and_resume_matches_a_straight_run(spec, data, tmp_path) -> No
     _kill_all_running(str(killed))  # torchrun's workers live in their own process groups
     proc.wait()
     assert not (killed / "final").exists()
+    saved = json.loads(state.read_text())["step"]  # the last checkpoint before the kill
     r = subprocess.run([*torchrun, "-o", str(killed), "--resume"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed at step" in r.stderr
+    assert 4 <= saved < 40 and f"resumed at step {saved}/40" in r.stderr, (saved, r.stderr[-3000:])
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41)), steps
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(killed / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,7 +1,7 @@
 """`qformer`: BLIP-2's Q-Former. Learned queries read the image through cross-attention every
 `cross_every` layers; InstructBLIP's variant also lets instruction text into the self-attention; with `pretrain` the
 connector also holds BLIP-2's first-stage text side (text embeddings; ITC, ITM and ITG heads), which
-`vlmspec.runtime.objectives` trains.
+`vlmspec.runtime.train.objectives` trains.
 
 Keys follow Hugging Face's Blip2 / InstructBlip (`query_tokens`, `qformer.layernorm` or
 `qformer.embeddings.*`, `qformer.encoder.layer.N.attention.attention.query`, `crossattention`,
@@ -226,7 +226,7 @@ class QFormerConnector(Connector):
             with torch.no_grad():
                 self.temp.fill_(0.07)
 
-    # ---- BLIP-2's first stage (objectives itc / itm / itg); see vlmspec.runtime.objectives
+    # ---- BLIP-2's first stage (objectives itc / itm / itg); see vlmspec.runtime.train.objectives
     def word_table(self) -> tuple[nn.Embedding, nn.Embedding]:
         """(word, position) embeddings of the text side."""
         emb = self.qformer.embeddings if self.qformer.instruction else self.embeddings

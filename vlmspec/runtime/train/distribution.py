@@ -1,0 +1,70 @@
+"""One process or many (torchrun): ranks, collectives, and DDP / FSDP2 around what a stage trains."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vlmspec.runtime.spec_paths import ParamTable
+from vlmspec.runtime.train.objectives import FIRST_STAGE
+
+
+@dataclass(slots=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x)
+        return x
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def wrap(model: torch.nn.Module, dist: Dist, shard: bool, table: ParamTable,
+         loss_module: torch.nn.Module | None = None) -> tuple[torch.nn.Module, bool]:
+    """(what the training loop calls, whether the model is now sharded): the model, or `loss_module`
+    (which computes the stage's losses from the model), under DDP or with the model's trained components
+    sharded by FSDP2."""
+    top = loss_module if loss_module is not None else model
+    if dist.world <= 1:
+        return top, False
+    if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.world,))
+        trained = table.components_with(n for n, p in model.named_parameters() if p.requires_grad)
+        for name in sorted(trained):  # frozen components stay replicated
+            fully_shard(model.components[name], mesh=mesh)
+        return top, True
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # a subset of the first-stage objectives leaves heads unused (itc alone never reaches the ITM head)
+    unused = loss_module is not None and set(FIRST_STAGE) - loss_module.wanted
+    return DDP(top, find_unused_parameters=bool(unused)), False
+
