@@ -29,9 +29,9 @@ def default_model() -> tuple[str, str]:
 
     from vlmspec.compiler.compile import load_analysis
     from vlmspec.runtime.checkpoint import save_model_dir
+    from vlmspec.runtime.inputs.synth import corpus, synthesize
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
     from vlmspec.runtime.model import build_model
-    from vlmspec.runtime.synth import corpus, synthesize
-    from vlmspec.runtime.tokenizer import train_tokenizer
 
     d = Path(tempfile.mkdtemp())
     synthesize(d / "shapes", n_train=10, n_test=100, size=64)

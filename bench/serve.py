@@ -115,9 +115,9 @@ def tiny_model() -> str:
 
     from vlmspec.compiler.compile import load_analysis
     from vlmspec.runtime.checkpoint import save_model_dir
+    from vlmspec.runtime.inputs.synth import corpus
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
     from vlmspec.runtime.model import build_model
-    from vlmspec.runtime.synth import corpus
-    from vlmspec.runtime.tokenizer import train_tokenizer
 
     analysis, _ = load_analysis(f"{ROOT}/specs/llava-1.5-7b.vlm:llava_1_5_7b_tiny")
     tok = train_tokenizer(corpus(), 400)

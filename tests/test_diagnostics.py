@@ -1,6 +1,7 @@
 """Every diagnostic code renders as documented: file:line:col, the source line, a caret, help.
 
-Snapshots live in tests/snapshots/CODE.txt; regenerate them with `UPDATE_SNAPSHOTS=1 pytest tests/test_diagnostics.py`
+Snapshots live in tests/snapshots/CODE.txt. A normal run never writes one: a missing or different snapshot
+fails with the rendered text. Write them deliberately with `UPDATE_SNAPSHOTS=1 pytest tests/test_diagnostics.py`
 and review the diff like any other change.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,14 +35,31 @@ def test_diagnostic_snapshot(code: str, tmp_path: Path) -> None:
     text, codes = rendered(code, tmp_path)
     assert code in codes, f"{code} not reported; got {codes}:\n{text}"
     snap = SNAPSHOTS / f"{code}.txt"
-    if os.environ.get("UPDATE_SNAPSHOTS") or not snap.exists():
+    if os.environ.get("UPDATE_SNAPSHOTS"):
         snap.write_text(text + "\n")
-    assert text + "\n" == snap.read_text()
+    write = f"UPDATE_SNAPSHOTS=1 pytest tests/test_diagnostics.py -k {code}"
+    if not snap.exists():
+        pytest.fail(f"no snapshot {snap}; it would hold:\n{text}\n\nwrite it with `{write}`", pytrace=False)
+    assert text + "\n" == snap.read_text(), f"{code} renders differently from its snapshot (`{write}` rewrites it)"
     # the rustc/ruff shape: location, code, source line and caret
     first = text.splitlines()[0]
     if code not in {"E0106", "E0313"} or "<tmp>" in first:
         assert re.match(r"<tmp>/spec\.vlm:\d+:\d+: (error|warning)\[[EW]\d{4}\]: ", first), first
         assert "^" in text
+
+
+def test_a_missing_snapshot_fails_and_is_not_written(tmp_path: Path, monkeypatch) -> None:
+    """Outside `UPDATE_SNAPSHOTS=1` a missing snapshot is a failure that shows the text, never a new file."""
+    empty = tmp_path / "snapshots"
+    empty.mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "SNAPSHOTS", empty)
+    monkeypatch.delenv("UPDATE_SNAPSHOTS", raising=False)
+    (tmp_path / "case").mkdir()
+    with pytest.raises(pytest.fail.Exception) as e:
+        test_diagnostic_snapshot("E0104", tmp_path / "case")
+    text, _ = rendered("E0104", tmp_path / "case")
+    assert text in str(e.value) and "UPDATE_SNAPSHOTS=1 pytest tests/test_diagnostics.py -k E0104" in str(e.value)
+    assert not any(empty.iterdir())
 
 
 def all_codes_in_source() -> set[str]:

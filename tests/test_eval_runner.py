@@ -23,10 +23,10 @@ from PIL import Image
 from vlmspec.compiler.compile import load_analysis
 from vlmspec.diagnostics import UserInputError
 from vlmspec.evaluation import read_eval_data, run_eval, run_eval_server, write_results
-from vlmspec.runtime.processor import Processor
+from vlmspec.runtime.inputs.processor import Processor
+from vlmspec.runtime.inputs.synth import COLORS, corpus, synthesize
+from vlmspec.runtime.inputs.tokenizer import train_tokenizer
 from vlmspec.runtime.session import Session
-from vlmspec.runtime.synth import COLORS, corpus, synthesize
-from vlmspec.runtime.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "eval"

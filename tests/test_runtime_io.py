@@ -10,11 +10,11 @@ from PIL import Image
 
 from vlmspec.compiler.compile import load_analysis
 from vlmspec.diagnostics import UserInputError
-from vlmspec.runtime.data import read_dataset
-from vlmspec.runtime.images import ImageTransform, open_image
-from vlmspec.runtime.processor import IGNORE, Processor
-from vlmspec.runtime.synth import corpus, synthesize
-from vlmspec.runtime.tokenizer import load_tokenizer, train_tokenizer
+from vlmspec.runtime.inputs.data import read_dataset
+from vlmspec.runtime.inputs.images import ImageTransform, open_image
+from vlmspec.runtime.inputs.processor import IGNORE, Processor
+from vlmspec.runtime.inputs.synth import corpus, synthesize
+from vlmspec.runtime.inputs.tokenizer import load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = f"{ROOT}/specs/llava-1.5-7b.vlm:llava_1_5_7b_tiny"

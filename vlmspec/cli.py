@@ -605,7 +605,7 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Write coloured shapes with captions and question/answer conversations (LLaVA format)."""
-    from vlmspec.runtime.synth import synthesize
+    from vlmspec.runtime.inputs.synth import synthesize
 
     counts = synthesize(output, n_train=n, n_test=test, size=size, seed=seed)
     out.print(f"wrote {output}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))

@@ -26,8 +26,8 @@ def _one_thread():
 def tokenizer():
     from export_helpers import image_tokens
 
-    from vlmspec.runtime import synth
-    from vlmspec.runtime.tokenizer import train_tokenizer
+    from vlmspec.runtime.inputs import synth
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
 
     # every image placeholder the specs declare (`<image>`, `<|image|>`, `<ImageHere>`, ...) is a special token
     return train_tokenizer(synth.corpus(), 400, extra_special=image_tokens())

@@ -82,7 +82,7 @@ def build(ref: str, tokenizer: Any, seed: int = 0) -> tuple[Analysis, VisionLang
 
 def export_case(ref: str, tmp: Path, tokenizer: Any, formats: tuple[str, ...]) -> Exported:
     from vlmspec.runtime.export import export_model
-    from vlmspec.runtime.processor import Processor
+    from vlmspec.runtime.inputs.processor import Processor
 
     analysis, model = build(ref, tokenizer)
     model_dir = save_model_dir(model, analysis, tmp / "model", tokenizer=tokenizer)
@@ -103,3 +103,38 @@ def pixels(manifest: dict[str, Any], batch: int, seed: int = 1) -> torch.Tensor:
     shape = manifest["interface"]["programs"]["encoder"]["inputs"][0]["shape"]
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *shape[1:], generator=g)
+
+
+def generate_with_logits(runner: Any, ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`runner.generate(ids, **kwargs)` and the logits it chose each token from ([b x vocab] per token: the
+    prefill's, then each decode step's), recorded as the runner's own `prefill` / `step` return them."""
+    seen: list[torch.Tensor] = []
+
+    def recording(call):
+        def wrapped(*a, **kw):
+            logits, state = call(*a, **kw)
+            seen.append(logits.detach().float().clone())  # `generate` masks the image token in place
+            return logits, state
+
+        return wrapped
+
+    runner.prefill, runner.step = recording(runner.prefill), recording(runner.step)
+    try:
+        tokens = runner.generate(ids, **kwargs)
+    finally:
+        del runner.prefill, runner.step  # the class's methods again
+    return tokens, seen[: tokens.shape[1]]
+
+
+def eager_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, tokens: torch.Tensor,
+                 **inputs: Any) -> list[torch.Tensor]:
+    """The eager model's logits for each of `tokens` [b x n] generated after `ids`: one forward pass over the
+    prompt and the generated tokens (no cache), read where each token was predicted."""
+    b, s = ids.shape
+    n = tokens.shape[1]
+    mask = mask if mask is not None else torch.ones_like(ids)
+    full = torch.cat([ids, tokens[:, : n - 1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones(b, n - 1, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(full, attention_mask=full_mask, **inputs).logits.float()
+    return [logits[:, s - 1 + t] for t in range(n)]

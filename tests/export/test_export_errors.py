@@ -121,9 +121,9 @@ def test_cli_export_and_tensorrt_message(tmp_path) -> None:
     from vlmspec.cli import app
     from vlmspec.compiler.compile import load_analysis
     from vlmspec.runtime.checkpoint import save_model_dir
+    from vlmspec.runtime.inputs.synth import corpus
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
     from vlmspec.runtime.model import build_model
-    from vlmspec.runtime.synth import corpus
-    from vlmspec.runtime.tokenizer import train_tokenizer
 
     root = Path(__file__).resolve().parents[2]
     analysis, _ = load_analysis(f"{root}/specs/llava-1.5-7b.vlm:llava_1_5_7b_tiny")

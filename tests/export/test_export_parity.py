@@ -1,11 +1,12 @@
 """The exported halves compute what the eager model computes: encoder, prefill and decode steps
-within 1e-4, and greedy generation token for token (batch of 2, left-padded), for `.pt2` and ONNX."""
+within 1e-4, and greedy generation token for token with the logits of every step within 1e-4 (batch of
+2, left-padded, and batch of 1), for `.pt2` and ONNX."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import tiny_params
+from export_helpers import eager_logits, generate_with_logits, tiny_params
 
 from vlmspec.runtime.decoding import KVCache
 
@@ -53,13 +54,19 @@ def test_halves_match_eager(exports, ref, backend):
 @pytest.mark.parametrize("ref", tiny_params())
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generation_matches_eager(exports, ref, backend):
+    """The runner's own loop (positions, cache slots, write index) gives eager's tokens, and at every step
+    eager's logits: a position off by one moves them by ~1e-3 and may leave the tokens alone."""
     case = exports(ref)
     kwargs = dict(attention_mask=case.attention_mask, pixel_values=case.pixel_values, max_new_tokens=8,
                   eos_token_id=case.eos)
     want = case.model.generate(case.input_ids, **kwargs)
-    got = case.runner(backend).generate(case.input_ids, **kwargs)
+    got, logits = generate_with_logits(case.runner(backend), case.input_ids, **kwargs)
     assert bool((case.attention_mask == 0).any()), "the batch should exercise left padding"
     assert torch.equal(got, want), (got, want)
+    eager = eager_logits(case.model, case.input_ids, case.attention_mask, got, pixel_values=case.pixel_values)
+    assert len(logits) == len(eager) == got.shape[1] > 1
+    diffs = [max_diff(a, e) for a, e in zip(logits, eager, strict=True)]
+    assert max(diffs) < TOL, diffs
 
 
 @pytest.mark.parametrize("ref", tiny_params())
@@ -69,5 +76,9 @@ def test_batch_of_one_matches_eager(exports, ref):
     pad = int((case.attention_mask[1] == 0).sum())
     ids, px = case.input_ids[1:, pad:], case.pixel_values[1:]
     want = case.model.generate(ids, pixel_values=px, max_new_tokens=6)
+    eager = eager_logits(case.model, ids, None, want, pixel_values=px)
     for backend in BACKENDS:
-        assert torch.equal(case.runner(backend).generate(ids, pixel_values=px, max_new_tokens=6), want), backend
+        got, logits = generate_with_logits(case.runner(backend), ids, pixel_values=px, max_new_tokens=6)
+        assert torch.equal(got, want), backend
+        diffs = [max_diff(a, e) for a, e in zip(logits, eager, strict=True)]
+        assert len(diffs) == 6 and max(diffs) < TOL, (backend, diffs)

@@ -17,7 +17,7 @@ LACKS = tensorrt_missing()
 @pytest.mark.skipif(bool(LACKS), reason="TensorRT export needs CUDA and torch_tensorrt; here: " + "; ".join(LACKS))
 def test_tensorrt_engines_generate_like_eager(tokenizer, tmp_path):
     from vlmspec.runtime.export import ExportedModel, export_model
-    from vlmspec.runtime.processor import Processor
+    from vlmspec.runtime.inputs.processor import Processor
 
     ref = f"{SPECS / 'llava-1.5-7b.vlm'}:llava_1_5_7b_tiny"
     analysis, model = build(ref, tokenizer)

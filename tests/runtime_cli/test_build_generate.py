@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from vlmspec.cli import app
 from vlmspec.compiler.compile import check_file
-from vlmspec.runtime.synth import corpus
-from vlmspec.runtime.tokenizer import train_tokenizer
+from vlmspec.runtime.inputs.synth import corpus
+from vlmspec.runtime.inputs.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()

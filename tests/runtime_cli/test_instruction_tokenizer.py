@@ -16,10 +16,10 @@ from vlmspec.compiler.compile import load_analysis
 from vlmspec.runtime.checkpoint import save_model_dir
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.inference import answer
+from vlmspec.runtime.inputs.synth import corpus
+from vlmspec.runtime.inputs.tokenizer import train_tokenizer
 from vlmspec.runtime.model import build_model
 from vlmspec.runtime.session import load_session
-from vlmspec.runtime.synth import corpus
-from vlmspec.runtime.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["what", "color", "colour", "is", "the", "shape", "which", "?", "a", "circle", "square", "red", "blue"]

@@ -38,9 +38,9 @@ def _png(color, size=32) -> bytes:
 
 def _model(key: str):
     from vlmspec.compiler.compile import load_analysis
+    from vlmspec.runtime.inputs.synth import corpus
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
     from vlmspec.runtime.model import build_model
-    from vlmspec.runtime.synth import corpus
-    from vlmspec.runtime.tokenizer import train_tokenizer
 
     ref, image_token = SPECS[key]
     analysis, _ = load_analysis(f"{ROOT}/specs/{ref}")

@@ -37,10 +37,10 @@ def data_url(data: bytes) -> str:
 def model(tmp_path_factory):
     from vlmspec.compiler.compile import load_analysis
     from vlmspec.runtime.checkpoint import save_model_dir
+    from vlmspec.runtime.inputs.synth import corpus
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
     from vlmspec.runtime.model import build_model
     from vlmspec.runtime.session import load_session
-    from vlmspec.runtime.synth import corpus
-    from vlmspec.runtime.tokenizer import train_tokenizer
 
     analysis, _ = load_analysis(TINY)
     tok = train_tokenizer(corpus(), 400)

@@ -39,7 +39,7 @@ def test_blip2_first_stage_learns_retrieval(tmp_path) -> None:
     caption of a held-out image well above chance (about 5x in 150 steps)."""
     import torch
 
-    from vlmspec.runtime.images import open_image
+    from vlmspec.runtime.inputs.images import open_image
     from vlmspec.runtime.session import load_session
     from vlmspec.runtime.train import objectives as O
 

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from vlmspec.compiler.compile import load_analysis
+from vlmspec.runtime.inputs.synth import synthesize
 from vlmspec.runtime.model import build_model
-from vlmspec.runtime.synth import synthesize
 from vlmspec.runtime.train import Trainer, TrainOptions
 from vlmspec.runtime.train import loop as trainer_mod
 from vlmspec.runtime.train import objectives as O

@@ -10,7 +10,7 @@ import pytest
 
 from vlmspec.compiler.compile import load_analysis
 from vlmspec.diagnostics import UserInputError
-from vlmspec.runtime.synth import synthesize
+from vlmspec.runtime.inputs.synth import synthesize
 from vlmspec.runtime.train import Trainer, TrainOptions
 
 SPEC = """

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vlmspec.cli import app
-from vlmspec.runtime.synth import synthesize
+from vlmspec.runtime.inputs.synth import synthesize
 
 transformers = pytest.importorskip("transformers")
 

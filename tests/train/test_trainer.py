@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlmspec.compiler.compile import load_analysis
-from vlmspec.runtime.synth import synthesize
+from vlmspec.runtime.inputs.synth import synthesize
 from vlmspec.runtime.train import Trainer, TrainOptions
 from vlmspec.runtime.train import loop as trainer_mod
 

@@ -257,7 +257,7 @@ def test_tiling_matches_the_mllama_image_processor(height, width):
     from PIL import Image
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    from vlmspec.runtime.images import TiledImageTransform
+    from vlmspec.runtime.inputs.images import TiledImageTransform
 
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     hf = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=TILES, image_mean=mean,

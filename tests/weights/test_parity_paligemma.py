@@ -133,8 +133,8 @@ def test_paligemma_cli_round_trip(tmp_path):
 def test_library_spec_training_batch_marks_the_prompt():
     """specs/paligemma-3b.vlm declares the prefix-LM; the processor's training batches carry
     `prefix_mask` (the trainer pops the labels), so forward sees the same prefix as with labels."""
+    from vlmspec.runtime.inputs.processor import Encoded, Processor
     from vlmspec.runtime.model import build_model
-    from vlmspec.runtime.processor import Encoded, Processor
 
     analysis, _ = load_analysis(f"{ROOT}/specs/paligemma-3b.vlm:paligemma_3b_tiny")
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from vlmspec.diagnostics import UserInputError
 from vlmspec.evaluation.formats import EvalSample
-from vlmspec.runtime.data import BadRecord
+from vlmspec.runtime.inputs.data import BadRecord
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 def open_image(path: Path) -> Any:
     """A PIL RGB image; bad files raise the runtime's one-line `UserInputError`s."""
-    from vlmspec.runtime.images import open_image as _open
+    from vlmspec.runtime.inputs.images import open_image as _open
 
     return _open(path)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlmspec.diagnostics import user_error
-from vlmspec.runtime.data import BadRecord
+from vlmspec.runtime.inputs.data import BadRecord
 
 Task = Literal["vqa", "caption", "retrieval"]
 TASKS: tuple[str, ...] = ("vqa", "caption", "retrieval")

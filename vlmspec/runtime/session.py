@@ -28,8 +28,8 @@ from vlmspec.compiler.compile import Analysis, load_analysis
 from vlmspec.compiler.passes import weights_location
 from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
 from vlmspec.runtime.checkpoint import FOLDER_WEIGHTS, INSTRUCTION_TOKENIZER, load_state, read_config
+from vlmspec.runtime.inputs.processor import Processor
 from vlmspec.runtime.model import VisionLanguageModel, build_model
-from vlmspec.runtime.processor import Processor
 from vlmspec.runtime.spec_paths import ParamTable
 from vlmspec.runtime.weights.report import CoverageReport
 
@@ -130,7 +130,7 @@ def tokenizer_source(analysis: Analysis, explicit: str | Path | None = None) -> 
 
 def load_tokenizers(analysis: Analysis, source: str | Path | None) -> tuple[Any | None, Any | None]:
     """(tokenizer with the spec's special tokens, InstructBLIP's instruction tokenizer) from `source`."""
-    from vlmspec.runtime.tokenizer import ensure_special_tokens, load_tokenizer
+    from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer
 
     if source is None:
         return None, None
@@ -156,7 +156,7 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
         tok, qf_tok = load_tokenizers(analysis, tokenizer_source(analysis, tokenizer))
         instruction_tokenizer = instruction_tokenizer or qf_tok
     else:
-        from vlmspec.runtime.tokenizer import ensure_special_tokens
+        from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens
 
         tok = ensure_special_tokens(tokenizer, analysis)
     fusions = analysis.ir.by_role("fusion")
@@ -213,7 +213,7 @@ def load_session(source: str | Path, device: str = "cpu") -> Session:
     has_tok = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
     tok, qf_tok = (None, None)
     if has_tok:
-        from vlmspec.runtime.tokenizer import load_tokenizer
+        from vlmspec.runtime.inputs.tokenizer import load_tokenizer
 
         tok = load_tokenizer(path)
         qf_dir = path / INSTRUCTION_TOKENIZER

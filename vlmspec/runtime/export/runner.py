@@ -123,8 +123,8 @@ class ExportedModel:
         """The folder's `Processor` (None without a tokenizer); its spec must still hash to the manifest's."""
         if self._processor is None and (self.folder / "tokenizer.json").is_file():
             from vlmspec.compiler.compile import load_analysis
-            from vlmspec.runtime.processor import Processor
-            from vlmspec.runtime.tokenizer import load_tokenizer
+            from vlmspec.runtime.inputs.processor import Processor
+            from vlmspec.runtime.inputs.tokenizer import load_tokenizer
 
             analysis, _ = load_analysis(f"{self.folder / self.manifest['spec']}:{self.manifest['model']}")
             if mf.spec_hash(analysis) != self.manifest["spec_hash"]:

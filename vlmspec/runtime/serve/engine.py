@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmspec.runtime.decoding import KVCache
-from vlmspec.runtime.images import open_image
+from vlmspec.runtime.inputs.images import open_image
 
 if TYPE_CHECKING:
     from vlmspec.runtime.session import Session

@@ -30,9 +30,9 @@ from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
 from vlmspec.fsutil import atomic_write_text
 from vlmspec.runtime.checkpoint import save_state
-from vlmspec.runtime.data import read_dataset
+from vlmspec.runtime.inputs.data import read_dataset
+from vlmspec.runtime.inputs.processor import IGNORE, Processor
 from vlmspec.runtime.model import label_targets
-from vlmspec.runtime.processor import IGNORE, Processor
 from vlmspec.runtime.session import Session
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
 from vlmspec.runtime.train.distribution import Dist, wrap
@@ -105,8 +105,8 @@ class Trainer:
     def _tokenizer(self, all_stages: list[Stage]):
         """The run's tokenizer: the one saved in the run folder, else the given or spec-named one (with
         the spec's special tokens, as `vlm build` adds them), else a BPE trained on the stages' text."""
+        from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
         from vlmspec.runtime.session import load_tokenizers, tokenizer_source
-        from vlmspec.runtime.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
 
         saved = self.run_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():

@@ -9,8 +9,8 @@ import torch
 
 from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
-from vlmspec.runtime.data import Dataset
-from vlmspec.runtime.processor import Encoded, Processor
+from vlmspec.runtime.inputs.data import Dataset
+from vlmspec.runtime.inputs.processor import Encoded, Processor
 
 
 @dataclass(slots=True)

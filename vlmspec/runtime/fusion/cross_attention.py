@@ -1,22 +1,8 @@
-"""Fusion styles: small modules beside an unchanged language model, plugged in per decoder layer.
-
-- `prefix`: no weights; the model splices image features over the image-token embeddings. With
-  `prefix_attention = bidirectional` (PaliGemma) the prompt attends to itself in both directions and
-  the answer causally; the model builds that mask (`vlmspec.runtime.decoding.attention_mask_4d`).
-- `cross_attention`: a tanh-gated cross-attention block (+ gated FFN) before chosen decoder layers;
-  gates start at 0, so a frozen language model computes exactly what it did before, at step 0.
-  Visual keys / values are computed once per image and kept in the cache while generating. A text
-  token attends to all its sample's images, or (`image_attention = latest`, Flamingo / IDEFICS) only
-  to the last one before it; IDEFICS checkpoints load into it (`weights/formats/idefics.py`).
-- `visual_expert` (CogVLM): per layer, a second set of QKV / output / FFN weights of the language
-  model's own family and shape, used at image-token positions.
-- `moe` (MoE-LLaVA): prefix splicing plus routed experts replacing the FFN of chosen layers; expert 0
-  is the layer's own dense FFN (see `vlmspec.runtime.moe`).
-
-Each fusion owns its weights under its own component name (`layers.N.*`, keyed by decoder layer
-index) and contributes `LayerHooks` that the language model's layers consult; no language-model key
-changes, so a Hugging Face checkpoint of the language model still loads by key.
-"""
+"""`cross_attention` (Flamingo, IDEFICS, Llama 3.2 Vision): a tanh-gated cross-attention block (+ gated
+FFN) before chosen decoder layers; gates start at 0, so a frozen language model computes exactly what
+it did before, at step 0. Visual keys / values are computed once per image and kept in the cache while
+generating. A text token attends to all its sample's images, or (`image_attention = latest`, Flamingo /
+IDEFICS) only to the last one before it; IDEFICS checkpoints load into it (`weights/formats/idefics.py`)."""
 
 from __future__ import annotations
 
@@ -27,47 +13,12 @@ from torch import Tensor, nn
 
 from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.fusion import CrossAttention as CrossAttentionSpec
-from vlmspec.compiler.schema.fusion import FusionBase, MoEFusion, VisualExpert
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import RMSNorm, attend, split_heads, tiles_in_use, tracing
 from vlmspec.runtime.decoding import DecodeState
+from vlmspec.runtime.fusion.base import Fusion, fusion_spec, language_model
 from vlmspec.runtime.language import CausalLM, LayerHooks, LMConfig
-from vlmspec.runtime.moe import SparseMoE
 from vlmspec.runtime.registry import BuildContext, register
-from vlmspec.runtime.spec_paths import CLAIM, SpecPart
-
-
-class Fusion(nn.Module):
-    """Base: `in_sequence` fusions put image features into the token sequence (spliced at image tokens)."""
-
-    in_sequence: bool = True
-    #: False when the fusion adds nothing inside the decoder layers (prefix), so a pass skips the hooks.
-    reaches_layers: bool = True
-    #: What the hooks read from `DecodeState`: image positions (visual expert), real tokens (MoE aux loss).
-    uses_image_mask: bool = False
-    uses_token_mask: bool = False
-    #: True when the prompt (images + text) attends bidirectionally, the answer causally (prefix-LM).
-    bidirectional_prefix: bool = False
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def contribute(self, hooks: list[LayerHooks]) -> None:
-        """Add this fusion's per-layer pieces to `hooks` (one entry per decoder layer)."""
-
-
-class PrefixFusion(Fusion):
-    """LLaVA / BLIP-2: image features replace the image-token embeddings; nothing inside the layers."""
-
-    reaches_layers = False
-
-    def __init__(self, name: str, bidirectional_prefix: bool = False):
-        super().__init__(name)
-        self.bidirectional_prefix = bidirectional_prefix
-
-
-# ---------------------------------------------------------------- cross-attention
 
 
 class CrossAttention(nn.Module):
@@ -344,96 +295,9 @@ def _latest_kv(k: Tensor, v: Tensor, image: Tensor, seen: Tensor, n: int, t: int
     return k1.expand(b, hk, n, t, d).reshape(b, hk, n * t, d), v1.expand(b, hk, n, t, d).reshape(b, hk, n * t, d)
 
 
-# ---------------------------------------------------------------- visual expert
-
-
-class VisualExpertFusion(Fusion):
-    """CogVLM: `layers.N` holds QKV / output / FFN of the language model's shape for image positions;
-    the layer norms stay shared, as in CogVLM."""
-
-    uses_image_mask = True
-
-    def __init__(self, name: str, llm: CausalLM, spec: VisualExpert):
-        super().__init__(name)
-        self.layer_ids = spec.layer_ids(llm.c.depth)
-        self.layers = nn.ModuleDict({str(i): llm.make_parts() for i in self.layer_ids})
-
-    def contribute(self, hooks: list[LayerHooks]) -> None:
-        for i in self.layer_ids:
-            if hooks[i].expert is not None or hooks[i].moe is not None:
-                raise user_error("E0597", f"decoder layer {i} gets a visual expert from `{self.name}` and another "
-                                 "fusion's weights", help="give each decoder layer at most one fusion that "
-                                 "replaces its weights")
-            hooks[i].expert = self.layers[str(i)]
-
-    def init_from_llm(self, llm: CausalLM) -> None:
-        """Start every expert as a copy of its layer's own weights (CogVLM's initialisation)."""
-        with torch.no_grad():
-            for i in self.layer_ids:
-                own = {k: v for k, v in llm.layers[i].state_dict().items()
-                       if k in self.layers[str(i)].state_dict()}
-                self.layers[str(i)].load_state_dict(own)
-
-
-# ---------------------------------------------------------------- MoE
-
-
-class MoEFusionModule(Fusion):
-    """MoE-LLaVA: prefix splicing, and `layers.N` = router + experts 1..E-1 (+ shared experts) replacing
-    decoder layer N's FFN; expert 0 is that layer's dense FFN."""
-
-    uses_token_mask = True
-
-    def __init__(self, name: str, llm: CausalLM, spec: MoEFusion):
-        super().__init__(name)
-        self.layer_ids = spec.layer_ids(llm.c.depth)
-        c = llm.c
-        self.layers = nn.ModuleDict({
-            str(i): llm.make_moe(spec.experts, spec.top_k, spec.shared, spec.aux_loss, c.ffn, dense0=True)
-            for i in self.layer_ids
-        })
-
-    def contribute(self, hooks: list[LayerHooks]) -> None:
-        for i in self.layer_ids:
-            if hooks[i].expert is not None or hooks[i].moe is not None:
-                raise user_error("E0597", f"decoder layer {i} gets experts from `{self.name}` and another fusion's "
-                                 "weights", help="give each decoder layer at most one fusion that replaces its weights")
-            hooks[i].moe = self.layers[str(i)]
-
-    def moe_pairs(self, llm: CausalLM) -> list[tuple[SparseMoE, nn.Module]]:
-        return [(self.layers[str(i)], llm.layers[i]) for i in self.layer_ids]
-
-    def claims(self, model: nn.Module) -> list[SpecPart]:
-        """The dense FFNs of this fusion's layers: each is its layer's expert 0, so the path naming this
-        fusion covers them too (vlmspec.runtime.spec_paths)."""
-        llm = model.llm  # type: ignore[attr-defined]
-        return [SpecPart("", [m for i in self.layer_ids for m in llm.layers[i].ffn_modules()], CLAIM)]
-
-
-# ---------------------------------------------------------------- builders
-
-
-def _llm(ctx: BuildContext, comp: Component) -> CausalLM:
-    llm = ctx.built.get(comp.target or "")
-    if not isinstance(llm, CausalLM):
-        raise user_error("E0592", f"fusion `{comp.name}` needs its language model built first")
-    return llm
-
-
-def _spec(comp: Component, cls: type[FusionBase]) -> FusionBase:
-    if not isinstance(comp.config, cls):
-        raise user_error("E0592", f"`{comp.name}` is not a {cls.__name__} fusion")
-    return comp.config
-
-
-@register("fusion", "prefix")
-def build_prefix(comp: Component, ctx: BuildContext) -> PrefixFusion:
-    return PrefixFusion(comp.name, getattr(comp.config, "prefix_attention", "causal") == "bidirectional")
-
-
 @register("fusion", "cross_attention")
 def build_cross_attention(comp: Component, ctx: BuildContext) -> CrossAttentionFusion:
-    spec = _spec(comp, CrossAttentionSpec)
+    spec = fusion_spec(comp, CrossAttentionSpec)
     visual = ctx.input_shape(comp.name)
     tiles = _tile_layout(comp, ctx, visual.tokens)
     tokens = None
@@ -443,7 +307,7 @@ def build_cross_attention(comp: Component, ctx: BuildContext) -> CrossAttentionF
                              "images give a varying number of visual tokens", help="use a fixed-resolution "
                              "encoder, or `image_attention = all`")
         tokens = visual.tokens
-    return CrossAttentionFusion(comp.name, _llm(ctx, comp), ctx.output_shape(comp.name).width, spec, tokens, tiles)
+    return CrossAttentionFusion(comp.name, language_model(ctx, comp), ctx.output_shape(comp.name).width, spec, tokens, tiles)
 
 
 def _tile_layout(comp: Component, ctx: BuildContext, tokens: int) -> TileLayout | None:
@@ -465,13 +329,3 @@ def _tile_layout(comp: Component, ctx: BuildContext, tokens: int) -> TileLayout 
     if tokens <= 0 or tokens % enc.tiles or tokens != ctx.output_shape(tiled[0].name).tokens:
         return None
     return TileLayout(enc.tiles, tokens // enc.tiles, enc.tiles_in_use)
-
-
-@register("fusion", "visual_expert")
-def build_visual_expert(comp: Component, ctx: BuildContext) -> VisualExpertFusion:
-    return VisualExpertFusion(comp.name, _llm(ctx, comp), _spec(comp, VisualExpert))
-
-
-@register("fusion", "moe")
-def build_moe(comp: Component, ctx: BuildContext) -> MoEFusionModule:
-    return MoEFusionModule(comp.name, _llm(ctx, comp), _spec(comp, MoEFusion))

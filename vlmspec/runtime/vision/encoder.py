@@ -1,6 +1,6 @@
-"""Vision encoders: CLIP-style ViT (`vit`), SigLIP (`siglip`) and EVA / BLIP-2 (`eva`).
+"""The vision encoder that CLIP-style ViT (`vit`), SigLIP (`siglip`) and EVA / BLIP-2 (`eva`) build.
 
-One module covers the three families because they differ only in switches the schema already
+One module covers the three kinds (their builders: `vit.py`, `siglip.py`, `eva.py`) because they differ only in switches the schema already
 declares (class token, pre-LayerNorm, patch bias, activation) and in the attention layout (EVA's
 fused QKV, also used by a `vit` with `position = rope2d`, Qwen2-VL's tower). Parameter names follow
 the Hugging Face vision towers (`embeddings.patch_embedding`, `pre_layrnorm`,
@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmspec.compiler.ir import Component
-from vlmspec.compiler.schema.vision import EVA, SigLIP, ViTBase
+from vlmspec.compiler.schema.vision import SigLIP, ViTBase
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import (
     Rotary,
@@ -31,7 +30,6 @@ from vlmspec.runtime.blocks import (
     tiles_in_use,
     tracing,
 )
-from vlmspec.runtime.registry import BuildContext, register
 from vlmspec.runtime.spec_paths import GROUP, SpecPart
 
 
@@ -439,23 +437,3 @@ class VisionEncoder(nn.Module):
         if cfg.class_token and cfg.feature.tokens == "patches":
             out = out[:, :, 1:]
         return VisualTokens(out.reshape(n, -1, out.shape[-1]), None)
-
-
-@register("vision", "vit")
-def build_vit(comp: Component, ctx: BuildContext) -> VisionEncoder:
-    # a rope2d ViT is Qwen2-VL's, whose attention has one fused, biased `qkv` (same parameter count)
-    fused = comp.config.position == "rope2d"
-    return VisionEncoder(comp.config, fused_qkv=fused, raw_params=False)
-
-
-@register("vision", "siglip")
-def build_siglip(comp: Component, ctx: BuildContext) -> VisionEncoder:
-    return VisionEncoder(comp.config, fused_qkv=False, raw_params=False)
-
-
-@register("vision", "eva")
-def build_eva(comp: Component, ctx: BuildContext) -> VisionEncoder:
-    cfg = comp.config
-    if not isinstance(cfg, EVA):
-        raise user_error("E0592", f"`{comp.name}` is not an EVA encoder")
-    return VisionEncoder(cfg, fused_qkv=True, raw_params=True)

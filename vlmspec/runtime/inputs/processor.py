@@ -16,7 +16,7 @@ from vlmspec.compiler.compile import Analysis, shapes_at_image_size
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
-from vlmspec.runtime.images import ImageInput, ImageTransform
+from vlmspec.runtime.inputs.images import ImageInput, ImageTransform
 
 IGNORE = -100
 
