@@ -546,7 +546,7 @@ def export_hf_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="folder to write in the HF LLaVA layout")],
 ) -> None:
     """Write a prefix-fusion model in the Hugging Face LLaVA layout (LlavaForConditionalGeneration, vLLM, SGLang)."""
-    from vlmspec.runtime.weights import export_hf
+    from vlmspec.runtime.weights.export import export_hf
 
     path = export_hf(str(model_dir), str(output))
     out.print(f"wrote {path}: load it with transformers' LlavaForConditionalGeneration.from_pretrained")
@@ -561,6 +561,8 @@ def evaluate(
     images: Annotated[str | None, typer.Option(help="image folder (default: next to the data file)")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="results JSON (per-sample predictions + metrics)")] = None,
     server: Annotated[str | None, typer.Option(help="evaluate an OpenAI-compatible server at this URL instead")] = None,
+    api_key: Annotated[str | None, typer.Option(help="with --server: sent as `Authorization: Bearer KEY`",
+                                                envvar="OPENAI_API_KEY", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="prompts generated together")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 16,
     max_bad: Annotated[int, typer.Option(help="skip up to this many bad records")] = 0,
@@ -575,8 +577,8 @@ def evaluate(
         _fail([Diagnostic("E0005", f"unknown task `{task}`", help="use vqa, caption or retrieval")], {})
     if server:
         results = run_eval_server(server, task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                  max_bad=max_bad, limit=limit)
-    else:
+                                  max_bad=max_bad, limit=limit, api_key=api_key)
+    else:   # a model folder needs no key (OPENAI_API_KEY may well be set for other tools): it is ignored
         if target is None:
             _fail([Diagnostic("E0005", "`vlm eval` needs a model folder (or --server URL)")], {})
         from vlmspec.runtime.session import load_session

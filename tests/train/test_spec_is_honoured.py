@@ -129,3 +129,30 @@ def test_fusion_rate_reaches_the_fusion(tmp_path, folders) -> None:
     assert max(_diff(final[k], init[k]) for k in fusion) < 1e-6  # at 1e-12, not the optimizer's 1e-3
     gates = [k for k in fusion if "gate" in k]
     assert gates and max(_diff(final[k], init[k]) for k in gates) > 0  # trained all the same (not frozen)
+
+
+def test_build_bundles_the_language_models_tokenizer(tmp_path, folders) -> None:
+    """A language model folder that ships a tokenizer gives it to `vlm build`, so `vlm generate` on the
+    built folder reads prompts with no --tokenizer flag, and answers as the session does in Python."""
+    import shutil
+
+    from vlmspec.runtime.inference import answer
+    from vlmspec.runtime.inputs.synth import corpus
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
+    from vlmspec.runtime.session import load_session
+
+    lm = tmp_path / "qwen2"
+    shutil.copytree(folders / "qwen2", lm)
+    train_tokenizer(corpus(), VOCAB).save_pretrained(str(lm))
+    spec = tmp_path / "m.vlm"
+    spec.write_text(_spec(folders, "train proj  freeze enc, llm").replace(str(folders / "qwen2"), str(lm)))
+    runner = CliRunner()
+    r = runner.invoke(app, ["build", str(spec), "-o", str(tmp_path / "built")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "built" / "tokenizer.json").is_file() and "tokenizer" in r.output
+    image = sorted((folders / "data" / "images").glob("*.png"))[0]
+    r = runner.invoke(app, ["generate", str(tmp_path / "built"), "--image", str(image), "--prompt",
+                            "What color is the shape?", "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    want = answer(load_session(tmp_path / "built"), ["What color is the shape?"], [str(image)], max_new_tokens=4)
+    assert r.stdout.rstrip("\n") == want[0]

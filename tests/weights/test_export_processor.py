@@ -19,7 +19,7 @@ from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.runtime.checkpoint import save_model_dir  # noqa: E402
 from vlmspec.runtime.inputs.tokenizer import train_tokenizer  # noqa: E402
 from vlmspec.runtime.model import build_model  # noqa: E402
-from vlmspec.runtime.weights import export_hf  # noqa: E402
+from vlmspec.runtime.weights.export import export_hf  # noqa: E402
 
 SPEC = """
 model m {

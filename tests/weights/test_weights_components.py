@@ -17,7 +17,8 @@ from vlmspec.compiler.compile import load_analysis  # noqa: E402
 from vlmspec.diagnostics import UserInputError  # noqa: E402
 from vlmspec.runtime.checkpoint import save_model_dir  # noqa: E402
 from vlmspec.runtime.model import build_model  # noqa: E402
-from vlmspec.runtime.weights import build_with_weights, export_hf, import_hf, load_component_weights  # noqa: E402
+from vlmspec.runtime.weights import build_with_weights, import_hf, load_component_weights  # noqa: E402
+from vlmspec.runtime.weights.export import export_hf  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -135,12 +135,14 @@ def run_eval(session: Session, task: str, data: str, images: str | None = None, 
 def run_eval_server(url: str, task: str, data: str, images: str | None = None, batch_size: int = 16,
                     max_new_tokens: int = 16, max_bad: int = 0, progress: bool = True, *, prompt: str | None = None,
                     model: str | None = None, timeout: float = 120.0, annotations: str | None = None,
-                    image_pattern: str | None = None, limit: int | None = None) -> dict[str, Any]:
+                    image_pattern: str | None = None, limit: int | None = None,
+                    api_key: str | None = None) -> dict[str, Any]:
     """Evaluate a server that speaks `POST {url}/v1/chat/completions` (vLLM, `vlm serve`, ...).
 
     Each sample is one chat request with the question (or captioning prompt) and the image as a PNG
     data URL, `temperature=0`; up to `batch_size` requests are in flight at once. Same data readers and
     metrics as `run_eval`. Retrieval needs embeddings, which a chat API does not give, so it is refused.
+    `api_key` is sent as `Authorization: Bearer KEY` and kept out of the results.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -150,7 +152,7 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
         raise user_error("E0554", "retrieval needs image and text embeddings, which a chat completions server "
                          "does not give", help="evaluate retrieval on the model folder instead of --server")
     es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
-    client = ChatClient(url, model=model, timeout=timeout)
+    client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
     text = prompt or CAPTION_PROMPT
     done: list[EvalSample] = []
     predictions: list[str] = []

@@ -3,7 +3,9 @@
 `httpx` is used when it is installed (connection reuse across thousands of requests); otherwise the
 standard library's `urllib`, so evaluating a server needs no extra package. A server error or an answer
 without text stops the run with a one-line `E0553` rather than scoring an empty prediction: a silently
-failing server would otherwise look like a bad model.
+failing server would otherwise look like a bad model. A 401/403 is `E0555` (the server wants an API key,
+or refused the one given), with the way to pass one. The key travels only in the `Authorization` header:
+it is never part of a message, a result or the client's `repr`.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ def chat_request(text: str, png: bytes, max_tokens: int, model: str | None) -> d
 class ChatClient:
     """POSTs to `{url}/v1/chat/completions` and returns the answer text."""
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 120.0):
+    def __init__(self, url: str, model: str | None = None, timeout: float = 120.0, api_key: str | None = None):
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/v1/chat/completions") else base + "/v1/chat/completions"
         self.model = model
         self.timeout = timeout
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self.served_model: str | None = None
         try:
             import httpx
@@ -63,12 +68,13 @@ class ChatClient:
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
+        headers = self._headers
         if self._httpx is not None:
             try:
                 r = self._httpx.post(self.endpoint, content=data, headers=headers)
             except Exception as e:  # httpx's transport errors share no base class we can name without it
                 raise user_error("E0553", f"cannot reach {self.endpoint}: {e}") from None
+            self._check_auth(r.status_code)
             if r.status_code >= 400:
                 raise user_error("E0553", f"{self.endpoint} answered HTTP {r.status_code}: {r.text[:200]}")
             return self._json(r.text)
@@ -77,12 +83,26 @@ class ChatClient:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return self._json(resp.read().decode("utf-8", "replace"))
         except urllib.error.HTTPError as e:
+            self._check_auth(e.code)
             detail = e.read().decode("utf-8", "replace")[:200]
             raise user_error("E0553", f"{self.endpoint} answered HTTP {e.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise user_error("E0553", f"cannot reach {self.endpoint}: {reason}",
                              help="is the server running? (`vlm serve DIR`)") from None
+
+    def _check_auth(self, status: int) -> None:
+        """401/403: the server wants a key or refused this one. Said in one line, without the key."""
+        if status not in (401, 403):
+            return
+        if "Authorization" in self._headers:
+            raise user_error("E0555", f"{self.endpoint} refused the API key (HTTP {status})",
+                             help="check the key passed with --api-key or in OPENAI_API_KEY")
+        raise user_error("E0555", f"{self.endpoint} needs an API key (HTTP {status})",
+                         help="pass --api-key KEY, or set OPENAI_API_KEY")
+
+    def __repr__(self) -> str:
+        return f"ChatClient({self.endpoint!r}, model={self.model!r})"
 
     def _json(self, text: str) -> dict[str, Any]:
         try:

@@ -29,8 +29,11 @@ from vlmspec.compiler.passes import weights_location
 from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
 from vlmspec.runtime.checkpoint import FOLDER_WEIGHTS, INSTRUCTION_TOKENIZER, load_state, read_config
 from vlmspec.runtime.inputs.processor import Processor
+from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer
 from vlmspec.runtime.model import VisionLanguageModel, build_model
+from vlmspec.runtime.quantize import apply_quantization
 from vlmspec.runtime.spec_paths import ParamTable
+from vlmspec.runtime.weights import build_with_weights
 from vlmspec.runtime.weights.report import CoverageReport
 
 
@@ -130,8 +133,6 @@ def tokenizer_source(analysis: Analysis, explicit: str | Path | None = None) -> 
 
 def load_tokenizers(analysis: Analysis, source: str | Path | None) -> tuple[Any | None, Any | None]:
     """(tokenizer with the spec's special tokens, InstructBLIP's instruction tokenizer) from `source`."""
-    from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer
-
     if source is None:
         return None, None
     path = Path(source)
@@ -156,8 +157,6 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
         tok, qf_tok = load_tokenizers(analysis, tokenizer_source(analysis, tokenizer))
         instruction_tokenizer = instruction_tokenizer or qf_tok
     else:
-        from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens
-
         tok = ensure_special_tokens(tokenizer, analysis)
     fusions = analysis.ir.by_role("fusion")
     image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if tok is not None and fusions else None
@@ -165,14 +164,10 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
         torch.manual_seed(seed)
     report = None
     if _has_weights(analysis) and device != "meta":
-        from vlmspec.runtime.weights import build_with_weights
-
         model, report = build_with_weights(analysis, image_token_id=image_id, device=device, dtype=dtype)
     else:
         model = build_model(analysis, image_token_id=image_id, device=device, dtype=dtype)
     if device != "meta":
-        from vlmspec.runtime.quantize import apply_quantization
-
         apply_quantization(model, analysis)
     return Session(analysis, model, tok, instruction_tokenizer, report)
 
@@ -207,14 +202,10 @@ def load_session(source: str | Path, device: str = "cpu") -> Session:
                                                   f" (e.g. unexpected {unexpected[0]})"))
     model.load_state_dict(state, strict=True)
     model.eval()
-    from vlmspec.runtime.quantize import apply_quantization
-
     apply_quantization(model, analysis)
     has_tok = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
     tok, qf_tok = (None, None)
     if has_tok:
-        from vlmspec.runtime.inputs.tokenizer import load_tokenizer
-
         tok = load_tokenizer(path)
         qf_dir = path / INSTRUCTION_TOKENIZER
         qf_tok = load_tokenizer(qf_dir, plain=True) if qf_dir.is_dir() else None

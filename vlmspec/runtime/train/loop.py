@@ -27,15 +27,17 @@ import torch.nn.functional as F
 
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.schema.stage import Stage
-from vlmspec.diagnostics import user_error
+from vlmspec.diagnostics import did_you_mean, user_error
 from vlmspec.fsutil import atomic_write_text
-from vlmspec.runtime.checkpoint import save_state
+from vlmspec.runtime.checkpoint import save_model_dir, save_state
 from vlmspec.runtime.inputs.data import read_dataset
 from vlmspec.runtime.inputs.processor import IGNORE, Processor
-from vlmspec.runtime.model import label_targets
-from vlmspec.runtime.session import Session
+from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
+from vlmspec.runtime.model import label_targets, upcycle
+from vlmspec.runtime.session import Session, build_session, load_tokenizers, tokenizer_source
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
 from vlmspec.runtime.train.distribution import Dist, wrap
+from vlmspec.runtime.train.freeze import apply_stage
 from vlmspec.runtime.train.manifest import (
     architecture_hash,
     new_manifest,
@@ -105,9 +107,6 @@ class Trainer:
     def _tokenizer(self, all_stages: list[Stage]):
         """The run's tokenizer: the one saved in the run folder, else the given or spec-named one (with
         the spec's special tokens, as `vlm build` adds them), else a BPE trained on the stages' text."""
-        from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
-        from vlmspec.runtime.session import load_tokenizers, tokenizer_source
-
         saved = self.run_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():
             return ensure_special_tokens(load_tokenizer(saved), self.analysis)
@@ -140,8 +139,6 @@ class Trainer:
     def _build(self, tokenizer) -> Session:
         """The model every stage starts from, built the one way every command builds it: the spec's
         `weights` loaded, `dtype` and `quantize` honoured, the rest seeded."""
-        from vlmspec.runtime.session import build_session
-
         return build_session(self.analysis, tokenizer=tokenizer, seed=self._seed())
 
     def _seed(self) -> int:
@@ -156,8 +153,6 @@ class Trainer:
         if self.opts.stages:
             unknown = [s for s in self.opts.stages if s not in {st.name for st in stages}]
             if unknown:
-                from vlmspec.diagnostics import did_you_mean
-
                 raise user_error("E0524", f"no stage `{unknown[0]}` in model `{self.analysis.ir.name}`",
                                  help=did_you_mean(unknown[0], [s.name for s in stages]) or
                                  "stages: " + ", ".join(s.name for s in stages))
@@ -241,8 +236,6 @@ class Trainer:
         return results
 
     def _write_final(self, model, tokenizer, manifest) -> None:
-        from vlmspec.runtime.checkpoint import save_model_dir
-
         save_model_dir(model, self.analysis, self.run_dir / "final", tokenizer=tokenizer, spec_text=self.spec_text,
                        state=model.state_dict(),
                        extra={"run": {"spec": manifest["spec"], "stages": [
@@ -286,8 +279,6 @@ class Trainer:
 
     def _train_stage(self, model, processor: Processor, stage: Stage, index: int, stage_dir: Path,
                      prepared: Prepared) -> StageResult:
-        from vlmspec.runtime.train.freeze import apply_stage
-
         opts, dist = self.opts, self.dist
         first, enc, texts = prepared.first, prepared.enc, prepared.texts
 
@@ -473,7 +464,7 @@ class Trainer:
     def _apply_lora(self, model, stage: Stage) -> list[torch.nn.Module]:
         if not stage.lora:
             return []
-        from vlmspec.runtime.train.lora import inject_lora
+        from vlmspec.runtime.train.lora import inject_lora  # peft is imported when a stage uses LoRA
 
         return inject_lora(model, self.analysis, stage)
 
@@ -486,8 +477,6 @@ class Trainer:
     def _upcycle(self, model, stage: Stage) -> bool:
         if not stage.upcycle:
             return False
-        from vlmspec.runtime.model import upcycle
-
         upcycle(model)
         return True
 

@@ -5,10 +5,10 @@
   key tables, with a `CoverageReport`.
 - `import_hf(dir)`: a LLaVA / BLIP-2 / InstructBLIP / PaliGemma / Qwen2-VL / IDEFICS folder -> an
   equivalent `.vlm` spec.
-- `export_hf(model_dir, out_dir)`: a prefix-fusion model folder -> the HF LLaVA layout.
+- `weights.export.export_hf(model_dir, out_dir)`: a prefix-fusion model folder -> the HF LLaVA layout
+  (not imported here: it reads model folders through `runtime.session`, which imports this package).
 """
 
-from vlmspec.runtime.weights.export import export_hf
 from vlmspec.runtime.weights.importer import import_hf
 from vlmspec.runtime.weights.loader import (
     apply_spec_weights,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vlmspec.fsutil import fsync_dir_files, replace_dir
+from vlmspec.runtime.session import load_session
 from vlmspec.runtime.weights.errors import EXPORT, weights_error
 
 _ACT_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
@@ -94,8 +95,6 @@ def processor_configs(model: Any, analysis: Any) -> dict[str, dict[str, Any]]:
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` in the LLaVA layout (config, weights, tokenizer, processor configs); return it."""
     from safetensors.torch import save_file
-
-    from vlmspec.runtime.session import load_session
 
     session = load_session(model_dir)
     model = session.model

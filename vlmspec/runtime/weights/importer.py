@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmspec.runtime.weights.errors import UNSUPPORTED, weights_error
-from vlmspec.runtime.weights.families import Resolved, pick_layout
 from vlmspec.runtime.weights.formats import formats
+from vlmspec.runtime.weights.resolution import Resolved, pick_layout
 from vlmspec.runtime.weights.source import CheckpointSource, read_config
 from vlmspec.runtime.weights.spec_text import identifier
 

@@ -24,9 +24,11 @@ from torch import nn
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.passes import weights_location
 from vlmspec.runtime.blocks import init_weights
+from vlmspec.runtime.model import build_model
 from vlmspec.runtime.weights.errors import COVERAGE, weights_error
-from vlmspec.runtime.weights.families import Layout, pick_layout, resolve
+from vlmspec.runtime.weights.families import Layout
 from vlmspec.runtime.weights.report import ComponentCoverage, CoverageReport
+from vlmspec.runtime.weights.resolution import pick_layout, resolve
 from vlmspec.runtime.weights.source import CheckpointSource, read_config
 
 
@@ -163,8 +165,6 @@ def build_with_weights(analysis: Analysis, *, image_token_id: int | None = None,
     Peak memory stays near the size of the loaded tensors in their final dtype; components without
     `weights` are allocated and initialised as `build_model` would (normal, std 0.02).
     """
-    from vlmspec.runtime.model import build_model
-
     with params_on_meta():
         model = build_model(analysis, image_token_id=image_token_id, dtype=dtype)
     report = load_component_weights(model, analysis, allow_new=allow_new, strict=strict,
