@@ -1,5 +1,6 @@
 """`vlm train --resume` after the stage schedule changed: says what changed, carries on where that is sound
-(a stage in progress takes new steps and rates), refuses where the run no longer fits the text."""
+(a stage in progress takes new steps and rates), refuses where the run no longer fits the text. And a
+run checks every stage's data before the first stage trains."""
 
 from __future__ import annotations
 
@@ -92,3 +93,12 @@ def test_refusals(tmp_path, data) -> None:
     with pytest.raises(UserInputError) as e:  # the stage list is what the run is made of
         _trainer(tmp_path, data, [], steps=2, extra=extra, resume=True).run()
     assert _code(e) == "E0536"
+
+
+def test_every_stage_data_is_checked_before_the_first_stage(tmp_path, data) -> None:
+    (tmp_path / "broken.jsonl").write_text('{"image": "images/missing.png", "caption": "a shape"}\n')
+    extra = f'  stage more {{ train proj  freeze clip, llm  batch 4  steps 2  data captions("{tmp_path}/broken.jsonl") }}\n'
+    with pytest.raises(UserInputError) as e:
+        _trainer(tmp_path, data, [], steps=2, extra=extra).run()
+    assert _code(e) == "E0520" and "broken.jsonl" in e.value.diagnostics[0].message
+    assert not (tmp_path / "run" / "stages" / "01-align" / "weights.safetensors").exists()  # nothing trained
