@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmspec.compiler.compile import Analysis
 from vlmspec.diagnostics import user_error
 
 
@@ -48,7 +49,7 @@ def quantize_component(module: nn.Module, mode: str) -> int:
     return len(linears)
 
 
-def apply_quantization(model: nn.Module, analysis: Any) -> dict[str, int]:
+def apply_quantization(model: nn.Module, analysis: Analysis) -> dict[str, int]:
     """Quantize the components whose spec says `quantize = int8 | int4`."""
     done = {}
     for name, comp in analysis.ir.components.items():

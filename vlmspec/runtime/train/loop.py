@@ -33,7 +33,7 @@ from vlmspec.runtime.checkpoint import save_model_dir, save_state
 from vlmspec.runtime.inputs.data import read_dataset
 from vlmspec.runtime.inputs.processor import IGNORE, Processor
 from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
-from vlmspec.runtime.model import label_targets, upcycle
+from vlmspec.runtime.model import VisionLanguageModel, label_targets, upcycle
 from vlmspec.runtime.session import Session, build_session, load_tokenizers, tokenizer_source
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
 from vlmspec.runtime.train.distribution import Dist, wrap
@@ -235,7 +235,7 @@ class Trainer:
         self.dist.barrier()
         return results
 
-    def _write_final(self, model, tokenizer, manifest) -> None:
+    def _write_final(self, model: VisionLanguageModel, tokenizer, manifest) -> None:
         save_model_dir(model, self.analysis, self.run_dir / "final", tokenizer=tokenizer, spec_text=self.spec_text,
                        state=model.state_dict(),
                        extra={"run": {"spec": manifest["spec"], "stages": [
@@ -277,7 +277,7 @@ class Trainer:
                                      "stores as integers", help=f"freeze `{comp}` in that stage, or drop `quantize` "
                                      "while training (quantize the trained model for serving)")
 
-    def _train_stage(self, model, processor: Processor, stage: Stage, index: int, stage_dir: Path,
+    def _train_stage(self, model: VisionLanguageModel, processor: Processor, stage: Stage, index: int, stage_dir: Path,
                      prepared: Prepared) -> StageResult:
         opts, dist = self.opts, self.dist
         first, enc, texts = prepared.first, prepared.enc, prepared.texts
@@ -422,7 +422,7 @@ class Trainer:
         total = sum(first[name] * value for name, value in losses.items())
         return total, {name: float(value.detach()) for name, value in losses.items()}
 
-    def _changed_state(self, model, stage: Stage, state: dict[str, torch.Tensor],
+    def _changed_state(self, model: VisionLanguageModel, stage: Stage, state: dict[str, torch.Tensor],
                        table: ParamTable) -> dict[str, torch.Tensor]:
         """Tensors a stage may have changed: its trainable parameters, plus every parameter under the
         paths whose LoRA adapters were merged or whose experts were up-cycled (frozen by then)."""
@@ -433,7 +433,7 @@ class Trainer:
             names.update(merged.covered(path))
         return {k: v for k, v in state.items() if k in names}
 
-    def _checkpoint(self, model, optim, sched, ckpt: Path, step: int, losses: list[float]) -> None:
+    def _checkpoint(self, model: VisionLanguageModel, optim, sched, ckpt: Path, step: int, losses: list[float]) -> None:
         """The stage so far, resumable; under FSDP2 every rank takes part in gathering the full state first."""
         if self._sharded:
             weights, optim_state = gather_fsdp_state(model, optim)
@@ -442,7 +442,7 @@ class Trainer:
         if self.dist.main:
             write_checkpoint(ckpt, weights, optim_state, sched, step, losses)
 
-    def _evaluate(self, model, processor: Processor, stage: str, step: int) -> None:
+    def _evaluate(self, model: VisionLanguageModel, processor: Processor, stage: str, step: int) -> None:
         """Held-out VQA accuracy with the evaluation code `vlm eval` runs, so the two always agree."""
         if self.dist.main:
             from vlmspec.evaluation import run_eval
@@ -461,20 +461,20 @@ class Trainer:
         self.dist.barrier()
 
     # ------------------------------------------------------------ LoRA and up-cycling
-    def _apply_lora(self, model, stage: Stage) -> list[torch.nn.Module]:
+    def _apply_lora(self, model: VisionLanguageModel, stage: Stage) -> list[torch.nn.Module]:
         if not stage.lora:
             return []
         from vlmspec.runtime.train.lora import inject_lora  # peft is imported when a stage uses LoRA
 
         return inject_lora(model, self.analysis, stage)
 
-    def _merge_lora(self, model, modules: list[torch.nn.Module]) -> None:
+    def _merge_lora(self, model: VisionLanguageModel, modules: list[torch.nn.Module]) -> None:
         if modules:
             from vlmspec.runtime.train.lora import merge_lora
 
             merge_lora(model)
 
-    def _upcycle(self, model, stage: Stage) -> bool:
+    def _upcycle(self, model: VisionLanguageModel, stage: Stage) -> bool:
         if not stage.upcycle:
             return False
         upcycle(model)

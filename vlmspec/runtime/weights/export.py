@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from vlmspec.compiler.compile import Analysis
 from vlmspec.fsutil import fsync_dir_files, replace_dir
+from vlmspec.runtime.model import VisionLanguageModel
 from vlmspec.runtime.session import load_session
 from vlmspec.runtime.weights.errors import EXPORT, weights_error
 
@@ -30,7 +32,7 @@ def _fit(cond: bool, what: str) -> None:
                             help="LLaVA is one CLIP-style `vit`, a 2-layer `mlp`, a `llama` and a `prefix` fusion")
 
 
-def llava_config(model: Any, analysis: Any) -> dict[str, Any]:
+def llava_config(model: VisionLanguageModel, analysis: Analysis) -> dict[str, Any]:
     """The `LlavaConfig` fields of a spec-built model (E0586 when it is not LLaVA-shaped)."""
     ir = analysis.ir
     by = {r: ir.by_role(r) for r in ("vision", "connector", "language", "fusion")}
@@ -75,7 +77,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
 
 
-def processor_configs(model: Any, analysis: Any) -> dict[str, dict[str, Any]]:
+def processor_configs(model: VisionLanguageModel, analysis: Analysis) -> dict[str, dict[str, Any]]:
     """`preprocessor_config.json` (CLIPImageProcessor doing what the spec's image transform does: an
     exact resize to the encoder's size, rescale, normalise) and `processor_config.json` (LlavaProcessor)."""
     (vis,) = analysis.ir.by_role("vision")
