@@ -8,6 +8,7 @@ import torch
 from runtime_helpers import CASES, analyse, image_tokens, pixels, prompts
 
 from vlmspec.diagnostics import UserInputError
+from vlmspec.runtime.generate import sample_top_p, top_p_filter
 from vlmspec.runtime.model import build_model
 
 
@@ -52,6 +53,25 @@ def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(tmp_path):
     assert not torch.equal(a, model.generate(ids, seed=8, **kw))
     greedy = model.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=8)
     assert torch.equal(greedy, model.generate(ids, seed=1, top_p=1e-6, **kw))
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_top_p():
+    """As Hugging Face's `TopPLogitsWarper`: the most likely tokens until their mass is >= top_p (a mass
+    exactly at top_p is enough), never fewer than one."""
+    probs = torch.tensor([[0.2, 0.5, 0.3]])  # 0.5 + 0.3 is 0.8 exactly in float32, as 0.8 is
+
+    def kept(top_p: float) -> list[bool]:
+        return (top_p_filter(probs, top_p) > 0)[0].tolist()
+
+    assert kept(0.8) == [False, True, True]
+    assert kept(0.5) == [False, True, False]
+    assert kept(0.81) == [True, True, True]
+    assert kept(0.79) == [False, True, True]
+    assert kept(1e-6) == [False, True, False]
+    assert torch.equal(top_p_filter(probs, 0.8), torch.tensor([[0.0, 0.5, 0.3]]))  # kept mass unchanged
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_top_p(probs.log().expand(64, -1), 1.0, 0.79, g) for _ in range(8)])
+    assert set(draws.unique().tolist()) == {1, 2}
 
 
 def test_global_rng_is_untouched_by_seeded_sampling(tmp_path):
@@ -116,5 +136,6 @@ def test_bad_generation_arguments_are_user_errors(tmp_path):
     _, model, ids, mask, px = _model(tmp_path, "connector-mlp")
     for kw, msg in ((dict(top_p=0.0), "top_p"), (dict(do_sample=True, temperature=0.0), "temperature"),
                     (dict(num_beams=2, do_sample=True), "beam"), (dict(max_new_tokens=-1), "max_new_tokens")):
-        with pytest.raises(UserInputError, match=msg):
+        with pytest.raises(UserInputError, match=msg) as e:
             model.generate(ids, attention_mask=mask, pixel_values=px, **kw)
+        assert e.value.diagnostics[0].code == "E0517", msg

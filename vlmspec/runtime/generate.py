@@ -84,14 +84,25 @@ def _check(max_new_tokens: int, do_sample: bool, temperature: float, top_p: floa
         raise user_error("E0517", "beam search with sampling is not supported", help="use num_beams=1 to sample")
 
 
+def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """probs [b x vocab] with the tokens outside the nucleus zeroed: the nucleus is the smallest set of
+    most likely tokens whose mass is >= top_p, as in Hugging Face's `TopPLogitsWarper`, i.e. a token stays
+    when the tokens more likely than it hold less than top_p (so the most likely one always does)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = F.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))  # mass of the more likely tokens (exclusive cumsum)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(before >= top_p, 0.0))
+
+
 def sample_top_p(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """One token per row from softmax(logits / T), restricted to the smallest set with mass >= top_p."""
+    """One token per row of float32 logits [b x vocab] from softmax(logits / T) within the top-p
+    nucleus (`top_p_filter`; top_p = 1: the whole vocabulary). -> [b].
+
+    The one sampler of generation and serving. It draws only from `generator`; the serving engine
+    calls it per row with the row's own, so a seeded request's tokens do not depend on its batch-mates.
+    """
     probs = F.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keeps at least the most likely token
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = top_p_filter(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 

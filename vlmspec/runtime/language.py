@@ -30,6 +30,7 @@ from vlmspec.runtime.blocks import (
     inv_frequencies,
     llama3_frequencies,
     split_heads,
+    tracing,
 )
 from vlmspec.runtime.decoding import DecodeState
 from vlmspec.runtime.moe import SparseMoE
@@ -521,9 +522,11 @@ class CausalLM(nn.Module):
         return self.body[0].embed_tokens.weight.dtype
 
     def embed(self, ids: Tensor) -> Tensor:
+        """Token embeddings [b x s x w]. The vocabulary check reads a tensor value, which a traced graph
+        cannot; under tracing it is skipped (the export runner checks the ids before the call)."""
         b = self.body[0]
         rows = self.c.embed_rows
-        if ids.numel() and ids.device.type != "meta" and int(ids.max()) >= rows:
+        if ids.numel() and ids.device.type != "meta" and not tracing() and int(ids.max()) >= rows:
             raise user_error("E0596", f"token id {int(ids.max())} is outside the vocabulary of {rows}")
         h = b.embed_tokens(ids)
         if self.c.family == "gemma":

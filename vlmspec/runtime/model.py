@@ -2,8 +2,14 @@
 
 `build_model(analysis)` calls one registered builder per component, in data-flow order, and wraps
 them in `VisionLanguageModel`, whose submodules are `components[<spec name>]`. Read top to bottom:
-`encode_images` (encoders, then connectors in graph order), `forward` (embed, splice, decode, loss),
-`generate` (in `vlmspec.runtime.generate`).
+`encode_images` (encoders, then connectors in graph order), `forward` (embed and splice, positions,
+masks, the decode state, the decoder, logits and loss), `generate` (in `vlmspec.runtime.generate`).
+
+`forward`'s steps are methods (`embed`, `positions`, `decode_state`, `decode`) that the exported
+halves (`vlmspec.runtime.export.halves`) call too, so there is one forward. The checks among them that
+read tensor values as Python numbers are skipped under tracing (`blocks.tracing()`, true under
+torch.export and torch.compile), the way transformers guards them with `is_torchdynamo_compiling()`:
+a graph cannot hold them (the export runner makes them before it calls one).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch import Tensor, nn
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.schema.fusion import FusionBase
 from vlmspec.diagnostics import user_error
-from vlmspec.runtime.blocks import DTYPES, VisualTokens, init_weights
+from vlmspec.runtime.blocks import DTYPES, VisualTokens, init_weights, tracing
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import (
     ASPECT_RATIO_IDS,
@@ -183,14 +189,19 @@ class VisionLanguageModel(nn.Module):
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
 
     # ------------------------------------------------------------ text
+    def embed(self, input_ids: Tensor, features: dict[str, Tensor]) -> Tensor:
+        """Embeddings [b x s x w] of input_ids [b x s], with the in-sequence image features spliced in."""
+        return self.splice(self.llm.embed(input_ids), input_ids, features)
+
     def splice(self, h: Tensor, input_ids: Tensor, features: dict[str, Tensor]) -> Tensor:
-        """Put in-sequence image features [b x n x w] at the image-token positions of h [b x s x w]."""
+        """Put in-sequence image features [b x n x w] at the image-token positions of h [b x s x w].
+        The image-token count check reads tensor values: skipped under tracing (see the module docstring)."""
         feats = [features[f] for f in self.in_sequence if f in features]
         if not feats:
             return h
         x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         counts = (input_ids == self.image_token_id).sum(1)
-        if bool((counts != x.shape[1]).any()):
+        if not tracing() and bool((counts != x.shape[1]).any()):
             bad = int(counts[counts != x.shape[1]][0])
             raise user_error("E0513", f"the prompt has {bad} image tokens but the images give {x.shape[1]} features "
                              "per sample", help=f"put {x.shape[1]} image tokens (id {self.image_token_id}) in every "
@@ -234,12 +245,10 @@ class VisionLanguageModel(nn.Module):
         if past + s > llm.c.max_positions:
             raise user_error("E0514", f"{past + s} tokens exceed the language model's max_positions = "
                              f"{llm.c.max_positions}", help="shorten the prompt or max_new_tokens")
-        h = llm.embed(input_ids)
-        h = self.splice(h, input_ids, features)
+        h = self.embed(input_ids, features)
         grid = features.get(IMAGE_GRID)
         pos = position_ids if position_ids is not None else self.positions(
             input_ids, attention_mask, cache, past, tuple(grid[0].tolist()) if grid is not None else None)
-        h = llm.add_positions(h, pos)
         prefix = None
         if self.bidirectional_prefix:
             prefix = prefix_mask
@@ -248,16 +257,9 @@ class VisionLanguageModel(nn.Module):
             elif prefix is None and cache is not None and past == 0:
                 prefix = torch.ones_like(input_ids, dtype=torch.bool)
         mask, causal = attention_mask_4d(attention_mask, past, s, h.device, prefix)
-        state = DecodeState(
-            rotary=llm.rotary(pos, h.dtype), mask=mask, causal=causal, cache=cache,
-            image_mask=(image_mask if image_mask is not None else input_ids == self.image_token_id)
-            if self._reads("uses_image_mask") else None,
-            token_mask=attention_mask[:, -s:].bool() if attention_mask is not None and self._needs_token_mask()
-            else None,
-            visual={f: x for f, x in features.items() if f not in IMAGE_FACTS and not self.fusion(f).in_sequence},
-            aspect_ratio_ids=features.get(ASPECT_RATIO_IDS),
-        )
-        h = llm.decode(h, state, self.layer_hooks())
+        state = self.decode_state(input_ids, pos, h.dtype, mask, causal, cache, features, image_mask=image_mask,
+                                  token_mask=attention_mask[:, -s:].bool() if attention_mask is not None else None)
+        h = self.decode(h, pos, state)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         targets = None
@@ -279,6 +281,29 @@ class VisionLanguageModel(nn.Module):
             if aux is not None:
                 loss = loss + aux
         return VLMOutput(logits, loss, aux, cache)
+
+    def decode_state(self, input_ids: Tensor, pos: Tensor, dtype: torch.dtype, mask: Tensor | None, causal: bool,
+                     cache: KVCache | None, features: dict[str, Tensor], *, image_mask: Tensor | None = None,
+                     token_mask: Tensor | None = None) -> DecodeState:
+        """What the decoder layers and fusion hooks read during one pass over input_ids [b x s].
+
+        pos: `positions`' ids of the pass; mask / causal: as `attention_mask_4d` gives them; features: the
+        image features (cross-attention fusions read theirs from here); image_mask: bool [b x s], where
+        the images' tokens are (default: input_ids == image_token_id); token_mask: bool [b x s], True at
+        real tokens. A mask no fusion (nor MoE routing) reads is left out.
+        """
+        return DecodeState(
+            rotary=self.llm.rotary(pos, dtype), mask=mask, causal=causal, cache=cache,
+            image_mask=(image_mask if image_mask is not None else input_ids == self.image_token_id)
+            if self._reads("uses_image_mask") else None,
+            token_mask=token_mask if self._needs_token_mask() else None,
+            visual={f: x for f, x in features.items() if f not in IMAGE_FACTS and not self.fusion(f).in_sequence},
+            aspect_ratio_ids=features.get(ASPECT_RATIO_IDS),
+        )
+
+    def decode(self, h: Tensor, pos: Tensor, state: DecodeState) -> Tensor:
+        """The decoder layers, with every fusion's hooks, over embeddings h [b x s x w] at positions pos."""
+        return self.llm.decode(self.llm.add_positions(h, pos), state, self.layer_hooks())
 
     def positions(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, past: int,
                   grid: tuple[int, int] | None = None) -> Tensor:

@@ -49,7 +49,7 @@ class RunFacts:
     weights: dict[str, str]  # component -> the checkpoint folder its `weights` names (resolved)
 
     @classmethod
-    def derive(cls, analysis: Analysis, model: Any, tokenizer: Any | None) -> RunFacts:
+    def derive(cls, analysis: Analysis, model: VisionLanguageModel, tokenizer: Any | None) -> RunFacts:
         ir = analysis.ir
         fusions = ir.by_role("fusion")
         image_token = fusions[0].config.image_token if fusions else None

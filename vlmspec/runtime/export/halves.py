@@ -5,10 +5,15 @@ The split follows TensorRT-LLM's two engines: pixels -> visual tokens (the conne
 prompt. Each wrapper's `forward` takes and returns flat tensors in the order the interface
 (`vlmspec.runtime.export.interface`) declares, so torch.export, ONNX and TensorRT see the same graph.
 
-The decoder halves re-run `VisionLanguageModel.forward`'s steps (embed, splice, positions, decode,
-logits) with the model's own modules, but with tensor-driven masks and a `StaticKVCache`: the eager
-`forward` reads the cache length and checks token ids and image-token counts with Python `int`s and
-`bool`s, which a graph with dynamic shapes cannot contain. Those checks move to the runner.
+The decoder halves are `VisionLanguageModel.forward` itself, step by step: they call the model's
+`embed` (embedding and image splice), `positions`, `decode_state`, `decode` and the language model's
+`logits`, and supply only what a graph needs instead of the eager bookkeeping: a `StaticKVCache`
+(inputs and outputs of fixed size, written at a tensor index), attention masks built from tensors
+(`prefill_mask`, `step_mask`; the eager `attention_mask_4d` decides with Python `bool`s whether to
+build one), and decode-step positions as an input. The checks in those steps that read tensor values
+(token ids in the vocabulary, image-token counts) are skipped while torch.export traces
+(`blocks.tracing()`; the ONNX exporter converts the traced program), and the runner makes them
+before it calls a graph.
 """
 
 from __future__ import annotations
@@ -16,9 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlmspec.runtime.decoding import ASPECT_RATIO_IDS, IMAGE_FACTS, DecodeState
+from vlmspec.runtime.decoding import ASPECT_RATIO_IDS
 from vlmspec.runtime.export.cache import StaticKVCache
-from vlmspec.runtime.language import CausalLM
 from vlmspec.runtime.model import VisionLanguageModel
 
 
@@ -40,27 +44,6 @@ def encoder_parts(model: VisionLanguageModel) -> list[str]:
 
 def decoder_parts(model: VisionLanguageModel) -> list[str]:
     return [model.language, *model.fusions]
-
-
-def embed_tokens(llm: CausalLM, ids: Tensor) -> Tensor:
-    """`CausalLM.embed` without its out-of-vocabulary check (a data-dependent `int(ids.max())`)."""
-    body = llm.body[0]
-    h = body.embed_tokens(ids)
-    if llm.c.family == "gemma":
-        h = h * torch.tensor(llm.c.width**0.5, dtype=h.dtype)
-    if llm.c.family == "opt" and hasattr(body, "project_in"):
-        h = body.project_in(h)
-    return h
-
-
-def splice(model: VisionLanguageModel, h: Tensor, input_ids: Tensor, features: dict[str, Tensor]) -> Tensor:
-    """`VisionLanguageModel.splice` without its count check (the runner checks counts before the call)."""
-    feats = [features[f] for f in model.in_sequence if f in features]
-    if not feats:
-        return h
-    x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
-    mask = (input_ids == model.image_token_id).unsqueeze(-1)
-    return h.masked_scatter(mask, x.to(h.dtype))
 
 
 def prefill_mask(attention_mask: Tensor, bidirectional: bool = False) -> Tensor:
@@ -105,30 +88,19 @@ class _DecoderHalf(nn.Module):
         self.fusions = fusions  # every fusion, in interface order (visual inputs of prefill)
         self.cross = cross  # cross-attention fusion -> its layer ids (cached visual K / V)
         self.max_len = max_len
-        fusions_ = [model.fusion(f) for f in model.fusions]
         # cross-attention fusions whose per-token visual mask travels with the cache (prefill -> decode)
         self.masked = [f for f in cross if model.fusion(f).masked]
         self.prefill_aspect = any(model.fusion(f).tiles is not None for f in self.masked)
         self.mrope = model.llm.c.mrope is not None
-        # what the fusion hooks read from `DecodeState` (as `VisionLanguageModel.forward` decides it)
-        self.image_mask = any(f.uses_image_mask for f in fusions_)
-        self.token_mask = any(f.uses_token_mask for f in fusions_) or bool(model.llm.moe_pairs())
 
     def run(self, input_ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache,
             features: dict[str, Tensor], token_mask: Tensor) -> Tensor:
-        model, llm = self.model, self.model.llm
-        h = embed_tokens(llm, input_ids)
-        h = splice(model, h, input_ids, features)
-        h = llm.add_positions(h, pos)
-        state = DecodeState(
-            rotary=llm.rotary(pos, h.dtype), mask=mask, causal=False, cache=cache,
-            image_mask=(input_ids == model.image_token_id) if self.image_mask else None,
-            token_mask=token_mask if self.token_mask else None,
-            visual={f: x for f, x in features.items() if f not in IMAGE_FACTS and not model.fusion(f).in_sequence},
-            aspect_ratio_ids=features.get(ASPECT_RATIO_IDS),
-        )
-        h = llm.decode(h, state, model.layer_hooks())
-        return llm.logits(h[:, -1]).float()
+        """`VisionLanguageModel.forward`'s pass with this graph's cache, mask and positions -> logits
+        [b x vocab] (float32) of the last position."""
+        model = self.model
+        h = model.embed(input_ids, features)
+        state = model.decode_state(input_ids, pos, h.dtype, mask, False, cache, features, token_mask=token_mask)
+        return model.llm.logits(model.decode(h, pos, state)[:, -1]).float()
 
     def cross_outputs(self, cache: StaticKVCache) -> tuple[Tensor, ...]:
         out: list[Tensor] = []
@@ -149,9 +121,10 @@ class PrefillHalf(_DecoderHalf):
     graph cannot hold); later tokens' positions are 1-D plus the offset it returns."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *visual: Tensor) -> tuple[Tensor, ...]:
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if self.mrope:
             pos, *visual = visual  # type: ignore[assignment]
+        else:
+            pos = self.model.positions(input_ids, attention_mask, None, 0)
         aspect = None
         if self.prefill_aspect:
             aspect, *visual = visual  # type: ignore[assignment]

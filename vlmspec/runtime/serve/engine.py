@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmspec.runtime.decoding import KVCache
+from vlmspec.runtime.generate import sample_top_p
 from vlmspec.runtime.inputs.images import open_image
 
 if TYPE_CHECKING:
@@ -431,14 +432,15 @@ class Engine:
             self._fail([row.req for row in batch.rows if not row.done], e)
 
     def _pick(self, batch: Batch) -> list[int]:
-        """Every row's next token: greedy rows in one argmax, sampling rows each with its own generator."""
+        """Every row's next token: greedy rows in one argmax, sampling rows each with its own generator
+        (`sample_top_p`, generation's sampler, one row at a time)."""
         logits = batch.logits
         if self.banned is not None:
             logits[:, self.banned] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()  # one call for every greedy row
         for i, row in enumerate(batch.rows):
             if row.req.temperature > 0:
-                tokens[i] = _sample(logits[i], row.req.temperature, row.req.top_p, row.gen)
+                tokens[i] = int(sample_top_p(logits[i : i + 1], row.req.temperature, row.req.top_p, row.gen)[0])
         return tokens
 
     def _take(self, row: Row, tok: int) -> bool:
@@ -515,16 +517,3 @@ def _deliver(pending: list[tuple[GenRequest, str | None]]) -> None:
 def _stop_at(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=gen))
