@@ -13,7 +13,7 @@ from vlmspec.runtime.export.api import _wrappers
 from vlmspec.runtime.export.interface import DECODE, PREFILL, Interface
 from vlmspec.runtime.export.patches import exportable
 from vlmspec.runtime.export.to_pt2 import trace
-from vlmspec.runtime.moe import SparseMoE
+from vlmspec.runtime.language.moe import SparseMoE
 
 MOE_FUSION = """
 model m {

@@ -13,8 +13,8 @@ from runtime_helpers import CASES, STAGES, Case, analyse, image_tokens, pixels, 
 
 from vlmspec.diagnostics import UserInputError
 from vlmspec.runtime.connectors import Instruction
+from vlmspec.runtime.language.moe import upcycle
 from vlmspec.runtime.model import build_model
-from vlmspec.runtime.moe import upcycle
 
 
 def _build(tmp_path, case: Case | str, seed: int = 0):
@@ -86,15 +86,17 @@ def test_upcycled_experts_compute_the_dense_model(tmp_path, case):
 
 def test_upcycle_refuses_experts_of_another_size(tmp_path):
     _, model = _build(tmp_path, "fusion-prefix-phi-moe-ffn")
-    with pytest.raises(UserInputError, match="ffn differs"):
+    with pytest.raises(UserInputError, match="ffn differs") as e:
         upcycle(model)
+    assert e.value.diagnostics[0].code == "E0508"
 
 
 def test_image_token_count_mismatch_names_both_counts(tmp_path):
     analysis, model = _build(tmp_path, "connector-mlp")
     ids, mask = prompts(model.image_token_id, image_tokens(analysis) - 1)
-    with pytest.raises(UserInputError, match=r"prompt has 15 image tokens but the images give 16 features"):
+    with pytest.raises(UserInputError, match=r"prompt has 15 image tokens but the images give 16 features") as e:
         model(ids, attention_mask=mask, pixel_values=pixels(analysis))
+    assert e.value.diagnostics[0].code == "E0513"
 
 
 def test_several_images_per_sample(tmp_path):
@@ -129,10 +131,12 @@ def test_dynamic_resolution_gives_as_many_tokens_as_patches(tmp_path):
 
 def test_fixed_resolution_refuses_other_sizes(tmp_path):
     _, model = _build(tmp_path, "connector-mlp")
-    with pytest.raises(UserInputError, match="images are 48x48 but the encoder takes 32x32"):
+    with pytest.raises(UserInputError, match="images are 48x48 but the encoder takes 32x32") as e:
         model.encode_images(torch.randn(1, 3, 48, 48))
-    with pytest.raises(UserInputError, match="channels"):
+    assert e.value.diagnostics[0].code == "E0593"
+    with pytest.raises(UserInputError, match="channels") as e:
         model.encode_images(torch.randn(1, 1, 32, 32))
+    assert e.value.diagnostics[0].code == "E0593"
 
 
 MULTI = """model m {

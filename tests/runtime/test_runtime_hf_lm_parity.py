@@ -7,8 +7,8 @@ import pytest
 import torch
 from runtime_helpers import analyse
 
+from vlmspec.runtime.language.mrope import mrope_positions
 from vlmspec.runtime.model import build_model
-from vlmspec.runtime.mrope import mrope_positions
 
 transformers = pytest.importorskip("transformers")
 

@@ -38,9 +38,10 @@ from vlmspec.runtime.decoding import (
     prefix_from_labels,
 )
 from vlmspec.runtime.fusion import Fusion
+from vlmspec.runtime.generate import generate
 from vlmspec.runtime.language import CausalLM, LayerHooks
-from vlmspec.runtime.moe import SparseMoE, upcycle
-from vlmspec.runtime.mrope import mrope_positions
+from vlmspec.runtime.language.moe import SparseMoE, upcycle
+from vlmspec.runtime.language.mrope import mrope_positions
 from vlmspec.runtime.registry import BuildContext, build_component, load_builders
 
 IGNORE_INDEX = -100
@@ -331,9 +332,8 @@ class VisionLanguageModel(nn.Module):
                  eos_token_id: int | list[int] | None = None, seed: int | None = None, use_cache: bool = True,
                  image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None,
                  instruction: Instruction | None = None, aspect_ratio_ids: Tensor | None = None) -> Tensor:
-        """New tokens only, [b x n_new]; see `vlmspec.runtime.generate.generate`."""
-        from vlmspec.runtime.generate import generate
-
+        """New tokens only, [b x n_new]; see `vlmspec.runtime.generate.generate` (which reads this module
+        only for its types, so the import runs one way)."""
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                         num_beams=num_beams, eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,

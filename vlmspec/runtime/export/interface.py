@@ -131,7 +131,7 @@ class Interface:
                                      "fusion reads several sources, or its tokens keep no grid)")
             grid = [int(v) for v in feats[IMAGE_GRID][0].tolist()]
             aspect.insert(0, TensorSpec("position_ids", (3, "batch", "seq"), "int64", "M-RoPE (time, row, column) "
-                                        "positions of the prompt (vlmspec.runtime.mrope.mrope_positions)"))
+                                        "positions of the prompt (vlmspec.runtime.language.mrope.mrope_positions)"))
         logits = TensorSpec("logits", ("batch", llm.n_vocab), "float32", "next-token logits")
         programs = {
             ENCODER: ProgramSpec(ENCODER, tuple(enc_in), tuple(visual)),

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from vlmspec.runtime.moe import SparseMoE
+from vlmspec.runtime.language.moe import SparseMoE
 
 
 class DenseRoutedMoE(SparseMoE):

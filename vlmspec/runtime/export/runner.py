@@ -21,7 +21,7 @@ from torch import Tensor
 from vlmspec.runtime.export import manifest as mf
 from vlmspec.runtime.export.errors import bad_folder, bad_input, bad_option, missing
 from vlmspec.runtime.export.interface import DECODE, ENCODER, PREFILL
-from vlmspec.runtime.mrope import mrope_positions
+from vlmspec.runtime.language.mrope import mrope_positions
 
 BACKENDS = ("pt2", "onnx", "tensorrt")
 

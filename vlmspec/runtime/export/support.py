@@ -8,7 +8,7 @@ Every fusion style exports (prefix, cross_attention, visual_expert, moe; the lan
   reads them; TensorRT quantizes by itself (`quantize="int8" | "fp8"` of the tensorrt format).
 
 M-RoPE positions are (time, row, column) per image token, computed by a Python loop over each prompt
-(`vlmspec.runtime.mrope.mrope_positions`): the runner computes them and feeds the prefill program.
+(`vlmspec.runtime.language.mrope.mrope_positions`): the runner computes them and feeds the prefill program.
 
 Accepted with a note in the manifest: dynamic-resolution encoders are exported at `image_size`
 (what the processor feeds them; eager positions are 1-D there too), and instruction-aware Q-Formers

@@ -1,5 +1,5 @@
 """`moe` (MoE-LLaVA): prefix splicing plus routed experts replacing the FFN of chosen layers; expert 0 is
-the layer's own dense FFN (see `vlmspec.runtime.moe`)."""
+the layer's own dense FFN (see `vlmspec.runtime.language.moe`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from vlmspec.compiler.schema.fusion import MoEFusion
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.fusion.base import Fusion, fusion_spec, language_model
 from vlmspec.runtime.language import CausalLM, LayerHooks
-from vlmspec.runtime.moe import SparseMoE
+from vlmspec.runtime.language.moe import SparseMoE
 from vlmspec.runtime.registry import BuildContext, register
 from vlmspec.runtime.spec_paths import CLAIM, SpecPart
 
