@@ -156,3 +156,17 @@ def test_build_bundles_the_language_models_tokenizer(tmp_path, folders) -> None:
     assert r.exit_code == 0, r.output
     want = answer(load_session(tmp_path / "built"), ["What color is the shape?"], [str(image)], max_new_tokens=4)
     assert r.stdout.rstrip("\n") == want[0]
+
+
+def test_a_tokenizer_that_disagrees_with_the_spec_is_refused(tmp_path, folders) -> None:
+    """With a pretrained language model, the spec's `image_token_id` (what `vlm import-hf` reads from the
+    checkpoint) and the tokenizer's image token must be the same id: the model learned that row."""
+    from vlmspec.runtime.inputs.synth import corpus
+    from vlmspec.runtime.inputs.tokenizer import train_tokenizer
+
+    tok = tmp_path / "tok"
+    train_tokenizer(corpus(), VOCAB).save_pretrained(str(tok))
+    spec = tmp_path / "m.vlm"
+    spec.write_text(_spec(folders, "train proj  freeze enc, llm").replace('prompt = ', 'image_token_id = 3\n  prompt = '))
+    r = CliRunner().invoke(app, ["build", str(spec), "-o", str(tmp_path / "built"), "--tokenizer", str(tok)])
+    assert r.exit_code == 1 and "E0538" in r.output and "image_token_id = 3" in r.output

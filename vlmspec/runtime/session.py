@@ -160,6 +160,14 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
         tok = ensure_special_tokens(tokenizer, analysis)
     fusions = analysis.ir.by_role("fusion")
     image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if tok is not None and fusions else None
+    # a pretrained language model learned its image token's row: a tokenizer that puts the token elsewhere
+    # would feed it another row (a freshly initialised model has no such row, and takes the tokenizer's id)
+    declared = analysis.ir.settings.image_token_id
+    pretrained = analysis.ir.language is not None and getattr(analysis.ir.language.config, "weights", None)
+    if image_id is not None and declared is not None and image_id != declared and pretrained:
+        raise user_error("E0538", f"the tokenizer's `{fusions[0].config.image_token}` is id {image_id}, but the spec "
+                         f"says image_token_id = {declared}", help="use the checkpoint's own tokenizer, or correct "
+                         "`image_token_id` (prompts would place images where the model does not look)")
     if seed is not None:
         torch.manual_seed(seed)
     report = None
