@@ -135,6 +135,8 @@ def eager_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, token
     mask = mask if mask is not None else torch.ones_like(ids)
     full = torch.cat([ids, tokens[:, : n - 1]], dim=1)
     full_mask = torch.cat([mask, torch.ones(b, n - 1, dtype=mask.dtype)], dim=1)
+    if model.bidirectional_prefix:  # a prefix-LM's prompt attends both ways, the generated tokens causally
+        inputs["prefix_mask"] = torch.cat([torch.ones(b, s, dtype=torch.bool), torch.zeros(b, n - 1, dtype=torch.bool)], 1)
     with torch.no_grad():
         logits = model(full, attention_mask=full_mask, **inputs).logits.float()
     return [logits[:, s - 1 + t] for t in range(n)]
