@@ -25,6 +25,7 @@ import datetime
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,7 @@ MUTATIONS: list[Mutation] = [
           "return (h if dtype == torch.float32 else h.to(dtype))")],
         WEIGHTS, "Llama's RMSNorm drops its weight"),
     Mutation(
-        "lm-qkv-bias-dropped", "vlmspec/runtime/language.py",
+        "lm-qkv-bias-dropped", "vlmspec/runtime/language/layers.py",
         [("return self.q_proj(x), self.k_proj(x), self.v_proj(x)",
           "return (torch.nn.functional.linear(x, self.q_proj.weight), torch.nn.functional.linear(x, self.k_proj.weight),"
           " torch.nn.functional.linear(x, self.v_proj.weight))")],
@@ -163,24 +164,27 @@ def env_for(copy: Path) -> dict[str, str]:
     return env
 
 
-def pytest(copy: Path, args: list[str], timeout: int, lock: str | None) -> tuple[int, list[str], int, str]:
-    """Run pytest in the copy: (exit code, failed test ids, tests run, tail of the output)."""
+def pytest(copy: Path, args: list[str], timeout: int, lock: str | None) -> tuple[int, list[str], int, str, float]:
+    """Run pytest in the copy: (exit code, failed test ids, tests run, tail of the output, seconds it ran,
+    not counting any wait for the lock)."""
     report = copy / ".mutate-junit.xml"
     report.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", f"--junitxml={report}",
-           *args]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "--tb=line",
+           f"--junitxml={report}", *args]
     with locked(lock):
+        t0 = time.perf_counter()
         try:
             r = subprocess.run(cmd, cwd=copy, env=env_for(copy), capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return -1, [], 0, f"timed out after {timeout} s"
+            return -1, [], 0, f"timed out after {timeout} s", time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
     failed, total = [], 0
     if report.is_file():
         for case in ET.parse(report).getroot().iter("testcase"):
             total += 1
             if case.find("failure") is not None or case.find("error") is not None:
                 failed.append(f"{case.get('classname', '')}::{case.get('name', '')}")
-    return r.returncode, failed, total, (r.stdout + r.stderr)[-3000:]
+    return r.returncode, failed, total, (r.stdout + r.stderr)[-3000:], seconds
 
 
 def run_one(m: Mutation, copy: Path, tests: list[str] | None, lock: str | None) -> Outcome:
@@ -189,17 +193,15 @@ def run_one(m: Mutation, copy: Path, tests: list[str] | None, lock: str | None) 
     mutated = original
     for old, new in m.edits:
         mutated = mutated.replace(old, new)
-    t0 = time.perf_counter()
     try:
         path.write_text(mutated)
-        code, failed, total, tail = pytest(copy, tests or m.tests, m.timeout, lock)
+        code, failed, total, tail, seconds = pytest(copy, tests or m.tests, m.timeout, lock)
     finally:
         path.write_text(original)
-    seconds = time.perf_counter() - t0
     if code == 0:
         return Outcome(m, "survived", [], total, seconds)
     if code == 1 and failed:
-        return Outcome(m, "caught", failed, total, seconds)
+        return Outcome(m, "caught", failed, total, seconds, tail)
     return Outcome(m, "error", failed, total, seconds, tail)
 
 
@@ -220,7 +222,7 @@ def results_row(outcomes: list[Outcome], seconds: float, command: str) -> str:
     caught = [o for o in outcomes if o.status == "caught"]
     others = [o for o in outcomes if o.status != "caught"]
     figures = "; ".join(f"{o.mutation.name} {o.status} ({len(o.failed)}/{o.total} tests fail)" for o in outcomes)
-    ratio = f"{len(caught)}/{len(outcomes)} caught, {len(others)} survivors; {seconds:.0f} s on the fast tests"
+    ratio = f"{len(caught)}/{len(outcomes)} caught, {len(others)} survivors; {seconds:.0f} s of mutated fast-test runs"
     return f"| {datetime.date.today().isoformat()} | `{command}` | {figures} | {ratio} |"
 
 
@@ -233,6 +235,7 @@ def main() -> int:
     ap.add_argument("--lock", help="hold this flock(2) file around each pytest run (shared machines)")
     ap.add_argument("--append", type=Path, help="append a row with the figures to this RESULTS.md table")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the end of pytest's output for each mutation")
     args = ap.parse_args()
 
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
@@ -250,6 +253,7 @@ def main() -> int:
         print("\n".join(f"  {p}" for p in problems), file=sys.stderr)
         return 2
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still remove the copy
     t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="vlmspec-mutate-"))
     copy = tmp / "repo"
@@ -263,9 +267,8 @@ def main() -> int:
         if not args.no_baseline:
             union = list(dict.fromkeys(t for m in chosen for t in (args.tests or m.tests)))
             print(f"baseline: {' '.join(union)}", flush=True)
-            t0 = time.perf_counter()
-            code, failed, total, tail = pytest(copy, union, 3600, args.lock)
-            print(f"  {total} tests, {len(failed)} failing, {time.perf_counter() - t0:.0f} s", flush=True)
+            code, failed, total, tail, seconds = pytest(copy, union, 3600, args.lock)
+            print(f"  {total} tests, {len(failed)} failing, {seconds:.0f} s", flush=True)
             if code != 0:
                 print(f"the unmutated tests do not pass (exit {code}): {failed[:5]}\n{tail}", file=sys.stderr)
                 return 2
@@ -275,19 +278,19 @@ def main() -> int:
             o = run_one(m, copy, args.tests, args.lock)
             outcomes.append(o)
             print(f"{o.status} ({len(o.failed)}/{o.total} failing, {o.seconds:.0f} s)", flush=True)
-            if o.status == "error":
+            if o.status == "error" or args.verbose:
                 print(o.detail, file=sys.stderr)
     finally:
         if args.keep:
             print(f"copy kept at {copy}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.perf_counter() - t_start
+    seconds = sum(o.seconds for o in outcomes)  # pytest time under the mutations (no lock waits, no baseline)
     print()
     print(table(outcomes))
     survivors = [o.mutation.name for o in outcomes if o.status != "caught"]
     print(f"\n{len(outcomes) - len(survivors)}/{len(outcomes)} caught; survivors: {', '.join(survivors) or 'none'}; "
-          f"{seconds:.0f} s in all")
+          f"{seconds:.0f} s of mutated test runs, {time.perf_counter() - t_start:.0f} s in all")
     if args.append:
         command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *[a for a in sys.argv[1:]
                                                                         if not a.startswith("--append")

@@ -150,7 +150,8 @@ def test_schema() -> None:
     assert s["roles"]["connector"]["mlp"]["properties"]["layers"]["description"] == "number of linear layers"
     r = vlm("schema")
     assert set(json.loads(r.stdout)["roles"]) == {"vision", "connector", "language", "fusion"}
-    assert vlm("schema", "mpl").exit_code == 1
+    r = vlm("schema", "mpl")
+    assert r.exit_code == 1 and "error[E0105]: unknown kind `mpl`" in r.output and "did you mean `mlp`?" in r.output
 
 
 def test_front_end_never_imports_torch() -> None:

@@ -125,12 +125,15 @@ def test_whole_file_errors(tmp_path: Path) -> None:
         read_eval_data(tmp_path / "x.json", "caption")
     assert code_of(e) == "E0551" and "x.json:1:" in e.value.diagnostics[0].message
     (tmp_path / "y.json").write_text('{"questions": []}')
-    with pytest.raises(UserInputError):
+    with pytest.raises(UserInputError) as e:
         read_eval_data(tmp_path / "y.json", "caption")
-    with pytest.raises(UserInputError):
+    assert code_of(e) == "E0551" and "y.json is not COCO caption JSON" in e.value.diagnostics[0].message
+    with pytest.raises(UserInputError) as e:
         read_eval_data(tmp_path / "nope.jsonl", "vqa")
-    with pytest.raises(UserInputError):
+    assert code_of(e) == "E0551" and "no such data file" in e.value.diagnostics[0].message
+    with pytest.raises(UserInputError) as e:
         read_eval_data(tmp_path / "x.json", "ocr")
+    assert code_of(e) == "E0551" and "unknown task `ocr`" in e.value.diagnostics[0].message
 
 
 # ---------------------------------------------------------------- a stand-in model

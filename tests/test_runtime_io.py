@@ -26,8 +26,9 @@ def tokenizer():
 
 
 def test_image_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match="E0501|image not found"):
+    with pytest.raises(UserInputError, match="image not found") as e:
         open_image(tmp_path / "missing.png")
+    assert e.value.diagnostics[0].code == "E0501"
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     with pytest.raises(UserInputError) as e:
@@ -78,6 +79,7 @@ def test_bad_records_are_counted_with_lines(tmp_path: Path) -> None:
     ds.check(max_bad=4)
     with pytest.raises(UserInputError) as e:
         ds.check(max_bad=3)
+    assert e.value.diagnostics[0].code == "E0520"
     assert "4 bad records" in e.value.diagnostics[0].message and "mixed.json:3" in e.value.diagnostics[0].message
 
 
@@ -86,8 +88,9 @@ def test_tokenizer_round_trip(tmp_path: Path, tokenizer) -> None:
     tok = load_tokenizer(tmp_path)
     assert tok("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
     assert tok.convert_tokens_to_ids("<image>") == tokenizer.convert_tokens_to_ids("<image>")
-    with pytest.raises(UserInputError, match="no tokenizer"):
+    with pytest.raises(UserInputError, match="no tokenizer") as e:
         load_tokenizer(tmp_path / "nothing")
+    assert e.value.diagnostics[0].code == "E0510"
 
 
 def test_processor_places_one_placeholder_per_visual_token(tokenizer) -> None:

@@ -106,6 +106,7 @@ def test_unknown_stage_is_a_user_error(tmp_path):
     analysis = analyse(tmp_path, CASES["connector-mlp"].text())
     with pytest.raises(UserInputError, match="no stage `alighn`") as e:
         apply_stage(build_model(analysis, device="meta"), analysis, "alighn")
+    assert e.value.diagnostics[0].code == "E0518"
     assert "align" in str(e.value)
 
 

@@ -71,7 +71,9 @@ def test_generate_errors_are_one_line(tokenizer_dir, tmp_path) -> None:
     bad.write_bytes(b"\x89PNG broken")
     r = runner.invoke(app, ["generate", str(out), "--image", str(bad), "--prompt", "hi"])
     assert r.exit_code == 1 and "E0502" in r.output
-    r = runner.invoke(app, ["generate", str(out), "--image", str(bad), "--prompt", "word " * 300])
-    assert r.exit_code == 1
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    r = runner.invoke(app, ["generate", str(out), "--image", str(good), "--prompt", "word " * 300])
+    assert r.exit_code == 1 and "E0504" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["generate", str(tmp_path), "--prompt", "hi"])
     assert r.exit_code == 1 and "E0540" in r.output

@@ -149,9 +149,12 @@ def test_malformed_requests(server) -> None:
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(url, json={"messages": []})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "`messages` must be a non-empty list", "type": "invalid_request_error", "param": "messages",
+        "code": None}
     r = httpx.post(url, json=chat_body(max_tokens=0))
-    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and r.json()["error"]["code"] is None
+    assert r.json()["error"]["message"].startswith("`max_tokens` must be an integer in [1, ")
     body = chat_body()
     body["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}})
     r = httpx.post(url, json=body)
@@ -164,6 +167,7 @@ def test_missing_and_bad_images(server) -> None:
     body["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "/no/such/file.png"}})
     r = httpx.post(url, json=body)
     assert r.status_code == 400 and "local image files are disabled" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "messages" and r.json()["error"]["code"] is None
     r = httpx.post(url, json=chat_body(image=b"not a png"), timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "E0502"
 

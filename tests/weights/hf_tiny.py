@@ -77,26 +77,27 @@ def imported(folder: Path, tmp: Path, name: str = "model.vlm"):
     return model, report, {**mapping, "spec": text}
 
 
-#: Parameters drawn from N(0, 1) when transformers leaves them constant: tanh gates (0 hides the branch
-#: they gate), learned queries and latents (0 makes every query alike).
-FRESH = ("gate", "alpha", "query_tokens", "latents")
+#: Constant parameters drawn from N(0, 1): tanh gates (0 hides the branch they gate: Mllama's `*_gate`,
+#: IDEFICS' `alpha_*`) and learned queries (0 makes every query alike).
+FRESH = ("gate", "alpha", "query_tokens")
 
 
 def randomise(model, fresh: tuple[str, ...] = (), seed: int = 0) -> None:
     """Give every parameter transformers leaves at a constant init random values, seeded, so that a
     runtime which drops one (a norm's weight or bias, an attention bias, the queries) cannot match:
     norm weights (1, Gemma's 0) are nudged by N(0, 0.2), biases drawn from N(0, 0.2), gates and queries
-    (and any name containing one of `fresh`) from N(0, 1); rows an embedding keeps at zero (the padding
-    row) are drawn like the other rows. Call it after building the reference and before saving it."""
+    from N(0, 1), and so is any parameter whose name contains one of `fresh`; rows an embedding keeps at
+    zero (the padding row) are drawn like the other rows. Call it after building the reference and
+    before saving it."""
     g = torch.Generator().manual_seed(seed)
-    fresh = FRESH + tuple(fresh)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g).to(p.dtype)
             flat = p.detach().flatten()
-            if any(f in name for f in fresh):
+            constant = bool((flat == flat[0]).all())
+            if any(f in name for f in fresh) or (constant and any(f in name for f in FRESH)):
                 p.copy_(noise)
-            elif bool((flat == flat[0]).all()):
+            elif constant:
                 p.add_(0.2 * noise)  # 1 -> 1 + N(0, 0.2); 0 -> N(0, 0.2)
             elif p.dim() == 2:
                 zero = (p == 0).all(dim=1)

@@ -45,4 +45,5 @@ def test_import_build_export_from_the_cli(tmp_path: Path) -> None:
 
 def test_import_errors_are_one_line(tmp_path: Path) -> None:
     r = runner.invoke(app, ["import-hf", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.vlm")])
-    assert r.exit_code == 1 and "E058" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "error[E0580]" in r.output and "Traceback" not in r.output
+    assert "does not exist" in r.output
