@@ -18,6 +18,8 @@ CASES: dict[str, str] = {
     # syntax
     "E0001": spec(connector="  connector proj = mlp(clip -> llm) { layers: 2 }\n"),
     "E0002": "model tiny {\n  vision clip = vit {\n    width = 32\n",
+    "E0006": spec(language="  language llm = llama { width = " + "1 + " * 101 + "48"
+                  + "  depth = 2  heads = 4  ffn = 96  vocab = 512 }\n"),
     "E0003": spec(connector="  connector proj = mlp(clip -> llm) { layers = }\n"),
     # names
     "E0101": spec(fusion="  fusion prefix(porj -> llm)\n"),

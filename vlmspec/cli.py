@@ -154,8 +154,13 @@ def fmt(
 def _read(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        _fail([Diagnostic("E0004", f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}")], {})
+    except UnicodeDecodeError as e:
+        from vlmspec.grammar.parser import not_utf8
+
+        diag, shown = not_utf8(path, e)
+        _fail([diag], {path: shown})
+    except OSError as e:
+        _fail([Diagnostic("E0004", f"cannot read {path}: {e.strerror or e}")], {})
     return ""
 
 

@@ -49,6 +49,13 @@ def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> Flow
         sink.error("E0313", f"model `{ir.name}` has more than one language model", spans.components.get(extra.name),
                    help="vlmspec models have one language model; merge encoders with connectors instead")
 
+    if ir.settings.chat_template is not None:  # the template lays out prompts and answers itself
+        defaults = type(ir.settings).model_fields
+        for k in ("prompt", "answer"):
+            if getattr(ir.settings, k) != defaults[k].default:
+                sink.error("E0201", f"`{k}` would be ignored: `chat_template` lays out prompts and answers",
+                           spans.attrs.get(("model", k)), help=f"remove `{k}` or `chat_template`")
+
     g = build_graph(ir)
     if sink.has_errors:  # a flow into the wrong role can look like a cycle; report the root cause only
         return g

@@ -20,7 +20,7 @@ from vlmspec.compiler.ir import Component, ModelIR, SpanTable, resolved_value
 from vlmspec.compiler.schema import REGISTRY, ROLES, CallValue, ComponentSchema, Settings, Stage
 from vlmspec.compiler.schema.stage import OBJECTIVES, STAGE_ATTRS, LoraSpec
 from vlmspec.diagnostics import DiagnosticSink, Span, SpecSyntaxError, did_you_mean
-from vlmspec.grammar.parser import parse
+from vlmspec.grammar.parser import not_utf8, parse
 
 # ------------------------------------------------------------------ workspace (files and imports)
 
@@ -89,9 +89,16 @@ def _load(ws: Workspace, path: str, text: str | None, sink: DiagnosticSink, at: 
         sink.items.extend(err.diagnostics)
         ws.files[path] = ast.File(path, text or "", [])
         return
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
-        sink.error("E0004" if at is None else "E0106", f"cannot read `{path}`: {reason}", at)
+    except UnicodeDecodeError as err:
+        diag, shown = not_utf8(path, err)
+        if at is None:
+            sink.items.append(diag)
+            ws.files[path] = ast.File(path, shown, [])  # the renderer shows the line of the bad byte
+        else:
+            sink.error("E0106", f"cannot read `{path}`: not UTF-8 text ({diag.span})", at)
+        return
+    except OSError as err:
+        sink.error("E0004" if at is None else "E0106", f"cannot read `{path}`: {err.strerror or err}", at)
         return
     ws.files[path] = parsed
     for model in parsed.models:

@@ -7,7 +7,7 @@ import re
 from importlib import resources
 from pathlib import Path as FsPath
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from vlmspec.compiler import ast
@@ -367,6 +367,26 @@ def _previous_word(text: str, pos: int) -> str:
     return text[j:i]
 
 
+#: Deeper expressions are refused (E0006): every later pass walks expressions recursively, and no real
+#: spec nests more than a handful of levels.
+MAX_DEPTH = 100
+
+
+def _too_deep(tree: Tree, file: str) -> Diagnostic | None:
+    """A located E0006 at the first node nested deeper than MAX_DEPTH, found without recursion."""
+    stack: list[tuple[Tree, int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            m = node.meta
+            span = Span(file, m.line, m.column, m.end_line, m.end_column, m.start_pos, m.end_pos) \
+                if not m.empty else None
+            return Diagnostic("E0006", f"an expression is nested more than {MAX_DEPTH} levels deep", span,
+                              help="write the value out, or split it into named parameters")
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+    return None
+
+
 def parse(text: str, file: str = "<input>") -> ast.File:
     """Parse `text`; raise `SpecSyntaxError` with a located diagnostic on malformed input."""
     comments: list[ast.Comment] = []
@@ -374,6 +394,9 @@ def parse(text: str, file: str = "<input>") -> ast.File:
         tree = _parser().parse(text)
     except UnexpectedInput as err:
         raise SpecSyntaxError([_syntax_diagnostic(err, text, file)], {file: text}) from None
+    deep = _too_deep(tree, file)
+    if deep is not None:
+        raise SpecSyntaxError([deep], {file: text})
     try:
         items = _ToAst(file).transform(tree)
     except VisitError as err:  # e.g. an integer literal too large for `int()` never happens; keep it typed
@@ -397,6 +420,22 @@ def parse_file(path: str | FsPath) -> ast.File:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecSyntaxError([Diagnostic("E0004", f"no such file: {p}")]) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecSyntaxError([Diagnostic("E0004", f"cannot read {p}: {err}")]) from None
+    except UnicodeDecodeError as err:
+        diag, shown = not_utf8(str(path), err)
+        raise SpecSyntaxError([diag], {str(path): shown}) from None
+    except OSError as err:
+        raise SpecSyntaxError([Diagnostic("E0004", f"cannot read {p}: {err.strerror or err}")]) from None
     return parse(text, str(path))
+
+
+def not_utf8(file: str, err: UnicodeDecodeError, code: str = "E0004") -> tuple[Diagnostic, str]:
+    """A diagnostic at the first byte that is not UTF-8, and the text to show it in (bad bytes replaced)."""
+    data = bytes(err.object)
+    shown = data.decode("utf-8", errors="replace")
+    line = data.count(b"\n", 0, err.start) + 1
+    line_start = data.rfind(b"\n", 0, err.start) + 1
+    col = len(data[line_start:err.start].decode("utf-8", errors="replace")) + 1
+    pos = len(data[:err.start].decode("utf-8", errors="replace"))
+    span = Span(file, line, col, line, col + 1, pos, pos + 1)
+    return Diagnostic(code, f"`{file}` is not UTF-8 text: byte 0x{data[err.start]:02x} cannot start a character",
+                      span, help="a spec is UTF-8 text; save it as UTF-8 (is this a binary file?)"), shown

@@ -257,6 +257,8 @@ class Phi(LanguageBase):
     partial_rotary: float = Field(default=0.4, gt=0, le=1, description="fraction of each head that is rotated")
     act: Literal["gelu_tanh", "gelu"] = Field(default="gelu_tanh", description="MLP activation")
     norm_eps: float = Field(default=1e-5, gt=0, description="normalisation epsilon")
+    head_bias: bool = Field(default=True, description="a bias on the output head (PhiForCausalLM's; LLaVA's own "
+                            "head has none); a tied head has none")
 
     def attn_params(self) -> int:
         w, q, kv = self.width, self.heads * self.hd, self.n_kv * self.hd
@@ -275,7 +277,8 @@ class Phi(LanguageBase):
         return p
 
     def head_params(self) -> int:
-        return super().head_params() + (0 if self.tie_embeddings else self.vocab) + self.extra_vocab
+        bias = (0 if self.tie_embeddings else self.vocab) + self.extra_vocab if self.head_bias else 0
+        return super().head_params() + bias
 
     def lora_targets(self) -> list[str]:
         return ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"]

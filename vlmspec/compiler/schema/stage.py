@@ -132,8 +132,12 @@ class Settings(Schema):
     prompt: str = Field(default="{image}\n{q}", description="prompt template; `{image}` and `{q}` are filled in")
     answer: str = Field(default=" {a}", description="how an answer follows the prompt in training data")
     system: str | None = Field(default=None, description="system text put before every prompt")
+    chat_template: str | None = Field(default=None, description="a Jinja chat template (Hugging Face's "
+                                      "`apply_chat_template` format) that lays out prompts and answers instead of "
+                                      "`prompt` and `answer`; set by `vlm import-hf` from the checkpoint's own")
     task_tokens: list[str] = Field(default_factory=list, description="task tokens such as MiniGPT-v2's `[vqa]`")
     stop: list[str] = Field(default_factory=list, description="extra stop strings for generation")
     max_length: int | None = Field(default=None, ge=1, description="longest prompt + answer (default: the LLM's)")
     image_token_id: int | None = Field(default=None, ge=0, description="id of the image placeholder in the "
                                        "checkpoint's tokenizer (set by `vlm import-hf`; default: the tokenizer's)")
+

@@ -94,6 +94,11 @@ class ViTBase(ComponentSchema):
     mean: list[float] = Field(default=CLIP_MEAN, min_length=1, description="per-channel normalisation mean")
     std: list[float] = Field(default=CLIP_STD, min_length=1, description="per-channel normalisation std")
     resize: Literal["bicubic", "bilinear", "nearest"] = Field(default="bicubic", description="resize filter")
+    fit: Literal["stretch", "crop", "pad"] = Field(default="stretch", description="how an image of another aspect "
+                                                   "ratio becomes square: `stretch` resizes it to image_size x "
+                                                   "image_size; `crop` resizes its shorter side to image_size and "
+                                                   "keeps the centre (CLIP's processor); `pad` pads it to a square "
+                                                   "with the mean colour first (LLaVA's `do_pad`)")
     weights: str | None = Field(default=None, description="local checkpoint folder to load this encoder from")
     dtype: Dtype = Field(default="fp32", description="parameter dtype")
     quantize: Quantize = Field(default="none", description="weight-only quantization at load time")
@@ -128,6 +133,10 @@ class ViTBase(ComponentSchema):
                            help=_divisors_hint(self.width, self.heads))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             ctx.sink.error("E0201", f"mean and std need {self.channels} values (one per channel)", ctx.span_of("mean"))
+        if self.fit != "stretch" and (self.tiles or self.resolution != "fixed"):
+            ctx.sink.error("E0201", f"fit = {self.fit} applies to a fixed square input; this encoder "
+                           + ("tiles its images" if self.tiles else "reads images at their own resolution"),
+                           ctx.span_of("fit"), help="remove `fit`")
         for layer in self.feature.layers:
             if not (-(self.depth + 1) <= layer <= self.depth):
                 ctx.sink.error("E0208", f"feature layer {layer} is out of range for an encoder of depth {self.depth}",

@@ -58,17 +58,20 @@ class ImageTransform:
     """Resize to the encoder's square input, scale to [0, 1], normalise with the spec's mean and std.
     `from_encoder` gives a `TiledImageTransform` for a tiled encoder (Llama 3.2 Vision)."""
 
-    def __init__(self, size: int, mean: list[float], std: list[float], resize: str = "bicubic"):
+    def __init__(self, size: int, mean: list[float], std: list[float], resize: str = "bicubic", fit: str = "stretch"):
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.filter = _FILTERS[resize]
+        self.fit_rule = fit
+        # LLaVA pads with the mean colour, as 0-255 integers (transformers' `int(m * 255)`)
+        self.fill = tuple(int(m * 255) for m in mean)
 
     @classmethod
     def from_encoder(cls, cfg: Any) -> ImageTransform:
         if getattr(cfg, "tiles", 0):
             return TiledImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.tiles)
-        return cls(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize)
+        return cls(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, getattr(cfg, "fit", "stretch"))
 
     def normalise(self, pil: Image.Image) -> torch.Tensor:
         arr = torch.from_numpy(np.asarray(pil, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
@@ -76,10 +79,30 @@ class ImageTransform:
 
     def __call__(self, img: ImageInput) -> Any:
         """-> `[3 x size x size]` float32."""
-        pil = open_image(img)
+        pil = self.square(open_image(img))
         if pil.size != (self.size, self.size):
             pil = pil.resize((self.size, self.size), self.filter)
         return self.normalise(pil)
+
+    def square(self, pil: Image.Image) -> Image.Image:
+        """The encoder's `fit` as transformers' image processors do it: `crop` resizes the shorter side to
+        `size` (the longer one to `int(size * long / short)`) and cuts the centre (offset `(extra) // 2`);
+        `pad` centres the image on a square of the mean colour (offset `(long - short) // 2`); `stretch`
+        leaves it to the final resize."""
+        w, h = pil.size
+        if self.fit_rule == "crop" and (w, h) != (self.size, self.size):
+            s = self.size
+            nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+            if (nw, nh) != (w, h):
+                pil = pil.resize((nw, nh), self.filter)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            return pil.crop((left, top, left + s, top + s))
+        if self.fit_rule == "pad" and w != h:
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), self.fill)
+            canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
+            return canvas
+        return pil
 
     def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Outputs of this transform, one per image -> (pixel_values, aspect_ratio_ids or None)."""

@@ -65,7 +65,46 @@ class Processor:
         self.eos_id = tokenizer.eos_token_id
 
     # ------------------------------------------------------------------ text
+    def _messages(self, turns: Sequence[tuple[str, str | None]], n_images: int) -> list[dict[str, Any]]:
+        """A conversation in transformers' chat format: the system text, then each question (the images
+        before the first one's text) and answer (None: the turn awaits one)."""
+        out: list[dict[str, Any]] = []
+        if self.settings.system:
+            out.append({"role": "system", "content": [{"type": "text", "text": self.settings.system}]})
+        for k, (question, answer) in enumerate(turns):
+            images = [{"type": "image"}] * (n_images if k == 0 else 0)
+            out.append({"role": "user", "content": [*images, {"type": "text", "text": question}]})
+            if answer is not None:
+                out.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return out
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The spec's `chat_template` applied as transformers' `apply_chat_template` does (same renderer,
+        the tokenizer's special tokens as variables), each image token then repeated once per visual token
+        as the checkpoints' processors expand it."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            text = render_jinja_template(conversations=[messages], chat_template=self.settings.chat_template,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **self.tokenizer.special_tokens_map)[0][0]
+        except Exception as e:  # jinja2's syntax and undefined-variable errors, the template's raise_exception
+            raise user_error("E0539", f"the spec's chat_template fails: {type(e).__name__}: {e}",
+                             help="fix the template (Hugging Face's apply_chat_template format)") from None
+        if self.tokens_per_image > 1:
+            text = text.replace(self.image_token, self.image_token * self.tokens_per_image)
+        return text
+
+    def _template_ids(self, text: str, first: bool) -> list[int]:
+        """Rendered text -> ids as transformers' processor tokenizes it: special tokens added to the
+        first piece unless the template already starts with the BOS token."""
+        bos = self.tokenizer.bos_token
+        add = first and not (bos is not None and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
+
     def prompt_text(self, question: str, n_images: int = 1) -> str:
+        if self.settings.chat_template is not None:
+            return self.render(self._messages([(question, None)], n_images), add_generation_prompt=True)
         image = self.image_token * self.tokens_per_image
         template = self.settings.prompt
         images = "".join([image] * n_images)
@@ -82,7 +121,10 @@ class Processor:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_prompt(self, question: str, n_images: int = 1) -> list[int]:
-        ids = ([self.bos_id] if self.bos_id is not None else []) + self._ids(self.prompt_text(question, n_images))
+        if self.settings.chat_template is not None:
+            ids = self._template_ids(self.prompt_text(question, n_images), first=True)
+        else:
+            ids = ([self.bos_id] if self.bos_id is not None else []) + self._ids(self.prompt_text(question, n_images))
         if len(ids) >= self.max_length:
             raise user_error("E0504", f"the prompt is {len(ids)} tokens but the model's context is {self.max_length}",
                              help="shorten the prompt")
@@ -93,6 +135,8 @@ class Processor:
 
     def encode_turns(self, turns: Sequence[tuple[str, str]], n_images: int = 1) -> Encoded:
         """A multi-turn conversation: images in the first prompt, loss on every answer."""
+        if self.settings.chat_template is not None:
+            return self._encode_template_turns(turns, n_images)
         ids: list[int] = []
         labels: list[int] = []
         for k, (question, answer) in enumerate(turns):
@@ -106,6 +150,31 @@ class Processor:
             ids += prompt + answer_ids
             labels += [IGNORE] * len(prompt) + answer_ids
         return Encoded(ids[: self.max_length], labels[: self.max_length])
+
+    def _encode_template_turns(self, turns: Sequence[tuple[str, str]], n_images: int) -> Encoded:
+        """The conversation rendered by the chat template, cut where each answer starts and ends (the
+        template rendered up to each question with the generation prompt, then with the answer): loss on
+        the answers, the end-of-sequence token appended to one the template does not end with it."""
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""
+        for k in range(len(turns)):
+            asked = self.render(self._messages([*turns[:k], (turns[k][0], None)], n_images), True)
+            answered = self.render(self._messages(turns[: k + 1], n_images), False)
+            if not (asked.startswith(done) and answered.startswith(asked)):
+                raise user_error("E0539", "the spec's chat_template does not render a conversation turn by turn "
+                                 "(an earlier turn changes when a later one is added)",
+                                 help="train with `prompt` and `answer` instead")
+            prompt = self._template_ids(asked[len(done):], first=k == 0)
+            answer_ids = self._ids(answered[len(asked):])
+            if self.eos_id is not None and (not answer_ids or answer_ids[-1] != self.eos_id):
+                answer_ids.append(self.eos_id)
+            ids += prompt + answer_ids
+            labels += [IGNORE] * len(prompt) + answer_ids
+            done = answered
+        if len(ids) > self.max_length:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return Encoded(ids, labels)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()

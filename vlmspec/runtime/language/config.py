@@ -95,5 +95,6 @@ def lm_config(cfg: LanguageBase, family: Family) -> LMConfig:
         llama3=(r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_positions)
         if isinstance(r := cfg.rope, Llama3RoPE) else None,
         gated_mlp=family.gated_mlp, layer_norm=family.layer_norm, norm_offset=family.norm_offset,
-        embed_scale=family.embed_scale, learned_positions=family.learned_positions, head_bias=family.head_bias,
+        embed_scale=family.embed_scale, learned_positions=family.learned_positions,
+        head_bias=family.head_bias and getattr(cfg, "head_bias", True),
         final_norm=family.final_norm)

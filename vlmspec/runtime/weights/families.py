@@ -9,11 +9,15 @@ is used. Nothing is matched by substring or by folder name.
 
 Multi-part checkpoints (one module each under `formats/`) have named parts: a spec selects one with
 `weights = "DIR#part"`; without `#part` the part follows the component's role.
+
+A family that stores several of our tensors as one (Phi-3's `qkv_proj` and `gate_up_proj`) declares how
+to slice them (`Family.slices`); its layouts, and those of any multi-part checkpoint's part whose sub-config
+is that family, become `Fused` layouts that read each of our tensors as rows of the fused one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +52,92 @@ class Layout:
 
     def convert(self, key: str, tensor: Tensor) -> Tensor:
         """The checkpoint tensor as component key `key` holds it (a layout that stores a tensor in another
-        arrangement, of the same shape, rearranges it here)."""
+        arrangement rearranges it here; `shape` says what shape that gives)."""
         return tensor
+
+    def shape(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape `convert` gives component key `key` from a checkpoint tensor of `shape`."""
+        return shape
 
 
 def lay(*rules: tuple[str, str]) -> Layout:
     return Layout(tuple(rules))
+
+
+# config (the family's own, or a multi-part checkpoint's sub-config) -> {our key suffix: (the checkpoint's
+# key suffix, first row, row after the last)}: the rows of a fused checkpoint tensor each of ours reads
+Slices = Callable[[dict[str, Any]], dict[str, tuple[str, int, int]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Fused(Layout):
+    """`inner`, except that some of our tensors are row ranges of one checkpoint tensor (Phi-3's
+    `self_attn.qkv_proj` holds q, k and v; `mlp.gate_up_proj` holds gate and up). The ranges come from the
+    checkpoint's config (`bind`): its `sub_config` entry in a multi-part checkpoint, else the config itself.
+    A checkpoint tensor whose rows do not add up keeps its own shape, so coverage reports the mismatch."""
+
+    inner: Layout | None = None
+    slices: Slices | None = None
+    sub_config: str | None = None
+    pieces: tuple[tuple[str, tuple[str, int, int]], ...] = ()
+
+    def _piece(self, key: str) -> tuple[str, str, int, int] | None:
+        """(our key with the checkpoint's suffix, that suffix, first row, row after the last) or None."""
+        for ours, (theirs, start, stop) in self.pieces:
+            if key.endswith("." + ours):
+                return key[:-len(ours)] + theirs, theirs, start, stop
+        return None
+
+    def present(self, keys: Iterable[str]) -> bool:
+        return self.inner.present(keys)  # type: ignore[union-attr]
+
+    def to_checkpoint(self, key: str) -> str | None:
+        piece = self._piece(key)
+        return self.inner.to_checkpoint(piece[0] if piece else key)  # type: ignore[union-attr]
+
+    def owns(self, ckpt_key: str) -> bool:
+        return self.inner.owns(ckpt_key)  # type: ignore[union-attr]
+
+    def bind(self, config: dict[str, Any]) -> Layout:
+        own = (config.get(self.sub_config) or {}) if self.sub_config else config
+        pieces = tuple(self.slices(own).items()) if self.slices is not None else ()
+        return Fused(self.rules, self.inner.bind(config), self.slices, self.sub_config, pieces)  # type: ignore[union-attr]
+
+    def _fits(self, key: str, rows: int) -> tuple[int, int] | None:
+        piece = self._piece(key)
+        if piece is None:
+            return None
+        whole = max(stop for theirs, _, stop in (v for _, v in self.pieces) if theirs == piece[1])
+        return (piece[2], piece[3]) if whole == rows else None
+
+    def shape(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        rows = self._fits(key, shape[0]) if shape else None
+        shape = (rows[1] - rows[0], *shape[1:]) if rows else shape
+        return self.inner.shape(key, shape)  # type: ignore[union-attr]
+
+    def convert(self, key: str, tensor: Tensor) -> Tensor:
+        rows = self._fits(key, tensor.shape[0]) if tensor.dim() else None
+        if rows is not None:
+            tensor = tensor[rows[0]:rows[1]].clone()  # a copy: the fused tensor is not kept alive
+        return self.inner.convert(key, tensor)  # type: ignore[union-attr]
+
+
+def fused(layouts: tuple[Layout, ...], slices: Slices, sub_config: str | None = None) -> tuple[Layout, ...]:
+    return tuple(Fused(layout.rules, layout, slices, sub_config) for layout in layouts)
+
+
+def phi3_slices(config: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """Phi-3: `qkv_proj` rows are q (heads x head_dim), k, v (kv_heads x head_dim each); `gate_up_proj`
+    rows are gate, then up (`Phi3MLP`: `gate, up = gate_up_proj(x).chunk(2)`)."""
+    heads = int(config.get("num_attention_heads", 32))
+    kv = int(config.get("num_key_value_heads") or heads)
+    hd = int(config.get("head_dim") or int(config.get("hidden_size", 3072)) // heads)
+    q, k, f = heads * hd, kv * hd, int(config.get("intermediate_size", 8192))
+    return {"self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0, q),
+            "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", q, q + k),
+            "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", q + k, q + 2 * k),
+            "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0, f),
+            "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", f, 2 * f)}
 
 
 _LM = (lay(("model.", "model."), ("lm_head.", "lm_head.")),)
@@ -69,14 +153,21 @@ class Family:
     kinds: frozenset[str]
     layouts: tuple[Layout, ...]
     hf_class: str
+    slices: Slices | None = None  # which of our tensors are rows of one fused checkpoint tensor (Phi-3)
+
+    def part_layouts(self, layouts: tuple[Layout, ...], sub_config: str) -> tuple[Layout, ...]:
+        """The layouts of a multi-part checkpoint's part whose `sub_config` is this family's model."""
+        return layouts if self.slices is None else fused(layouts, self.slices, sub_config)
 
 
 FAMILIES: dict[str, Family] = {}
 
 
-def _add(model_types: tuple[str, ...], role: str, kinds: set[str], layouts: tuple[Layout, ...], hf_class: str) -> None:
+def _add(model_types: tuple[str, ...], role: str, kinds: set[str], layouts: tuple[Layout, ...], hf_class: str,
+         slices: Slices | None = None) -> None:
     for mt in model_types:
-        FAMILIES[mt] = Family(mt, role, frozenset(kinds), layouts, hf_class)
+        FAMILIES[mt] = Family(mt, role, frozenset(kinds), layouts if slices is None else fused(layouts, slices),
+                              hf_class, slices)
 
 
 _add(("clip_vision_model",), "vision", {"vit"}, _VISION, "CLIPVisionModel")
@@ -87,6 +178,7 @@ _add(("blip_2_vision_model", "instructblip_vision_model"), "vision", {"eva"}, _V
 _add(("llama", "mistral", "qwen2"), "language", {"llama"}, _LM, "LlamaForCausalLM")
 _add(("opt",), "language", {"opt"}, _LM, "OPTForCausalLM")
 _add(("phi",), "language", {"phi"}, _LM, "PhiForCausalLM")
+_add(("phi3",), "language", {"llama"}, _LM, "Phi3ForCausalLM", phi3_slices)  # fused q/k/v and gate/up
 _add(("gemma",), "language", {"gemma"}, _LM, "GemmaForCausalLM")
 _add(("blip_2_qformer",), "connector", {"qformer"}, (lay(("", "qformer.")),), "Blip2QFormerModel")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from vlmspec.runtime.weights.errors import UNSUPPORTED, weights_error
 from vlmspec.runtime.weights.formats import formats
+from vlmspec.runtime.weights.hf_folder import settings as folder_settings
 from vlmspec.runtime.weights.resolution import Resolved, pick_layout
 from vlmspec.runtime.weights.source import CheckpointSource, read_config
 from vlmspec.runtime.weights.spec_text import identifier
@@ -40,8 +41,11 @@ def import_hf(folder: str | Path, *, name: str | None = None) -> tuple[str, dict
     blocks, image_token = fmt.read(config, str(path))
     arch = ", ".join(config.get("architectures") or [mt])
     setting = f"  image_token_id = {image_token}\n" if image_token is not None else ""
-    text = (f"# Imported from {path}\n# ({arch}) by vlmspec.runtime.weights.import_hf.\nmodel {model} {{\n"
-            + "\n".join(blocks) + setting + "}\n")
+    # the chat template, generation config and tokenizer beside the weights: prompts, stop tokens
+    lines, notes = folder_settings(path, _image_token(blocks))
+    setting += "".join(f"{line}\n" for line in lines)
+    text = (f"# Imported from {path}\n# ({arch}) by vlmspec.runtime.weights.import_hf.\n"
+            + "".join(f"{n}\n" for n in notes) + f"model {model} {{\n" + "\n".join(blocks) + setting + "}\n")
     from vlmspec.compiler.printer import format_text
 
     text = format_text(text.replace("}}\n", "}\n}\n"), "imported.vlm")
@@ -59,3 +63,12 @@ def import_hf(folder: str | Path, *, name: str | None = None) -> tuple[str, dict
                             "layout": [list(r) for r in layout] if layout else None}
     return text, {"architecture": arch, "model_type": mt, "model": model, "image_token_id": image_token,
                   "components": components}
+
+
+def _image_token(blocks: list[str]) -> str:
+    """The image placeholder text of the spec's fusion (`image_token = "..."`, else the default `<image>`)."""
+    for block in blocks:
+        found = re.search(r'image_token\s*=\s*"([^"]*)"', block)
+        if found:
+            return found.group(1)
+    return "<image>"

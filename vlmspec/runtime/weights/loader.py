@@ -72,7 +72,7 @@ def _plan_component(name: str, module: nn.Module, source: CheckpointSource, layo
                 cov.missing.append(k)
             continue
         consumed.add(ck)
-        theirs, ours = source.shape(ck), tuple(own[k].shape)
+        theirs, ours = layout.shape(k, source.shape(ck)), tuple(own[k].shape)  # type: ignore[union-attr]
         if theirs != ours:
             cov.mismatched.append((k, ours, theirs))
             continue

@@ -38,17 +38,18 @@ def resolve(config: dict[str, Any], part: str | None, *, component: str, role: s
             raise weights_error(WRONG_FAMILY, f"{folder} ({arch}) has no part `{name}` for {role} `{component}`",
                                 help="name one of its parts: " + ", ".join(f"`{folder}#{p}`" for p in multi.parts))
         p = multi.parts[name]
-        kinds, family = p.kinds, f"{mt}#{name}"
+        kinds, family, layouts = p.kinds, f"{mt}#{name}", p.layouts
         if p.sub_config is not None:
             sub = str((config.get(p.sub_config) or {}).get("model_type", ""))
             if sub not in FAMILIES:
                 raise weights_error(UNSUPPORTED, f"{folder}: part `{name}` is a `{sub}` model, which vlmspec "
                                     "cannot map", help="supported: " + ", ".join(sorted(FAMILIES)))
             kinds, family = FAMILIES[sub].kinds, f"{mt}#{name} ({sub})"
+            layouts = FAMILIES[sub].part_layouts(p.layouts, p.sub_config)  # Phi-3's fused tensors
         if p.role != role or kind not in kinds:
             raise weights_error(WRONG_FAMILY, f"{role} `{component}` is a `{kind}` but {folder} part `{name}` is a "
                                 f"{family} checkpoint", help=_fits(kinds))
-        return Resolved(family, p.layouts)
+        return Resolved(family, layouts)
     if part is not None:
         raise weights_error(WRONG_FAMILY, f"{folder} ({arch}) is a single-model checkpoint; `#{part}` names no part")
     fam = FAMILIES.get(mt)

@@ -68,19 +68,63 @@ def rope_theta(tc: dict[str, Any]) -> float:
 GEMMA_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "silu": "silu"}
 
 
-def language_block(tc: dict[str, Any], weights: str, tie: bool) -> str:
-    """The `language llm = ... { }` block of a text config (Llama / Mistral / Qwen2, OPT, Gemma)."""
+# transformers' Phi-1/2 activations (`gelu_new` is the tanh approximation)
+PHI_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def partial_rotary(tc: dict[str, Any], default: float) -> float:
+    """The fraction of each head that is rotated (`rope_parameters`, or the older top-level field)."""
+    rp = tc.get("rope_parameters") or {}
+    return float(rp.get("partial_rotary_factor", tc.get("partial_rotary_factor", default)))
+
+
+def _phi3(tc: dict[str, Any]) -> None:
+    """Phi-3 as a `llama` (its fused tensors are split at load): refuse what Llama's decoder lacks."""
+    need(partial_rotary(tc, 1.0) == 1.0, f"Phi-3 `partial_rotary_factor = {partial_rotary(tc, 1.0)}` (a `llama` "
+         "rotates whole heads)")
+    window = tc.get("sliding_window")
+    need(window is None or window >= tc["max_position_embeddings"],
+         f"Phi-3 `sliding_window = {window}` (sliding-window attention, shorter than `max_position_embeddings`)")
+
+
+def _phi(tc: dict[str, Any], weights: str, tie: bool, head_bias: bool) -> str:
+    """Phi-1 / Phi-1.5 / Phi-2 (`PhiForCausalLM`); PhiConfig's defaults where a config leaves a field out."""
+    need(not tc.get("qk_layernorm"), "Phi `qk_layernorm` (LayerNorms on queries and keys)")
+    need(not (tie and head_bias), "Phi with tied embeddings (its head keeps a bias of its own)")
+    act = tc.get("hidden_act", "gelu_new")
+    need(act in PHI_ACT, f"Phi activation {act}")
+    heads = tc.get("num_attention_heads", 32)
+    pairs: list[tuple[str, Any]] = [
+        ("width", tc.get("hidden_size", 2048)), ("depth", tc.get("num_hidden_layers", 24)), ("heads", heads),
+        ("kv_heads", tc.get("num_key_value_heads") or heads), ("ffn", tc.get("intermediate_size", 8192)),
+        ("vocab", tc.get("vocab_size", 51200)), ("max_positions", tc.get("max_position_embeddings", 2048)),
+        ("norm_eps", tc.get("layer_norm_eps", 1e-5)), *rope_fields(tc),
+        ("partial_rotary", partial_rotary(tc, 0.5)), ("act", PHI_ACT[act]), ("tie_embeddings", tie)]
+    if not head_bias:
+        pairs.append(("head_bias", False))
+    pairs.append(("weights", weights))
+    return f"  language llm = phi {{\n{fields(pairs)}\n  }}"
+
+
+def language_block(tc: dict[str, Any], weights: str, tie: bool, head_bias: bool = True) -> str:
+    """The `language llm = ... { }` block of a text config (Llama / Mistral / Qwen2 / Phi-3, OPT, Gemma, Phi).
+    `head_bias = False`: the checkpoint's format gives the text model its own head without a bias (LLaVA),
+    where the family's has one (Phi)."""
     mt = tc.get("model_type", "llama")
-    if mt in ("llama", "mistral", "qwen2"):
+    if mt == "phi":
+        return _phi(tc, weights, tie, head_bias)
+    if mt in ("llama", "mistral", "qwen2", "phi3"):
         need(not tc.get("mlp_bias"), "Llama `mlp_bias`")
         need(not tc.get("attention_bias") or mt == "qwen2", "Llama `attention_bias` (a biased output projection)")
         need(tc.get("hidden_act", "silu") == "silu", f"text activation {tc.get('hidden_act')}")
+        if mt == "phi3":
+            _phi3(tc)
         heads = tc["num_attention_heads"]
         pairs: list[tuple[str, Any]] = [
             ("width", tc["hidden_size"]), ("depth", tc["num_hidden_layers"]), ("heads", heads),
             ("kv_heads", tc.get("num_key_value_heads") or heads), ("ffn", tc["intermediate_size"]),
             ("vocab", tc["vocab_size"]), ("max_positions", tc["max_position_embeddings"]),
-            ("norm_eps", tc.get("rms_norm_eps", 1e-6)), *rope_fields(tc)]
+            ("norm_eps", tc.get("rms_norm_eps", 1e-5 if mt == "phi3" else 1e-6)), *rope_fields(tc)]
         hd = tc.get("head_dim")
         if hd and hd != tc["hidden_size"] // heads:
             pairs.append(("head_dim", hd))
@@ -113,7 +157,7 @@ def language_block(tc: dict[str, Any], weights: str, tie: bool) -> str:
             ("rope_theta", rope_theta(tc)), ("act", GEMMA_ACT[act]), ("tie_embeddings", tie), ("weights", weights)]
         return f"  language llm = gemma {{\n{fields(pairs)}\n  }}"
     raise weights_error(UNSUPPORTED, f"import_hf: text model `{mt}`",
-                        help="supported: llama, mistral, qwen2, opt, gemma")
+                        help="supported: llama, mistral, qwen2, phi3, opt, gemma, phi")
 
 
 def tie(config: dict[str, Any], tc: dict[str, Any]) -> bool:

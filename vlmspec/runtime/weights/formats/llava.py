@@ -1,5 +1,5 @@
 """LLaVA (`LlavaForConditionalGeneration`): CLIP or SigLIP vision tower, 2-layer MLP projector, Llama / Mistral /
-Qwen2 text model, prefix fusion."""
+Qwen2 / Phi-3 (a `llama`, its fused tensors split at load) or Phi-1/2 (`phi`) text model, prefix fusion."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
+from vlmspec.runtime.weights.hf_folder import image_fields
 from vlmspec.runtime.weights.spec_text import CONNECTOR_ACT, VISION_ACT, fields, language_block, need, tie
 
 
@@ -32,6 +33,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     if siglip:
         # LLaVA reads SigLIP's hidden states, which stop before its post-LayerNorm (and pooling head)
         vision += [("feature_norm", False), ("pool_head", bool(vc.get("vision_use_head", True)))]
+    vision += image_fields(folder, vc["image_size"])  # preprocessor_config.json: fit, resize, mean, std
     vision.append(("weights", f"{folder}#vision"))
     name, kind = ("siglip", "siglip") if siglip else ("clip", "vit")
     pact = config.get("projector_hidden_act", "gelu")
@@ -43,7 +45,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     return [
         f"  vision {name} = {kind} {{\n{fields(vision)}\n  }}",
         f"  connector proj = mlp({name} -> llm) {{\n{proj}\n  }}",
-        language_block(tc, f"{folder}#language", tie(config, tc)),
+        language_block(tc, f"{folder}#language", tie(config, tc), head_bias=False),  # LLaVA's own head: no bias
         f"  fusion prefix(proj -> llm) {{\n{fields([('tokens', tokens)])}\n  }}",
     ], int(config.get("image_token_index", config.get("image_token_id", 32000)))
 
