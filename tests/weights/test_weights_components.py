@@ -188,3 +188,24 @@ def test_export_round_trip(tmp_path):
     sa, sb = ours.state_dict(), again.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
+
+
+@pytest.mark.parametrize("extra,refused", [
+    (dict(model_type="mistral", sliding_window=64), True),
+    (dict(model_type="mistral", sliding_window=128), False),  # as long as the context: no change
+    (dict(model_type="mistral", sliding_window=None), False),
+    (dict(model_type="qwen2", sliding_window=64, use_sliding_window=True), True),
+    (dict(model_type="qwen2", sliding_window=64, use_sliding_window=False), False),
+])
+def test_sliding_window_attention_is_refused_not_dropped(extra, refused):
+    """A window shorter than the context is attention a `llama` does not do: refuse it (E0585) when
+    importing, never import it as full attention."""
+    from vlmspec.runtime.weights.spec_text import language_block
+
+    tc = {**LM, "max_position_embeddings": 128, **extra}
+    if refused:
+        with pytest.raises(UserInputError) as e:
+            language_block(tc, "DIR", tie=False)
+        assert e.value.diagnostics[0].code == "E0585" and "sliding_window = 64" in e.value.diagnostics[0].message
+    else:
+        assert "language llm = llama" in language_block(tc, "DIR", tie=False)

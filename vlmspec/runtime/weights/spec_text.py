@@ -82,9 +82,6 @@ def _phi3(tc: dict[str, Any]) -> None:
     """Phi-3 as a `llama` (its fused tensors are split at load): refuse what Llama's decoder lacks."""
     need(partial_rotary(tc, 1.0) == 1.0, f"Phi-3 `partial_rotary_factor = {partial_rotary(tc, 1.0)}` (a `llama` "
          "rotates whole heads)")
-    window = tc.get("sliding_window")
-    need(window is None or window >= tc["max_position_embeddings"],
-         f"Phi-3 `sliding_window = {window}` (sliding-window attention, shorter than `max_position_embeddings`)")
 
 
 def _phi(tc: dict[str, Any], weights: str, tie: bool, head_bias: bool) -> str:
@@ -119,6 +116,11 @@ def language_block(tc: dict[str, Any], weights: str, tie: bool, head_bias: bool 
         need(tc.get("hidden_act", "silu") == "silu", f"text activation {tc.get('hidden_act')}")
         if mt == "phi3":
             _phi3(tc)
+        # Mistral and Phi-3 attend within a window; Qwen2 only with `use_sliding_window`. A window as long as
+        # the context changes nothing; a shorter one is attention a `llama` does not do.
+        window = tc.get("sliding_window") if mt != "qwen2" or tc.get("use_sliding_window") else None
+        need(window is None or window >= tc["max_position_embeddings"],
+             f"{mt} `sliding_window = {window}` (sliding-window attention, shorter than `max_position_embeddings`)")
         heads = tc["num_attention_heads"]
         pairs: list[tuple[str, Any]] = [
             ("width", tc["hidden_size"]), ("depth", tc["num_hidden_layers"]), ("heads", heads),
