@@ -99,3 +99,34 @@ def test_lora_and_partial_training_counts() -> None:
     assert s["lora"]["params"]["lora"] == 2 * 2 * 4 * (48 + 48)
     assert s["embed"]["params"]["trainable"] == a.shapes.total("proj") + 512 * 48
     assert s["embed"]["status"]["llm"] == "partial"
+
+
+def test_a_whole_float_is_an_integer_a_quoted_number_is_not() -> None:
+    a = analyse(BASE.replace("vocab = 512", "vocab = 5.12e2"))["base"]
+    cfg = a.ir.components["llm"].config
+    assert cfg.vocab == 512 and isinstance(cfg.vocab, int)
+    text = BASE.replace("heads = 4", 'heads = "4"')
+    r = check_file("t.vlm", None, text=text)
+    (d,) = [d for d in r.diagnostics if d.severity == "error"]
+    line = next(i for i, x in enumerate(text.splitlines(), 1) if '"4"' in x)
+    where = (line, text.splitlines()[line - 1].index('"4"') + 1)
+    assert d.code == "E0201" and (d.span.line, d.span.col) == where and "without quotes" in (d.help or "")
+
+
+def test_none_unsets_what_a_model_inherits() -> None:
+    text = BASE.replace("max_positions = 256", 'max_positions = 256  tokenizer = "tok"') + \
+        "model scratch extends base {\n  llm { tokenizer = none }\n}\n"
+    models = analyse(text)
+    assert models["base"].ir.components["llm"].config.tokenizer == "tok"
+    assert models["scratch"].ir.components["llm"].config.tokenizer is None
+    # where `none` is one of a field's own values it keeps that meaning
+    q = analyse(BASE.replace("max_positions = 256", "max_positions = 256  quantize = none"))["base"]
+    assert q.ir.components["llm"].config.quantize == "none"
+
+
+def test_a_model_name_written_as_a_kind_says_how_to_write_it() -> None:
+    r = check_file("t.vlm", None, text=BASE.replace("llm = llama", "llm = qwen2"))
+    d = r.diagnostics[0]  # (references to the missing `llm` follow)
+    assert d.code == "E0105" and "`llama` with `qkv_bias = true`" in (d.help or "")
+    r = check_file("t.vlm", None, text=BASE.replace("clip = vit", "clip = clip"))
+    assert r.diagnostics[0].code == "E0105" and "is a `vit`" in (r.diagnostics[0].help or "")

@@ -7,7 +7,9 @@ Resolution is where names get meaning. It reports every problem it finds (unknow
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
@@ -233,7 +235,8 @@ class _Resolver:
         names_here.add(name)
         if REGISTRY.get(role, kind) is None:
             self.sink.error("E0105", f"unknown {role} kind `{kind}`", kind_span,
-                            help=did_you_mean(kind, REGISTRY.kinds(role)) or _known("kinds", REGISTRY.kinds(role)))
+                            help=KNOWN_AS.get((role, kind.lower())) or did_you_mean(kind, REGISTRY.kinds(role))
+                            or _known("kinds", REGISTRY.kinds(role)))
             return
         attrs: dict[str, ast.Attr | _Nested] = {}
         if item.block is not None:
@@ -256,7 +259,7 @@ class _Resolver:
             return [self.eval(v, owner, names_as_strings) for v in value.items]
         if isinstance(value, ast.Ref):
             if len(value.parts) == 1 or names_as_strings:
-                return value.dotted
+                return BareName(value.dotted)
             return self.reference(value, owner)
         if isinstance(value, ast.Call):
             args = tuple(self.eval(a.value, owner, names_as_strings) for a in value.args if a.name is None)
@@ -615,31 +618,69 @@ def _is_union_tag(part: str) -> bool:
     return "[" in part or "(" in part or part[:1].isupper()
 
 
+#: Model names people write as a kind, and how the language says them (`language llm = qwen2 { ... }`).
+KNOWN_AS: dict[tuple[str, str], str] = {
+    **{("language", k): f"{k} is a `llama` (`language llm = llama {{ ... }}`)"
+       for k in ("vicuna", "llama2", "llama3", "yi", "internlm", "deepseek")},
+    ("language", "mistral"): "mistral is a `llama` (a Mistral checkpoint whose sliding window is shorter than its "
+                             "context is refused when imported: a `llama` attends to the whole context)",
+    **{("language", k): f"{k} is a `llama` with `qkv_bias = true` (the small Qwen2 models also set "
+                        "`tie_embeddings = true`)" for k in ("qwen", "qwen2", "qwen2_5")},
+    ("language", "phi2"): "Phi-1 / Phi-2 is a `phi`",
+    ("language", "phi3"): "Phi-3 is a `llama`; `vlm import-hf` splits its fused tensors when it loads them",
+    ("language", "gemma2"): "Gemma 2 (soft-capping, sliding windows) is not supported yet; Gemma 1 is a `gemma`",
+    ("vision", "clip"): "CLIP's vision tower is a `vit` (`vision clip = vit { ... }`)",
+    ("vision", "siglip2"): "SigLIP 2 at a fixed resolution is a `siglip`",
+    ("vision", "eva_clip"): "EVA-CLIP is an `eva`",
+}
+
+
+class BareName(str):
+    """A value written as a bare name (`act = gelu`, `weights = none`), not as a quoted string."""
+
+
 def _strict_scalars(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Span],
                     sink: DiagnosticSink) -> set[str]:
-    """Refuse `true` for a number and `1e3` or `1` for a boolean, which pydantic's lax mode would coerce.
+    """What pydantic's lax mode would get wrong: refuse `true` for a number, `1` for a boolean and `"48"`
+    for a number; take a whole `1e3` as the integer 1000 (as language.md says); and a bare `none` for a
+    field that may be unset (`weights = none` in a derived model) as unset. Updates `values` in place.
 
     Returns the fields that were refused (already reported)."""
     bad: set[str] = set()
-    for name, value in values.items():
+    for name, value in list(values.items()):
         info = getattr(cls, "model_fields", {}).get(name)
         if info is None:
             continue
         ann = info.annotation
         options = set(getattr(ann, "__args__", (ann,)))
-        if bool in options and not isinstance(value, bool) and not options & {int, float, str}:
+        if isinstance(value, BareName) and value == "none" and type(None) in options and not _allows(ann, "none"):
+            values[name] = None
+        elif bool in options and not isinstance(value, bool) and not options & {int, float, str}:
             sink.error("E0201", f"`{name}` must be `true` or `false` (got {_show(value)})", spans.get((name,)))
             bad.add(name)
+        elif options & {int, float} and not options & {str} and isinstance(value, str) and not _allows(ann, value):
+            number = re.fullmatch(r"\s*-?\d+(\.\d*)?([eE]-?\d+)?\s*", value)
+            sink.error("E0201", f"`{name}` must be a number (got {_show(value)})", spans.get((name,)),
+                       help=f"write `{name} = {value.strip()}`, without quotes" if number
+                       else _field_help(cls, (name,)))
+            bad.add(name)
+        elif int in options and float not in options and isinstance(value, float) and value.is_integer() \
+                and not isinstance(value, bool):
+            values[name] = int(value)
         elif int in options and float not in options and (isinstance(value, float) or isinstance(value, bool)):
             if isinstance(value, bool) or not options & {bool}:
-                sink.error("E0201", f"`{name}` must be a whole number (got {_show(value)})", spans.get((name,)),
-                           help=f"write `{name} = {int(value)}`" if isinstance(value, float) and value.is_integer()
-                           else None)
+                sink.error("E0201", f"`{name}` must be a whole number (got {_show(value)})", spans.get((name,)))
                 bad.add(name)
         elif float in options and isinstance(value, bool):
             sink.error("E0201", f"`{name}` must be a number (got {_show(value)})", spans.get((name,)))
             bad.add(name)
     return bad
+
+
+def _allows(ann: Any, literal: str) -> bool:
+    """Whether a field's type admits the string `literal` as one of its `Literal[...]` values."""
+    args = getattr(ann, "__args__", ())
+    return any(a == literal if isinstance(a, str) else _allows(a, literal) for a in args)
 
 
 def _field_owner(cls: type, loc: tuple[str, ...]) -> type:
@@ -676,7 +717,7 @@ def _show(v: Any) -> str:
         return f"{v.name}(...)"
     if isinstance(v, dict):
         return "{ ... }"
-    text = repr(v)
+    text = json.dumps(str(v)) if isinstance(v, str) else repr(v)  # as the spec writes it: "48"
     return text if len(text) < 40 else text[:37] + "..."
 
 
