@@ -36,15 +36,16 @@ def image_url(i: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def client(url: str, stop_at: float, max_tokens: int, idx: int, out: list[dict]) -> None:
+async def client(url: str, stop_at: float, max_tokens: int, idx: int, out: list[dict], model: str = "m") -> None:
+    """One streaming client sending requests back to back until `stop_at` (shared by bench/serve_peer.py)."""
     async with httpx.AsyncClient(timeout=120) as http:
         n = 0
         while time.perf_counter() < stop_at:
-            body = {"model": "m", "stream": True, "max_tokens": max_tokens, "temperature": 0, "messages": [
+            body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0, "messages": [
                 {"role": "user", "content": [{"type": "text", "text": "What color is the shape?"},
                                              {"type": "image_url", "image_url": {"url": image_url(idx * 1000 + n)}}]}]}
             t0 = time.perf_counter()
-            ttft, tokens, error = None, 0, None
+            ttft, tokens, error, usage = None, 0, None, None
             try:
                 async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                     if r.status_code != 200:
@@ -52,22 +53,36 @@ async def client(url: str, stop_at: float, max_tokens: int, idx: int, out: list[
                     else:
                         async for line in r.aiter_lines():
                             if line.startswith("data: ") and line != "data: [DONE]":
-                                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                                event = json.loads(line[6:])
+                                usage = (event.get("usage") or {}).get("completion_tokens", usage)
+                                delta = event["choices"][0]["delta"].get("content")
                                 if delta:
                                     ttft = ttft or time.perf_counter() - t0
                                     tokens += 1
             except httpx.HTTPError as e:
                 error = type(e).__name__
-            out.append({"latency": time.perf_counter() - t0, "ttft": ttft, "chunks": tokens, "error": error})
+            out.append({"latency": time.perf_counter() - t0, "ttft": ttft, "chunks": tokens, "error": error,
+                        "tokens": usage if usage is not None else tokens})
             n += 1
 
 
-def drive(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
+def served_tokens(url: str) -> float | None:
+    """vlm serve's count of generated tokens so far (None from a server without it)."""
+    r = httpx.get(f"{url}/metrics")
+    metrics = r.text if r.status_code == 200 else ""
+    return next((float(x.split()[1]) for x in metrics.splitlines() if x.startswith("vlmspec_generated_tokens_total")),
+                None)
+
+
+def drive(url: str, clients: int, seconds: float, max_tokens: int, model: str = "m") -> dict:
+    """Generated tokens come from the server's own count: vlm serve's /metrics, else the `usage` of each
+    streamed completion (transformers serve), else the content chunks."""
     results: list[dict] = []
+    before = served_tokens(url)
     stop_at = time.perf_counter() + seconds
 
     async def main() -> None:
-        await asyncio.gather(*[client(url, stop_at, max_tokens, i, results) for i in range(clients)])
+        await asyncio.gather(*[client(url, stop_at, max_tokens, i, results, model) for i in range(clients)])
 
     t0 = time.perf_counter()
     asyncio.run(main())
@@ -75,8 +90,8 @@ def drive(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
     ok = [r for r in results if r["error"] is None]
     lat = sorted(r["latency"] for r in ok) or [0.0]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [0.0]
-    metrics = httpx.get(f"{url}/metrics").text
-    tokens = next((float(x.split()[1]) for x in metrics.splitlines() if x.startswith("vlmspec_generated_tokens_total")), 0)
+    after = served_tokens(url)
+    tokens = after - before if after is not None and before is not None else sum(r["tokens"] for r in ok)
     return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok), "wall": wall,
             "rps": len(ok) / wall, "tokens_per_s": tokens / wall, "p50": statistics.median(lat),
             "p95": lat[int(0.95 * (len(lat) - 1))], "ttft_p50": statistics.median(ttft)}
