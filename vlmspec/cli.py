@@ -367,6 +367,8 @@ def build(
     out.print(f"built {analysis.ir.name} on {device}: {n:,} parameters ({human(n)}), {status}")
     if output is not None and device != "meta":
         out.print(f"wrote {output}/ (config.json, model.safetensors, spec.vlm{', tokenizer' if tok else ''})")
+        if tok is not None:
+            out.print(f"tokenizer: {session.tokenizer_origin}", markup=False)
 
 
 # ---------------------------------------------------------------- generate
@@ -550,11 +552,15 @@ def export_hf_cmd(
     model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder to write in the HF LLaVA layout")],
 ) -> None:
-    """Write a prefix-fusion model in the Hugging Face LLaVA layout (LlavaForConditionalGeneration, vLLM, SGLang)."""
+    """Write a prefix-fusion model in the Hugging Face LLaVA layout, ready to serve (transformers, vLLM, SGLang)."""
     from vlmspec.runtime.weights.export import export_hf
 
     path = export_hf(str(model_dir), str(output))
-    out.print(f"wrote {path}: load it with transformers' LlavaForConditionalGeneration.from_pretrained")
+    served = (path / "chat_template.jinja").is_file()
+    out.print(f"wrote {path}: load it with transformers' AutoProcessor and AutoModelForImageTextToText"
+              + (f", or serve it: transformers serve {path}" if served else
+                 " (no tokenizer in the model folder: no processor, chat template or generation config)"),
+              markup=False)
 
 
 # ---------------------------------------------------------------- eval

@@ -29,7 +29,12 @@ from vlmspec.compiler.passes import weights_location
 from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
 from vlmspec.runtime.checkpoint import FOLDER_WEIGHTS, INSTRUCTION_TOKENIZER, load_state, read_config
 from vlmspec.runtime.inputs.processor import Processor
-from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer
+from vlmspec.runtime.inputs.tokenizer import (
+    IMAGE_TOKEN,
+    byte_tokenizer,
+    ensure_special_tokens,
+    load_tokenizer,
+)
 from vlmspec.runtime.model import VisionLanguageModel, build_model
 from vlmspec.runtime.quantize import apply_quantization
 from vlmspec.runtime.spec_paths import ParamTable
@@ -70,12 +75,14 @@ class Session:
     """A built model and everything derived from its spec and tokenizer; see the module docstring."""
 
     def __init__(self, analysis: Analysis, model: VisionLanguageModel, tokenizer: Any | None = None,
-                 instruction_tokenizer: Any | None = None, report: CoverageReport | None = None):
+                 instruction_tokenizer: Any | None = None, report: CoverageReport | None = None,
+                 tokenizer_origin: str | None = None):
         self.analysis = analysis
         self.model = model
         self.tokenizer = tokenizer
         self.instruction_tokenizer = instruction_tokenizer
         self.report = report
+        self.tokenizer_origin = tokenizer_origin  # where the tokenizer came from, for the user (`vlm build`)
 
     @cached_property
     def processor(self) -> Processor | None:
@@ -154,10 +161,20 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
     seed: seeds the initialisation of the parameters no checkpoint provides.
     """
     if tokenizer is None or isinstance(tokenizer, str | Path):
-        tok, qf_tok = load_tokenizers(analysis, tokenizer_source(analysis, tokenizer))
+        source = tokenizer_source(analysis, tokenizer)
+        tok, qf_tok = load_tokenizers(analysis, source)
         instruction_tokenizer = instruction_tokenizer or qf_tok
+        origin = str(source) if source is not None else None
+        if tok is None and analysis.ir.language is not None:
+            # no tokenizer anywhere: bytes, so that the model can always read prompts (the vocabulary permitting)
+            fusions = analysis.ir.by_role("fusion")
+            extra = [IMAGE_TOKEN, *(f.config.image_token for f in fusions), *analysis.ir.settings.task_tokens]
+            candidate = byte_tokenizer(dict.fromkeys(extra))
+            lm = analysis.ir.language.config
+            if len(candidate) <= lm.vocab + lm.extra_vocab + lm.embed_extra:
+                tok, origin = ensure_special_tokens(candidate, analysis), "built-in byte-level (the spec names none)"
     else:
-        tok = ensure_special_tokens(tokenizer, analysis)
+        tok, origin = ensure_special_tokens(tokenizer, analysis), "given"
     fusions = analysis.ir.by_role("fusion")
     image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if tok is not None and fusions else None
     # a pretrained language model learned its image token's row: a tokenizer that puts the token elsewhere
@@ -177,7 +194,7 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
         model = build_model(analysis, image_token_id=image_id, device=device, dtype=dtype)
     if device != "meta":
         apply_quantization(model, analysis)
-    return Session(analysis, model, tok, instruction_tokenizer, report)
+    return Session(analysis, model, tok, instruction_tokenizer, report, origin)
 
 
 def _has_weights(analysis: Analysis) -> bool:

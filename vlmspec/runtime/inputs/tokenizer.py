@@ -32,6 +32,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, extra_special: Iterab
     return fast
 
 
+def byte_tokenizer(extra_special: Iterable[str] = (IMAGE_TOKEN,)):
+    """A byte-level tokenizer with no merges: every UTF-8 byte is a token, so any text reads, in 256 rows
+    plus the special tokens. What a spec that names no tokenizer is built with, so that its model folder
+    can always read prompts."""
+    return train_tokenizer([], 0, extra_special)
+
+
 def load_tokenizer(path: str | Path, *, plain: bool = False):
     """A tokenizer saved with `save_pretrained` (or any HF tokenizer folder), offline. `plain` leaves it
     as saved (no pad or image token added): a Q-Former's BERT tokenizer reads instructions, not prompts."""

@@ -1,0 +1,51 @@
+"""Every tiny spec in specs/ builds into a folder that reads prompts with no other flag: `vlm build SPEC -o D`
+then `vlm generate D --image x.png --prompt ...` answers from the CLI, and the server built from the same
+folder answers a chat request. A spec that names no tokenizer gets the built-in byte-level one."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlmspec.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = sorted(f"{p}:{p.stem.replace('-', '_').replace('.', '_')}_tiny" for p in (ROOT / "specs").glob("*.vlm"))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "x.png"
+    Image.new("RGB", (45, 30), (200, 40, 40)).save(path)  # not the model's size, not square
+    return path
+
+
+@pytest.mark.parametrize("spec", TINY, ids=[s.split(":")[1] for s in TINY])
+def test_build_then_generate_and_serve_need_no_flag(spec, image, tmp_path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["build", spec, "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert "tokenizer: built-in byte-level" in r.output
+    r = runner.invoke(app, ["generate", str(tmp_path / "m"), "--image", str(image), "--prompt", "What color is it?",
+                            "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+
+    sys.path.insert(0, str(ROOT / "tests" / "serve"))
+    from test_server import Server
+
+    from vlmspec.runtime.serve import ServeConfig, create_app
+    from vlmspec.runtime.session import load_session
+
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What color is it?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    with Server(create_app(load_session(tmp_path / "m"), ServeConfig(max_batch=2))) as s:
+        reply = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
