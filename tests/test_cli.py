@@ -50,8 +50,22 @@ def test_unreadable_file_and_unknown_model(tmp_path) -> None:
     bad.write_bytes(b"\xff\xfe\x00")
     r = vlm("fmt", str(bad))
     assert r.exit_code == 1 and "E0004" in r.output
+    spec = tmp_path / "broken.vlm"
+    spec.write_bytes(Path(LLAVA).read_bytes()[:200] + b"\xff" + Path(LLAVA).read_bytes()[200:])
+    r = vlm("check", str(spec))
+    line = Path(LLAVA).read_bytes()[:200].count(b"\n") + 1
+    assert r.exit_code == 1 and f"broken.vlm:{line}:" in r.output and "error[E0004]" in r.output and "^" in r.output
     r = vlm("graph", LLAVA, "--format", "png")
     assert r.exit_code == 1 and "E0005" in r.output
+
+
+def test_serve_on_a_busy_port_is_a_diagnostic(tmp_path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = vlm("serve", str(tmp_path / "no-model"), "--port", str(port))
+    assert r.exit_code == 1 and "E0007" in r.output and f"127.0.0.1:{port}" in r.output
 
 
 def test_fmt_check_and_write(write_spec) -> None:

@@ -488,7 +488,16 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
 ) -> None:
     """Serve a model over HTTP with the OpenAI chat-completions API (images as data URLs)."""
+    import socket
+
     import uvicorn
+
+    try:  # before the model loads: a busy port is said at once, as a diagnostic, not as uvicorn's errno
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        _fail([Diagnostic("E0007", f"cannot listen on {host}:{port}: {e.strerror or e}",
+                          help="pass --port N for a free port, or stop what is listening there")], {})
 
     if threads:
         import torch

@@ -35,6 +35,9 @@ def test_build_then_generate_and_serve_need_no_flag(spec, image, tmp_path) -> No
     r = runner.invoke(app, ["generate", str(tmp_path / "m"), "--image", str(image), "--prompt", "What color is it?",
                             "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output
+    # a text-only prompt is answered, as the server answers a chat request without an image
+    r = runner.invoke(app, ["generate", str(tmp_path / "m"), "--prompt", "Hello", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
 
     sys.path.insert(0, str(ROOT / "tests" / "serve"))
     from test_server import Server

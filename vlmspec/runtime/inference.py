@@ -16,12 +16,11 @@ if TYPE_CHECKING:
 def answer(session: Session, prompts: Sequence[str], images: Sequence[Any] | None = None, *,
            max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, num_beams: int = 1,
            seed: int | None = None, batch_size: int = 16) -> list[str]:
-    """One answer per prompt (each with its image, when given), batched with left padding."""
+    """One answer per prompt (each with its image, when given), batched with left padding. Without images
+    the prompts are text only, as a chat request without an image is to the server: one rule for both."""
     processor = session.require_processor()
     if images is not None and len(images) != len(prompts):
         raise user_error("E0505", f"{len(prompts)} prompts but {len(images)} images")
-    if images is None and processor.transform is not None and processor.tokens_per_image:
-        raise user_error("E0505", "this model needs an image: pass --image FILE")
     stop_ids = session.facts.stop_ids
     model = session.model
     outputs: list[str] = []
