@@ -17,10 +17,16 @@ from vlmspec.compiler.compile import Analysis
 from vlmspec.diagnostics import user_error
 
 
-def _torchao():
-    # torchao logs a failed load of its CUDA-only kernels on CPU machines; that is expected here
+def quiet_torchao() -> None:
+    """Keep torchao's import quiet: on a CPU machine it logs the failed load of its CUDA-only kernels, and
+    torch's pytree warns about its enums. Called before anything that imports torchao (it, and peft, which
+    imports it when it is installed)."""
     for name in ("torchao", "torchao.kernel", "torchao.prototype", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _torchao():
+    quiet_torchao()
     try:
         import torchao.quantization as q
     except ImportError:

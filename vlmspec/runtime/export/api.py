@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,7 +86,9 @@ def export_model(model_dir_or_model: str | Path | VisionLanguageModel | Session,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would keep a serving user out of the final folder
     try:
-        with _eval(model):
+        with _eval(model), warnings.catch_warnings():
+            # torch's own exporter deep-copies pytree specs through a deprecated isinstance check
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
             iface = Interface.of(model, length, max_batch)
             _check_room(iface)
             artefacts: dict[str, dict[str, Path]] = {}

@@ -14,6 +14,7 @@ from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.passes import default_lora_targets
 from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
+from vlmspec.runtime.quantize import quiet_torchao
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
 
 
@@ -22,6 +23,7 @@ def inject_lora(model: nn.Module, analysis: Analysis, stage: Stage, table: Param
 
     The linear layers a target names are the ones the component declares (`lora_parts()`, read through
     the parameter table), passed to peft by their full names: nothing is matched by a name suffix."""
+    quiet_torchao()  # peft imports torchao when it is installed
     from peft import LoraConfig, inject_adapter_in_model
 
     table = table or ParamTable.of(model, analysis)
