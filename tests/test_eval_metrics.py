@@ -256,3 +256,13 @@ def test_recall_from_embeddings_and_ties() -> None:
     assert flat["i2t_r1"] == pytest.approx(100 / 3) and flat["t2i_r1"] == pytest.approx(100 / 3)
     with pytest.raises(ValueError):
         recall_at_k(np.ones((2, 3)), [0, 1], ks=(1,))
+
+
+def test_metrics_print_on_one_scale_each() -> None:
+    from vlmspec.evaluation import describe_metrics
+
+    line = describe_metrics({"vqa_accuracy": 0, "questions": 400})
+    assert line == "vqa_accuracy 0.00%, questions 400"
+    line = describe_metrics({"bleu4": 0.31234, "cider": 1.5, "images": 8})
+    assert line == "bleu4 0.3123, cider 1.5000, images 8 (BLEU 0-1, CIDEr-D 0-10)"
+    assert describe_metrics({"i2t_r1": 12.5, "t2i_r10": 100.0}) == "i2t_r1 12.50%, t2i_r10 100.00%"

@@ -589,7 +589,7 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="evaluate the first N samples only")] = None,
 ) -> None:
     """Score a model on VQA (VQAv2 accuracy), captioning (BLEU-4, CIDEr-D) or retrieval (recall@1/5/10)."""
-    from vlmspec.evaluation import run_eval, run_eval_server, write_results
+    from vlmspec.evaluation import describe_metrics, run_eval, run_eval_server, write_results
 
     if not data:
         _fail([Diagnostic("E0005", "`vlm eval` needs --data FILE")], {})
@@ -606,8 +606,7 @@ def evaluate(
         results = run_eval(load_session(target), task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            max_bad=max_bad, limit=limit)
     metrics = results["metrics"]
-    out.print(f"{task} on {data}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in metrics.items() if not isinstance(v, dict)))
+    out.print(f"{task} on {data}: {describe_metrics(metrics)}", markup=False)
     if output is not None:
         write_results(results, output)
         out.print(f"wrote {output}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from vlmspec.evaluation.formats import EvalSample, EvalSet, read_eval_data
 from vlmspec.evaluation.metrics import caption_scores, recall_at_k, retrieval_scores, vqa_accuracy, vqa_scores
-from vlmspec.evaluation.runner import run_eval, run_eval_server, write_results
+from vlmspec.evaluation.runner import describe_metrics, run_eval, run_eval_server, write_results
 
 __all__ = [
     "EvalSample", "EvalSet", "caption_scores", "read_eval_data", "recall_at_k", "retrieval_scores", "run_eval",
-    "run_eval_server", "vqa_accuracy", "vqa_scores", "write_results",
+    "run_eval_server", "describe_metrics", "vqa_accuracy", "vqa_scores", "write_results",
 ]

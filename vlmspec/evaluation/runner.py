@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,26 @@ def spec_hash(analysis: Any) -> str | None:
     if analysis is None:
         return None
     return hashlib.sha256(analysis.ir.model_dump_json().encode()).hexdigest()[:16]
+
+
+def describe_metrics(metrics: dict[str, Any]) -> str:
+    """One line a person reads: percentages (VQA accuracy, recall@k) as `98.75%`, BLEU and CIDEr-D on
+    pycocoevalcap's scales (BLEU 0-1, CIDEr-D 0-10) to four places, counts as integers. The results
+    JSON keeps the raw numbers."""
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, dict) or v is None:
+            continue
+        if k == "vqa_accuracy" or re.fullmatch(r"(i2t|t2i)_r\d+", k):
+            parts.append(f"{k} {float(v):.2f}%")
+        elif re.fullmatch(r"bleu\d|cider", k):
+            parts.append(f"{k} {float(v):.4f}")
+        elif isinstance(v, float) and not v.is_integer():
+            parts.append(f"{k} {v:.4g}")
+        else:
+            parts.append(f"{k} {int(v)}" if isinstance(v, int | float) else f"{k} {v}")
+    scales = " (BLEU 0-1, CIDEr-D 0-10)" if any(re.fullmatch(r"bleu\d|cider", k) for k in metrics) else ""
+    return ", ".join(parts) + scales
 
 
 def _load(task: str, data: str, images: str | None, max_bad: int, annotations: str | None,
