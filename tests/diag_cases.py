@@ -37,7 +37,7 @@ CASES: dict[str, str] = {
     "E0202": spec(connector="  connector proj = mlp(clip -> llm) { layers = 0 }\n"),
     "E0203": spec(connector="  connector proj = mlp(clip -> llm) { out = 64 }\n"),
     "E0204": spec(fusion="  fusion prefix(proj -> llm) { tokens = 576 }\n"),
-    "E0205": spec(vision="  vision clip = vit { image_size = 30  patch_size = 8  width = 32  depth = 2  heads = 2 }\n"),
+    "E0205": spec(vision="  vision clip = vit { image_size = 30  patch_size = 8  temporal_patch = 2  width = 32  depth = 2  heads = 2 }\n"),
     "E0206": spec(language="  language llm = llama { width = 50  depth = 2  heads = 4  ffn = 96  vocab = 512 }\n"),
     "E0207": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  kv_heads = 3  ffn = 96  vocab = 512 }\n"),
     "E0208": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "

@@ -209,3 +209,32 @@ def test_sliding_window_attention_is_refused_not_dropped(extra, refused):
         assert e.value.diagnostics[0].code == "E0585" and "sliding_window = 64" in e.value.diagnostics[0].message
     else:
         assert "language llm = llama" in language_block(tc, "DIR", tie=False)
+
+
+def test_an_image_size_that_is_not_a_multiple_of_the_patch_drops_the_remainder(tmp_path):
+    """SigLIP so400m reads 384 px in 14 px patches (27 x 27 = 729 tokens): the patch convolution keeps
+    whole patches. The same at a tiny size (36 px, 8 px patches: 4 x 4), against transformers."""
+    from hf_tiny import assert_sees_image
+
+    torch.manual_seed(0)
+    vis = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=36,
+        patch_size=8, vision_use_head=False)).eval()
+    randomise(vis)
+    vis.save_pretrained(str(tmp_path / "siglip"))
+    (tmp_path / "m.vlm").write_text(f"""model m {{
+  vision enc = siglip {{ image_size = 36  patch_size = 8  width = 32  depth = 2  heads = 4  mlp = 64
+                        weights = "{tmp_path / 'siglip'}" }}
+  connector proj = mlp(enc -> llm)
+  language llm = llama {{ width = 64  depth = 2  heads = 4  ffn = 96  vocab = 120  max_positions = 128 }}
+  fusion prefix(proj -> llm) {{ tokens = 16 }}
+}}
+""")
+    analysis = load_analysis(f"{tmp_path / 'm.vlm'}:m")[0]
+    model, _ = build_with_weights(analysis)
+    px = torch.randn(2, 3, 36, 36)
+    ref = vis(pixel_values=px).last_hidden_state  # a `siglip` reads the post-LayerNorm output by default
+    assert_sees_image(lambda p: vis(pixel_values=p).last_hidden_state, px)
+    with torch.no_grad():
+        ours = model.components["enc"](px).x
+    assert ours.shape == ref.shape == (2, 16, 32) and (ours - ref).abs().max() <= 1e-5

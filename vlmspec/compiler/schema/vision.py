@@ -124,7 +124,11 @@ class ViTBase(ComponentSchema):
         return self.grid * self.grid
 
     def check(self, ctx: ShapeContext) -> None:
-        if self.image_size % self.patch_size:
+        # a fixed-size image through the patch convolution keeps whole patches and drops the rest, as the
+        # towers do (SigLIP so400m: 384 px in 14 px patches is 27 x 27); tiles and native resolution cut
+        # images into whole patches
+        remainder_dropped = self.resolution == "fixed" and not self.tiles and self.temporal_patch == 1
+        if self.image_size % self.patch_size and not remainder_dropped:
             ctx.sink.error("E0205", f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}",
                            ctx.span_of("image_size"),
                            help=f"use image_size = {self.grid * self.patch_size} or {(self.grid + 1) * self.patch_size}")

@@ -352,9 +352,10 @@ class VisionEncoder(nn.Module):
         c, h, w = pixels.shape[-3:]
         if c != cfg.channels:
             raise user_error("E0593", f"images have {c} channels but the encoder expects {cfg.channels}")
-        if h % cfg.patch_size or w % cfg.patch_size:
+        fixed = cfg.resolution == "fixed"
+        if (h % cfg.patch_size or w % cfg.patch_size) and not (fixed and (h, w) == (cfg.image_size, cfg.image_size)):
             raise user_error("E0593", f"image size {h}x{w} is not a multiple of patch_size {cfg.patch_size}")
-        if cfg.resolution == "fixed" and (h, w) != (cfg.image_size, cfg.image_size):
+        if fixed and (h, w) != (cfg.image_size, cfg.image_size):
             raise user_error("E0593", f"images are {h}x{w} but the encoder takes {cfg.image_size}x{cfg.image_size}",
                              help="resize them first (the spec's preprocessing does), or declare "
                              "`resolution = dynamic(...)`")
