@@ -143,6 +143,26 @@ def test_openai_client(server) -> None:
     assert text == resp.choices[0].message.content
 
 
+def test_n_is_refused_and_usage_is_streamed_when_asked(server) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    r = httpx.post(url, json=chat_body(image=_png(), n=2))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # never one choice for two asked
+    assert httpx.post(url, json=chat_body(image=_png(), n=1)).status_code == 200
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    chunks = list(client.chat.completions.create(
+        model="tiny", max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What shape is this?"},
+                                               {"type": "image_url", "image_url": {"url": data_url(_png())}}]}]))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = httpx.post(url, json=chat_body("What shape is this?", image=_png(), max_tokens=4, temperature=0)).json()
+    assert text == whole["choices"][0]["message"]["content"]
+    assert {k: getattr(last.usage, k) for k in whole["usage"]} == whole["usage"]
+
+
 def test_malformed_requests(server) -> None:
     url = f"{server.url}/v1/chat/completions"
     r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})

@@ -144,9 +144,16 @@ def parse_chat(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenRequest, bool
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest("`seed` must be an integer", "seed")
+    n = body.get("n", 1)
+    if n is not None and n != 1:  # never fewer choices than asked for, silently
+        raise BadRequest("`n` must be 1: one choice per request (send n requests, with seeds, for more)", "n")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("`stream_options` must be an object", "stream_options")
     req = GenRequest(question="\n".join(texts), image=images[0] if images else None, max_tokens=max_tokens,
                      temperature=number("temperature", 1.0, 0.0, 2.0), top_p=number("top_p", 1.0, 0.0, 1.0),
                      stop=stop, seed=seed)
+    req.include_usage = bool((options or {}).get("include_usage", False))
     return req, bool(body.get("stream", False))
 
 
@@ -194,8 +201,7 @@ def create_app(session: Session, cfg: ServeConfig | None = None, name: str | Non
             "id": rid, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text},
                          "finish_reason": req.finish_reason}],
-            "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.tokens,
-                      "total_tokens": req.prompt_tokens + req.tokens},
+            "usage": _usage(req),
         })
 
     async def models(request: Request) -> Response:
@@ -278,4 +284,12 @@ async def _sse(req: GenRequest, rid: str, created: int, model: str):
         yield "data: " + json.dumps({"error": {"message": str(req.error), "type": "server_error"}}) + "\n\n"
     else:
         yield chunk({}, req.finish_reason)
+        if req.include_usage:  # OpenAI's last chunk for `stream_options.include_usage`: no choices, the counts
+            yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                          "model": model, "choices": [], "usage": _usage(req)}) + "\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _usage(req: GenRequest) -> dict[str, int]:
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.tokens,
+            "total_tokens": req.prompt_tokens + req.tokens}

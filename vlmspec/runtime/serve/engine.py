@@ -60,6 +60,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     # filled in by the engine
     ids: list[int] | None = None
     pixels: Any = None  # the image transform's output (a tensor, or `Tiles` for a tiled encoder)
