@@ -220,3 +220,49 @@ def test_diff_revision_reads_imports_at_that_revision(tmp_path, monkeypatch) -> 
     r = vlm("diff", "HEAD:child.vlm", "child.vlm")
     assert r.exit_code == 0, r.output
     assert "depth: 2 -> 3" in r.stdout
+
+
+def test_diff_says_what_a_new_stage_does_and_names_each_side(tmp_path, monkeypatch) -> None:
+    base = ("model m {\n  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2 }\n"
+            "  connector proj = mlp(clip -> llm)\n  language llm = llama { width = 48  depth = 2  heads = 4  "
+            "ffn = 96  vocab = 512 }\n  fusion prefix(proj -> llm)\n"
+            "  stage align { train proj  freeze clip, llm }\n}\n")
+    old = tmp_path / "old.vlm"
+    new = tmp_path / "new.vlm"
+    old.write_text(base + base.replace("model m", "model n"))
+    new.write_text(base.replace("  stage align", "  stage tune { train proj  lora llm(rank = 8, targets = [attn.q], "
+                                "lr = 1e-4)  freeze clip  optim adamw(lr = 2e-5) }\n  stage align")
+                   + base.replace("model m", "model n").replace("connector proj = mlp(clip -> llm)",
+                                                              "connector proj = linear(clip -> llm)"))
+    r = vlm("diff", str(old), str(new))
+    assert r.exit_code == 0, r.output
+    # both files' models are compared, each under its own label
+    assert f"--- {old}:m" in r.stdout and f"+++ {new}:m" in r.stdout and f"--- {old}:n" in r.stdout
+    assert "+ stage tune added" in r.stdout
+    assert "    train = [proj]" in r.stdout and "    freeze = [clip]" in r.stdout
+    assert "    lora = [llm(rank = 8, alpha = 16.0, targets = [attn.q], lr = 0.0001)]" in r.stdout
+    assert "    optim = adamw(lr = 2e-05" in r.stdout and "    batch = " not in r.stdout  # defaults left out
+    # a kind change: fields only one kind has are `(absent)`, not Python's None
+    assert "None" not in r.stdout and "(absent)" in r.stdout
+
+
+def test_textconv_shows_a_spec_with_imports_the_same_way_on_both_sides(tmp_path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "base.vlm").write_text(Path(LLAVA).read_text())
+    (repo / "child.vlm").write_text('import "base.vlm"\nmodel child extends llava_1_5_7b_tiny {\n  llm { depth = 2 }\n}\n')
+    (repo / ".gitattributes").write_text("*.vlm diff=vlm\n")
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "diff.vlm.textconv", f"{sys.executable} -m vlmspec.cli show --textconv")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    (repo / "child.vlm").write_text('import "base.vlm"\nmodel child extends llava_1_5_7b_tiny {\n  llm { depth = 3 }\n}\n')
+    diff = git("diff", "child.vlm")
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert changed == ["-    depth = 2", "+    depth = 3"], diff
+    assert "/tmp" not in diff

@@ -191,24 +191,36 @@ def show(
 
 
 def _textconv(path: str) -> str:
-    """What `git diff` shows for a .vlm file: every model resolved, or the text itself when it does not check."""
-    from vlmspec.compiler.compile import check_file
-    from vlmspec.compiler.show import resolved_text
+    """What `git diff` shows for a .vlm file: every model resolved, or the text itself when it does not check.
 
+    Git hands textconv a temporary copy of an old version, beside which its imports are not found; so a
+    file with imports is shown canonically formatted on both sides, and the diff is the lines that changed.
+    No path appears in the output: git's temporary file name would make every version differ there."""
+    from vlmspec.compiler.compile import check_file
+    from vlmspec.compiler.printer import format_text
+    from vlmspec.compiler.show import resolved_text
+    from vlmspec.grammar.parser import parse
+
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    try:
+        if parse(text, path).imports:
+            return "# vlm: a spec with imports, formatted (its imports are not resolved here)\n" + \
+                format_text(text, path)
+    except VlmSpecError:
+        pass
     try:
         result = check_file(path)
     except OSError:
         result = None
     if result is not None and result.ok and result.analyses:
         return "\n".join(resolved_text(a) for a in result.analyses)
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
     n = sum(d.severity == "error" for d in result.diagnostics) if result is not None else 0
     first = next((d for d in result.diagnostics if d.severity == "error"), None) if result is not None else None
     note = f"# vlm: this version does not check ({n} error{'s' if n != 1 else ''}"
-    note += f"; first: {first.code} {first.message}" if first else ""
+    note += f"; first: {first.code}" if first else ""
     return note + "); shown as written\n" + text
 
 
@@ -288,14 +300,36 @@ def diff(
     new: Annotated[str, typer.Argument(help="FILE, FILE:MODEL or REV:FILE", show_default=False)],
     as_json: JsonOpt = False,
 ) -> None:
-    """What changed in the architecture: components, resolved attributes, parameters per component and stage."""
+    """What changed in the architecture: components, resolved attributes, parameters per component and stage.
+
+    Two files without model names compare every model they share by name (and list the others)."""
+    from vlmspec.compiler.compile import split_ref
     from vlmspec.compiler.diff import diff_models, render_text
 
-    d = diff_models(_load(old), _load(new))
+    pairs = [(old, new)]
+    (_, m_old, _), (_, m_new, _) = split_ref(old), split_ref(new)
+    only: list[str] = []
+    if m_old is None and m_new is None:
+        names_old, names_new = _model_names(old), _model_names(new)
+        shared = [n for n in names_old if n in names_new]
+        if len(shared) > 1 or (shared and (len(names_old) > 1 or len(names_new) > 1)):
+            pairs = [(f"{old}:{n}", f"{new}:{n}") for n in shared]
+            only = [f"only in {old}: {n}" for n in names_old if n not in names_new] + \
+                [f"only in {new}: {n}" for n in names_new if n not in names_old]
+    diffs = [diff_models(_load(a), _load(b), a, b) for a, b in pairs]
     if as_json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(diffs[0] if len(diffs) == 1 and not only else {"models": diffs, "unpaired": only}, indent=2))
     else:
-        sys.stdout.write(render_text(d))
+        sys.stdout.write("\n".join(render_text(d) for d in diffs) + "".join(f"{line}\n" for line in only))
+
+
+def _model_names(ref: str) -> list[str]:
+    """The models a spec file (or a file at a git revision) defines, in order; [] when it does not parse."""
+    from vlmspec.compiler.compile import check_file, split_ref
+
+    path, _, rev = split_ref(ref)
+    result = check_file(path, None, rev=rev)
+    return [a.ir.name for a in result.analyses]
 
 
 # ---------------------------------------------------------------- schema

@@ -31,16 +31,29 @@ def _stage_fields(stage) -> dict[str, str]:
         if k == "train":
             v = [t.path + (f"(lr = {fmt_value(t.lr)})" if t.lr else "") for t in v]
         elif k == "lora":
-            v = [f"{lo.path}(rank = {lo.rank})" for lo in v]
+            v = [f"{lo.path}(" + ", ".join(
+                [f"rank = {lo.rank}", f"alpha = {fmt_value(lo.alpha)}"]
+                + ([f"targets = [{', '.join(lo.targets)}]"] if lo.targets else [])
+                + ([f"lr = {fmt_value(lo.lr)}"] if lo.lr else [])) + ")" for lo in v]
         elif k == "objective":
             v = " + ".join(o.name if o.weight == 1 else f"{fmt_value(o.weight)} * {o.name}" for o in v)
         elif k == "upcycle":
             v = [f"{u.source} -> {u.dest}" for u in v]
+        if k in ("train", "freeze", "lora", "upcycle"):  # paths and calls, written as the spec writes them
+            v = "[" + ", ".join(v) + "]"
         out[k] = fmt_value(v) if not isinstance(v, str) else v
     return out
 
 
-def diff_models(a: Analysis, b: Analysis) -> dict[str, Any]:
+def _stage_defaults() -> dict[str, str]:
+    from vlmspec.compiler.schema.stage import Stage
+
+    return _stage_fields(Stage(name="_"))
+
+
+def diff_models(a: Analysis, b: Analysis, old_label: str | None = None, new_label: str | None = None) -> dict[str, Any]:
+    """The architectural difference of two models. The labels name each side as the user did (`HEAD~1:x.vlm`),
+    where the files alone would read the same."""
     sa, sb = summarise(a), summarise(b)
     ca, cb = a.ir.components, b.ir.components
     components = []
@@ -91,8 +104,8 @@ def diff_models(a: Analysis, b: Analysis) -> dict[str, Any]:
             settings[k] = {"old": va, "new": vb}
 
     return {
-        "old": {"model": a.ir.name, "file": a.file},
-        "new": {"model": b.ir.name, "file": b.file},
+        "old": {"model": a.ir.name, "file": a.file, "label": old_label or f"{a.file}:{a.ir.name}"},
+        "new": {"model": b.ir.name, "file": b.file, "label": new_label or f"{b.file}:{b.ir.name}"},
         "params": {"old": sa["params"]["total"], "new": sb["params"]["total"]},
         "components": components,
         "stages": stages,
@@ -111,7 +124,7 @@ def render_text(d: dict[str, Any]) -> str:
     """Plain-text diff for terminals, code review and git's textconv."""
     from vlmspec.compiler.summary import human
 
-    lines = [f"--- {d['old']['file']}:{d['old']['model']}", f"+++ {d['new']['file']}:{d['new']['model']}"]
+    lines = [f"--- {d['old']['label']}", f"+++ {d['new']['label']}"]
     if d["identical"]:
         lines.append("no architectural change")
         return "\n".join(lines) + "\n"
@@ -128,7 +141,9 @@ def render_text(d: dict[str, Any]) -> str:
             lines.append(f"    output: {c['shape']['old']} -> {c['shape']['new']}")
         if c["change"] == "changed":
             for k, v in c["fields"].items():
-                lines.append(f"    {k}: {v['old']} -> {v['new']}")
+                lines.append(f"    {k}: {_side(v['old'])} -> {_side(v['new'])}")
+        elif c["change"] == "added":  # a reviewer reads what the new part is, not only that it exists
+            lines.extend(f"    {k} = {v['new']}" for k, v in c["fields"].items() if k != "kind")
     for k, v in d["settings"].items():
         lines.append(f"~ setting {k}: {v['old']} -> {v['new']}")
     for s in d["stages"]:
@@ -140,5 +155,14 @@ def render_text(d: dict[str, Any]) -> str:
                      f" ({_signed(t['new'] - t['old'])})")
         if s["change"] == "changed":
             for k, v in s["fields"].items():
-                lines.append(f"    {k}: {v['old']} -> {v['new']}")
+                lines.append(f"    {k}: {_side(v['old'])} -> {_side(v['new'])}")
+        elif s["change"] == "added":  # what it trains, freezes and adapts, and how (defaults left out)
+            defaults = _stage_defaults()
+            lines.extend(f"    {k} = {v['new']}" for k, v in s["fields"].items()
+                         if k in ("train", "freeze", "lora") and v["new"] != "[]" or v["new"] != defaults.get(k))
     return "\n".join(lines) + "\n"
+
+
+def _side(v: str | None) -> str:
+    """One side of a change; a field only the other side's kind has is `(absent)`, not Python's None."""
+    return "(absent)" if v is None else v
