@@ -166,3 +166,35 @@ class TiledImageTransform(ImageTransform):
 
     def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.stack([t.pixels for t in items]), torch.tensor([t.aspect_ratio_id for t in items])
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's processor size for an image: each side rounded to a multiple of `factor`, then scaled
+    (aspect ratio kept) into [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise user_error("E0503", f"an image of {width}x{height} pixels: an aspect ratio over 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+class NativeImageTransform(ImageTransform):
+    """A dynamic-resolution encoder's input as Qwen2-VL's processor makes it: the image resized (aspect
+    ratio kept) to sides that are multiples of `factor` (patch x merge) within [min_pixels, max_pixels]
+    (`smart_resize`), scaled and normalised: `[3 x h x w]`, its own size."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float], resize: str, factor: int, min_pixels: int,
+                 max_pixels: int):
+        super().__init__(size, mean, std, resize)
+        self.factor, self.min_pixels, self.max_pixels = factor, min_pixels, max_pixels
+
+    def __call__(self, img: ImageInput) -> Any:
+        pil = open_image(img)
+        h, w = smart_resize(pil.height, pil.width, self.factor, self.min_pixels, self.max_pixels)
+        return self.normalise(pil.resize((w, h), self.filter))

@@ -6,6 +6,7 @@ The number of image placeholder tokens per image comes from the compiler's shape
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from vlmspec.compiler.compile import Analysis, shapes_at_image_size
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
-from vlmspec.runtime.inputs.images import ImageInput, ImageTransform
+from vlmspec.runtime.inputs.images import ImageInput, ImageTransform, NativeImageTransform
 
 IGNORE = -100
 
@@ -53,6 +54,17 @@ class Processor:
         # images are fed at image_size (a dynamic-resolution encoder's own shape counts its largest images)
         shapes = shapes_at_image_size(analysis)
         self.tokens_per_image = sum(shapes.out[f.name].tokens for f in in_seq) if in_seq else 1
+        # a dynamic-resolution encoder (Qwen2-VL): `generation_batch` feeds each image at the size its
+        # checkpoint's processor gives it, with as many tokens as that size makes
+        self.native: NativeImageTransform | None = None
+        cfg = encoders[0].config if encoders else None
+        res = getattr(cfg, "resolution", "fixed")
+        if cfg is not None and not isinstance(res, str) and len(in_seq) == 1 and not getattr(cfg, "tiles", 0):
+            patches = (cfg.image_size // cfg.patch_size) ** 2
+            merge = math.isqrt(patches // self.tokens_per_image)
+            if merge * merge * self.tokens_per_image == patches:
+                self.native = NativeImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize,
+                                                   cfg.patch_size * merge, res.min_pixels, res.max_pixels)
         vocab = tokenizer.get_vocab()
         if self.image_token not in vocab:
             raise user_error("E0511", f"the tokenizer has no `{self.image_token}` token",
@@ -78,7 +90,7 @@ class Processor:
                 out.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return out
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tokens: int | None = None) -> str:
         """The spec's `chat_template` applied as transformers' `apply_chat_template` does (same renderer,
         the tokenizer's special tokens as variables), each image token then repeated once per visual token
         as the checkpoints' processors expand it."""
@@ -91,8 +103,9 @@ class Processor:
         except Exception as e:  # jinja2's syntax and undefined-variable errors, the template's raise_exception
             raise user_error("E0539", f"the spec's chat_template fails: {type(e).__name__}: {e}",
                              help="fix the template (Hugging Face's apply_chat_template format)") from None
-        if self.tokens_per_image > 1:
-            text = text.replace(self.image_token, self.image_token * self.tokens_per_image)
+        tokens = tokens or self.tokens_per_image
+        if tokens > 1:
+            text = text.replace(self.image_token, self.image_token * tokens)
         return text
 
     def _template_ids(self, text: str, first: bool) -> list[int]:
@@ -102,10 +115,11 @@ class Processor:
         add = first and not (bos is not None and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
 
-    def prompt_text(self, question: str, n_images: int = 1) -> str:
+    def prompt_text(self, question: str, n_images: int = 1, tokens: int | None = None) -> str:
+        """The prompt, each image as `tokens` placeholders (default: `tokens_per_image`)."""
         if self.settings.chat_template is not None:
-            return self.render(self._messages([(question, None)], n_images), add_generation_prompt=True)
-        image = self.image_token * self.tokens_per_image
+            return self.render(self._messages([(question, None)], n_images), add_generation_prompt=True, tokens=tokens)
+        image = self.image_token * (tokens or self.tokens_per_image)
         template = self.settings.prompt
         images = "".join([image] * n_images)
         if "{image}" in template:
@@ -120,11 +134,16 @@ class Processor:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_prompt(self, question: str, n_images: int = 1) -> list[int]:
+    def encode_prompt(self, question: str, n_images: int = 1, tokens: int | None = None) -> list[int]:
         if self.settings.chat_template is not None:
-            ids = self._template_ids(self.prompt_text(question, n_images), first=True)
+            ids = self._template_ids(self.prompt_text(question, n_images, tokens), first=True)
         else:
-            ids = ([self.bos_id] if self.bos_id is not None else []) + self._ids(self.prompt_text(question, n_images))
+            # a prompt that names the BOS token places it itself (BLIP-2's and PaliGemma's processors put
+            # the image tokens before it); else it goes in front
+            bos = self.tokenizer.bos_token
+            named = isinstance(bos, str) and bool(bos) and bos in self.settings.prompt
+            ids = ([self.bos_id] if self.bos_id is not None and not named else []) + \
+                self._ids(self.prompt_text(question, n_images, tokens))
         if len(ids) >= self.max_length:
             raise user_error("E0504", f"the prompt is {len(ids)} tokens but the model's context is {self.max_length}",
                              help="shorten the prompt")
@@ -213,7 +232,25 @@ class Processor:
         return Instruction(enc["input_ids"], enc["attention_mask"])
 
     def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
-        """Left-padded prompts (one image per prompt when images are given) for `model.generate`."""
+        """Left-padded prompts (one image per prompt when images are given) for `model.generate`. A
+        dynamic-resolution encoder reads each image at its processor's size (`NativeImageTransform`):
+        the images of one batch must come out the same size."""
+        if images and self.native is not None:
+            items = [self.native(i) for i in images]
+            sizes = {tuple(x.shape[-2:]) for x in items}
+            if len(sizes) > 1:
+                raise user_error("E0593", f"images of {len(sizes)} sizes in one batch ("
+                                 + ", ".join(f"{w}x{h}" for h, w in sorted(sizes)) + "): this model reads each image "
+                                 "at its own size", help="generate for one image (or one size) at a time")
+            h, w = items[0].shape[-2:]
+            size = self.native.size // self.native.factor
+            tokens = self.tokens_per_image * (h // self.native.factor) * (w // self.native.factor) // (size * size)
+            input_ids, mask = self.left_pad([self.encode_prompt(q, 1, tokens) for q in questions])
+            batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.stack(items)}
+            instruction = self.instruction(questions)
+            if instruction is not None:
+                batch["instruction"] = instruction
+            return batch
         input_ids, mask = self.left_pad([self.encode_prompt(q, 1 if images else 0) for q in questions])
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
         if images:

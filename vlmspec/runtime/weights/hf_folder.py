@@ -225,6 +225,55 @@ def translate(template: str, tokenizer: Any, image_token: str) -> tuple[str, str
     return prompt, answer
 
 
+def _adds_bos(tokenizer: Any) -> bool | None:
+    """Whether the tokenizer adds just BOS in front of a text (True), nothing (False), or else (None)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if with_special == plain:
+        return False
+    return True if with_special == [tokenizer.bos_token_id, *plain] else None
+
+
+def processor_prompt(folder: str | Path, tokenizer: Any) -> tuple[str, str | None, str] | None:
+    """(`prompt`, `answer` or None, note) where the folder's processor, not a chat template, lays the prompt
+    out, else None. BLIP-2 / InstructBLIP: the image placeholders (one per query), then the tokenizer's
+    encoding of the text (its BOS after the images). PaliGemma: the image placeholders, BOS, the text and a
+    newline; the answer (`suffix`) follows it directly, then EOS. The prompt names the BOS token, so the
+    processor does not add another in front."""
+    config = read_json(Path(folder) / "config.json")
+    mt = config.get("model_type")
+    if mt not in ("blip-2", "instructblip", "paligemma") or tokenizer is None:
+        return None
+    bos = tokenizer.bos_token
+    proc = read_json(Path(folder) / "processor_config.json")
+    if mt == "paligemma":
+        need(isinstance(bos, str) and bool(bos), "a PaliGemma tokenizer without a BOS token")
+        tokens = image_processor(folder).get("image_seq_length", proc.get("image_seq_length"))
+        vc = config.get("vision_config", {})
+        grid = (vc.get("image_size", 224) // vc.get("patch_size", 16)) ** 2
+        need(tokens in (None, grid), f"a processor image_seq_length {tokens} other than the tower's {grid} patches")
+        return ("{image}" + bos + "{q}\n", "{a}", "# Prompt: PaliGemma's processor layout (images, BOS, the "
+                "question, a newline; the answer after it, then EOS).")
+    queries = proc.get("num_query_tokens")
+    need(queries in (None, config.get("num_query_tokens")), f"a processor num_query_tokens {queries} other than "
+         f"the model's {config.get('num_query_tokens')}")
+    adds = _adds_bos(tokenizer)
+    need(adds is True and isinstance(bos, str) and bool(bos), "a BLIP-2 / InstructBLIP tokenizer that does not add "
+         "just a BOS token in front of the text (the processor puts it after the image placeholders)")
+    return ("{image}" + bos + "{q}", None, "# Prompt: the processor's layout (one image placeholder per query, "
+            "then the tokenized text with its BOS); the folder has no chat template.")
+
+
+def format_template(folder: str | Path, template: str | None, tokenizer: Any) -> tuple[str, str] | None:
+    """(chat template, note) where the folder's processor lays a rendered conversation out its own way
+    (IDEFICS wraps each image in `<fake_token_around_image>`: `formats/idefics.py`), else None."""
+    if tokenizer is None or read_json(Path(folder) / "config.json").get("model_type") != "idefics":
+        return None
+    from vlmspec.runtime.weights.formats.idefics import processor_template
+
+    return processor_template(template)
+
+
 def settings(folder: str | Path, image_token: str) -> tuple[list[str], list[str]]:
     """(the spec's settings lines, comment lines) from the folder's chat template and generation config."""
     from vlmspec.compiler.schema.base import quote
@@ -233,7 +282,19 @@ def settings(folder: str | Path, image_token: str) -> tuple[list[str], list[str]
     lines: list[str] = []
     notes: list[str] = []
     template = chat_template(folder)
-    if template is not None and tokenizer is not None:
+    fixed = processor_prompt(folder, tokenizer)
+    if fixed is not None:
+        prompt, answer, note = fixed
+        lines.append(f"  prompt = {quote(prompt)}")
+        if answer is not None:
+            lines.append(f"  answer = {quote(answer)}")
+        notes.append(note)
+        if template is not None:
+            notes.append("# Chat template: not kept (the processor lays the prompt out itself, as above).")
+    elif (laid_out := format_template(folder, template, tokenizer)) is not None:
+        lines.append(f"  chat_template = {quote(laid_out[0])}")
+        notes.append(laid_out[1])
+    elif template is not None and tokenizer is not None:
         exact = translate(template, tokenizer, image_token)
         if exact is not None:
             prompt, answer = exact

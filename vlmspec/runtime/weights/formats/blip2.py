@@ -7,6 +7,7 @@ from typing import Any
 
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
+from vlmspec.runtime.weights.hf_folder import image_fields
 from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, language_block, need, tie
 
 
@@ -20,7 +21,9 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     vision = [("image_size", vc["image_size"]), ("patch_size", vc["patch_size"]), ("width", vc["hidden_size"]),
               ("depth", vc["num_hidden_layers"]), ("heads", vc["num_attention_heads"]),
               ("mlp", vc["intermediate_size"]), ("act", VISION_ACT[act]), ("norm_eps", vc.get("layer_norm_eps", 1e-6)),
-              ("feature", "layer(-1).all"), ("weights", f"{folder}#vision")]
+              ("feature", "layer(-1).all")]
+    # BlipImageProcessor (preprocessor_config.json / processor_config.json): resize, mean, std (a plain resize)
+    vision += [*image_fields(folder, vc["image_size"]), ("weights", f"{folder}#vision")]
     nq = config["num_query_tokens"]
     qf: list[tuple[str, Any]] = [
         ("queries", nq), ("width", qc["hidden_size"]), ("depth", qc["num_hidden_layers"]),

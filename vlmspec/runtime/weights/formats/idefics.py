@@ -29,6 +29,7 @@ from typing import Any
 
 from vlmspec.runtime.weights.families import Layout, MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import VLMFormat
+from vlmspec.runtime.weights.hf_folder import image_fields, image_processor
 from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, need, rope_theta
 
 CROSS = "model.gated_cross_attn_layers."
@@ -142,7 +143,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     need(size % patch == 0, f"image_size {size} not a multiple of patch_size {patch}")
     vwidth, vheads = int(vc.get("embed_dim", vc.get("hidden_size", 768))), int(vc.get("num_attention_heads", 16))
     need(vwidth % vheads == 0, f"vision width {vwidth} not divisible by {vheads} heads")
-    pre = _json(Path(folder) / "preprocessor_config.json")
+    pre = image_processor(folder)
     need(pre.get("image_size", size) == size, f"a processor image_size {pre.get('image_size')} other than the "
          f"vision tower's {size}")
     vision: list[tuple[str, Any]] = [
@@ -150,12 +151,10 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
         ("width", vwidth), ("depth", int(vc.get("num_hidden_layers", 32))), ("heads", vheads),
         ("mlp", int(vc.get("intermediate_size", 5120))), ("act", VISION_ACT[act]),
         ("norm_eps", float(vc.get("layer_norm_eps", 1e-5))), ("feature", "layer(-1).all")]
-    raw = []
-    mean, std = pre.get("image_mean"), pre.get("image_std")
-    if isinstance(mean, list) and isinstance(std, list):
-        raw = [f"    mean = {list(map(float, mean))}", f"    std = {list(map(float, std))}"]
+    # IdeficsImageProcessor: a plain (bicubic) resize to image_size x image_size, 1/255, CLIP's mean / std
+    vision += image_fields(folder, size, resize="bicubic")
     vision.append(("weights", f"{folder}#vision"))
-    blocks = [f"  vision clip = vit {{\n{fields(vision)}\n" + "".join(f"{r}\n" for r in raw) + "  }"]
+    blocks = [f"  vision clip = vit {{\n{fields(vision)}\n  }}"]
 
     source = "clip"
     if config.get("use_resampler", False):
@@ -189,6 +188,36 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     cross.append(("weights", f"{folder}#cross_attention"))
     blocks.append(note + f"  fusion cross_attention({source} -> llm) {{\n{fields(cross)}\n  }}")
     return blocks, image_token
+
+
+FAKE = "<fake_token_around_image>"
+
+#: without a chat template: the conversation's pieces in order, as one would hand them to IdeficsProcessor
+#: (`[image, question]`: the image, then the question; an answer right after it)
+_PLAIN = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+          "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+
+#: IdeficsProcessor's layout of the rendered text split at each `<image>` (empty pieces dropped): BOS, each
+#: piece stripped of spaces, each image as `<fake><image><fake>`, or `<image><fake>` right after another
+_LAYOUT = ("{{- bos_token -}}{%- set parts = vlm_rendered.split('<image>') -%}{{- parts[0].strip(' ') -}}"
+           "{%- for p in parts[1:] -%}{%- if loop.index0 > 0 and parts[loop.index0] == '' -%}<image>" + FAKE +
+           "{%- else -%}" + FAKE + "<image>" + FAKE + "{%- endif -%}{{- p.strip(' ') -}}{%- endfor -%}")
+
+
+def processor_template(template: str | None) -> tuple[str, str]:
+    """(chat template, note): the folder's template (else one that renders the conversation's images and
+    text in order) with IdeficsProcessor's layout applied to what it renders. IdeficsProcessor cannot take a
+    rendered chat template (its `apply_chat_template` leaves `<image>` in the text and appends the image
+    after it); what it does with the rendered text split at each image is: BOS in front, every text piece
+    stripped of spaces, each image wrapped in `<fake_token_around_image>` (one shared between adjacent
+    images). The template is kept, wrapped in that layout, never translated into `prompt` / `answer`."""
+    own = template is not None
+    body = template if own else _PLAIN
+    wrapped = "{%- set vlm_rendered -%}" + body + "{%- endset -%}" + _LAYOUT
+    what = "the checkpoint's Jinja template" if own else "the conversation's images and text in order (the folder " \
+        "has no chat template)"
+    return wrapped, (f"# Chat template: {what}, laid out as IdeficsProcessor lays out a prompt split at its images "
+                     f"(BOS, each piece stripped of spaces, each image between {FAKE} tokens).")
 
 
 FORMAT = VLMFormat(

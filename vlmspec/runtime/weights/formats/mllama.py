@@ -20,11 +20,9 @@ What the spec says, and why:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ from torch import Tensor
 
 from vlmspec.runtime.weights.families import Layout, MultiFamily, Part
 from vlmspec.runtime.weights.formats.base import VLMFormat
+from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_processor
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need, rope_fields
 
 #: checkpoint prefixes: transformers' save layout (still written by 5.x), then its in-memory one
@@ -200,26 +199,27 @@ def _layouts(cls: type[_Bound]) -> tuple[Layout, ...]:
                  for p in _PREFIXES)
 
 
-#: PIL resampling codes in preprocessor_config.json -> the spec's `resize`
-_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-
-
 def _preprocessing(folder: str, size: int, tiles: int) -> list[tuple[str, Any]]:
-    """The processor's mean / std / resize filter (preprocessor_config.json), checked against the model."""
-    path = Path(folder) / "preprocessor_config.json"
-    try:
-        pre = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pre = {}
-    if not isinstance(pre, dict) or not pre:
+    """The processor's mean / std / resize filter (`preprocessor_config.json`, or transformers 5's
+    `processor_config.json`), checked against the model: the tile size and count, a rescale of 1/255,
+    normalisation, resizing and padding on (what vlmspec's tiling does)."""
+    pre = image_processor(folder)
+    if not pre:
         return [("resize", "bilinear")]  # MllamaImageProcessor's filter
-    side = (pre.get("size") or {}).get("height", size)
-    need(side == size, f"a processor tile size {side} other than the vision model's {size}")
+    tile = pre.get("size") or {}
+    side = tile.get("height", size) if isinstance(tile, dict) else tile
+    need(side == size and (not isinstance(tile, dict) or tile.get("width", side) == side),
+         f"a processor tile size {side} other than the vision model's {size}")
     need(int(pre.get("max_image_tiles", tiles)) == tiles, f"a processor max_image_tiles {pre.get('max_image_tiles')} "
          f"other than the vision model's {tiles}")
+    need(pre.get("do_resize", True) and pre.get("do_pad", True), "a Mllama processor that does not resize or pad "
+         "(vlmspec always fits an image to its tiles)")
+    factor = float(pre.get("rescale_factor", 1 / 255)) if pre.get("do_rescale", True) else 0.0
+    need(abs(factor * 255 - 1) < 1e-6, f"processor rescale {factor} (vlmspec scales by 1/255)")
+    need(pre.get("do_normalize", True), "a processor that does not normalise (`do_normalize = false`)")
     resample = pre.get("resample", 2)
-    need(resample in _RESAMPLE, f"processor resample filter {resample}")
-    out: list[tuple[str, Any]] = [("resize", _RESAMPLE[resample])]
+    need(resample in RESAMPLE, f"processor resample filter {resample}")
+    out: list[tuple[str, Any]] = [("resize", RESAMPLE[resample])]
     mean, std = pre.get("image_mean"), pre.get("image_std")
     if isinstance(mean, list) and isinstance(std, list):
         out += [("mean", Raw(str([float(m) for m in mean]))), ("std", Raw(str([float(x) for x in std])))]

@@ -13,6 +13,7 @@ from typing import Any
 
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
+from vlmspec.runtime.weights.hf_folder import image_fields
 from vlmspec.runtime.weights.source import CheckpointSource
 from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, language_block, need, tie
 
@@ -39,7 +40,9 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
               ("depth", vc.get("num_hidden_layers", 12)), ("heads", vc.get("num_attention_heads", 12)),
               ("mlp", vc.get("intermediate_size", 3072)), ("act", VISION_ACT[act]),
               ("norm_eps", vc.get("layer_norm_eps", 1e-6)), ("feature", "layer(-1).patches"),
-              ("pool_head", _pool_head(vc, folder)), ("weights", f"{folder}#vision")]
+              ("pool_head", _pool_head(vc, folder))]
+    # SiglipImageProcessor: a plain resize to the tower's size, mean and std 0.5 unless the folder says otherwise
+    vision += [*image_fields(folder, size), ("weights", f"{folder}#vision")]
     width = tc.get("hidden_size", 3072)
     proj_dim = config.get("projection_dim", vc.get("projection_dim", width))
     need(proj_dim == width, f"a projector to {proj_dim} features for a text model of width {width}")

@@ -15,14 +15,13 @@ renames inside the key as well as mapping the prefix.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vlmspec.runtime.weights.families import Layout, MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
+from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_processor
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need
 
 #: Merged tokens per side of the default image (448 x 448 pixels for Qwen2-VL's 14-pixel patches).
@@ -55,13 +54,20 @@ def _vision_layout(prefix: str) -> RenamedLayout:
 
 
 def _preprocessor(folder: str) -> dict[str, Any]:
-    path = Path(folder) / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
+    """preprocessor_config.json, or the image processor inside transformers 5's processor_config.json."""
+    return image_processor(folder)
+
+
+def _filter(pre: dict[str, Any]) -> str:
+    """The resize filter (Qwen2VLImageProcessor's bicubic by default); refused: no rescale by 1/255, no
+    normalisation, no resize (vlmspec resizes as `smart_resize` does)."""
+    need(pre.get("do_resize", True), "a processor that does not resize (`do_resize = false`)")
+    factor = float(pre.get("rescale_factor", 1 / 255)) if pre.get("do_rescale", True) else 0.0
+    need(abs(factor * 255 - 1) < 1e-6, f"processor rescale {factor} (vlmspec scales by 1/255)")
+    need(pre.get("do_normalize", True), "a processor that does not normalise (`do_normalize = false`)")
+    resample = pre.get("resample", 3)
+    need(resample in RESAMPLE, f"processor resample filter {resample}")
+    return RESAMPLE[resample]
 
 
 #: Qwen2VLImageProcessor's defaults: 56 x 56 to 1280 merged 28 x 28 tokens
@@ -133,7 +139,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
         ("image_size", side), ("patch_size", patch), ("temporal_patch", int(vc.get("temporal_patch_size", 2))),
         ("channels", int(vc.get("in_channels", vc.get("in_chans", 3)))), ("width", width),
         ("depth", int(vc.get("depth", 32))), ("heads", heads), ("mlp", int(width * vc.get("mlp_ratio", 4))),
-        ("act", VISION_ACT[act]), ("norm_eps", 1e-6), ("position", "rope2d"),
+        ("act", VISION_ACT[act]), ("norm_eps", 1e-6), ("position", "rope2d"), ("resize", _filter(pre)),
         ("resolution", Raw("dynamic(min_pixels = {}, max_pixels = {})".format(*pixel_range(pre)))), ("class_token", False),
         ("pre_norm", False), ("post_norm", False), ("feature", "layer(-1).patches")]
     raw_vision = []
@@ -142,8 +148,9 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     vision.append(("weights", f"{folder}#vision"))
     merger = fields([("merge", merge), ("layers", 2), ("act", "gelu"), ("weights", f"{folder}#merger")])
     tokens = (side // (patch * merge)) ** 2
-    note = (f"  # Images keep their own size inside [min_pixels, max_pixels]; vlmspec's processor feeds {side} x "
-            f"{side}\n  # ({tokens} tokens each), a size Qwen2-VL's processor keeps as it is.\n")
+    note = (f"  # Images keep their own size inside [min_pixels, max_pixels]: `vlm generate` resizes each as Qwen2-VL's\n"
+            f"  # processor does (aspect ratio kept, sides multiples of {patch * merge}); training and `vlm serve` feed "
+            f"{side} x {side}\n  # ({tokens} tokens each), a size Qwen2-VL's processor keeps as it is.\n")
     return [
         note + f"  vision vit = vit {{\n{fields(vision)}\n" + "".join(f"{r}\n" for r in raw_vision) + "  }",
         f"  connector merger = patch_merger(vit -> llm) {{\n{merger}\n  }}",
