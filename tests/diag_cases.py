@@ -21,6 +21,8 @@ CASES: dict[str, str] = {
     "E0006": spec(language="  language llm = llama { width = " + "1 + " * 101 + "48"
                   + "  depth = 2  heads = 4  ffn = 96  vocab = 512 }\n"),
     "E0003": spec(connector="  connector proj = mlp(clip -> llm) { layers = }\n"),
+    "E0008": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 1"
+                  + "0" * 300 + " }\n"),
     # names
     "E0101": spec(fusion="  fusion prefix(porj -> llm)\n"),
     "E0102": spec(connector="  connector proj = mlp(clip -> llm)\n  connector proj = linear(clip -> llm)\n"),
@@ -46,6 +48,8 @@ CASES: dict[str, str] = {
                            "rope = mrope(sections = [2, 2, 3]) }\n"),
     "E0211": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
                            "max_positions = 8 }\n"),
+    "E0212": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 1"
+                  + "0" * 150 + " * 1" + "0" * 150 + " }\n"),
     # graph and fusion rules
     "E0301": spec(fusion="  fusion cross_attention(proj -> llm) { layers = [1, 5] }\n"),
     "E0302": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "

@@ -95,25 +95,46 @@ def one_of(options: Iterable[str]) -> str:
     return "expected one of: " + ", ".join(f"`{o}`" for o in opts)
 
 
-def render(diag: Diagnostic, sources: dict[str, str], color: bool = False) -> str:
+#: A longer source line is shown as a window of context around the span, marked `...`, so that one
+#: diagnostic on a megabyte line is not a megabyte of output.
+LONG_LINE = 1000
+_CONTEXT = 60
+
+
+def render(diag: Diagnostic, sources: dict[str, str], color: bool = False,
+           _lines: dict[str, list[str]] | None = None) -> str:
     """Render one diagnostic: header, the source line, a caret under the span, then help and notes."""
     red, yellow, blue, bold, reset = ("\x1b[31m", "\x1b[33m", "\x1b[34m", "\x1b[1m", "\x1b[0m") if color else ("",) * 5
     sev_color = red if diag.severity == "error" else yellow
     where = f"{diag.span}: " if diag.span else ""
     lines = [f"{bold}{where}{sev_color}{diag.severity}[{diag.code}]{reset}{bold}: {diag.message}{reset}"]
     if diag.span is not None and diag.span.file in sources:
-        text_lines = sources[diag.span.file].splitlines()
+        # lines end at "\n" only, as the parser counts them (splitlines() would also break at \r, \f, ...)
+        if _lines is None or diag.span.file not in _lines:
+            text_lines = sources[diag.span.file].split("\n")
+            if _lines is not None:
+                _lines[diag.span.file] = text_lines
+        else:
+            text_lines = _lines[diag.span.file]
         if 1 <= diag.span.line <= len(text_lines):
-            src = text_lines[diag.span.line - 1].expandtabs(1)
+            src = text_lines[diag.span.line - 1]
             gutter = str(diag.span.line)
             pad = " " * len(gutter)
+            at = diag.span.col - 1
             if diag.span.end_line == diag.span.line:
                 width = max(1, diag.span.end_col - diag.span.col)
             else:
                 width = max(1, len(src) - diag.span.col + 1)
+            if len(src) > LONG_LINE:
+                lo = max(0, at - _CONTEXT)
+                hi = min(len(src), at + min(width, _CONTEXT) + _CONTEXT)
+                src = ("..." if lo else "") + src[lo:hi] + ("..." if hi < len(src) else "")
+                width = max(1, min(width, hi - at))
+                at = at - lo + (3 if lo else 0)
+            src = src.removesuffix("\r").expandtabs(1)  # a tab is one column, as the parser counts it
             lines.append(f"{blue}{pad} |{reset}")
             lines.append(f"{blue}{gutter} |{reset} {src}")
-            lines.append(f"{blue}{pad} |{reset} {' ' * (diag.span.col - 1)}{sev_color}{'^' * width}{reset}")
+            lines.append(f"{blue}{pad} |{reset} {' ' * at}{sev_color}{'^' * width}{reset}")
     if diag.help:
         lines.append(f"  {bold}help{reset}: {diag.help}")
     for note in diag.notes:
@@ -122,7 +143,8 @@ def render(diag: Diagnostic, sources: dict[str, str], color: bool = False) -> st
 
 
 def render_all(diags: Sequence[Diagnostic], sources: dict[str, str], color: bool = False) -> str:
-    return "\n\n".join(render(d, sources, color) for d in diags)
+    split: dict[str, list[str]] = {}  # each source split into lines once, however many diagnostics it has
+    return "\n\n".join(render(d, sources, color, split) for d in diags)
 
 
 def to_json(diags: Sequence[Diagnostic]) -> str:

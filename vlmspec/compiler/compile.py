@@ -19,7 +19,7 @@ from vlmspec.compiler.passes import (
     infer_shapes,
 )
 from vlmspec.compiler.resolve import Workspace, load_workspace, resolve_model
-from vlmspec.diagnostics import Diagnostic, DiagnosticSink, SpecValidationError, did_you_mean
+from vlmspec.diagnostics import Diagnostic, DiagnosticSink, Span, SpecValidationError, did_you_mean
 
 
 @dataclass(slots=True)
@@ -139,7 +139,9 @@ def check_file(path: str, model: str | None = None, text: str | None = None, rev
             return result
         names = [model]
     elif not names:
-        sink.error("E0110", f"`{path}` defines no model", help="add `model NAME { ... }`")
+        end = min(1, len(ws.files[path].source))  # the file has text (maybe none): point at its start
+        sink.error("E0110", f"`{path}` defines no model", Span(path, 1, 1, 1, 2, 0, end),
+                   help="add `model NAME { ... }`")
     seen: set[tuple] = set()
     for name in names:
         own = DiagnosticSink()

@@ -22,7 +22,7 @@ from vlmspec.compiler.ir import Component, ModelIR, SpanTable, resolved_value
 from vlmspec.compiler.schema import REGISTRY, ROLES, CallValue, ComponentSchema, Settings, Stage
 from vlmspec.compiler.schema.stage import OBJECTIVES, STAGE_ATTRS, LoraSpec
 from vlmspec.diagnostics import DiagnosticSink, Span, SpecSyntaxError, did_you_mean
-from vlmspec.grammar.parser import not_utf8, parse
+from vlmspec.grammar.parser import MAX_DIGITS, not_utf8, parse
 
 # ------------------------------------------------------------------ workspace (files and imports)
 
@@ -276,18 +276,27 @@ class _Resolver:
             if not (_is_number(left) and _is_number(right)):
                 self.sink.error("E0201", f"`{value.op}` needs numbers on both sides", value.span)
                 raise _EvalFailed
-            if value.op == "+":
-                return left + right
-            if value.op == "-":
-                return left - right
-            if value.op == "*":
-                return left * right
-            if right == 0:
+            if value.op == "/" and right == 0:
                 self.sink.error("E0202", "division by zero", value.span)
                 raise _EvalFailed
-            if isinstance(left, int) and isinstance(right, int) and left % right == 0:
-                return left // right
-            return left / right
+            try:
+                if value.op == "+":
+                    result = left + right
+                elif value.op == "-":
+                    result = left - right
+                elif value.op == "*":
+                    result = left * right
+                elif isinstance(left, int) and isinstance(right, int) and left % right == 0:
+                    result = left // right
+                else:
+                    result = left / right
+            except OverflowError:  # a whole number too large to meet a float
+                result = None
+            if result is None or (isinstance(result, int) and abs(result) >= _TOO_LARGE):
+                self.sink.error("E0212", f"`{value.op}` gives a number of more than {MAX_DIGITS} digits", value.span,
+                                help="no spec value comes near; check the arithmetic")
+                raise _EvalFailed
+            return result
         raise _EvalFailed  # unreachable: the parser builds only the node types above
 
     def reference(self, ref: ast.Ref, owner: str) -> Any:
@@ -546,6 +555,9 @@ def _has_failed(values: Any) -> bool:
     if isinstance(values, dict):
         return any(_has_failed(v) for v in values.values())
     return False
+
+
+_TOO_LARGE = 10 ** MAX_DIGITS
 
 
 def _is_number(x: Any) -> bool:

@@ -153,7 +153,12 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def int(self, meta, children):
         (tok,) = children
-        return ast.Int(int(str(tok).replace("_", "")), str(tok), self._s(meta))
+        digits = str(tok).replace("_", "")
+        if len(digits) > MAX_DIGITS:  # before int(): Python refuses to read more than ~4300 digits
+            raise SpecSyntaxError([Diagnostic(
+                "E0008", f"an integer of {len(digits)} digits is too long; at most {MAX_DIGITS} digits are read",
+                self._s(meta), help="no spec value needs more than a few digits; is this a paste error?")])
+        return ast.Int(int(digits), str(tok), self._s(meta))
 
     @v_args(meta=True)
     def float(self, meta, children):
@@ -367,6 +372,9 @@ def _previous_word(text: str, pos: int) -> str:
     return text[j:i]
 
 
+#: Longer integer literals are refused (E0008); arithmetic stays below 10**MAX_DIGITS too (E0212).
+MAX_DIGITS = 300
+
 #: Deeper expressions are refused (E0006): every later pass walks expressions recursively, and no real
 #: spec nests more than a handful of levels.
 MAX_DEPTH = 100
@@ -399,7 +407,9 @@ def parse(text: str, file: str = "<input>") -> ast.File:
         raise SpecSyntaxError([deep], {file: text})
     try:
         items = _ToAst(file).transform(tree)
-    except VisitError as err:  # e.g. an integer literal too large for `int()` never happens; keep it typed
+    except VisitError as err:
+        if isinstance(err.orig_exc, SpecSyntaxError):  # a located refusal from the transformer (E0008)
+            raise SpecSyntaxError(err.orig_exc.diagnostics, {file: text}) from None
         raise SpecSyntaxError([Diagnostic("E0003", f"malformed input: {err.orig_exc}")], {file: text}) from None
     # Comments are ignored by the parser; collect them by a separate lexer pass so `fmt` keeps them.
     comments = _comments(text, file)

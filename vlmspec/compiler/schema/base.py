@@ -22,6 +22,12 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 Quantize = Literal["none", "int8", "int4"]
 BYTES_PER: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
 
+#: Upper bounds of the counts that passes loop over (layer lists, divisor hints, tile layouts): far above
+#: any real model, low enough that a typo such as `depth = 320000000` is a quick E0202, not a hang.
+MAX_LAYERS = 10_000
+MAX_HEADS = 10_000
+MAX_TILES = 256
+
 
 @dataclass(frozen=True, slots=True)
 class CallValue:

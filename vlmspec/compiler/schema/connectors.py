@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from vlmspec.compiler.schema.base import (
+    MAX_LAYERS,
     ComponentSchema,
     Dtype,
     Quantize,
@@ -139,7 +140,7 @@ class QFormer(ConnectorBase):
     summary = "BLIP-2 Q-Former: learned queries with cross-attention"
     queries: int = Field(default=32, gt=0, description="learned query tokens (= visual tokens out)")
     width: int = Field(default=768, gt=0, description="Q-Former hidden size")
-    depth: int = Field(default=12, gt=0, description="Q-Former layers")
+    depth: int = Field(default=12, gt=0, le=MAX_LAYERS, description="Q-Former layers")
     heads: int = Field(default=12, gt=0, description="attention heads")
     mlp: int = Field(default=3072, gt=0, description="feed-forward hidden size")
     cross_every: int = Field(default=2, ge=1, description="a cross-attention block every N layers")

@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from vlmspec.compiler.schema.base import (
+    MAX_HEADS,
+    MAX_LAYERS,
     CallValue,
     ComponentSchema,
     Dtype,
@@ -81,8 +83,8 @@ class Llama3RoPE(Schema):
 class LanguageBase(ComponentSchema):
     role = "language"
     width: int = Field(default=4096, gt=0, description="hidden size")
-    depth: int = Field(default=32, gt=0, description="decoder layers")
-    heads: int = Field(default=32, gt=0, description="attention heads")
+    depth: int = Field(default=32, gt=0, le=MAX_LAYERS, description="decoder layers")
+    heads: int = Field(default=32, gt=0, le=MAX_HEADS, description="attention heads")
     kv_heads: int | None = Field(default=None, gt=0, description="key/value heads for grouped-query attention (default: heads)")
     head_dim: int | None = Field(default=None, gt=0, description="width of one head (default: width / heads)")
     ffn: int = Field(default=11008, gt=0, description="feed-forward hidden size")

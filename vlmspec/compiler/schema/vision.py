@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from vlmspec.compiler.schema.base import (
+    MAX_TILES,
     CallValue,
     ComponentSchema,
     Dtype,
@@ -85,7 +86,7 @@ class ViTBase(ComponentSchema):
     position: Literal["learned", "rope2d"] = Field(default="learned", description="position encoding")
     resolution: Literal["fixed"] | DynamicResolution = Field(default="fixed", description="`fixed` or `dynamic(...)`")
     temporal_patch: int = Field(default=1, ge=1, description="frames per patch (2 for Qwen2-VL video-ready patches)")
-    tiles: int = Field(default=0, ge=0, description="Llama 3.2 Vision tiling: up to N tiles, gated tile embeddings (0: none)")
+    tiles: int = Field(default=0, ge=0, le=MAX_TILES, description="Llama 3.2 Vision tiling: up to N tiles, gated tile embeddings (0: none)")
     global_layers: int = Field(default=0, ge=0, description="the last N layers are gated global layers, after the "
                                "post-LayerNorm and the post-tile embedding (Llama 3.2 Vision: 8 of 40; needs `tiles`)")
     tile_padding: int = Field(default=0, ge=0, description="pad each tile's tokens with zeros to a multiple of N that "
