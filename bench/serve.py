@@ -111,16 +111,21 @@ def local_server(model_dir: str, max_batch: int):
     proc = subprocess.Popen([sys.executable, "-m", "vlmspec.cli", "serve", model_dir, "--port", str(port),
                              "--max-batch", str(max_batch), "--max-queue", "256", "--threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    return proc, healthy(proc, f"http://127.0.0.1:{port}", 120, "vlm serve did not start")
+
+
+def healthy(proc, url: str, seconds: float, failure: str) -> str:
+    """`url` once the server answers /health; the process killed and RuntimeError(failure) if it does not
+    within `seconds` (or exits first)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("vlm serve did not start")
+    raise RuntimeError(failure)
 
 
 def tiny_model() -> str:

@@ -21,13 +21,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import ROOT, drive, fmt, image_url, local_server, tiny_model  # noqa: E402
+from serve import ROOT, drive, fmt, healthy, image_url, local_server, tiny_model  # noqa: E402
 
 
 def transformers_server(hf_dir: str, threads: int) -> tuple[subprocess.Popen, str]:
@@ -43,16 +42,8 @@ def transformers_server(hf_dir: str, threads: int) -> tuple[subprocess.Popen, st
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.Popen([exe_s, "serve", hf_dir, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "error"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("transformers serve did not start (is fastapi installed? pip install -e .[bench])")
+    return proc, healthy(proc, f"http://127.0.0.1:{port}", 180,
+                         "transformers serve did not start (is fastapi installed? pip install -e .[bench])")
 
 
 def one_answer(url: str, model: str, max_tokens: int) -> str:

@@ -36,7 +36,6 @@ import argparse
 import collections
 import contextlib
 import datetime
-import fcntl
 import os
 import random
 import signal
@@ -54,6 +53,9 @@ from vlmspec.compiler.compile import check_file  # noqa: E402
 from vlmspec.compiler.printer import format_text  # noqa: E402
 from vlmspec.diagnostics import LONG_LINE, Diagnostic, VlmSpecError, render, render_all  # noqa: E402
 from vlmspec.grammar.parser import _parser  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutate import locked  # noqa: E402  (the CPU lock both scripts take)
 
 # ---------------------------------------------------------------- seeds
 
@@ -509,19 +511,6 @@ def run(n: int, seed: int = 0, seeds: list[str] | None = None, timeout: float = 
     return report
 
 
-@contextlib.contextmanager
-def _locked(path: str | None):
-    if path is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10_000, help="how many mutants (default 10000)")
@@ -533,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--append", help="append a row to this results table (bench/RESULTS.md)")
     args = ap.parse_args(argv)
 
-    with _locked(args.lock):
+    with locked(args.lock):
         report = run(args.n, args.seed, timeout=args.timeout, progress=True)
     print(report.summary())
     print("mutations: " + ", ".join(f"{k} {v}" for k, v in sorted(report.ops.items())))
