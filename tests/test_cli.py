@@ -168,6 +168,19 @@ def test_schema() -> None:
     assert r.exit_code == 1 and "error[E0105]: unknown kind `mpl`" in r.output and "did you mean `mlp`?" in r.output
 
 
+def textconv_repo(repo: Path):
+    """A fresh git repository at `repo` with `vlm show --textconv` as the .vlm diff driver; returns a
+    function that runs git there and returns its output."""
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "diff.vlm.textconv", f"{sys.executable} -m vlmspec.cli show --textconv")
+    return git
+
+
 def test_front_end_never_imports_torch() -> None:
     code = (f"import sys; from vlmspec.cli import main; sys.argv = ['vlm', 'summary', {LLAVA!r}]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
@@ -187,12 +200,7 @@ def test_git_textconv_driver(tmp_path) -> None:
     (repo / "m.vlm").write_text(text)
     (repo / ".gitattributes").write_text("*.vlm diff=vlm\n")
 
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
-                              capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("config", "diff.vlm.textconv", f"{sys.executable} -m vlmspec.cli show --textconv")
+    git = textconv_repo(repo)
     git("add", ".")
     git("commit", "-qm", "spec")
     (repo / "m.vlm").write_text(text.replace("heads = 4\n    ffn = 96", "heads = 4\n    kv_heads = 2\n    ffn = 96"))
@@ -253,12 +261,7 @@ def test_textconv_shows_a_spec_with_imports_the_same_way_on_both_sides(tmp_path)
     (repo / "child.vlm").write_text('import "base.vlm"\nmodel child extends llava_1_5_7b_tiny {\n  llm { depth = 2 }\n}\n')
     (repo / ".gitattributes").write_text("*.vlm diff=vlm\n")
 
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
-                              capture_output=True, text=True).stdout
-
-    git("init", "-q")
-    git("config", "diff.vlm.textconv", f"{sys.executable} -m vlmspec.cli show --textconv")
+    git = textconv_repo(repo)
     git("add", ".")
     git("commit", "-qm", "one")
     (repo / "child.vlm").write_text('import "base.vlm"\nmodel child extends llava_1_5_7b_tiny {\n  llm { depth = 3 }\n}\n')
