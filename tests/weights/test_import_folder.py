@@ -53,18 +53,24 @@ def char_tokenizer(vocab: int = 128, image: str = "<image>", image_id: int = IMA
     return fast
 
 
-def cli_generate(hf_dir: Path, tmp: Path, image: Path, question: str, new: int) -> tuple[str, str]:
-    """`vlm import-hf` -> `vlm build` -> `vlm generate`: (the answer, the imported spec's text)."""
+def cli_generate_each(hf_dir: Path, tmp: Path, images: list[Path], question: str, new: int) -> tuple[str, str]:
+    """`vlm import-hf` -> `vlm build` -> `vlm generate` with one `--image` each (batched): (what it prints,
+    the imported spec's text)."""
     spec = tmp / "imported.vlm"
     r = runner.invoke(app, ["import-hf", str(hf_dir), "-o", str(spec)])
     assert r.exit_code == 0, r.output
     assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
     r = runner.invoke(app, ["build", str(spec), "-o", str(tmp / "built")])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["generate", str(tmp / "built"), "--image", str(image), "--prompt", question,
-                            "--max-new-tokens", str(new)])
+    r = runner.invoke(app, ["generate", str(tmp / "built"), *[a for i in images for a in ("--image", str(i))],
+                            "--prompt", question, "--max-new-tokens", str(new)])
     assert r.exit_code == 0, r.output
     return r.stdout.rstrip("\n"), spec.read_text()
+
+
+def cli_generate(hf_dir: Path, tmp: Path, image: Path, question: str, new: int) -> tuple[str, str]:
+    """`vlm import-hf` -> `vlm build` -> `vlm generate`: (the answer, the imported spec's text)."""
+    return cli_generate_each(hf_dir, tmp, [image], question, new)
 
 
 def hf_generate(processor, model, image: Path, question: str, new: int) -> tuple[str, dict]:

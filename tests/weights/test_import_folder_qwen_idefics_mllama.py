@@ -16,10 +16,7 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import assert_sees_image, loaded  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_import_folder import char_tokenizer  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-from vlmspec.cli import app  # noqa: E402
+from test_import_folder import char_tokenizer, cli_generate_each  # noqa: E402
 
 QUESTION = "What is in the picture?"
 
@@ -53,17 +50,8 @@ def noise_image(path: Path, size: tuple[int, int]) -> Path:
 
 def cli_generate(hf_dir: Path, tmp: Path, images: list[Path], question: str, new: int) -> tuple[list[str], str]:
     """`vlm import-hf` -> `vlm build` -> `vlm generate` (one answer per image, batched): (answers, spec text)."""
-    runner = CliRunner()
-    spec = tmp / "imported.vlm"
-    r = runner.invoke(app, ["import-hf", str(hf_dir), "-o", str(spec)])
-    assert r.exit_code == 0, r.output
-    assert runner.invoke(app, ["fmt", "--check", str(spec)]).exit_code == 0
-    r = runner.invoke(app, ["build", str(spec), "-o", str(tmp / "built")])
-    assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["generate", str(tmp / "built"), *[a for i in images for a in ("--image", str(i))],
-                            "--prompt", question, "--max-new-tokens", str(new)])
-    assert r.exit_code == 0, r.output
-    return r.stdout.rstrip("\n").split("\n"), spec.read_text()
+    out, spec = cli_generate_each(hf_dir, tmp, images, question, new)
+    return out.split("\n"), spec
 
 
 def hf_generate(processor, model, image: Path, question: str, new: int, image_id: int, **extra) -> tuple[str, dict]:
