@@ -593,12 +593,15 @@ def import_hf_cmd(
 @command(name="export-hf")
 def export_hf_cmd(
     model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="folder to write in the HF LLaVA layout")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="checkpoint folder to write")],
+    format: Annotated[str | None, typer.Option("--format", help="the HF format to write (default: the one that "
+                                               "holds the architecture): llava, blip-2, instructblip, paligemma, "
+                                               "qwen2_vl, idefics, mllama", show_default=False)] = None,
 ) -> None:
-    """Write a prefix-fusion model in the Hugging Face LLaVA layout, ready to serve (transformers, vLLM, SGLang)."""
+    """Write a model as a Hugging Face checkpoint folder, ready to serve (transformers, vLLM, SGLang)."""
     from vlmspec.runtime.weights.export import export_hf
 
-    path = export_hf(str(model_dir), str(output))
+    path = export_hf(str(model_dir), str(output), format)
     served = (path / "chat_template.jinja").is_file()
     out.print(f"wrote {path}: load it with transformers' AutoProcessor and AutoModelForImageTextToText"
               + (f", or serve it: transformers serve {path}" if served else

@@ -171,3 +171,27 @@ def loaded(folder: Path):
     session = vlmspec.load(str(folder))
     model = getattr(session, "model", session)  # a Session holds the model; older releases returned it
     return model.eval(), getattr(session, "processor", None)
+
+
+def export_round_trip(hf_dir: Path, tmp: Path, *, fmt: str | None = None) -> tuple[Path, Path]:
+    """`vlm import-hf` -> `vlm build` -> `vlm export-hf` from the CLI, asserting that the export holds the
+    checkpoint's tensors bit for bit under the same keys: (the built folder, the export)."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from vlmspec.cli import app
+
+    runner = CliRunner()
+    spec, built, back = tmp / "imported.vlm", tmp / "built", tmp / "exported"
+    for args in (["import-hf", str(hf_dir), "-o", str(spec)], ["build", str(spec), "-o", str(built)],
+                 ["export-hf", str(built), "-o", str(back), *(["--format", fmt] if fmt else [])]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+    theirs = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        theirs.update(load_file(str(f)))
+    ours = load_file(str(back / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs), (sorted(set(theirs) - set(ours))[:5], sorted(set(ours) - set(theirs))[:5])
+    differ = [k for k in theirs if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
+    assert not differ, differ[:5]
+    return built, back

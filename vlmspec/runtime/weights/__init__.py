@@ -5,7 +5,7 @@
   key tables, with a `CoverageReport`.
 - `import_hf(dir)`: a LLaVA / BLIP-2 / InstructBLIP / PaliGemma / Qwen2-VL / IDEFICS folder -> an
   equivalent `.vlm` spec.
-- `weights.export.export_hf(model_dir, out_dir)`: a prefix-fusion model folder -> the HF LLaVA layout
+- `weights.export.export_hf(model_dir, out_dir)`: a model folder -> the HF format that holds it
   (not imported here: it reads model folders through `runtime.session`, which imports this package).
 """
 

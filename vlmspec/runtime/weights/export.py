@@ -1,14 +1,15 @@
-"""`export_hf`: a vlmspec model folder with prefix fusion -> the Hugging Face LLaVA layout.
+"""`vlm export-hf`: a vlmspec model folder -> a Hugging Face checkpoint folder that transformers loads with
+`AutoProcessor` + `AutoModelForImageTextToText` and serves as it is (`transformers serve`, vLLM, SGLang).
 
-The folder is loadable by `AutoModelForImageTextToText` / `LlavaForConditionalGeneration` and, with the
-model's tokenizer copied and the processor configs written from the spec, by `AutoProcessor`; it also
-holds `chat_template.jinja` (the spec's `chat_template` verbatim, else one written from its `prompt`,
-`answer` and `system` that yields the ids vlmspec's `Processor` builds) and `generation_config.json`
-(the spec's stop ids as `eos_token_id`, the image placeholder suppressed, greedy), so `transformers
-serve` or any LLaVA server runs it without hand edits. Only what LLaVA can express is exported: one
-CLIP-style `vit`, a 2-layer `mlp` connector, a `llama` language model and a causal `prefix` fusion,
-unquantized; anything else is E0586 naming what does not fit. The folder is written aside and renamed
-into place.
+Which format is written is the architecture's to say: each whole-VLM format under `formats/` declares
+what it `claims` (LLaVA: an MLP connector into a prefix fusion; BLIP-2: a Q-Former; ...) and `write`s the
+config, each component's key layout and the processor files. This module does what every format shares:
+the tensors through each layout's `export` (the inverse of what import reads, so `import-hf -> build ->
+export-hf` gives the checkpoint's tensors back bit for bit), tied tensors once, the tokenizer files,
+`chat_template.jinja` (the spec's `chat_template` verbatim, else one written from its `prompt`, `answer`
+and `system` that yields the ids vlmspec's `Processor` builds) and `generation_config.json` (the spec's
+stop ids as `eos_token_id`, the image placeholder suppressed, greedy). A model no format holds is E0586
+naming what does not fit. The folder is written aside and renamed into place.
 """
 
 from __future__ import annotations
@@ -21,98 +22,16 @@ from typing import Any
 import torch
 
 from vlmspec.compiler.compile import Analysis
+from vlmspec.compiler.ir import ModelIR
 from vlmspec.fsutil import fsync_dir_files, replace_dir
-from vlmspec.runtime.model import VisionLanguageModel
-from vlmspec.runtime.session import load_session
+from vlmspec.runtime.session import Session, load_session
 from vlmspec.runtime.weights.errors import EXPORT, weights_error
-
-_ACT_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
-           "relu": "relu"}
-
-
-def _fit(cond: bool, what: str) -> None:
-    if not cond:
-        raise weights_error(EXPORT, f"export_hf: {what} does not fit the LLaVA layout",
-                            help="LLaVA is one CLIP-style `vit`, a 2-layer `mlp`, a `llama` and a `prefix` fusion")
-
-
-def llava_config(model: VisionLanguageModel, analysis: Analysis) -> dict[str, Any]:
-    """The `LlavaConfig` fields of a spec-built model (E0586 when it is not LLaVA-shaped)."""
-    ir = analysis.ir
-    by = {r: ir.by_role(r) for r in ("vision", "connector", "language", "fusion")}
-    _fit(all(len(v) == 1 for v in by.values()), "a model with other than one encoder, connector, LM and fusion")
-    vis, con, lm, fus = (by[r][0] for r in ("vision", "connector", "language", "fusion"))
-    v, c, t = vis.config, con.config, lm.config
-    _fit(vis.kind == "vit" and v.class_token and v.pre_norm and not v.patch_bias and v.position == "learned"
-         and not v.feature_norm
-         and v.resolution == "fixed" and not v.tiles and v.temporal_patch == 1, f"vision `{vis.name}` ({vis.kind})")
-    _fit(v.attn_bias and not v.global_layers and not v.tile_padding,
-         f"vision `{vis.name}` without attention biases or with global layers / tile padding")
-    _fit(con.kind == "mlp" and c.layers == 2 and not c.norm and (c.hidden is None or c.hidden == t.width)
-         and list(con.sources) == [vis.name], f"connector `{con.name}` ({con.kind})")
-    _fit(lm.kind == "llama" and t.moe is None and not t.extra_vocab and t.rope == "default" and t.act == "silu",
-         f"language model `{lm.name}` ({lm.kind})")
-    _fit(not t.embed_extra, f"language model `{lm.name}` with embed_extra = {t.embed_extra}")
-    _fit(fus.kind == "prefix", f"fusion `{fus.name}` ({fus.kind})")
-    _fit(fus.config.prefix_attention == "causal", f"fusion `{fus.name}` with prefix_attention = "
-         f"{fus.config.prefix_attention}")
-    for comp in (vis, con, lm):
-        q = getattr(comp.config, "quantize", "none")
-        _fit(q == "none", f"`{comp.name}` with quantize = {q} (transformers would serve the unquantized weights)")
-    layers = list(v.feature.layers)
-    tokens = analysis.shapes.out[fus.name].tokens
-    text = {"model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab, "hidden_size": t.width,
-            "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
-            "num_key_value_heads": t.n_kv, "head_dim": t.hd, "max_position_embeddings": t.max_positions,
-            "rms_norm_eps": t.norm_eps, "rope_theta": t.rope_theta, "tie_word_embeddings": t.tie_embeddings,
-            "hidden_act": "silu"}
-    if not t.qkv_bias:
-        text.update(attention_bias=False, mlp_bias=False)
-    return {
-        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
-                          "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
-                          "patch_size": v.patch_size, "num_channels": v.channels, "hidden_act": v.act
-                          if v.act == "quick_gelu" else _ACT_HF[v.act], "layer_norm_eps": v.norm_eps},
-        "text_config": text,
-        "image_token_index": int(model.image_token_id), "image_seq_length": tokens,
-        "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
-        "vision_feature_select_strategy": "default" if v.feature.tokens == "patches" else "full",
-        "projector_hidden_act": _ACT_HF[c.act], "multimodal_projector_bias": True,
-        "tie_word_embeddings": t.tie_embeddings,
-    }, (vis.name, con.name, lm.name)
-
+from vlmspec.runtime.weights.formats import VLMFormat, formats
 
 # the files `save_pretrained` writes for a tokenizer (whichever of them the model folder has); a chat
 # template of the tokenizer's is not copied: the exported one says how vlmspec lays prompts out
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
-_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
-
-
-def processor_configs(model: VisionLanguageModel, analysis: Analysis) -> dict[str, dict[str, Any]]:
-    """`preprocessor_config.json` (the image processor doing what the spec's image transform does: for
-    `fit = stretch` CLIPImageProcessor's exact resize to the encoder's size; for `crop` its shortest-edge
-    resize and centre crop; for `pad` LlavaImageProcessor's square of the mean colour first; then rescale
-    and normalise) and `processor_config.json` (LlavaProcessor)."""
-    (vis,) = analysis.ir.by_role("vision")
-    (fus,) = analysis.ir.by_role("fusion")
-    v = vis.config
-    s = v.image_size
-    fit = getattr(v, "fit", "stretch")
-    image = {"image_processor_type": "LlavaImageProcessor" if fit == "pad" else "CLIPImageProcessor",
-             "processor_class": "LlavaProcessor", "do_resize": True,
-             "size": {"height": s, "width": s} if fit == "stretch" else {"shortest_edge": s},
-             "resample": _RESAMPLE[v.resize], "do_center_crop": fit != "stretch",
-             "crop_size": {"height": s, "width": s}, "do_rescale": True,
-             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.mean), "image_std": list(v.std),
-             "do_convert_rgb": True}
-    if fit == "pad":
-        image["do_pad"] = True
-    processor = {"processor_class": "LlavaProcessor", "patch_size": v.patch_size,
-                 "vision_feature_select_strategy": "default" if v.feature.tokens == "patches" else "full",
-                 "num_additional_image_tokens": 1 if v.class_token else 0, "image_token": fus.config.image_token}
-    return {"preprocessor_config.json": image, "processor_config.json": processor}
 
 
 # A Jinja chat template that lays a conversation out as `Processor.encode_turns` does: bos, then per user
@@ -182,37 +101,102 @@ def generation_config(session: Any) -> dict[str, Any]:
     return {k: v for k, v in gen.items() if v is not None and v != []}
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir` in the LLaVA layout (config, weights, tokenizer, processor configs, chat template,
-    generation config); return it."""
+def writers() -> dict[str, VLMFormat]:
+    """Format name (its first `model_type`) -> format, for the formats that can be written."""
+    out: dict[str, VLMFormat] = {}
+    for fmt in formats().values():
+        if fmt.write is not None:
+            out.setdefault(fmt.model_types[0], fmt)
+    return out
+
+
+def _architecture(ir: ModelIR) -> str:
+    return ", ".join(f"{c.role} {c.kind}" for c in ir.components.values())
+
+
+def pick_format(ir: ModelIR, name: str | None = None) -> VLMFormat:
+    """The format a model is written in: `name` when given, else the first that claims the architecture."""
+    table = writers()
+    if name is not None:
+        if name not in table:
+            raise weights_error(EXPORT, f"export-hf: no format `{name}`", help="formats: " + ", ".join(table))
+        return table[name]
+    for fmt in table.values():
+        if fmt.claims is not None and fmt.claims(ir):
+            return fmt
+    raise weights_error(EXPORT, f"export-hf: no Hugging Face format holds this architecture ({_architecture(ir)})",
+                        help="formats written: " + "; ".join(f"{n} ({f.hf_class})" for n, f in table.items()))
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without the second name of a tied tensor (an LM head tied to the embedding): the
+    checkpoint stores it once and the config's `tie_word_embeddings` ties it again on load."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for key, t in state.items():
+        ident = (t.data_ptr(), tuple(t.shape))
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t
+    return out
+
+
+def checkpoint_tensors(session: Session, written: Any, fmt: str) -> dict[str, torch.Tensor]:
+    """Every component's tensors under the format's keys; E0586 for a tensor or component with no place."""
+    model = session.model
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.components.items():
+        state = _untied(module.state_dict())
+        layout = written.layouts.get(name)
+        if layout is None:
+            if state:
+                raise weights_error(EXPORT, f"export-hf: `{name}` ({len(state)} tensors) has no place in the {fmt} "
+                                    "layout", help="export a model whose components all map to the format's parts")
+            continue
+        out, unplaced = layout.bind(written.config).export(state)
+        if unplaced:
+            raise weights_error(EXPORT, f"export-hf: `{name}.{unplaced[0]}` has no place in the {fmt} layout"
+                                + (f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""),
+                                help="the format stores no such tensor: export a model without it")
+        for key, t in out.items():
+            if key in tensors:
+                raise weights_error(EXPORT, f"export-hf: two tensors map to `{key}` in the {fmt} layout")
+            tensors[key] = t.detach().contiguous().cpu()
+    return tensors
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path, fmt: str | None = None) -> Path:
+    """Write `out_dir` in the format that holds the model (or `fmt`): config, weights, tokenizer, processor
+    configs, chat template, generation config; return it."""
     from safetensors.torch import save_file
 
     session = load_session(model_dir)
-    model = session.model
-    config, (vis, con, lm) = llava_config(model, session.analysis)
+    chosen = pick_format(session.analysis.ir, fmt)
+    name = chosen.model_types[0]
+    written = chosen.write(session)  # type: ignore[misc]
+    tensors = checkpoint_tensors(session, written, name)
+    config = dict(written.config)
+    if tensors:
+        config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors: dict[str, torch.Tensor] = {}
-    prefixes = {vis: "vision_tower.", con: "multi_modal_projector.", lm: "language_model."}
-    tie = config["tie_word_embeddings"]
-    for comp, prefix in prefixes.items():
-        for k, t in model.components[comp].state_dict().items():
-            if tie and comp == lm and k == "lm_head.weight":
-                continue
-            tensors[prefix + k] = t.detach().contiguous().cpu()
-    dtype = next(iter(tensors.values())).dtype
-    config["dtype"] = str(dtype).removeprefix("torch.")
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     copied = [f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
-    for name in copied:
-        shutil.copyfile(Path(model_dir) / name, tmp / name)
+    for file in copied:
+        shutil.copyfile(Path(model_dir) / file, tmp / file)
+    for dest, src in written.copies.items():
+        if src.is_dir():
+            shutil.copytree(src, tmp / dest)
+        elif src.is_file():
+            shutil.copyfile(src, tmp / dest)
     if copied and session.tokenizer is not None:
-        configs = {**processor_configs(model, session.analysis), "generation_config.json": generation_config(session)}
-        for name, cfg in configs.items():
-            (tmp / name).write_text(json.dumps(cfg, indent=2))
+        files = {**written.files, "generation_config.json": generation_config(session)}
+        for file, cfg in files.items():
+            (tmp / file).write_text(json.dumps(cfg, indent=2))
         (tmp / "chat_template.jinja").write_text(chat_template(session.analysis))
     fsync_dir_files(tmp)
     replace_dir(tmp, out)

@@ -17,10 +17,11 @@ is that family, become `Fused` layouts that read each of our tensors as rows of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -58,6 +59,23 @@ class Layout:
     def shape(self, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape `convert` gives component key `key` from a checkpoint tensor of `shape`."""
         return shape
+
+    def unconvert(self, key: str, tensor: Tensor) -> Tensor:
+        """`convert`'s inverse: component key `key`'s tensor as the checkpoint stores it."""
+        return tensor
+
+    def export(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """A component's tensors under the checkpoint's keys (what `vlm export-hf` writes), and the
+        component keys no rule covers (the exporter refuses a model with any)."""
+        out: dict[str, Tensor] = {}
+        unplaced = []
+        for key, tensor in state.items():
+            theirs = self.to_checkpoint(key)
+            if theirs is None:
+                unplaced.append(key)
+            else:
+                out[theirs] = self.unconvert(key, tensor)
+        return out, unplaced
 
 
 def lay(*rules: tuple[str, str]) -> Layout:
@@ -120,6 +138,21 @@ class Fused(Layout):
         if rows is not None:
             tensor = tensor[rows[0]:rows[1]].clone()  # a copy: the fused tensor is not kept alive
         return self.inner.convert(key, tensor)  # type: ignore[union-attr]
+
+    def export(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """The inner layout's export, our row ranges concatenated back into the fused tensors (in row
+        order, which `bind` took from the config the exporter writes)."""
+        whole: dict[str, list[tuple[int, Tensor]]] = {}
+        rest: dict[str, Tensor] = {}
+        for key, tensor in state.items():
+            piece = self._piece(key)
+            if piece is None:
+                rest[key] = tensor
+            else:
+                whole.setdefault(piece[0], []).append((piece[2], tensor))
+        for fused_key, rows in whole.items():
+            rest[fused_key] = torch.cat([t for _, t in sorted(rows, key=lambda r: r[0])], dim=0)
+        return self.inner.export(rest)  # type: ignore[union-attr]
 
 
 def fused(layouts: tuple[Layout, ...], slices: Slices, sub_config: str | None = None) -> tuple[Layout, ...]:

@@ -1,13 +1,20 @@
 """What a whole-VLM checkpoint format declares: the `model_type` values it reads, its parts and their
-key layouts, which spec component reads which part, and the function that writes the spec text."""
+key layouts, which spec component reads which part, the function that writes the spec text, and (for
+`vlm export-hf`) the function that writes a spec-built model back in the format."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from vlmspec.runtime.weights.families import MultiFamily, lay
+from vlmspec.runtime.weights.errors import EXPORT, weights_error
+from vlmspec.runtime.weights.families import Layout, MultiFamily, lay
+
+if TYPE_CHECKING:
+    from vlmspec.compiler.ir import ModelIR
+    from vlmspec.runtime.session import Session
 
 # Where transformers keeps a VLM's language model: `language_model.model.*` in older saves,
 # `model.language_model.*` (with a top-level `lm_head`) since transformers 4.52.
@@ -19,11 +26,39 @@ Reader = Callable[[dict[str, Any], str], tuple[list[str], int | None]]
 
 
 @dataclass(frozen=True, slots=True)
+class Export:
+    """A spec-built model in a format: `config.json`, each component's key layout (bound to that config
+    by the exporter; the layout `save_pretrained` of the installed transformers writes, so an import ->
+    export round trip gives the same keys), the processor files (name -> JSON) and folders copied in
+    (name in the export -> source, e.g. InstructBLIP's `qformer_tokenizer/`)."""
+
+    config: dict[str, Any]
+    layouts: dict[str, Layout]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    copies: dict[str, Path] = field(default_factory=dict)
+
+
+# the built model -> the format's checkpoint; raises E0586 (`does_not_fit`) naming what does not fit
+Writer = Callable[["Session"], Export]
+
+
+@dataclass(frozen=True, slots=True)
 class VLMFormat:
     """One Hugging Face VLM layout. `components` maps the spec's component names (those `read` may
-    write) to the checkpoint's parts, so `import_hf` can report each component's key layout."""
+    write) to the checkpoint's parts, so `import_hf` can report each component's key layout. `claims`
+    says (from the architecture alone) whether a spec is this format's to export, and `write` exports
+    it; a format without `write` is import-only."""
 
     model_types: tuple[str, ...]
     family: MultiFamily
     components: dict[str, str]
     read: Reader
+    claims: Callable[[ModelIR], bool] | None = None
+    write: Writer | None = None
+    hf_class: str = ""
+
+
+def does_not_fit(cond: bool, fmt: str, what: str, hint: str) -> None:
+    """E0586 unless `cond`: one line naming what of the spec the format `fmt` cannot hold."""
+    if not cond:
+        raise weights_error(EXPORT, f"export-hf: {what} does not fit the {fmt} layout", help=hint)

@@ -3,12 +3,16 @@ Qwen2 / Phi-3 (a `llama`, its fused tensors split at load) or Phi-1/2 (`phi`) te
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
-from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
+from vlmspec.runtime.weights.formats.base import LLAVA_LM, Export, VLMFormat, does_not_fit
 from vlmspec.runtime.weights.hf_folder import image_fields
 from vlmspec.runtime.weights.spec_text import CONNECTOR_ACT, VISION_ACT, fields, language_block, need, tie
+
+if TYPE_CHECKING:
+    from vlmspec.compiler.ir import ModelIR
+    from vlmspec.runtime.session import Session
 
 
 def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
@@ -50,6 +54,107 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     ], int(config.get("image_token_index", config.get("image_token_id", 32000)))
 
 
+# ------------------------------------------------------------------ export
+
+#: vlmspec activation -> transformers' name (both the tower's and the projector's)
+ACT_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
+          "relu": "relu"}
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
+_HINT = "LLaVA is one CLIP-style `vit`, a 2-layer `mlp`, a `llama` and a causal `prefix` fusion, unquantized"
+
+
+def claims(ir: ModelIR) -> bool:
+    """An MLP connector into a prefix fusion: LLaVA's shape (what does not fit is then said by `write`)."""
+    return [c.kind for c in ir.by_role("connector")] == ["mlp"] and \
+        [c.kind for c in ir.by_role("fusion")] == ["prefix"]
+
+
+def _fit(cond: bool, what: str) -> None:
+    does_not_fit(cond, "LLaVA", what, _HINT)
+
+
+def llava_config(session: Session) -> dict[str, Any]:
+    """The `LlavaConfig` fields of a spec-built model (E0586 when it is not LLaVA-shaped)."""
+    analysis = session.analysis
+    ir = analysis.ir
+    by = {r: ir.by_role(r) for r in ("vision", "connector", "language", "fusion")}
+    _fit(all(len(v) == 1 for v in by.values()), "a model with other than one encoder, connector, LM and fusion")
+    vis, con, lm, fus = (by[r][0] for r in ("vision", "connector", "language", "fusion"))
+    v, c, t = vis.config, con.config, lm.config
+    _fit(vis.kind == "vit" and v.class_token and v.pre_norm and not v.patch_bias and v.position == "learned"
+         and not v.feature_norm
+         and v.resolution == "fixed" and not v.tiles and v.temporal_patch == 1, f"vision `{vis.name}` ({vis.kind})")
+    _fit(v.attn_bias and not v.global_layers and not v.tile_padding,
+         f"vision `{vis.name}` without attention biases or with global layers / tile padding")
+    _fit(c.layers == 2 and not c.norm and (c.hidden is None or c.hidden == t.width)
+         and list(con.sources) == [vis.name], f"connector `{con.name}` ({con.kind}, {c.layers} layers)")
+    _fit(lm.kind == "llama" and t.moe is None and not t.extra_vocab and t.rope == "default" and t.act == "silu",
+         f"language model `{lm.name}` ({lm.kind})")
+    _fit(not t.embed_extra, f"language model `{lm.name}` with embed_extra = {t.embed_extra}")
+    _fit(fus.config.prefix_attention == "causal", f"fusion `{fus.name}` with prefix_attention = "
+         f"{fus.config.prefix_attention}")
+    for comp in (vis, con, lm):
+        q = getattr(comp.config, "quantize", "none")
+        _fit(q == "none", f"`{comp.name}` with quantize = {q} (transformers would serve the unquantized weights)")
+    layers = list(v.feature.layers)
+    tokens = analysis.shapes.out[fus.name].tokens
+    text = {"model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab, "hidden_size": t.width,
+            "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
+            "num_key_value_heads": t.n_kv, "head_dim": t.hd, "max_position_embeddings": t.max_positions,
+            "rms_norm_eps": t.norm_eps, "rope_theta": t.rope_theta, "tie_word_embeddings": t.tie_embeddings,
+            "hidden_act": "silu"}
+    if not t.qkv_bias:
+        text.update(attention_bias=False, mlp_bias=False)
+    return {
+        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
+                          "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
+                          "patch_size": v.patch_size, "num_channels": v.channels, "hidden_act": ACT_HF[v.act],
+                          "layer_norm_eps": v.norm_eps},
+        "text_config": text,
+        "image_token_index": int(session.model.image_token_id), "image_seq_length": tokens,
+        "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
+        "vision_feature_select_strategy": "default" if v.feature.tokens == "patches" else "full",
+        "projector_hidden_act": ACT_HF[c.act], "multimodal_projector_bias": True,
+        "tie_word_embeddings": t.tie_embeddings,
+    }
+
+
+def processor_files(session: Session) -> dict[str, dict[str, Any]]:
+    """`preprocessor_config.json` (the image processor doing what the spec's image transform does: for
+    `fit = stretch` CLIPImageProcessor's exact resize to the encoder's size; for `crop` its shortest-edge
+    resize and centre crop; for `pad` LlavaImageProcessor's square of the mean colour first; then rescale
+    and normalise) and `processor_config.json` (LlavaProcessor)."""
+    (vis,) = session.analysis.ir.by_role("vision")
+    (fus,) = session.analysis.ir.by_role("fusion")
+    v = vis.config
+    s = v.image_size
+    fit = getattr(v, "fit", "stretch")
+    image = {"image_processor_type": "LlavaImageProcessor" if fit == "pad" else "CLIPImageProcessor",
+             "processor_class": "LlavaProcessor", "do_resize": True,
+             "size": {"height": s, "width": s} if fit == "stretch" else {"shortest_edge": s},
+             "resample": _RESAMPLE[v.resize], "do_center_crop": fit != "stretch",
+             "crop_size": {"height": s, "width": s}, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.mean), "image_std": list(v.std),
+             "do_convert_rgb": True}
+    if fit == "pad":
+        image["do_pad"] = True
+    processor = {"processor_class": "LlavaProcessor", "patch_size": v.patch_size,
+                 "vision_feature_select_strategy": "default" if v.feature.tokens == "patches" else "full",
+                 "num_additional_image_tokens": 1 if v.class_token else 0, "image_token": fus.config.image_token}
+    return {"preprocessor_config.json": image, "processor_config.json": processor}
+
+
+def write(session: Session) -> Export:
+    """The LLaVA checkpoint of a LLaVA-shaped model, in the layout transformers saves (`vision_tower.`,
+    `multi_modal_projector.`, `language_model.model.` / `language_model.lm_head.`)."""
+    config = llava_config(session)
+    ir = session.analysis.ir
+    (vis,), (con,), lm = ir.by_role("vision"), ir.by_role("connector"), ir.language
+    return Export(config, {vis.name: lay(("vision_tower.", "")), con.name: lay(("multi_modal_projector.", "")),
+                           lm.name: LLAVA_LM[0]}, processor_files(session))
+
+
 FORMAT = VLMFormat(
     model_types=("llava",),
     family=MultiFamily("llava", {
@@ -62,4 +167,7 @@ FORMAT = VLMFormat(
     }, {"vision": "vision", "connector": "projector", "language": "language"}),
     components={"clip": "vision", "siglip": "vision", "proj": "projector", "llm": "language"},
     read=read,
+    claims=claims,
+    write=write,
+    hf_class="LlavaForConditionalGeneration",
 )
