@@ -23,20 +23,24 @@ def answer(session: Session, prompts: Sequence[str], images: Sequence[Any] | Non
         raise user_error("E0505", f"{len(prompts)} prompts but {len(images)} images")
     stop_ids = session.facts.stop_ids
     model = session.model
-    outputs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i:i + batch_size])
-        imgs = list(images[i:i + batch_size]) if images is not None else None
-        batch = processor.generation_batch(chunk, imgs)
-        with torch.no_grad():
-            new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
-                                 num_beams=num_beams, eos_token_id=list(stop_ids), seed=seed)
-        for row in new.tolist():
-            kept = []
-            for t in row:
-                if t in stop_ids:
-                    break
-                kept.append(t)
-            outputs.append(processor.decode(kept))
-    return outputs
+    outputs: list[str | None] = [None] * len(prompts)
+    # a dynamic-resolution encoder batches images of one size at a time; the answers keep the prompts' order
+    groups = processor.size_groups(images) if images is not None else [list(range(len(prompts)))]
+    for group in groups:
+        for i in range(0, len(group), batch_size):
+            index = group[i:i + batch_size]
+            chunk = [prompts[j] for j in index]
+            imgs = [images[j] for j in index] if images is not None else None
+            batch = processor.generation_batch(chunk, imgs)
+            with torch.no_grad():
+                new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                     temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
+                                     num_beams=num_beams, eos_token_id=list(stop_ids), seed=seed)
+            for j, row in zip(index, new.tolist(), strict=True):
+                kept = []
+                for t in row:
+                    if t in stop_ids:
+                        break
+                    kept.append(t)
+                outputs[j] = processor.decode(kept)
+    return [o if o is not None else "" for o in outputs]

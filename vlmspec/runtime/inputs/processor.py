@@ -231,20 +231,43 @@ class Processor:
         enc = self.instruction_tokenizer(list(questions), padding=True, return_tensors="pt")
         return Instruction(enc["input_ids"], enc["attention_mask"])
 
+    @property
+    def image_transform(self) -> Any:
+        """One image -> what the model reads of it: at its own processor size for a dynamic-resolution
+        encoder (`NativeImageTransform`), else the encoder's fixed transform (None without an encoder)."""
+        return self.native if self.native is not None else self.transform
+
+    def image_tokens(self, pixels: Any) -> int:
+        """How many placeholder tokens one transformed image takes in the prompt (a native-size image
+        takes as many as its size makes; every other image the fusion's fixed count)."""
+        if self.native is None or not isinstance(pixels, torch.Tensor):
+            return self.tokens_per_image
+        h, w = pixels.shape[-2:]
+        side = self.native.size // self.native.factor
+        return self.tokens_per_image * (h // self.native.factor) * (w // self.native.factor) // (side * side)
+
+    def size_groups(self, images: Sequence[ImageInput]) -> list[list[int]]:
+        """Indices of `images` in groups one forward can take together: one group, except that a
+        dynamic-resolution encoder reads each image at its own size, and a batch holds one size."""
+        if self.native is None:
+            return [list(range(len(images)))]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(self.native(img).shape), []).append(i)
+        return list(groups.values())
+
     def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
         """Left-padded prompts (one image per prompt when images are given) for `model.generate`. A
         dynamic-resolution encoder reads each image at its processor's size (`NativeImageTransform`):
-        the images of one batch must come out the same size."""
+        the images of one batch must come out the same size (`size_groups` splits them)."""
         if images and self.native is not None:
             items = [self.native(i) for i in images]
             sizes = {tuple(x.shape[-2:]) for x in items}
             if len(sizes) > 1:
                 raise user_error("E0593", f"images of {len(sizes)} sizes in one batch ("
                                  + ", ".join(f"{w}x{h}" for h, w in sorted(sizes)) + "): this model reads each image "
-                                 "at its own size", help="generate for one image (or one size) at a time")
-            h, w = items[0].shape[-2:]
-            size = self.native.size // self.native.factor
-            tokens = self.tokens_per_image * (h // self.native.factor) * (w // self.native.factor) // (size * size)
+                                 "at its own size", help="batch the images of one size together (`size_groups`)")
+            tokens = self.image_tokens(items[0])
             input_ids, mask = self.left_pad([self.encode_prompt(q, 1, tokens) for q in questions])
             batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.stack(items)}
             instruction = self.instruction(questions)

@@ -224,7 +224,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_pixels = max_pixels
         self.stats = Stats()
-        self.images = ImageCache(self.processor.transform) if self.processor.transform is not None else None
+        self.images = ImageCache(self.processor.image_transform) if self.processor.transform is not None else None
         facts = session.facts
         self.stop_ids = set(facts.stop_ids)  # the token ids `inference.answer` stops at
         self.banned = facts.banned_id  # what `model.generate` never produces
@@ -283,7 +283,10 @@ class Engine:
     def _prepare(self, req: GenRequest) -> None:
         if req.image is not None and self.images is not None:
             req.pixels = self.images.get(req.image, self.stats, self.max_pixels)
-        req.ids = self.processor.encode_prompt(req.question, 1 if req.pixels is not None else 0)
+        if req.pixels is None:
+            req.ids = self.processor.encode_prompt(req.question, 0)
+        else:  # a native-size image (Qwen2-VL) takes as many tokens as its size makes
+            req.ids = self.processor.encode_prompt(req.question, 1, self.processor.image_tokens(req.pixels))
 
     # ------------------------------------------------------------ the decode thread
     def _serve_forever(self) -> None:
@@ -350,9 +353,15 @@ class Engine:
             self._flush()
 
     def _admit(self, reqs: list[GenRequest]) -> None:
-        """Prefill the arrivals (rows with and without an image separately: one forward cannot mix them)
-        and merge each prefilled group into a running batch it is compatible with."""
-        for group in ([r for r in reqs if r.pixels is not None], [r for r in reqs if r.pixels is None]):
+        """Prefill the arrivals (rows with and without an image separately, and native-size images one
+        size at a time: one forward cannot mix them) and merge each prefilled group into a running batch
+        it is compatible with (after prefill, rows of any image size decode together)."""
+        sized: dict[tuple[int, ...], list[GenRequest]] = {}
+        for r in reqs:
+            if r.pixels is not None:
+                key = tuple(r.pixels.shape) if self.processor.native is not None else ()
+                sized.setdefault(key, []).append(r)
+        for group in (*sized.values(), [r for r in reqs if r.pixels is None]):
             if not group:
                 continue
             try:
