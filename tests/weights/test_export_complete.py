@@ -145,6 +145,11 @@ def test_chat_template_yields_processor_ids(settings: str, tmp_path: Path) -> No
     ids = processor.apply_chat_template(turns, tokenize=True, return_dict=True)
     assert ids["input_ids"][0] == ours.encode_turns([("what shape is it?", "a green square"),
                                                      ("how many shapes?", "three")]).input_ids
+    # a conversation that goes on (what `vlm serve` sends the model), with a system message of its own
+    asked = [{"role": "system", "content": "Be terse."}, *turns[:3]]
+    ids = processor.apply_chat_template(asked, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert ids["input_ids"][0] == ours.encode_chat([("what shape is it?", "a green square")], "how many shapes?",
+                                                   system="Be terse.")
 
 
 @pytest.mark.parametrize("fit", ["crop", "pad"])

@@ -97,3 +97,84 @@ def test_vlm_eval_answers_as_transformers(folder, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())["samples"]
     assert [row["prediction"] for row in rows] == [want for _, _, want in cases]
+
+
+# ---------------------------------------------------------------- conversations: system message and history
+
+#: a two-turn conversation with a system message, the image in the first user message
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    {"role": "user", "content": [{"type": "text", "text": "And behind it?"}]},
+]
+
+
+def _openai(messages: list[dict], image: bytes) -> list[dict]:
+    """transformers' chat format -> an OpenAI request's messages (the image as a data URL)."""
+    from test_server import data_url
+
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": data_url(image)}} if c["type"] == "image" else c
+                       for c in content]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def test_vlm_serve_reads_the_system_message_and_history_as_transformers(tmp_path: Path) -> None:
+    """An imported LLaVA folder with its chat template: the whole conversation (system message, an
+    earlier turn) reaches the model, token for token as transformers' apply_chat_template + generate."""
+    from hf_tiny import llava
+    from PIL import Image
+    from test_import_folder import LLAVA_TEMPLATE, char_tokenizer
+
+    hf_dir = tmp_path / "hf"
+    llava(transformers, hf_dir, seed=7)  # a seed whose answers differ by conversation
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                resample=3)
+    transformers.LlavaProcessor(image_processor=images, tokenizer=char_tokenizer(), patch_size=8,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                chat_template=LLAVA_TEMPLATE).save_pretrained(str(hf_dir))
+    image = tmp_path / "wide.png"
+    Image.effect_noise((52, 30), 80).convert("RGB").save(image)
+    processor = transformers.AutoProcessor.from_pretrained(str(hf_dir))
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
+    wants = []
+    for convo in (CONVERSATION, CONVERSATION[1:], CONVERSATION[:2]):
+        hf_convo = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str)
+                    else {**m, "content": [{**c, "path": str(image)} if c["type"] == "image" else c
+                                           for c in m["content"]]} for m in convo]
+        inputs = processor.apply_chat_template(hf_convo, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+        wants.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert len(set(wants)) == 3  # the system message and the history change the answer
+
+    spec = tmp_path / "m.vlm"
+    assert runner.invoke(app, ["import-hf", str(hf_dir), "-o", str(spec)]).exit_code == 0
+    assert runner.invoke(app, ["build", str(spec), "-o", str(tmp_path / "built")]).exit_code == 0
+    with Server(create_app(load_session(tmp_path / "built"))) as s:
+        got = []
+        for convo in (CONVERSATION, CONVERSATION[1:], CONVERSATION[:2]):
+            body = {"model": "m", "messages": _openai(convo, image.read_bytes()), "max_tokens": NEW, "temperature": 0}
+            r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            got.append(r.json()["choices"][0]["message"]["content"].strip())
+        assert got == wants
+
+        # what the processor cannot lay out as the conversation says is refused, not approximated
+        png = image.read_bytes()
+        for messages, said in (
+            (_openai(CONVERSATION, png)[:3], "last message must be the user's"),
+            (_openai([CONVERSATION[1], CONVERSATION[3]], png), "two user messages in a row"),
+            (_openai([CONVERSATION[3], CONVERSATION[2], CONVERSATION[1]], png), "first user message"),
+            ([*_openai(CONVERSATION[1:2], png), {"role": "assistant", "content": "x"}, CONVERSATION[0],
+              CONVERSATION[3]], "before the conversation"),
+            ([{"role": "tool", "content": "x"}], "message role"),
+        ):
+            r = httpx.post(f"{s.url}/v1/chat/completions", json={"model": "m", "messages": messages}, timeout=60)
+            assert r.status_code == 400 and said in r.json()["error"]["message"], (said, r.text)

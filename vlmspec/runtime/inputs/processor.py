@@ -77,12 +77,17 @@ class Processor:
         self.eos_id = tokenizer.eos_token_id
 
     # ------------------------------------------------------------------ text
-    def _messages(self, turns: Sequence[tuple[str, str | None]], n_images: int) -> list[dict[str, Any]]:
+    def _system(self, system: str | None) -> str | None:
+        """The system text: a conversation's own (a chat request's system message) over the spec's."""
+        return system if system is not None else self.settings.system
+
+    def _messages(self, turns: Sequence[tuple[str, str | None]], n_images: int,
+                  system: str | None = None) -> list[dict[str, Any]]:
         """A conversation in transformers' chat format: the system text, then each question (the images
         before the first one's text) and answer (None: the turn awaits one)."""
         out: list[dict[str, Any]] = []
-        if self.settings.system:
-            out.append({"role": "system", "content": [{"type": "text", "text": self.settings.system}]})
+        if self._system(system):
+            out.append({"role": "system", "content": [{"type": "text", "text": self._system(system)}]})
         for k, (question, answer) in enumerate(turns):
             images = [{"type": "image"}] * (n_images if k == 0 else 0)
             out.append({"role": "user", "content": [*images, {"type": "text", "text": question}]})
@@ -115,10 +120,12 @@ class Processor:
         add = first and not (bos is not None and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
 
-    def prompt_text(self, question: str, n_images: int = 1, tokens: int | None = None) -> str:
+    def prompt_text(self, question: str, n_images: int = 1, tokens: int | None = None,
+                    system: str | None = None) -> str:
         """The prompt, each image as `tokens` placeholders (default: `tokens_per_image`)."""
         if self.settings.chat_template is not None:
-            return self.render(self._messages([(question, None)], n_images), add_generation_prompt=True, tokens=tokens)
+            return self.render(self._messages([(question, None)], n_images, system), add_generation_prompt=True,
+                               tokens=tokens)
         image = self.image_token * (tokens or self.tokens_per_image)
         template = self.settings.prompt
         images = "".join([image] * n_images)
@@ -127,27 +134,52 @@ class Processor:
         else:
             text = images + template
         text = text.replace("{q}", question)
-        if self.settings.system:
-            text = self.settings.system + "\n" + text
+        if self._system(system):
+            text = self._system(system) + "\n" + text
         return text
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_prompt(self, question: str, n_images: int = 1, tokens: int | None = None) -> list[int]:
+    def encode_prompt(self, question: str, n_images: int = 1, tokens: int | None = None,
+                      system: str | None = None) -> list[int]:
         if self.settings.chat_template is not None:
-            ids = self._template_ids(self.prompt_text(question, n_images, tokens), first=True)
+            ids = self._template_ids(self.prompt_text(question, n_images, tokens, system), first=True)
         else:
             # a prompt that names the BOS token places it itself (BLIP-2's and PaliGemma's processors put
             # the image tokens before it); else it goes in front
             bos = self.tokenizer.bos_token
             named = isinstance(bos, str) and bool(bos) and bos in self.settings.prompt
             ids = ([self.bos_id] if self.bos_id is not None and not named else []) + \
-                self._ids(self.prompt_text(question, n_images, tokens))
+                self._ids(self.prompt_text(question, n_images, tokens, system))
+        return self._fits(ids)
+
+    def _fits(self, ids: list[int]) -> list[int]:
         if len(ids) >= self.max_length:
             raise user_error("E0504", f"the prompt is {len(ids)} tokens but the model's context is {self.max_length}",
                              help="shorten the prompt")
         return ids
+
+    def encode_chat(self, turns: Sequence[tuple[str, str]], question: str, n_images: int = 1,
+                    tokens: int | None = None, system: str | None = None) -> list[int]:
+        """The prompt of a conversation that goes on: earlier (question, answer) turns, the images in the
+        first question, then `question` awaiting its answer; laid out as `encode_turns` lays out training
+        conversations (the chat template rendered whole, or `prompt` / `answer` turn by turn, each answer
+        ending with eos), with `system` (a chat request's system message) over the spec's."""
+        if not turns:
+            return self.encode_prompt(question, n_images, tokens, system)
+        if self.settings.chat_template is not None:
+            messages = self._messages([*turns, (question, None)], n_images, system)
+            return self._fits(self._template_ids(self.render(messages, True, tokens), first=True))
+        ids: list[int] = []
+        for k, (q, a) in enumerate(turns):
+            ids += self.encode_prompt(q, n_images, tokens, system) if k == 0 else \
+                self._ids(self.prompt_text(q, 0, system=system))
+            answer_ids = self._ids(self.settings.answer.replace("{a}", a))
+            if self.eos_id is not None and (not answer_ids or answer_ids[-1] != self.eos_id):
+                answer_ids.append(self.eos_id)
+            ids += answer_ids
+        return self._fits(ids + self._ids(self.prompt_text(question, 0, system=system)))
 
     def encode_example(self, question: str, answer: str, n_images: int = 1) -> Encoded:
         return self.encode_turns([(question, answer)], n_images)

@@ -1,7 +1,8 @@
 """`vlm serve`: an OpenAI-compatible HTTP API (Starlette under uvicorn) in front of the engine.
 
-    POST /v1/chat/completions   messages with `text` and `image_url` parts (data URLs; local files
-                                under --files-root), max_tokens, temperature, top_p, stop, seed, stream (SSE)
+    POST /v1/chat/completions   messages (a system message, earlier user / assistant turns, the last user
+                                message; `text` and `image_url` parts: data URLs, local files under
+                                --files-root), max_tokens, temperature, top_p, stop, seed, stream (SSE)
     GET  /v1/models             the model this server runs
     GET  /health                liveness
     GET  /metrics               Prometheus text format (batches = prefills of arrivals; decode steps and
@@ -94,15 +95,9 @@ def _image_bytes(url: str, cfg: ServeConfig) -> bytes:
     return target.read_bytes()
 
 
-def parse_chat(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenRequest, bool]:
-    """An OpenAI chat-completions body -> one generation request (the last user turn and its image)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("`messages` must be a non-empty list", "messages")
-    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    if not user:
-        raise BadRequest("`messages` has no user message", "messages")
-    content = user[-1].get("content")
+def _content(message: dict[str, Any], cfg: ServeConfig) -> tuple[str, list[bytes]]:
+    """A message's text parts (joined by newlines) and images."""
+    content = message.get("content")
     texts: list[str] = []
     images: list[bytes] = []
     if isinstance(content, str):
@@ -120,8 +115,56 @@ def parse_chat(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenRequest, bool
                 images.append(_image_bytes(url, cfg))
             else:
                 raise BadRequest(f"unsupported content part {kind!r}; use `text` and `image_url`", "messages")
-    else:
+    elif not (content is None and message.get("role") == "assistant"):
         raise BadRequest("message content must be a string or a list of parts", "messages")
+    return "\n".join(texts), images
+
+
+def _conversation(messages: list[Any], cfg: ServeConfig) -> tuple[str | None, list[tuple[str, str]], str, list[bytes]]:
+    """(system text, earlier (question, answer) turns, the last question, the images): the whole
+    conversation, laid out by the model's processor as its training conversations are. Refused rather
+    than laid out differently: a conversation not ending with a user message, two user (or assistant)
+    messages in a row, a system message after the first turn, an image outside the first user message."""
+    system: str | None = None
+    turns: list[tuple[str, str | None]] = []
+    images: list[bytes] = []
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "developer", "user", "assistant"):
+            raise BadRequest(f"message role {role!r}: use system, user and assistant", "messages")
+        text, found = _content(m, cfg)
+        if found and (role != "user" or turns):
+            raise BadRequest("images go in the first user message (the model reads them before the first "
+                             "question)", "messages")
+        images += found
+        if role in ("system", "developer"):
+            if turns:
+                raise BadRequest("a system message must come before the conversation", "messages")
+            system = text if system is None else system + "\n" + text
+        elif role == "user":
+            if turns and turns[-1][1] is None:
+                raise BadRequest("two user messages in a row: join them, or put the assistant's reply between",
+                                 "messages")
+            turns.append((text, None))
+        else:
+            if not turns or turns[-1][1] is not None:
+                raise BadRequest("an assistant message must answer a user message", "messages")
+            turns[-1] = (turns[-1][0], text)
+    if not turns:
+        raise BadRequest("`messages` has no user message", "messages")
+    if turns[-1][1] is not None:
+        raise BadRequest("the last message must be the user's (the model answers it)", "messages")
+    earlier = [(q, a) for q, a in turns[:-1] if a is not None]
+    return system, earlier, turns[-1][0], images
+
+
+def parse_chat(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenRequest, bool]:
+    """An OpenAI chat-completions body -> one generation request: the system message, the earlier turns,
+    the last user turn and the image."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list", "messages")
+    system, history, question, images = _conversation(messages, cfg)
     if len(images) > 1:
         raise BadRequest("one image per request is supported", "messages")
 
@@ -150,7 +193,8 @@ def parse_chat(body: dict[str, Any], cfg: ServeConfig) -> tuple[GenRequest, bool
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("`stream_options` must be an object", "stream_options")
-    req = GenRequest(question="\n".join(texts), image=images[0] if images else None, max_tokens=max_tokens,
+    req = GenRequest(question=question, image=images[0] if images else None, system=system, history=history,
+                     max_tokens=max_tokens,
                      temperature=number("temperature", 1.0, 0.0, 2.0), top_p=number("top_p", 1.0, 0.0, 1.0),
                      stop=stop, seed=seed)
     req.include_usage = bool((options or {}).get("include_usage", False))

@@ -54,6 +54,8 @@ class QueueFull(Exception):
 class GenRequest:
     question: str
     image: bytes | None
+    system: str | None = None  # the request's system message (None: the spec's `system`)
+    history: list[tuple[str, str]] = field(default_factory=list)  # earlier (question, answer) turns
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -283,10 +285,11 @@ class Engine:
     def _prepare(self, req: GenRequest) -> None:
         if req.image is not None and self.images is not None:
             req.pixels = self.images.get(req.image, self.stats, self.max_pixels)
+        p = self.processor
         if req.pixels is None:
-            req.ids = self.processor.encode_prompt(req.question, 0)
+            req.ids = p.encode_chat(req.history, req.question, 0, system=req.system)
         else:  # a native-size image (Qwen2-VL) takes as many tokens as its size makes
-            req.ids = self.processor.encode_prompt(req.question, 1, self.processor.image_tokens(req.pixels))
+            req.ids = p.encode_chat(req.history, req.question, 1, p.image_tokens(req.pixels), system=req.system)
 
     # ------------------------------------------------------------ the decode thread
     def _serve_forever(self) -> None:
