@@ -385,7 +385,8 @@ def build(
         task = progress.add_task(f"building {analysis.ir.name} on {device}")
         from vlmspec.runtime.session import build_session
 
-        session = build_session(analysis, tokenizer=tokenizer, device=device, seed=seed)
+        # the folder holds the weights unquantized: loading it applies the spec's `quantize`
+        session = build_session(analysis, tokenizer=tokenizer, device=device, seed=seed, quantize=output is None)
         model, report, tok = session.model, session.report, session.tokenizer
         n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         if output is not None and device != "meta":

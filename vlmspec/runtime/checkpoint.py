@@ -34,6 +34,10 @@ def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
     out: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for k, v in state.items():
+        if type(v) is not torch.Tensor and callable(getattr(v, "dequantize", None)):
+            # a quantized weight (torchao) is stored dequantized: a folder holds what `load_session` quantizes
+            # as the spec says, and int8 weight-only quantization of its own dequantized values is the same
+            v = v.dequantize()
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.device.type != "meta" else None
         if key is not None and key in kept:
             aliases[k] = kept[key]

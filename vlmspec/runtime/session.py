@@ -154,11 +154,13 @@ def load_tokenizers(analysis: Analysis, source: str | Path | None) -> tuple[Any 
 
 def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = None,
                   instruction_tokenizer: Any | None = None, device: str = "cpu", seed: int | None = None,
-                  dtype: torch.dtype | str | None = None) -> Session:
+                  dtype: torch.dtype | str | None = None, quantize: bool = True) -> Session:
     """The model a checked spec describes, its `weights` loaded, its tokenizer found; see the module docstring.
 
     tokenizer: a tokenizer object, or a folder (default: `tokenizer_source(analysis)`).
     seed: seeds the initialisation of the parameters no checkpoint provides.
+    quantize: apply the spec's `quantize` (False for a model about to be saved: a model folder holds the
+    weights unquantized, and `load_session` quantizes them as the spec says).
     """
     if tokenizer is None or isinstance(tokenizer, str | Path):
         source = tokenizer_source(analysis, tokenizer)
@@ -192,7 +194,7 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
         model, report = build_with_weights(analysis, image_token_id=image_id, device=device, dtype=dtype)
     else:
         model = build_model(analysis, image_token_id=image_id, device=device, dtype=dtype)
-    if device != "meta":
+    if device != "meta" and quantize:
         apply_quantization(model, analysis)
     return Session(analysis, model, tok, instruction_tokenizer, report, origin)
 
