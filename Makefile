@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build (a bare `torch` would pull a multi-GB CUDA wheel)
 	$(BIN)/pip install -q --disable-pip-version-check "torch>=2.13,<2.14"
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,export,eval]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,export,eval,lsp]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -50,6 +50,14 @@ CASES: dict[str, str] = {
                            "max_positions = 8 }\n"),
     "E0212": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 1"
                   + "0" * 150 + " * 1" + "0" * 150 + " }\n"),
+    "E0213": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "class_token = false  window = 20 }\n"),
+    "E0214": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "class_token = false  window = 16  full_layers = [2] }\n"),
+    "E0215": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "full_layers = [1] }\n"),
+    "E0216": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "window = 16 }\n"),
     # graph and fusion rules
     "E0301": spec(fusion="  fusion cross_attention(proj -> llm) { layers = [1, 5] }\n"),
     "E0302": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "

@@ -35,3 +35,11 @@ def test_every_command_in_the_readme_exists() -> None:
     for name in sorted(commands):
         r = runner.invoke(app, [*name.split(), "--help"])
         assert r.exit_code == 0, f"`vlm {name}` is in the README but does not exist"
+
+
+def test_format_table_is_current() -> None:
+    """docs/weights.md's formats x {import, export, tokenizer, chat template, processor} table is the one
+    the format modules give (each export claimed there is tested bit for bit in tests/weights/test_export_*)."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "format_table.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -45,7 +45,7 @@ def test_library_is_complete():
     names = {p.name for p in SPEC_FILES}
     expected = {
         "llava-1.5-7b.vlm", "llava-1.5-13b.vlm", "blip2-opt-2.7b.vlm", "instructblip-vicuna-7b.vlm",
-        "minigpt4-vicuna-7b.vlm", "idefics-9b.vlm", "llama-3.2-11b-vision.vlm", "qwen2-vl-2b.vlm",
+        "minigpt4-vicuna-7b.vlm", "idefics-9b.vlm", "llama-3.2-11b-vision.vlm", "qwen2-vl-2b.vlm", "qwen2.5-vl-7b.vlm",
         "cogvlm-17b.vlm", "moe-llava-phi2.vlm", "mobilevlm-1.7b.vlm", "paligemma-3b.vlm", "tinyllava-3.1b.vlm",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
@@ -265,6 +265,30 @@ def qwen2_vl(ir: ModelIR):
     return Qwen2VLForConditionalGeneration, cfg
 
 
+def qwen2_5_vl(ir: ModelIR):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    v, mg, lm = _one(ir, "vision"), _one(ir, "connector", "patch_merger"), _one(ir, "language")
+    assert v.position == "rope2d" and not v.class_token and not v.pre_norm and not v.post_norm
+    assert not v.patch_bias and v.norm == "rms" and v.gated_mlp and v.act == "silu"
+    assert mg.layers == 2 and mg.hidden in (None, v.width * mg.merge**2) and mg.norm == "rms"
+    assert lm.kind == "llama" and lm.qkv_bias and not isinstance(lm.rope, str)
+    text = dict(vocab_size=lm.vocab, hidden_size=lm.width, intermediate_size=lm.ffn, num_hidden_layers=lm.depth,
+                num_attention_heads=lm.heads, num_key_value_heads=lm.n_kv, max_position_embeddings=lm.max_positions,
+                tie_word_embeddings=lm.tie_embeddings,
+                rope_parameters=dict(rope_type="default", rope_theta=lm.rope_theta,
+                                     mrope_section=list(lm.rope.sections)),
+                bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    vision = dict(depth=v.depth, hidden_size=v.width, out_hidden_size=lm.width, intermediate_size=v.mlp_dim,
+                  num_heads=v.heads, in_channels=v.channels, patch_size=v.patch_size, hidden_act=v.act,
+                  spatial_merge_size=mg.merge, temporal_patch_size=v.temporal_patch, window_size=v.window,
+                  fullatt_block_indexes=list(v.full_layers))
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=lm.tie_embeddings,
+                           image_token_id=lm.vocab - 1, video_token_id=lm.vocab - 2,
+                           vision_start_token_id=lm.vocab - 3, vision_end_token_id=lm.vocab - 4)
+    return Qwen2_5_VLForConditionalGeneration, cfg
+
+
 def paligemma(ir: ModelIR):
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -299,6 +323,7 @@ PARITY = [
     Parity("idefics-9b.vlm:idefics_9b", idefics),
     Parity("llama-3.2-11b-vision.vlm:llama_3_2_11b_vision", mllama),
     Parity("qwen2-vl-2b.vlm:qwen2_vl_2b", qwen2_vl),
+    Parity("qwen2.5-vl-7b.vlm:qwen2_5_vl_7b", qwen2_5_vl),
     Parity("paligemma-3b.vlm:paligemma_3b", paligemma),
 ]
 CASES = [(p, tiny) for p in PARITY for tiny in (False, True)]

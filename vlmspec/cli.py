@@ -650,6 +650,16 @@ def evaluate(
         out.print(f"wrote {output}")
 
 
+# ---------------------------------------------------------------- lsp
+@command()
+def lsp() -> None:
+    """Run the language server for .vlm files on stdin/stdout (diagnostics, hover, completion, go to
+    definition, formatting); editors start it themselves, see docs/editors.md."""
+    from vlmspec.lsp import main as serve_lsp
+
+    serve_lsp()
+
+
 # ---------------------------------------------------------------- data
 data_app = typer.Typer(help="Datasets: generate the bundled synthetic one.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

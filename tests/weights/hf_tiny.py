@@ -195,3 +195,17 @@ def export_round_trip(hf_dir: Path, tmp: Path, *, fmt: str | None = None) -> tup
     differ = [k for k in theirs if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
     assert not differ, differ[:5]
     return built, back
+
+
+def noise_image(path: Path, size: tuple[int, int], sigma: float = 80.0, colour: bool = False) -> Path:
+    """A grey-noise (or `colour`-noise) RGB image of `size` (w, h), the same on every run: seeded by its size (PIL's
+    `effect_noise` draws from the C library's unseeded generator, so an image, and with it a test's
+    answers, depended on which tests ran before)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    rng = np.random.default_rng([w, h])
+    pixels = np.clip(128 + sigma * rng.standard_normal((h, w, 3) if colour else (h, w)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert("RGB").save(path)
+    return path

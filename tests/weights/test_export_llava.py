@@ -11,8 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_tiny import export_round_trip, llava  # noqa: E402
-from PIL import Image  # noqa: E402
+from hf_tiny import export_round_trip, llava, noise_image  # noqa: E402
 from test_import_folder import LLAVA_TEMPLATE, QUESTION, char_tokenizer, hf_generate, runner  # noqa: E402
 
 from vlmspec.cli import app  # noqa: E402
@@ -34,7 +33,7 @@ def test_llava_round_trips_and_the_export_answers_as_vlm_generate(tmp_path: Path
     model = transformers.AutoModelForImageTextToText.from_pretrained(str(back)).eval()
     for name, size in (("wide.png", (52, 30)), ("tall.png", (21, 47))):
         image = tmp_path / name
-        Image.effect_noise(size, 80).convert("RGB").save(image)
+        noise_image(image, size)
         r = runner.invoke(app, ["generate", str(built), "--image", str(image), "--prompt", QUESTION,
                                 "--max-new-tokens", "12"])
         assert r.exit_code == 0, r.output

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("PIL")
 
-from hf_tiny import loaded  # noqa: E402
+from hf_tiny import loaded, noise_image  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlmspec.compiler.compile import load_analysis  # noqa: E402
@@ -50,7 +50,7 @@ def test_exported_folder_runs_with_the_transformers_processor(tmp_path: Path) ->
     assert not (tmp_path / ".hf.tmp").exists()
 
     ours, processor = loaded(tmp_path / "vlm")
-    image = Image.effect_noise((40, 28), 60).convert("RGB")
+    image = Image.open(noise_image(tmp_path / "noise.png", (40, 28), sigma=60))
     question = "what colour is the circle?"
     ids = torch.tensor([processor.encode_prompt(question)])
     px = processor.transform(image)[None]

@@ -13,8 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_tiny import IMAGE_TOKEN, assert_sees_image, llava, loaded  # noqa: E402
-from PIL import Image  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, assert_sees_image, llava, loaded, noise_image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from vlmspec.cli import app  # noqa: E402
@@ -100,7 +99,7 @@ def test_llava_folder_generates_as_transformers(tmp_path: Path) -> None:
     gen = json.loads((hf_dir / "generation_config.json").read_text())
     (hf_dir / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, stop]}))
     image = tmp_path / "wide.png"
-    Image.effect_noise((52, 30), 80).convert("RGB").save(image)  # not square, not the model's 32 x 32
+    noise_image(image, (52, 30))  # not square, not the model's 32 x 32
 
     ours, spec = cli_generate(hf_dir, tmp_path, image, QUESTION, 12)
     assert "chat_template = " in spec and "kept as it is" in spec and 'fit = "crop"' in spec

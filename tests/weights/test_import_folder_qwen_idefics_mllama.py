@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
+import hf_tiny  # noqa: E402
 from hf_tiny import assert_sees_image, loaded  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_import_folder import char_tokenizer, cli_generate_each  # noqa: E402
@@ -44,8 +45,7 @@ def tokenizer_with(vocab: int, specials: dict[int, str], bos: str | None = "<s>"
 
 
 def noise_image(path: Path, size: tuple[int, int]) -> Path:
-    Image.effect_noise(size, 80).convert("RGB").save(path)
-    return path
+    return hf_tiny.noise_image(path, size)
 
 
 def cli_generate(hf_dir: Path, tmp: Path, images: list[Path], question: str, new: int) -> tuple[list[str], str]:

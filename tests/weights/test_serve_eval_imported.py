@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
+import hf_tiny  # noqa: E402
 from test_import_folder import runner  # noqa: E402
 from test_import_folder_qwen_idefics_mllama import QWEN_TEMPLATE, noise_image, qwen_reference, tokenizer_with  # noqa: E402
 from test_server import Server, chat_body  # noqa: E402
@@ -128,7 +129,6 @@ def test_vlm_serve_reads_the_system_message_and_history_as_transformers(tmp_path
     """An imported LLaVA folder with its chat template: the whole conversation (system message, an
     earlier turn) reaches the model, token for token as transformers' apply_chat_template + generate."""
     from hf_tiny import llava
-    from PIL import Image
     from test_import_folder import LLAVA_TEMPLATE, char_tokenizer
 
     hf_dir = tmp_path / "hf"
@@ -139,7 +139,7 @@ def test_vlm_serve_reads_the_system_message_and_history_as_transformers(tmp_path
                                 vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                 chat_template=LLAVA_TEMPLATE).save_pretrained(str(hf_dir))
     image = tmp_path / "wide.png"
-    Image.effect_noise((52, 30), 80).convert("RGB").save(image)
+    hf_tiny.noise_image(image, (52, 30))
     processor = transformers.AutoProcessor.from_pretrained(str(hf_dir))
     model = transformers.LlavaForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
     wants = []

@@ -667,8 +667,10 @@ def _strict_scalars(cls: type, values: dict[str, Any], spans: dict[tuple[str, ..
         options = set(getattr(ann, "__args__", (ann,)))
         if isinstance(value, BareName) and value == "none" and type(None) in options and not _allows(ann, "none"):
             values[name] = None
-        elif bool in options and not isinstance(value, bool) and not options & {int, float, str}:
-            sink.error("E0201", f"`{name}` must be `true` or `false` (got {_show(value)})", spans.get((name,)))
+        elif bool in options and not isinstance(value, bool) and not options & {int, float, str} \
+                and not (isinstance(value, str) and _allows(ann, value)):
+            allowed = ", ".join(f"`{v}`" for v in ("true", *_literals(ann)))
+            sink.error("E0201", f"`{name}` must be {allowed} or `false` (got {_show(value)})", spans.get((name,)))
             bad.add(name)
         elif options & {int, float} and not options & {str} and isinstance(value, str) and not _allows(ann, value):
             number = re.fullmatch(r"\s*-?\d+(\.\d*)?([eE]-?\d+)?\s*", value)
@@ -687,6 +689,12 @@ def _strict_scalars(cls: type, values: dict[str, Any], spans: dict[tuple[str, ..
             sink.error("E0201", f"`{name}` must be a number (got {_show(value)})", spans.get((name,)))
             bad.add(name)
     return bad
+
+
+def _literals(ann: Any) -> list[str]:
+    """The `Literal[...]` strings a field's type admits (`norm = rms` besides `true` / `false`)."""
+    args = getattr(ann, "__args__", ())
+    return [a for a in args if isinstance(a, str)] + [x for a in args if not isinstance(a, str) for x in _literals(a)]
 
 
 def _allows(ann: Any, literal: str) -> bool:

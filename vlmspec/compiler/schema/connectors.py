@@ -243,7 +243,9 @@ class PatchMerger(ConnectorBase):
     merge: int = Field(default=2, ge=1, description="merge an N x N block of patches into one token")  # type: ignore[assignment]
     layers: int = Field(default=2, ge=1, description="MLP layers after the merge")
     hidden: int | None = Field(default=None, gt=0, description="MLP hidden width (default: width x merge^2)")
-    norm: bool = Field(default=True, description="LayerNorm on each patch before merging")
+    norm: bool | Literal["layer", "rms"] = Field(default=True, description="normalisation of each patch before "
+                                                 "merging: LayerNorm (`true` or `layer`), RMSNorm with no bias "
+                                                 "(`rms`, Qwen2.5-VL) or none (`false`)")
     act: Act = Field(default="gelu", description="MLP activation")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
@@ -261,7 +263,7 @@ class PatchMerger(ConnectorBase):
         out = self.out_width(ctx, d)
         p = {"mlp": _mlp_params(d, self.hidden or d, out, self.layers)}
         if self.norm:
-            p["norm"] = layernorm(x.width)
+            p["norm"] = x.width if self.norm == "rms" else layernorm(x.width)
         return p
 
 

@@ -92,6 +92,15 @@ class ViTBase(ComponentSchema):
     tile_padding: int = Field(default=0, ge=0, description="pad each tile's tokens with zeros to a multiple of N that "
                               "real tokens attend to and padding does not (Llama 3.2 Vision: 8; needs `tiles`)")
     attn_bias: bool = Field(default=True, description="biases in the attention projections (Llama 3.2 Vision: none)")
+    norm: Literal["layer", "rms"] = Field(default="layer", description="the blocks' (and `pre_norm` / `post_norm`'s) "
+                                          "normalisation: LayerNorm, or RMSNorm with no bias (Qwen2.5-VL)")
+    gated_mlp: bool = Field(default=False, description="gated MLP `down(act(gate(x)) * up(x))`, all three biased, "
+                            "`mlp` wide (Qwen2.5-VL: with `act = silu`, SwiGLU)")
+    window: int = Field(default=0, ge=0, description="window attention: tokens attend within square windows of N "
+                        "pixels (N / patch_size patches a side, from the top-left; partial at the grid's edge), "
+                        "except in `full_layers` (Qwen2.5-VL: 112; 0: every layer attends over the whole image)")
+    full_layers: list[int] = Field(default=[], description="layers (0-based) that attend over the whole image despite "
+                                   "`window` (Qwen2.5-VL: [7, 15, 23, 31])")
     mean: list[float] = Field(default=CLIP_MEAN, min_length=1, description="per-channel normalisation mean")
     std: list[float] = Field(default=CLIP_STD, min_length=1, description="per-channel normalisation std")
     resize: Literal["bicubic", "bilinear", "nearest"] = Field(default="bicubic", description="resize filter")
@@ -142,11 +151,37 @@ class ViTBase(ComponentSchema):
             ctx.sink.error("E0201", f"fit = {self.fit} applies to a fixed square input; this encoder "
                            + ("tiles its images" if self.tiles else "reads images at their own resolution"),
                            ctx.span_of("fit"), help="remove `fit`")
+        self._check_window(ctx)
         for layer in self.feature.layers:
             if not (-(self.depth + 1) <= layer <= self.depth):
                 ctx.sink.error("E0208", f"feature layer {layer} is out of range for an encoder of depth {self.depth}",
                                ctx.span_of("feature"),
                                help=f"hidden states are numbered 0..{self.depth} (or -1..-{self.depth + 1} from the end)")
+
+    def _check_window(self, ctx: ShapeContext) -> None:
+        """Window attention is defined on a grid of whole patches with no class token or tiles; a full layer
+        names a real layer once, and only means something when there are windows."""
+        if self.window and self.window % self.patch_size:
+            lo = self.window // self.patch_size * self.patch_size
+            ctx.sink.error("E0213", f"window = {self.window} pixels is not a whole number of {self.patch_size}-pixel "
+                           "patches", ctx.span_of("window"),
+                           help=f"use window = {lo + self.patch_size}" + (f" or {lo}" if lo else ""))
+        bad = [i for i in self.full_layers if not 0 <= i < self.depth]
+        twice = sorted({i for i in self.full_layers if self.full_layers.count(i) > 1})
+        if bad or twice:
+            what = (f"layer {bad[0]} is not one of the {self.depth} layers" if bad
+                    else f"layer {twice[0]} is listed twice")
+            ctx.sink.error("E0214", f"full_layers: {what}", ctx.span_of("full_layers"),
+                           help=f"layers are numbered 0..{self.depth - 1}, each listed once")
+        if self.full_layers and not self.window:
+            ctx.sink.error("E0215", "full_layers without window attention: every layer already attends over the "
+                           "whole image", ctx.span_of("full_layers"),
+                           help="set `window` (in pixels), or drop `full_layers`")
+        if self.window and (self.class_token or self.tiles):
+            what = "a class token" if self.class_token else "tiles"
+            ctx.sink.error("E0216", f"window attention cuts a grid of patches into windows; this encoder has {what}",
+                           ctx.span_of("window"),
+                           help="set `class_token = false`" if self.class_token else "drop `tiles` or `window`")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         tokens = self.num_patches
@@ -171,10 +206,19 @@ class ViTBase(ComponentSchema):
         """Tile layouts (w x h with w * h <= tiles) that get an aspect-ratio embedding, as in Mllama."""
         return sum(self.tiles // a for a in range(1, self.tiles + 1))
 
-    def layer_params(self) -> int:
+    def norm_params(self) -> int:
+        """One normalisation layer: LayerNorm's weight and bias, or RMSNorm's weight alone."""
+        return self.width if self.norm == "rms" else layernorm(self.width)
+
+    def mlp_params(self) -> int:
+        """One block's MLP: fc1 / fc2, or gate / up / down when `gated_mlp`."""
         w, m = self.width, self.mlp_dim
+        return (2 if self.gated_mlp else 1) * linear(w, m) + linear(m, w)
+
+    def layer_params(self) -> int:
+        w = self.width
         attn = 4 * linear(w, w, self.attn_bias)
-        return attn + linear(w, m) + linear(m, w) + 2 * layernorm(w)
+        return attn + self.mlp_params() + 2 * self.norm_params()
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         w = self.width
@@ -189,17 +233,17 @@ class ViTBase(ComponentSchema):
             # aspect ratio (plus one padding row), each with a scalar tanh gate
             rows, positions = self.aspect_ratios + 1, self.num_patches + (1 if self.class_token else 0)
             out["tile_embeddings"] = rows * self.tiles * positions * w + 2 * rows * self.tiles * w + 3
-        norms = (layernorm(w) if self.pre_norm else 0) + (layernorm(w) if self.post_norm else 0)
+        norms = (int(self.pre_norm) + int(self.post_norm)) * self.norm_params()
         if norms:
             out["norms"] = norms
         return out
 
     def part_params(self, sub: str, parts: dict[str, int], llm: Any = None) -> int:
-        w, m = self.width, self.mlp_dim
+        w = self.width
         if sub == "attn":
             return self.depth * 4 * linear(w, w, self.attn_bias)
         if sub == "mlp":
-            return self.depth * (linear(w, m) + linear(m, w))
+            return self.depth * self.mlp_params()
         if sub == "norm":
             return parts.get("norms", 0)
         if sub == "embeddings":  # a tiled encoder's tile and tile-position embeddings sit with the patches'
@@ -260,10 +304,10 @@ class EVA(ViTBase):
                                "when `feature` selects them (as BLIP-2 reads it)")
 
     def layer_params(self) -> int:
-        w, m = self.width, self.mlp_dim
+        w = self.width
         # fused QKV whose bias is stored whole as [q_bias, 0, v_bias] (as in HF Blip2), then the output projection
         attn = linear(w, 3 * w) + linear(w, w)
-        return attn + linear(w, m) + linear(m, w) + 2 * layernorm(w)
+        return attn + self.mlp_params() + 2 * self.norm_params()
 
 
 def _divisors_hint(width: int, heads: int) -> str:

@@ -1,4 +1,4 @@
-"""`patch_merger`: Qwen2-VL's merger. LayerNorm per patch, each merge x merge block of patches
+"""`patch_merger`: Qwen2-VL's merger (RMSNorm in Qwen2.5-VL's: `norm = rms`). LayerNorm per patch, each merge x merge block of patches
 concatenated into one token, then an MLP. Keys: `ln_q`, `mlp.0`, `mlp.2` (Qwen2-VL's `PatchMerger`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from torch import nn
 
 from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.connectors import PatchMerger
-from vlmspec.runtime.blocks import VisualTokens, mlp_stack
+from vlmspec.runtime.blocks import RMSNorm, VisualTokens, mlp_stack
 from vlmspec.runtime.connectors.base import Connector, Instruction, space_to_depth
 from vlmspec.runtime.registry import BuildContext, register
 
@@ -19,7 +19,9 @@ class PatchMergerConnector(Connector):
         super().__init__(name, "concat")
         self.factor = cfg.merge
         merged = d * cfg.merge**2
-        self.ln_q = nn.LayerNorm(d, eps=1e-6) if cfg.norm else None
+        self.ln_q: nn.Module | None = None
+        if cfg.norm:
+            self.ln_q = RMSNorm(d, eps=1e-6) if cfg.norm == "rms" else nn.LayerNorm(d, eps=1e-6)
         self.mlp = nn.Sequential(*mlp_stack(merged, cfg.hidden or merged, out_width, cfg.layers, cfg.act))
 
     def project(self, x: VisualTokens, instruction: Instruction | None = None) -> VisualTokens:

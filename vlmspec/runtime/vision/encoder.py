@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from vlmspec.compiler.schema.vision import SigLIP, ViTBase
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import (
+    RMSNorm,
     Rotary,
     VisualTokens,
     activation,
@@ -87,6 +88,30 @@ class VisionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class GatedVisionMLP(nn.Module):
+    """`gated_mlp = true` (Qwen2.5-VL's SwiGLU): down(act(gate(x)) * up(x)), biased, keys `gate_proj`,
+    `up_proj`, `down_proj` as in the checkpoint."""
+
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = activation(act)
+        self.gate_proj = nn.Linear(width, hidden)
+        self.up_proj = nn.Linear(width, hidden)
+        self.down_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def vision_norm(cfg: ViTBase) -> nn.Module:
+    """The encoder's normalisation (`norm`): LayerNorm, or RMSNorm (statistics in float32) for Qwen2.5-VL."""
+    return RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+
+
+def vision_mlp(cfg: ViTBase) -> nn.Module:
+    return (GatedVisionMLP if cfg.gated_mlp else VisionMLP)(cfg.width, cfg.mlp_dim, cfg.act)
+
+
 class VisionLayer(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)); a gated one (Llama 3.2 Vision's
     global layers) scales each branch by tanh of its own scalar (`gate_attn`, `gate_ffn`)."""
@@ -95,9 +120,9 @@ class VisionLayer(nn.Module):
         super().__init__()
         w = cfg.width
         self.self_attn = EVAAttention(w, cfg.heads) if fused_qkv else VisionAttention(w, cfg.heads, cfg.attn_bias)
-        self.layer_norm1 = nn.LayerNorm(w, eps=cfg.norm_eps)
-        self.mlp = VisionMLP(w, cfg.mlp_dim, cfg.act)
-        self.layer_norm2 = nn.LayerNorm(w, eps=cfg.norm_eps)
+        self.layer_norm1 = vision_norm(cfg)
+        self.mlp = vision_mlp(cfg)
+        self.layer_norm2 = vision_norm(cfg)
         self.gated = gated
         if gated:
             self.gate_attn = nn.Parameter(torch.zeros(1))
@@ -247,6 +272,47 @@ class VisionRotary2d(nn.Module):
         return Rotary.of(cos[None, None], sin[None, None])
 
 
+class Windows:
+    """Window attention (`window`, Qwen2.5-VL): the grid cut into side x side windows from the top-left, those
+    at the bottom and right edges partial, each window one sequence of a batch of n * windows.
+
+    Qwen2.5-VL reorders the tokens window by window and attends within each run of them; attention does
+    not depend on the order of its tokens (each keeps its own rotary angle), so the same result comes from
+    gathering each window's tokens, padded to side^2 with keys no query may attend to, and scattering
+    them back after the layer. Costs O(tokens x side^2), not O(tokens^2) as a block-diagonal mask would.
+    """
+
+    def __init__(self, grid: tuple[int, int], side: int, n: int, rotary: Rotary | None, device: torch.device):
+        gh, gw = grid
+        tokens, rows, cols = gh * gw, -(-gh // side), -(-gw // side)
+        index = torch.full((rows * side, cols * side), tokens, dtype=torch.long, device=device)  # padding: `tokens`
+        index[:gh, :gw] = torch.arange(tokens, device=device).view(gh, gw)
+        self.index = index.view(rows, side, cols, side).transpose(1, 2).reshape(rows * cols, side * side)
+        flat = self.index.flatten()
+        self.where = torch.empty(tokens, dtype=torch.long, device=device)
+        self.where[flat[flat < tokens]] = torch.arange(flat.numel(), device=device)[flat < tokens]
+        self.n = n
+        padded = bool(gh % side or gw % side)
+        real = (self.index < tokens)[:, None, None, :]  # [windows x 1 x 1 x side^2]: keys that exist
+        self.mask = real.repeat(n, 1, 1, 1) if padded else None
+        self.rotary = None if rotary is None else Rotary(self._gather_table(rotary.cos, 1.0),
+                                                         self._gather_table(rotary.sin_signed, 0.0))
+
+    def _gather_table(self, table: Tensor, pad: float) -> Tensor:
+        """[1 x 1 x t x r] -> [(n * windows) x 1 x side^2 x r]; padding rows are the identity rotation."""
+        t = torch.cat([table[0, 0], torch.full_like(table[0, 0, :1], pad)])
+        return t[self.index][:, None].repeat(self.n, 1, 1, 1)
+
+    def split(self, x: Tensor) -> Tensor:
+        """[n x t x w] -> [(n * windows) x side^2 x w] (padding tokens are zeros)."""
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
+        return x[:, self.index].flatten(0, 1)
+
+    def join(self, x: Tensor) -> Tensor:
+        """[(n * windows) x side^2 x w] -> [n x t x w], the padding dropped."""
+        return x.reshape(self.n, -1, x.shape[-1])[:, self.where]
+
+
 class SiglipPoolHead(nn.Module):
     """SigLIP's attention-pooling head (a probe attends over the tokens). VLMs do not use it; it is
     built when `pool_head = true` so the parameters (and a checkpoint's keys) are there."""
@@ -291,11 +357,11 @@ class VisionEncoder(nn.Module):
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg, raw_params)
         if cfg.pre_norm:
-            self.pre_layrnorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)  # sic: Hugging Face's CLIP key
+            self.pre_layrnorm = vision_norm(cfg)  # sic: Hugging Face's CLIP key
         local = cfg.depth - cfg.global_layers
         self.encoder = Encoder([VisionLayer(cfg, fused_qkv, gated=i >= local) for i in range(cfg.depth)])
         if cfg.post_norm:
-            self.post_layernorm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+            self.post_layernorm = vision_norm(cfg)
         if isinstance(cfg, SigLIP) and cfg.pool_head:
             self.head = SiglipPoolHead(cfg)
         self.rotary = VisionRotary2d(cfg.width // cfg.heads) if cfg.position == "rope2d" else None
@@ -331,9 +397,13 @@ class VisionEncoder(nn.Module):
             linears = ({"attn.q": a.qkv, "attn.k": a.qkv, "attn.v": a.qkv, "attn.o": a.projection}
                        if isinstance(a, EVAAttention) else
                        {"attn.q": a.q_proj, "attn.k": a.k_proj, "attn.v": a.v_proj, "attn.o": a.out_proj})
-            linears.update({"mlp.fc1": layer.mlp.fc1, "mlp.fc2": layer.mlp.fc2})
             for target, linear in linears.items():
                 out.setdefault(target, []).append(linear)
+            mlp = layer.mlp
+            # a gated MLP's gate and up projections are both its first layer
+            first = [mlp.gate_proj, mlp.up_proj] if isinstance(mlp, GatedVisionMLP) else [mlp.fc1]
+            out.setdefault("mlp.fc1", []).extend(first)
+            out.setdefault("mlp.fc2", []).append(mlp.down_proj if isinstance(mlp, GatedVisionMLP) else mlp.fc2)
         return out
 
     @property
@@ -374,10 +444,16 @@ class VisionEncoder(nn.Module):
         if self.cfg.pre_norm:
             x = self.pre_layrnorm(x)
         rotary = self.rotary(grid, self.cfg.class_token, x.device) if self.rotary is not None else None
+        windows = Windows(grid, self.cfg.window // self.cfg.patch_size, x.shape[0], rotary, x.device) \
+            if self.cfg.window else None
+        full = set(self.cfg.full_layers)
         states = {0: x}
         last = max(self.selected)
         for i, layer in enumerate(self.encoder.layers[:last]):
-            x = layer(x, rotary)
+            if windows is not None and i not in full:
+                x = windows.join(layer(windows.split(x), windows.rotary, windows.mask))
+            else:
+                x = layer(x, rotary)
             states[i + 1] = x
         # SigLIP and EVA towers normalise their last hidden state (`feature_norm`); CLIP only its pooled token
         if self.cfg.feature_norm and self.cfg.post_norm and last == self.cfg.depth:

@@ -197,7 +197,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, fmt: str | None = None
         files = {**written.files, "generation_config.json": generation_config(session)}
         for file, cfg in files.items():
             (tmp / file).write_text(json.dumps(cfg, indent=2))
-        (tmp / "chat_template.jinja").write_text(chat_template(session.analysis))
+        (tmp / "chat_template.jinja").write_text(written.chat_template or chat_template(session.analysis))
     fsync_dir_files(tmp)
     replace_dir(tmp, out)
     return out

@@ -30,12 +30,16 @@ class Export:
     """A spec-built model in a format: `config.json`, each component's key layout (bound to that config
     by the exporter; the layout `save_pretrained` of the installed transformers writes, so an import ->
     export round trip gives the same keys), the processor files (name -> JSON) and folders copied in
-    (name in the export -> source, e.g. InstructBLIP's `qformer_tokenizer/`)."""
+    (name in the export -> source, e.g. InstructBLIP's `qformer_tokenizer/`). `chat_template`: the format's
+    own `chat_template.jinja` where its processor lays prompts out itself (BLIP-2 puts the image tokens
+    first, PaliGemma adds BOS and a newline), so that `apply_chat_template` yields vlmspec's ids; None:
+    the exporter's, written from the spec's settings."""
 
     config: dict[str, Any]
     layouts: dict[str, Layout]
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     copies: dict[str, Path] = field(default_factory=dict)
+    chat_template: str | None = None
 
 
 # the built model -> the format's checkpoint; raises E0586 (`does_not_fit`) naming what does not fit
@@ -56,9 +60,43 @@ class VLMFormat:
     claims: Callable[[ModelIR], bool] | None = None
     write: Writer | None = None
     hf_class: str = ""
+    # what the folder's processor is and how its prompts are laid out (docs/weights.md's format table)
+    processor: str = ""
+    chat_template: str = ""
 
 
 def does_not_fit(cond: bool, fmt: str, what: str, hint: str) -> None:
     """E0586 unless `cond`: one line naming what of the spec the format `fmt` cannot hold."""
     if not cond:
         raise weights_error(EXPORT, f"export-hf: {what} does not fit the {fmt} layout", help=hint)
+
+
+def unplaced_attribute(config: Any, carried: set[str], fixed: dict[str, Any] | None = None) -> str | None:
+    """`name = value` of the first attribute of a component's config that a format has no place for, else
+    None. Every attribute not `carried` into the format's config must hold the value the format fixes:
+    `fixed[name]`, else the kind's default. Checked against the schema's fields, so an attribute a kind
+    gains later is refused until a format carries it, never silently dropped."""
+    from vlmspec.compiler.schema.base import fmt_value
+
+    fixed = fixed or {}
+    for name, info in type(config).model_fields.items():
+        if name in carried:
+            continue
+        want = fixed[name] if name in fixed else info.get_default(call_default_factory=True)
+        value = getattr(config, name)
+        if value != want:
+            return f"{name} = {fmt_value(value)}"
+    return None
+
+
+def special_token_ids(session: Session) -> dict[str, Any]:
+    """The tokenizer's BOS and pad ids and the spec's stop ids (eos first) as a text config's
+    `bos_token_id` / `eos_token_id` / `pad_token_id`: what a format whose `generate` runs its language
+    model's own generation config (BLIP-2) stops at."""
+    tok = session.tokenizer
+    if tok is None:
+        return {}
+    stops = list(session.facts.stop_ids)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
+           "pad_token_id": tok.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}

@@ -1,14 +1,36 @@
 """BLIP-2 and InstructBLIP (`Blip2ForConditionalGeneration`, `InstructBlipForConditionalGeneration`):
-EVA vision tower, Q-Former (with instruction input for InstructBLIP), OPT / Llama text model."""
+EVA vision tower, Q-Former (with instruction input for InstructBLIP), OPT / Llama text model.
+
+Both processors lay the prompt out themselves: one image placeholder per query, then the tokenized text
+(its BOS after the placeholders); InstructBLIP's also gives the text to the Q-Former in its own (BERT)
+vocabulary. `vlm import-hf` writes that as `prompt = "{image}<s>{q}"`, and `vlm export-hf` writes a spec
+back only when its prompt is laid out so (see `write`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from vlmspec.runtime.weights.errors import EXPORT, weights_error
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
-from vlmspec.runtime.weights.formats.base import LLAVA_LM, VLMFormat
-from vlmspec.runtime.weights.hf_folder import image_fields
+from vlmspec.runtime.weights.formats.base import (
+    LLAVA_LM,
+    Export,
+    VLMFormat,
+    does_not_fit,
+    special_token_ids,
+    unplaced_attribute,
+)
+from vlmspec.runtime.weights.formats.llava import ACT_HF
+from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_fields
 from vlmspec.runtime.weights.spec_text import VISION_ACT, fields, language_block, need, tie
+
+if TYPE_CHECKING:
+    from vlmspec.compiler.ir import Component, ModelIR
+    from vlmspec.runtime.session import Session
 
 
 def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
@@ -53,6 +75,295 @@ def _family(mt: str) -> MultiFamily:
     }, {"vision": "vision", "connector": "qformer", "language": "language"})
 
 
+# ------------------------------------------------------------------ export
+
+#: the image placeholder the BLIP-2, InstructBLIP and PaliGemma processors use when the tokenizer names none
+HF_IMAGE_TOKEN = "<image>"
+#: vlmspec's resize filter -> PIL's code, as the image processors store it
+RESAMPLE_CODE = {name: code for code, name in RESAMPLE.items()}
+#: E0586 unless the condition holds: (condition, what of the spec does not fit)
+Fit = Callable[[bool, str], None]
+
+# attributes each config below carries; every other attribute must keep its kind's default (or the value
+# `fixed` names), see `unplaced_attribute`
+_EVA = {"image_size", "patch_size", "width", "depth", "heads", "mlp", "act", "norm_eps", "feature", "mean", "std",
+        "resize", "weights", "dtype"}
+# `merge` has one source to merge, `out` is the LM's width (the compiler checks), `embed_dim` serves `pretrain`
+_QFORMER = {"queries", "width", "depth", "heads", "mlp", "cross_every", "norm_eps", "text_vocab", "max_text", "merge",
+            "out", "embed_dim", "weights", "dtype"}
+_LM = {"width", "depth", "heads", "kv_heads", "head_dim", "ffn", "vocab", "max_positions", "tie_embeddings",
+       "weights", "tokenizer", "dtype"}
+# OPT: learned positions, so `rope_theta` is never read; `kv_heads` / `head_dim` are checked to be OPT's own
+_OPT = _LM | {"embed_dim", "act", "rope_theta"}
+_LLAMA = _LM | {"norm_eps", "rope_theta", "qkv_bias"}
+
+
+@dataclass(frozen=True, slots=True)
+class BlipFormat:
+    """What BLIP-2 and InstructBLIP write differently: names, and whether the Q-Former reads the instruction."""
+
+    name: str  # for messages
+    model_type: str
+    architecture: str
+    processor: str
+    vision_type: str
+    qformer_type: str
+    instruct: bool
+
+    def fit(self, cond: bool, what: str) -> None:
+        does_not_fit(cond, self.name, what, f"{self.name} is one `eva`, a `qformer` "
+                     f"{'with' if self.instruct else 'without'} `instruction`, an `opt` or `llama` and a causal "
+                     "`prefix` fusion, unquantized, the prompt laid out as its processor lays it")
+
+
+BLIP2 = BlipFormat("BLIP-2", "blip-2", "Blip2ForConditionalGeneration", "Blip2Processor", "blip_2_vision_model",
+                   "blip_2_qformer", instruct=False)
+INSTRUCTBLIP = BlipFormat("InstructBLIP", "instructblip", "InstructBlipForConditionalGeneration",
+                          "InstructBlipProcessor", "instructblip_vision_model", "instructblip_qformer", instruct=True)
+
+
+def _claims(ir: ModelIR, instruct: bool) -> bool:
+    """A Q-Former into a prefix fusion, reading the instruction or not: BLIP-2's or InstructBLIP's shape."""
+    connectors = ir.by_role("connector")
+    return [c.kind for c in connectors] == ["qformer"] and [f.kind for f in ir.by_role("fusion")] == ["prefix"] \
+        and bool(getattr(connectors[0].config, "instruction", False)) == instruct
+
+
+def claims_blip2(ir: ModelIR) -> bool:
+    return _claims(ir, instruct=False)
+
+
+def claims_instructblip(ir: ModelIR) -> bool:
+    return _claims(ir, instruct=True)
+
+
+def components(ir: ModelIR, fit: Fit) -> tuple[Component, Component, Component, Component]:
+    """(vision, connector, language, fusion): a BLIP-2, InstructBLIP or PaliGemma model has one of each."""
+    by = {r: ir.by_role(r) for r in ("vision", "connector", "language", "fusion")}
+    fit(len(ir.components) == 4 and all(len(v) == 1 for v in by.values()),
+        "a model with other than one encoder, connector, language model and fusion")
+    return by["vision"][0], by["connector"][0], by["language"][0], by["fusion"][0]
+
+
+def attributes(comp: Component, fit: Fit, carried: set[str], fixed: dict[str, Any] | None = None) -> None:
+    """E0586 naming the first attribute of `comp` the format's config has no place for."""
+    loose = unplaced_attribute(comp.config, carried, fixed)
+    fit(loose is None, f"{comp.role} `{comp.name}` with {loose}")
+
+
+def _vision(vis: Component, fmt: BlipFormat) -> dict[str, Any]:
+    """`vision_config`: an EVA tower whose last layer's tokens (class token and post-LayerNorm included)
+    the Q-Former reads, as `Blip2VisionModel`'s `last_hidden_state`."""
+    v = vis.config
+    fmt.fit(vis.kind == "eva", f"vision `{vis.name}` ({vis.kind})")
+    fmt.fit(list(v.feature.layers) in ([-1], [v.depth]) and v.feature.tokens == "all",
+            f"vision `{vis.name}` with feature = {v.feature.to_vlm()} (the Q-Former reads the last layer's tokens, "
+            "`layer(-1).all`)")
+    attributes(vis, fmt.fit, _EVA)
+    return {"model_type": fmt.vision_type, "hidden_size": v.width, "intermediate_size": v.mlp_dim,
+            "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "hidden_act": ACT_HF[v.act], "layer_norm_eps": v.norm_eps, "qkv_bias": True}
+
+
+def _qformer(con: Component, vis: Component, fmt: BlipFormat) -> dict[str, Any]:
+    """`qformer_config`: BLIP-2's Q-Former keeps a text feed-forward only with `use_qformer_text_input`;
+    InstructBLIP's always has one, and the instruction embeddings."""
+    c = con.config
+    fmt.fit(list(con.sources) == [vis.name], f"connector `{con.name}` reading {', '.join(con.sources)}")
+    carried = _QFORMER if fmt.instruct else _QFORMER | {"text_ffn"}
+    attributes(con, fmt.fit, carried, {"instruction": fmt.instruct, "text_ffn": True})
+    out = {"model_type": fmt.qformer_type, "vocab_size": c.text_vocab, "hidden_size": c.width,
+           "num_hidden_layers": c.depth, "num_attention_heads": c.heads, "intermediate_size": c.mlp,
+           "hidden_act": "gelu", "max_position_embeddings": c.max_text, "layer_norm_eps": c.norm_eps,
+           "cross_attention_frequency": c.cross_every, "encoder_hidden_size": vis.config.width}
+    if not fmt.instruct:
+        out["use_qformer_text_input"] = c.text_ffn
+    return out
+
+
+def _opt(lm: Component, fit: Fit) -> dict[str, Any]:
+    t = lm.config
+    fit(t.n_kv == t.heads and t.hd * t.heads == t.width,
+        f"language model `{lm.name}` with kv_heads = {t.n_kv}, head_dim = {t.hd} (OPT's heads split its width)")
+    attributes(lm, fit, _OPT)
+    return {"model_type": "opt", "vocab_size": t.vocab, "hidden_size": t.width, "num_hidden_layers": t.depth,
+            "ffn_dim": t.ffn, "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions,
+            "word_embed_proj_dim": t.embed_dim or t.width, "activation_function": t.act,
+            "do_layer_norm_before": True, "enable_bias": True, "layer_norm_elementwise_affine": True,
+            "tie_word_embeddings": t.tie_embeddings}
+
+
+def _llama(lm: Component, fit: Fit) -> dict[str, Any]:
+    """Llama (Vicuna), or Qwen2 for one with q/k/v biases."""
+    t = lm.config
+    attributes(lm, fit, _LLAMA)
+    text = {"model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab, "hidden_size": t.width,
+            "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
+            "num_key_value_heads": t.n_kv, "head_dim": t.hd, "max_position_embeddings": t.max_positions,
+            "rms_norm_eps": t.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+            "hidden_act": "silu", "tie_word_embeddings": t.tie_embeddings}
+    if not t.qkv_bias:
+        text.update(attention_bias=False, mlp_bias=False)
+    return text
+
+
+def _text(lm: Component, session: Session, fit: Fit) -> dict[str, Any]:
+    """`text_config`, with the tokenizer's ids: BLIP's `generate` runs the language model's own generation
+    config, made from this one."""
+    fit(lm.kind in ("opt", "llama"), f"language model `{lm.name}` ({lm.kind})")
+    text = _opt(lm, fit) if lm.kind == "opt" else _llama(lm, fit)
+    return {**text, **special_token_ids(session)}
+
+
+def prefix_fusion(fus: Component, con: Component, fit: Fit, attention: str, tokenizer: Any) -> None:
+    """A prefix fusion of the connector's tokens with the processors' own placeholder (`<image>`, unless the
+    tokenizer names another, which they then use) and the format's attention within the prompt."""
+    fit(fus.kind == "prefix" and list(fus.sources) == [con.name], f"fusion `{fus.name}` ({fus.kind})")
+    attributes(fus, fit, {"tokens"}, {"prefix_attention": attention, "image_token": HF_IMAGE_TOKEN})
+    named = getattr(tokenizer, "image_token", None)
+    fit(named in (None, HF_IMAGE_TOKEN), f"a tokenizer whose image_token is `{named}` (the fusion's is "
+        f"`{HF_IMAGE_TOKEN}`)")
+
+
+def adds_just_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS, and nothing else, in front of a text."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"] == [bos, *plain]
+
+
+def prompt_tail(session: Session, fit: Fit, what: str) -> str:
+    """What the spec's prompt lays out after the image placeholders and BOS (`{q}` for an imported one):
+    these processors put the placeholders first, BOS after them. No spec `chat_template`: the processor,
+    not a template, lays the prompt out."""
+    settings, bos = session.analysis.ir.settings, session.tokenizer.bos_token
+    fit(settings.chat_template is None, f"a spec `chat_template` ({what})")
+    prompt = settings.prompt if "{image}" in settings.prompt else "{image}" + settings.prompt
+    head = "{image}" + (bos or "")
+    fit(bool(bos) and prompt.startswith(head) and "{image}" not in prompt[len(head):],
+        f"prompt = {json.dumps(settings.prompt)} ({what})")
+    return prompt[len(head):]
+
+
+def _laid_out(session: Session, fmt: BlipFormat) -> str:
+    """The prompt after the placeholders and BOS, refused where the processor lays prompts out otherwise."""
+    what = "the processor puts the image placeholders first, then the tokenized text with its BOS"
+    tail = prompt_tail(session, fmt.fit, what)
+    fmt.fit(not session.analysis.ir.settings.system, f"`system` ({what})")
+    fmt.fit(adds_just_bos(session.tokenizer), f"a tokenizer that does not add just BOS in front of a text ({what})")
+    # the Q-Former reads the very text the language model reads: the question alone, as vlmspec gives it
+    fmt.fit(not fmt.instruct or tail == "{q}", f"prompt = {json.dumps(session.analysis.ir.settings.prompt)} "
+            f"(InstructBLIP's processor gives the Q-Former the language model's text: only `{{image}}BOS{{q}}` "
+            "gives it the question alone)")
+    return tail
+
+
+def fill(template: str, values: dict[str, Any]) -> str:
+    """A Jinja template with each `= NAME -` set to its value as a JSON literal (Jinja reads them alike)."""
+    for key, value in values.items():
+        template = template.replace(f"= {key} -", f"= {json.dumps(value, ensure_ascii=False)} -")
+    return template
+
+
+# `apply_chat_template`'s text for the BLIP processors, which put the image placeholders in front of it and
+# tokenize it with BOS (the first question without one: the tokenizer adds it); later questions carry the
+# prompt's BOS as vlmspec's `Processor` lays them out, and each answer ends with eos. A system message has
+# no place (the placeholders come first).
+_BLIP_TEMPLATE = """{#- written by `vlm export-hf`: the processor puts the image placeholders first -#}
+{%- set first = FIRST -%}
+{%- set later = LATER -%}
+{%- set answer = ANSWER -%}
+{%- set ns = namespace(first=true) -%}
+{%- for message in messages -%}
+{%- if message['content'] is string -%}
+{%- set parts = [{'type': 'text', 'text': message['content']}] -%}
+{%- else -%}
+{%- set parts = message['content'] or [] -%}
+{%- endif -%}
+{%- set text = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}
+{%- if message['role'] == 'user' -%}
+{{- (first if ns.first else later) | replace('{q}', text) -}}
+{%- set ns.first = false -%}
+{%- elif message['role'] == 'assistant' -%}
+{%- set reply = answer | replace('{a}', text) -%}
+{{- reply -}}
+{%- if eos_token is defined and eos_token and not reply.endswith(eos_token) -%}{{ eos_token }}{%- endif -%}
+{%- endif -%}
+{%- endfor -%}
+"""
+
+
+def _chat_template(session: Session, tail: str) -> str:
+    bos = session.tokenizer.bos_token
+    return fill(_BLIP_TEMPLATE, {"FIRST": tail, "LATER": bos + tail, "ANSWER": session.analysis.ir.settings.answer})
+
+
+def image_processor(vis: Component, processor: str, image_type: str) -> dict[str, Any]:
+    """`preprocessor_config.json`: a plain resize to the encoder's square size with its filter (the only
+    `fit` these processors have), then rescale and normalise with its mean and std."""
+    v = vis.config
+    s = v.image_size
+    return {"image_processor_type": image_type, "processor_class": processor, "do_resize": True,
+            "size": {"height": s, "width": s}, "resample": RESAMPLE_CODE[v.resize], "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.mean), "image_std": list(v.std),
+            "do_convert_rgb": True}
+
+
+def _instruction_tokenizer(session: Session) -> Path:
+    """The built folder's `qformer_tokenizer/`, which InstructBlipProcessor loads beside the tokenizer."""
+    tok = session.instruction_tokenizer
+    folder = Path(getattr(tok, "name_or_path", "") or "") if tok is not None else None
+    if folder is None or not folder.is_dir():
+        raise weights_error(EXPORT, "export-hf: the model folder has no `qformer_tokenizer/` (the Q-Former's "
+                            "tokenizer InstructBLIP's processor needs)",
+                            help="build the model from a checkpoint folder that has one, or save the Q-Former's "
+                            "tokenizer into MODEL_DIR/qformer_tokenizer")
+    return folder
+
+
+def image_token_id(session: Session, fit: Fit) -> int:
+    """The placeholder's id, which the config names (a model built without a tokenizer has none)."""
+    image_id = getattr(session.model, "image_token_id", None)
+    fit(image_id is not None, "a model without an image token id (built without a tokenizer)")
+    return int(image_id)
+
+
+def _write(session: Session, fmt: BlipFormat) -> Export:
+    """The checkpoint of a BLIP-shaped model, in the layout transformers saves (`vision_model.`,
+    `query_tokens` / `qformer.` / `language_projection.`, `language_model.model.` / `language_model.lm_head.`)."""
+    ir = session.analysis.ir
+    vis, con, lm, fus = components(ir, fmt.fit)
+    config = {"model_type": fmt.model_type, "architectures": [fmt.architecture],
+              "vision_config": _vision(vis, fmt), "qformer_config": _qformer(con, vis, fmt),
+              "text_config": _text(lm, session, fmt.fit), "num_query_tokens": con.config.queries,
+              "image_token_index": image_token_id(session, fmt.fit), "use_decoder_only_language_model": True,
+              "tie_word_embeddings": lm.config.tie_embeddings}
+    prefix_fusion(fus, con, fmt.fit, "causal", session.tokenizer)
+    layouts = {vis.name: lay(("vision_model.", "")), con.name: _family(fmt.model_type).parts["qformer"].layouts[0],
+               lm.name: LLAVA_LM[0]}
+    if session.tokenizer is None:  # no processor without a tokenizer: the exporter writes weights and config
+        return Export(config, layouts)
+    tail = _laid_out(session, fmt)
+    files = {"preprocessor_config.json": image_processor(vis, fmt.processor, "BlipImageProcessor"),
+             "processor_config.json": {"processor_class": fmt.processor, "num_query_tokens": con.config.queries}}
+    copies = {"qformer_tokenizer": _instruction_tokenizer(session)} if fmt.instruct else {}
+    return Export(config, layouts, files, copies, _chat_template(session, tail))
+
+
+def write_blip2(session: Session) -> Export:
+    return _write(session, BLIP2)
+
+
+def write_instructblip(session: Session) -> Export:
+    return _write(session, INSTRUCTBLIP)
+
+
 _COMPONENTS = {"eva": "vision", "qf": "qformer", "llm": "language"}
-FORMATS = (VLMFormat(("blip-2",), _family("blip-2"), _COMPONENTS, read),
-           VLMFormat(("instructblip",), _family("instructblip"), _COMPONENTS, read))
+_TEMPLATE_NOTE = ("none in the folder: the processor's layout (images, then BOS and text) becomes `prompt`; exported as a template that lays it out")
+FORMATS = (VLMFormat(("blip-2",), _family("blip-2"), _COMPONENTS, read, claims=claims_blip2, write=write_blip2,
+                     hf_class=BLIP2.architecture, processor="`Blip2Processor`: `BlipImageProcessor` (plain resize)",
+                     chat_template=_TEMPLATE_NOTE),
+           VLMFormat(("instructblip",), _family("instructblip"), _COMPONENTS, read, claims=claims_instructblip,
+                     write=write_instructblip, hf_class=INSTRUCTBLIP.architecture,
+                     processor="`InstructBlipProcessor`: `BlipImageProcessor` (plain resize), the Q-Former's tokenizer "
+                               "in `qformer_tokenizer/`", chat_template=_TEMPLATE_NOTE))

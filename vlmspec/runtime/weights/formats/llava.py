@@ -170,4 +170,6 @@ FORMAT = VLMFormat(
     claims=claims,
     write=write,
     hf_class="LlavaForConditionalGeneration",
+    processor='`LlavaProcessor`: `CLIPImageProcessor` (resize, centre crop) or `LlavaImageProcessor` (pad to a square)',
+    chat_template="kept (the spec's `chat_template`), or translated into `prompt` / `answer` / `system` where exact; exported",
 )
