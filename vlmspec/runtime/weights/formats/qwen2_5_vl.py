@@ -90,9 +90,9 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     merger = fields([("merge", merge), ("layers", 2), ("act", "gelu"), ("norm", "rms"),
                      ("weights", f"{folder}#merger")])
     tokens = (side // (patch * merge)) ** 2
-    note = (f"  # Images keep their own size inside [min_pixels, max_pixels]: `vlm generate` resizes each as Qwen2.5-VL's\n"
-            f"  # processor does (aspect ratio kept, sides multiples of {patch * merge}); training and `vlm serve` feed "
-            f"{side} x {side}\n  # ({tokens} tokens each), a size Qwen2.5-VL's processor keeps as it is.\n")
+    note = (f"  # Images keep their own size inside [min_pixels, max_pixels]: `vlm generate`, `vlm serve` and `vlm eval`\n"
+            f"  # resize each as Qwen2.5-VL's processor does (aspect ratio kept, sides multiples of {patch * merge}); training\n"
+            f"  # feeds {side} x {side} ({tokens} tokens each), a size Qwen2.5-VL's processor keeps as it is.\n")
     return [
         note + f"  vision vit = vit {{\n{fields(vision)}\n" + "".join(f"{r}\n" for r in raw_vision) + "  }",
         f"  connector merger = patch_merger(vit -> llm) {{\n{merger}\n  }}",
