@@ -25,6 +25,7 @@ from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.ir import ModelIR
 from vlmspec.fsutil import fsync_dir_files, replace_dir
 from vlmspec.runtime.session import Session, load_session
+from vlmspec.runtime.weights.chat_template import PROMPT_TURN, conversation_template
 from vlmspec.runtime.weights.errors import EXPORT, weights_error
 from vlmspec.runtime.weights.formats import VLMFormat, formats
 
@@ -34,43 +35,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt")
 
 
-# A Jinja chat template that lays a conversation out as `Processor.encode_turns` does: bos, then per user
-# message the spec's `system` + "\n" (a system message replaces it), then `prompt` with `{image}` -> one
-# image token per image part (the HF processor expands each to the image's tokens) and `{q}` -> the text
-# parts joined by "\n" (as `vlm serve` joins them); per assistant message `answer` with `{a}` -> its text,
-# then eos unless it already ends with it. The prompt already ends where the answer starts, so the
-# generation prompt adds nothing. Literals are JSON strings, which Jinja's string literals read alike.
-_CHAT_TEMPLATE = """{#- written by `vlm export-hf` from the spec's prompt, answer and system settings -#}
-{%- set prompt = PROMPT -%}
-{%- set answer = ANSWER -%}
-{%- set image_token = IMAGE -%}
-{%- set ns = namespace(system=SYSTEM) -%}
-{%- if bos_token is defined and bos_token -%}{{ bos_token }}{%- endif -%}
-{%- for message in messages -%}
-{%- if message['content'] is string -%}
-{%- set parts = [{'type': 'text', 'text': message['content']}] -%}
-{%- else -%}
-{%- set parts = message['content'] or [] -%}
-{%- endif -%}
-{%- set text = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}
-{%- if message['role'] == 'system' -%}
-{%- set ns.system = text -%}
-{%- elif message['role'] == 'user' -%}
-{%- set images = image_token * (parts | selectattr('type', 'equalto', 'image') | list | length) -%}
-{%- if ns.system -%}{{ ns.system ~ '\\n' }}{%- endif -%}
-{{- prompt | replace('{image}', images) | replace('{q}', text) -}}
-{%- elif message['role'] == 'assistant' -%}
-{%- set reply = answer | replace('{a}', text) -%}
-{{- reply -}}
-{%- if eos_token is defined and eos_token and not reply.endswith(eos_token) -%}{{ eos_token }}{%- endif -%}
-{%- endif -%}
-{%- endfor -%}
-"""
-
-
 def chat_template(analysis: Analysis) -> str:
-    """The spec's `chat_template` setting verbatim when it has one, else the template above filled in
-    with its `prompt` (images first when it has no `{image}`), `answer`, `system` and image token."""
+    """The spec's `chat_template` setting verbatim when it has one, else one that lays a conversation out as
+    `Processor.encode_turns` does: BOS, then per user message `Processor.prompt_text`'s layout (images
+    first when the prompt has no `{image}`), per answer `answer` and eos. The prompt already ends where the
+    answer starts, so the generation prompt adds nothing."""
     settings = analysis.ir.settings
     own = getattr(settings, "chat_template", None)
     if isinstance(own, str) and own:
@@ -78,12 +47,9 @@ def chat_template(analysis: Analysis) -> str:
     fusions = analysis.ir.by_role("fusion")
     image_token = fusions[0].config.image_token if fusions else "<image>"
     prompt = settings.prompt if "{image}" in settings.prompt else "{image}" + settings.prompt
-    literal = {"PROMPT": prompt, "ANSWER": settings.answer, "IMAGE": image_token}
-    system = json.dumps(settings.system, ensure_ascii=False) if settings.system else "none"
-    text = _CHAT_TEMPLATE.replace("namespace(system=SYSTEM)", f"namespace(system={system})")
-    for key, value in literal.items():
-        text = text.replace(f"= {key} -", f"= {json.dumps(value, ensure_ascii=False)} -")
-    return text
+    return conversation_template("from the spec's prompt, answer and system settings", PROMPT_TURN,
+                                 {"PROMPT": prompt, "ANSWER": settings.answer, "IMAGE_TOKEN": image_token},
+                                 system=settings.system, bos_first=True)
 
 
 def generation_config(session: Any) -> dict[str, Any]:

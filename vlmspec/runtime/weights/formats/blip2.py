@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlmspec.runtime.weights.chat_template import conversation_template
 from vlmspec.runtime.weights.errors import EXPORT, weights_error
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import (
@@ -258,44 +259,18 @@ def _laid_out(session: Session, fmt: BlipFormat) -> str:
     return tail
 
 
-def fill(template: str, values: dict[str, Any]) -> str:
-    """A Jinja template with each `= NAME -` set to its value as a JSON literal (Jinja reads them alike)."""
-    for key, value in values.items():
-        template = template.replace(f"= {key} -", f"= {json.dumps(value, ensure_ascii=False)} -")
-    return template
-
-
 # `apply_chat_template`'s text for the BLIP processors, which put the image placeholders in front of it and
 # tokenize it with BOS (the first question without one: the tokenizer adds it); later questions carry the
 # prompt's BOS as vlmspec's `Processor` lays them out, and each answer ends with eos. A system message has
 # no place (the placeholders come first).
-_BLIP_TEMPLATE = """{#- written by `vlm export-hf`: the processor puts the image placeholders first -#}
-{%- set first = FIRST -%}
-{%- set later = LATER -%}
-{%- set answer = ANSWER -%}
-{%- set ns = namespace(first=true) -%}
-{%- for message in messages -%}
-{%- if message['content'] is string -%}
-{%- set parts = [{'type': 'text', 'text': message['content']}] -%}
-{%- else -%}
-{%- set parts = message['content'] or [] -%}
-{%- endif -%}
-{%- set text = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}
-{%- if message['role'] == 'user' -%}
-{{- (first if ns.first else later) | replace('{q}', text) -}}
-{%- set ns.first = false -%}
-{%- elif message['role'] == 'assistant' -%}
-{%- set reply = answer | replace('{a}', text) -%}
-{{- reply -}}
-{%- if eos_token is defined and eos_token and not reply.endswith(eos_token) -%}{{ eos_token }}{%- endif -%}
-{%- endif -%}
-{%- endfor -%}
-"""
+_BLIP_TURN = """{{- (first if ns.first else later) | replace('{q}', text) -}}
+{%- set ns.first = false -%}"""
 
 
 def _chat_template(session: Session, tail: str) -> str:
     bos = session.tokenizer.bos_token
-    return fill(_BLIP_TEMPLATE, {"FIRST": tail, "LATER": bos + tail, "ANSWER": session.analysis.ir.settings.answer})
+    return conversation_template("the processor puts the image placeholders first", _BLIP_TURN,
+                                 {"FIRST": tail, "LATER": bos + tail, "ANSWER": session.analysis.ir.settings.answer})
 
 
 def image_processor(vis: Component, processor: str, image_type: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlmspec.runtime.weights.chat_template import PROMPT_TURN, conversation_template
 from vlmspec.runtime.weights.families import Layout, MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import (
     Export,
@@ -396,39 +397,10 @@ def processor_files(vis: Component) -> dict[str, dict[str, Any]]:
     return {"preprocessor_config.json": image, "processor_config.json": {"processor_class": "IdeficsProcessor"}}
 
 
-# `apply_chat_template`'s text for a spec without a chat template, which IdeficsProcessor gets split at each
-# `<image>` (as the import's wrapper assumes): per user message the spec's `system` + "\n", then its prompt
-# with `<fake>{image}<fake>` -> one `<image>` per image part (the processor puts BOS in front and the fake
-# tokens back around each image), `{q}` -> the text parts joined by "\n"; per assistant message `answer`,
-# then eos unless it already ends with it.
-_PROMPT_TEMPLATE = """{#- written by `vlm export-hf`: IdeficsProcessor adds BOS and the fake tokens around each image -#}
-{%- set prompt = PROMPT -%}
-{%- set answer = ANSWER -%}
-{%- set ns = namespace(system=SYSTEM) -%}
-{%- for message in messages -%}
-{%- if message['content'] is string -%}
-{%- set parts = [{'type': 'text', 'text': message['content']}] -%}
-{%- else -%}
-{%- set parts = message['content'] or [] -%}
-{%- endif -%}
-{%- set text = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}
-{%- if message['role'] == 'system' -%}
-{%- set ns.system = text -%}
-{%- elif message['role'] == 'user' -%}
-{%- set images = '<image>' * (parts | selectattr('type', 'equalto', 'image') | list | length) -%}
-{%- if ns.system -%}{{ ns.system ~ '\\n' }}{%- endif -%}
-{{- prompt | replace('{image}', images) | replace('{q}', text) -}}
-{%- elif message['role'] == 'assistant' -%}
-{%- set reply = answer | replace('{a}', text) -%}
-{{- reply -}}
-{%- if eos_token is defined and eos_token and not reply.endswith(eos_token) -%}{{ eos_token }}{%- endif -%}
-{%- endif -%}
-{%- endfor -%}
-"""
-
-
 def _from_prompt(session: Session) -> str:
-    """The template of a spec without one. Its prompt must put each image as IdeficsProcessor does: BOS
+    """The template of a spec without one, for IdeficsProcessor to get split at each `<image>` (as the
+    import's wrapper assumes): `prompt` with `<fake>{image}<fake>` -> one `<image>` per image part (the
+    processor puts BOS in front and the fake tokens back). Its prompt must put each image as IdeficsProcessor does: BOS
     first (IdeficsProcessor's own), `<fake>{image}<fake>` once, and no spaces next to the image or at the
     ends, which the processor strips. (IdeficsProcessor puts the fake tokens only around an image, and one
     between adjacent images: a prompt with no image or several differs from the spec's `<fake>{image}<fake>`.)"""
@@ -442,12 +414,9 @@ def _from_prompt(session: Session) -> str:
          "spaces; ", 1))
     _fit(not (settings.system or "").startswith(" "), "a `system` that starts with a space (IdeficsProcessor "
          "strips it)")
-    values = {"PROMPT": prompt, "ANSWER": settings.answer}
-    text = _PROMPT_TEMPLATE.replace("namespace(system=SYSTEM)", "namespace(system="
-                                    f"{json.dumps(settings.system, ensure_ascii=False) if settings.system else 'none'})")
-    for key, value in values.items():
-        text = text.replace(f"= {key} -", f"= {json.dumps(value, ensure_ascii=False)} -")
-    return text
+    return conversation_template("IdeficsProcessor adds BOS and the fake tokens around each image", PROMPT_TURN,
+                                 {"PROMPT": prompt, "ANSWER": settings.answer, "IMAGE_TOKEN": "<image>"},
+                                 system=settings.system)
 
 
 def chat_template(session: Session) -> str:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from vlmspec.runtime.weights.chat_template import conversation_template
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats.base import LLAVA_LM, Export, VLMFormat, does_not_fit, special_token_ids
 from vlmspec.runtime.weights.formats.blip2 import (
     HF_IMAGE_TOKEN,
     attributes,
     components,
-    fill,
     image_processor,
     image_token_id,
     prefix_fusion,
@@ -140,35 +140,12 @@ def _text(lm: Component, session: Session) -> dict[str, Any]:
 # `apply_chat_template`'s text for PaliGemmaProcessor, which puts BOS after the last image placeholder and a
 # newline at the end: per question the system text, its images, BOS (the first question's comes from the
 # processor), the prompt's text and (before a later turn) its newline; per answer the spec's `answer`, then eos.
-_TEMPLATE = """{#- written by `vlm export-hf`: the processor adds BOS after the images and the final newline -#}
-{%- set middle = MIDDLE -%}
-{%- set answer = ANSWER -%}
-{%- set image_token = IMAGE -%}
-{%- set system = SYSTEM -%}
-{%- set ns = namespace(first=true, system=system) -%}
-{%- for message in messages -%}
-{%- if message['content'] is string -%}
-{%- set parts = [{'type': 'text', 'text': message['content']}] -%}
-{%- else -%}
-{%- set parts = message['content'] or [] -%}
-{%- endif -%}
-{%- set text = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}
-{%- if message['role'] == 'system' -%}
-{%- set ns.system = text -%}
-{%- elif message['role'] == 'user' -%}
-{%- if ns.system -%}{{ ns.system ~ '\\n' }}{%- endif -%}
-{{- image_token * (parts | selectattr('type', 'equalto', 'image') | list | length) -}}
+_TURN = """{%- if ns.system -%}{{ ns.system ~ '\\n' }}{%- endif -%}
+{{- image_token * n_images -}}
 {%- if not ns.first -%}{{ bos_token }}{%- endif -%}
 {{- middle | replace('{q}', text) -}}
 {%- if not loop.last -%}{{ '\\n' }}{%- endif -%}
-{%- set ns.first = false -%}
-{%- elif message['role'] == 'assistant' -%}
-{%- set reply = answer | replace('{a}', text) -%}
-{{- reply -}}
-{%- if eos_token is defined and eos_token and not reply.endswith(eos_token) -%}{{ eos_token }}{%- endif -%}
-{%- endif -%}
-{%- endfor -%}
-"""
+{%- set ns.first = false -%}"""
 
 
 def _middle(session: Session) -> str:
@@ -182,8 +159,9 @@ def _middle(session: Session) -> str:
 
 def _chat_template(session: Session, middle: str) -> str:
     settings = session.analysis.ir.settings
-    return fill(_TEMPLATE, {"MIDDLE": middle, "ANSWER": settings.answer, "IMAGE": HF_IMAGE_TOKEN,
-                            "SYSTEM": settings.system or ""})
+    return conversation_template("the processor adds BOS after the images and the final newline", _TURN,
+                                 {"MIDDLE": middle, "ANSWER": settings.answer, "IMAGE_TOKEN": HF_IMAGE_TOKEN},
+                                 system=settings.system or None)
 
 
 def write(session: Session) -> Export:
