@@ -186,27 +186,38 @@ def qwen_reference(images, tok, image: Path, question: str, merge: int):
     return {**enc, **px, "mm_token_type_ids": (enc["input_ids"] == 100).int()}
 
 
-def test_qwen2_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
+def qwen_folder(hf_dir: Path, max_pixels: int = 64 * 64):
+    """Complete a Qwen2-VL / Qwen2.5-VL checkpoint folder saved by the test: a character tokenizer with
+    Qwen's special tokens and chat template (no BOS, `<|im_end|>` its eos), `Qwen2VLImageProcessor`
+    between 32 x 32 and `max_pixels` (mean / std of its own), and a generation config that stops at
+    `<|im_end|>`. Returns (tokenizer, image processor)."""
     import json
 
-    from test_parity_qwen2_vl import END, IMG, MERGE, PATCH, START, TEMPORAL, hf_pixels, qwen2_vl
+    from test_parity_qwen2_vl import END, IMG, MERGE, PATCH, START, TEMPORAL
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    hf_dir = tmp_path / "hf"
-    hf = qwen2_vl(hf_dir, seed=2)
     tok = tokenizer_with(127, {IMG: "<|image_pad|>", 101: "<|video_pad|>", START: "<|vision_start|>",
                                END: "<|vision_end|>", 104: "<|im_start|>", 105: "<|im_end|>"}, bos=None,
                          eos="<|im_end|>")
     tok.chat_template = QWEN_TEMPLATE
     tok.save_pretrained(str(hf_dir))
-    images = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=PATCH, merge_size=MERGE,
+    images = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=max_pixels, patch_size=PATCH, merge_size=MERGE,
                                       temporal_patch_size=TEMPORAL, image_mean=[0.5, 0.4, 0.3],
                                       image_std=[0.2, 0.3, 0.4])
-    (hf_dir / "preprocessor_config.json").unlink()
+    (hf_dir / "preprocessor_config.json").unlink(missing_ok=True)
     images.save_pretrained(str(hf_dir))
     gen = json.loads((hf_dir / "generation_config.json").read_text())
     (hf_dir / "generation_config.json").write_text(json.dumps({**gen, "bos_token_id": None, "eos_token_id": 105,
                                                                "pad_token_id": 3}))
+    return tok, images
+
+
+def test_qwen2_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
+    from test_parity_qwen2_vl import IMG, MERGE, hf_pixels, qwen2_vl
+
+    hf_dir = tmp_path / "hf"
+    hf = qwen2_vl(hf_dir, seed=2)
+    tok, images = qwen_folder(hf_dir)
     wide = noise_image(tmp_path / "wide.png", (90, 40))  # -> 32 x 96: 2 x 6 tokens
     tall = noise_image(tmp_path / "tall.png", (30, 52))  # -> 48 x 32: 3 x 2 tokens
 

@@ -155,29 +155,11 @@ def test_qwen2_5_vl_windows_matter(tmp_path):
 
 def test_qwen2_5_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
     from hf_tiny import noise_image
-    from test_import_folder_qwen_idefics_mllama import (
-        QUESTION,
-        QWEN_TEMPLATE,
-        cli_generate,
-        qwen_reference,
-        tokenizer_with,
-    )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from test_import_folder_qwen_idefics_mllama import QUESTION, cli_generate, qwen_folder, qwen_reference
 
     hf_dir = tmp_path / "hf"
     hf = qwen2_5_vl(hf_dir, seed=2, pre=False)
-    tok = tokenizer_with(127, {IMG: "<|image_pad|>", 101: "<|video_pad|>", START: "<|vision_start|>",
-                               END: "<|vision_end|>", 104: "<|im_start|>", 105: "<|im_end|>"}, bos=None,
-                         eos="<|im_end|>")
-    tok.chat_template = QWEN_TEMPLATE
-    tok.save_pretrained(str(hf_dir))
-    images = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=96 * 96, patch_size=PATCH, merge_size=MERGE,
-                                      temporal_patch_size=TEMPORAL, image_mean=[0.5, 0.4, 0.3],
-                                      image_std=[0.2, 0.3, 0.4])
-    images.save_pretrained(str(hf_dir))
-    gen = json.loads((hf_dir / "generation_config.json").read_text())
-    (hf_dir / "generation_config.json").write_text(json.dumps({**gen, "bos_token_id": None, "eos_token_id": 105,
-                                                               "pad_token_id": 3}))
+    tok, images = qwen_folder(hf_dir, max_pixels=96 * 96)
     wide = noise_image(tmp_path / "wide.png", (120, 50), colour=True)  # -> 48 x 128: 6 x 16 patches, windows cut
     tall = tmp_path / "tall.png"  # -> 96 x 48: 12 x 6 patches; a colour gradient, unlike the noise
     Image.fromarray((np.stack([*np.meshgrid(np.linspace(0, 255, 40), np.linspace(255, 0, 90)), np.full((90, 40), 60.0)],
@@ -205,7 +187,7 @@ def test_qwen2_5_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
 
     (tmp_path / "export").mkdir()
     _, back = export_round_trip(hf_dir, tmp_path / "export")
-    again = Qwen2VLImageProcessorPil.from_pretrained(str(back))
+    again = type(images).from_pretrained(str(back))
     tok_back = transformers.AutoTokenizer.from_pretrained(str(back))
     redo = qwen_reference(again, tok_back, tall, QUESTION, MERGE)
     assert redo["input_ids"].tolist() == inputs["input_ids"].tolist()

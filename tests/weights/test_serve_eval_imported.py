@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
 import hf_tiny  # noqa: E402
 from test_import_folder import runner  # noqa: E402
-from test_import_folder_qwen_idefics_mllama import QWEN_TEMPLATE, noise_image, qwen_reference, tokenizer_with  # noqa: E402
+from test_import_folder_qwen_idefics_mllama import noise_image, qwen_folder, qwen_reference  # noqa: E402
 from test_server import Server, chat_body  # noqa: E402
 
 from vlmspec.cli import app  # noqa: E402
@@ -35,25 +35,12 @@ NEW = 10
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> tuple[Path, list[tuple[Path, str, str]]]:
     """(built folder, [(image, question, transformers' answer)]) for a tiny Qwen2-VL folder."""
-    from test_parity_qwen2_vl import END, IMG, MERGE, PATCH, START, TEMPORAL, qwen2_vl
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from test_parity_qwen2_vl import IMG, MERGE, qwen2_vl
 
     tmp = tmp_path_factory.mktemp("qwen")
     hf_dir = tmp / "hf"
     qwen2_vl(hf_dir, seed=2)
-    tok = tokenizer_with(127, {IMG: "<|image_pad|>", 101: "<|video_pad|>", START: "<|vision_start|>",
-                               END: "<|vision_end|>", 104: "<|im_start|>", 105: "<|im_end|>"}, bos=None,
-                         eos="<|im_end|>")
-    tok.chat_template = QWEN_TEMPLATE
-    tok.save_pretrained(str(hf_dir))
-    images = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=PATCH, merge_size=MERGE,
-                                      temporal_patch_size=TEMPORAL, image_mean=[0.5, 0.4, 0.3],
-                                      image_std=[0.2, 0.3, 0.4])
-    (hf_dir / "preprocessor_config.json").unlink()
-    images.save_pretrained(str(hf_dir))
-    gen = json.loads((hf_dir / "generation_config.json").read_text())
-    (hf_dir / "generation_config.json").write_text(json.dumps({**gen, "bos_token_id": None, "eos_token_id": 105,
-                                                               "pad_token_id": 3}))
+    tok, images = qwen_folder(hf_dir)
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
     cases = []
     for i, size in enumerate([(90, 40), (30, 52), (90, 40), (30, 52)]):  # two sizes, two questions each
