@@ -137,14 +137,25 @@ def test_qwen2_5_vl_vision_tokens_match(tmp_path, size):
 
 def test_qwen2_5_vl_windows_matter(tmp_path):
     """Without its windows (every layer global) the tower gives other tokens, by far more than the 1e-5
-    the test above allows: it sees whether the windows are right."""
-    hf = qwen2_5_vl(tmp_path / "hf")
-    _, _, mapping = imported(tmp_path / "hf", tmp_path)
+    the test above allows: it sees whether the windows are right. A spec that drops them from the
+    checkpoint's tower is refused (E0587: the shapes fit, the computation does not); loaded anyway
+    (strict=False), it shows how far off it would be."""
     from hf_tiny import built
 
+    from vlmspec.compiler.compile import load_analysis
+    from vlmspec.diagnostics import UserInputError
+    from vlmspec.runtime.weights import build_with_weights
+
+    hf = qwen2_5_vl(tmp_path / "hf")
+    _, _, mapping = imported(tmp_path / "hf", tmp_path)
     ours = built(mapping["spec"], mapping, tmp_path, "a.vlm")
     text = mapping["spec"].replace("    window = 32\n", "").replace("    full_layers = [1]\n", "")
-    glob = built(text, mapping, tmp_path, "b.vlm")
+    with pytest.raises(UserInputError) as e:
+        built(text, mapping, tmp_path, "b.vlm")
+    assert e.value.diagnostics[0].code == "E0587" and "`vit.window = 0`" in e.value.diagnostics[0].message
+    analysis, _ = load_analysis(f"{tmp_path / 'b.vlm'}:{mapping['model']}")
+    glob, report = build_with_weights(analysis, image_token_id=mapping["image_token_id"], strict=False)
+    assert report.disagreements
     px = torch.randn(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert (ours.extract_features(px) - glob.extract_features(px)).abs().max() > 1e-2

@@ -16,6 +16,7 @@ WRONG_FAMILY = "E0583"     # the checkpoint's family does not fit the component'
 COVERAGE = "E0584"         # missing / shape-mismatched / unexpected keys
 UNSUPPORTED = "E0585"      # import_hf: an architecture (or a setting of it) vlmspec cannot express
 EXPORT = "E0586"           # export_hf: the model does not fit the target layout
+DISAGREES = "E0587"        # a component's attribute differs from what its checkpoint's config says
 
 CONVERT_HINT = ('convert it once: python -c "from transformers import AutoModel; '
                 'AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"')

@@ -23,12 +23,14 @@ from torch import nn
 
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.passes import weights_location
+from vlmspec.diagnostics import UserInputError
 from vlmspec.runtime.blocks import init_weights
 from vlmspec.runtime.model import build_model
+from vlmspec.runtime.weights.agreement import check_agreement, expected_components
 from vlmspec.runtime.weights.errors import COVERAGE, weights_error
 from vlmspec.runtime.weights.families import Layout
 from vlmspec.runtime.weights.report import ComponentCoverage, CoverageReport
-from vlmspec.runtime.weights.resolution import pick_layout, resolve
+from vlmspec.runtime.weights.resolution import multi_family, pick_layout, resolve
 from vlmspec.runtime.weights.source import CheckpointSource, read_config
 
 
@@ -102,6 +104,7 @@ def plan_weights(model: nn.Module, analysis: Analysis, *, allow_new: set[str] | 
     report = CoverageReport()
     plans: dict[str, _Plan] = {}
     sources: dict[Path, tuple[dict, CheckpointSource]] = {}
+    expected: dict[Path, dict | UserInputError | None] = {}  # folder -> what its config says each part is
     allow = set(allow_new)
     for name, module in model.components.items():  # type: ignore[union-attr]
         comp = analysis.ir.components[name]
@@ -117,6 +120,17 @@ def plan_weights(model: nn.Module, analysis: Analysis, *, allow_new: set[str] | 
             sources[folder] = (config, CheckpointSource(folder, allow_pickle=allow_pickle))
         config, source = sources[folder]
         resolved = resolve(config, part, component=name, role=comp.role, kind=comp.kind, folder=str(folder))
+        if folder not in expected:
+            expected[folder] = expected_components(folder, config)
+        said = expected[folder]
+        if isinstance(said, UserInputError):  # the checkpoint computes what no spec of its kind can say
+            report.disagreements.append(said)
+        elif said:
+            multi = multi_family(str(config.get("model_type", "")))
+            key = (part or multi.default_part.get(comp.role)) if multi is not None else comp.role
+            problem = check_agreement(name, comp, said.get(key), folder)
+            if problem is not None:
+                report.disagreements.append(problem)
         cov = ComponentCoverage(name, source=value, family=resolved.family)
         plans[name] = _plan_component(name, module, source, pick_layout(resolved, source.keys(), config), cov,
                                       allow)
@@ -139,6 +153,8 @@ def load_component_weights(model: nn.Module, analysis: Analysis, *,
         raise weights_error(COVERAGE, f"checkpoint does not fit the spec: {report.summary()}",
                             help="fix the spec to match the checkpoint, pass allow_new for parts that are "
                             "trained from scratch, or strict=False to load what fits", report=report)
+    if strict and report.disagreements:  # the shapes fit, but the spec computes otherwise than the checkpoint
+        raise report.disagreements[0]
     for name, plan in plans.items():
         module = model.components[name]  # type: ignore[index]
         untied = _load_plan(module, plan, device)

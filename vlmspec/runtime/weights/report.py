@@ -58,6 +58,8 @@ class ComponentCoverage:
 @dataclass(slots=True)
 class CoverageReport:
     components: dict[str, ComponentCoverage] = field(default_factory=dict)
+    # E0587 errors: components whose attributes say otherwise than their checkpoint's config
+    disagreements: list[Any] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
