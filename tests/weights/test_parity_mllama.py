@@ -202,6 +202,7 @@ def test_mllama_beam_search_keeps_each_beams_mask(tmp_path):
     (dict(cross_attention_layers=[1, 5]), "after the last self-attention layer"),
     (dict(hidden_act="gelu"), "text activation gelu"),
     (dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)), "rope scaling"),
+    (dict(norm_eps=1e-6), "vision norm_eps = 1e-06"),  # the outer LayerNorms would keep 1e-5: inexact
 ])
 def test_mllama_refuses_what_a_spec_cannot_say(tmp_path, over, message):
     folder = tmp_path / "hf"
@@ -210,7 +211,8 @@ def test_mllama_refuses_what_a_spec_cannot_say(tmp_path, over, message):
                                     vision_config=dict(hidden_size=32, attention_heads=2, num_hidden_layers=3,
                                                        intermediate_layers_indices=[0, 2], vision_output_dim=96))
     data = cfg.to_dict()
-    data["text_config"].update(over)
+    part = "vision_config" if "norm_eps" in over else "text_config"
+    data[part].update(over)
     diag = refusal(folder, data)
     assert diag.code == "E0585" and message in diag.message
 

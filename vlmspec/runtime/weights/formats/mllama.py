@@ -16,6 +16,12 @@ What the spec says, and why:
   `no_image = attend_all` is what transformers does with a token before the first image (it attends
   to every visual token, unmasked, and its feed-forward is zeroed); Meta's reference zeroes both
   branches (`skip_block`).
+
+Export (`write`) is the inverse: the keys transformers 5 saves (`vision_model.`, `multi_modal_projector.`,
+`language_model.model.` / `language_model.lm_head.`; the projector's columns put back in Mllama's order),
+an MllamaConfig whose `cross_attention_layers` place the fusion's blocks, MllamaImageProcessor's tiling
+with the spec's tile count, filter, mean and std, and MllamaProcessor. What Mllama cannot hold is refused
+(E0586).
 """
 
 from __future__ import annotations
@@ -23,15 +29,27 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from vlmspec.compiler.schema.language import Llama3RoPE
 from vlmspec.runtime.weights.families import Layout, MultiFamily, Part
-from vlmspec.runtime.weights.formats.base import VLMFormat
+from vlmspec.runtime.weights.formats.base import (
+    Export,
+    VLMFormat,
+    does_not_fit,
+    special_token_ids,
+    unplaced_attribute,
+)
+from vlmspec.runtime.weights.formats.llava import ACT_HF
 from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_processor
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need, rope_fields
+
+if TYPE_CHECKING:
+    from vlmspec.compiler.ir import Component, ModelIR
+    from vlmspec.runtime.session import Session
 
 #: checkpoint prefixes: transformers' save layout (still written by 5.x), then its in-memory one
 _SAVED = {"vision": "vision_model.", "projector": "multi_modal_projector.", "text": "language_model.model.",
@@ -132,14 +150,27 @@ class ProjectorLayout(_Bound):
     def convert(self, key: str, tensor: Tensor) -> Tensor:
         if key != "linear.weight":
             return tensor
-        vc = self._cfg().get("vision_config") or {}
-        w, k = int(vc.get("hidden_size", 1280)), len(vc.get("intermediate_layers_indices") or [])
+        w, k = self._widths()
         if k < 2 or tensor.shape[1] != w * (k + 1):
             return tensor
         last, inter = tensor[:, :w], tensor[:, w:]
         # theirs: column w + c * k + j holds channel c of state j; ours: column w + j * w + c
         ours = inter.reshape(-1, w, k).transpose(1, 2).reshape(-1, w * k)
         return torch.cat([last, ours], dim=1)
+
+    def unconvert(self, key: str, tensor: Tensor) -> Tensor:
+        """`convert`'s inverse: our columns [last, state 0, state 1, ...] back in Mllama's interleaved order."""
+        w, k = self._widths()
+        if key != "linear.weight" or k < 2 or tensor.shape[1] != w * (k + 1):
+            return tensor
+        last, inter = tensor[:, :w], tensor[:, w:]
+        theirs = inter.reshape(-1, k, w).transpose(1, 2).reshape(-1, w * k)
+        return torch.cat([last, theirs], dim=1)
+
+    def _widths(self) -> tuple[int, int]:
+        """(the vision width, the number of intermediate states) of the bound config."""
+        vc = self._cfg().get("vision_config") or {}
+        return int(vc.get("hidden_size", 1280)), len(vc.get("intermediate_layers_indices") or [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +277,9 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int | None]:
     need(int(vc.get("vision_output_dim", width * (len(inter) + 1))) == width * (len(inter) + 1),
          f"vision_output_dim {vc.get('vision_output_dim')} (Mllama's is hidden_size x (intermediate layers + 1))")
     feature = "layers([" + ", ".join(str(i) for i in [depth, *(i + 1 for i in inter)]) + "]).all"
+    eps = float(vc.get("norm_eps", 1e-5))
+    need(eps == _OUTER_EPS, f"vision norm_eps = {eps} (Mllama's pre- and post-LayerNorms keep {_OUTER_EPS} "
+         "whatever it says; a `vit` has one epsilon)")
     vision = fields([
         ("image_size", size), ("patch_size", patch), ("channels", int(vc.get("num_channels", 3))),
         ("tiles", tiles), ("global_layers", n_global), ("tile_padding", 8), ("attn_bias", False),
@@ -290,6 +324,219 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int | None]:
     return blocks, image_token
 
 
+# ------------------------------------------------------------------ export
+
+_NAME = "Mllama"
+_HINT = ("Mllama is one tiled `vit` (global layers, tile_padding = 8, no attention biases) read at its last layer "
+         "and some local ones, a biased `linear` projector, a `llama` with 8 extra embedding rows and tanh-gated "
+         "`cross_attention` blocks (qk_norm, latest_group, attend_all), unquantized")
+_RESAMPLE_CODE = {name: code for code, name in RESAMPLE.items()}  # PIL's codes, as the image processor stores them
+#: the pre- and post-LayerNorms of Mllama's vision model keep PyTorch's default eps whatever `norm_eps` says
+_OUTER_EPS = 1e-5
+#: the placeholder MllamaProcessor finds images by (the tokenizer's `image_token`, else this)
+IMAGE_TOKEN = "<|image|>"
+
+# attributes each config below carries (or `write` checks against it); every other attribute must keep its
+# kind's default, or the value `fixed` names (see `unplaced_attribute`)
+_VIT = {"image_size", "patch_size", "channels", "tiles", "global_layers", "width", "depth", "heads", "mlp", "act",
+        "norm_eps", "feature", "mean", "std", "resize", "weights", "dtype"}
+_VIT_FIXED = {"tile_padding": 8, "attn_bias": False}
+# one source, so `merge` merges nothing
+_LINEAR = {"merge", "out", "bias", "weights", "dtype"}
+_LLAMA = {"width", "depth", "heads", "kv_heads", "head_dim", "ffn", "vocab", "embed_extra", "max_positions",
+          "norm_eps", "rope_theta", "rope", "tie_embeddings", "weights", "tokenizer", "dtype"}
+_CROSS = {"every", "offset", "layers", "weights"}
+_CROSS_FIXED = {"gate": "tanh", "mlp": True, "qk_norm": True, "image_token": IMAGE_TOKEN,
+                "image_attention": "latest_group", "no_image": "attend_all", "vector_gates": False}
+
+
+def claims(ir: ModelIR) -> bool:
+    """Cross-attention fed by one linear projector: Mllama's shape (IDEFICS' is fed by the encoder or a
+    perceiver; what does not fit Mllama is then said by `write`)."""
+    return [f.kind for f in ir.by_role("fusion")] == ["cross_attention"] and \
+        [c.kind for c in ir.by_role("connector")] == ["linear"]
+
+
+def _fit(cond: bool, what: str) -> None:
+    does_not_fit(cond, _NAME, what, _HINT)
+
+
+def _attributes(comp: Component, carried: set[str], fixed: dict[str, Any] | None = None) -> None:
+    """E0586 naming the first attribute of `comp` that MllamaConfig has no place for."""
+    loose = unplaced_attribute(comp.config, carried, fixed)
+    _fit(loose is None, f"{comp.role} `{comp.name}` with {loose}")
+
+
+def _parts(ir: ModelIR) -> tuple[Component, Component, Component, Component]:
+    """(vision, projector, language, fusion), wired as Mllama wires them, unquantized, in one dtype."""
+    by = {r: ir.by_role(r) for r in ("vision", "connector", "language", "fusion")}
+    _fit(all(len(v) == 1 for v in by.values()) and len(ir.components) == 4,
+         "a model with other than one encoder, connector, language model and fusion")
+    vis, con, lm, fus = (by[r][0] for r in ("vision", "connector", "language", "fusion"))
+    _fit(list(con.sources) == [vis.name], f"connector `{con.name}` reading {', '.join(con.sources)}")
+    _fit(list(fus.sources) == [con.name], f"fusion `{fus.name}` reading {', '.join(fus.sources)} (Mllama's "
+         f"cross-attention reads the projector `{con.name}`)")
+    for comp in (vis, con, lm):
+        q = getattr(comp.config, "quantize", "none")
+        _fit(q == "none", f"{comp.role} `{comp.name}` with quantize = {q} (transformers would serve the "
+             "unquantized weights)")
+    dtypes = {getattr(c.config, "dtype", None) for c in (vis, con, lm)} - {None}
+    _fit(len(dtypes) <= 1, f"components in dtypes {', '.join(sorted(dtypes))} (a checkpoint has one)")
+    return vis, con, lm, fus
+
+
+def _hidden_state(layer: int, depth: int) -> int:
+    """A `feature` layer as a hidden-state index from 0 (the embeddings) to `depth`."""
+    return layer if layer >= 0 else depth + 1 + layer
+
+
+def _intermediate(vis: Component) -> list[int]:
+    """`intermediate_layers_indices`: `feature` is the last layer, then local hidden states 1..local, each
+    Mllama's output of local layer i - 1; all tokens (the class token included)."""
+    v = vis.config
+    local = v.depth - v.global_layers
+    states = [_hidden_state(i, v.depth) for i in v.feature.layers]
+    what = f"vision `{vis.name}` with feature = {v.feature.to_vlm()} (Mllama reads the last layer's tokens, then " \
+           f"those of some of its {local} local layers: `layers([{v.depth}, i, ...]).all`, 1 <= i <= {local})"
+    _fit(v.feature.tokens == "all" and len(states) >= 2 and states[0] == v.depth
+         and all(1 <= i <= local for i in states[1:]), what)
+    return [i - 1 for i in states[1:]]
+
+
+def _aspect_ratios(tiles: int) -> list[list[int]]:
+    """Mllama's tile layouts (w, h) with w * h <= tiles, in its aspect-ratio id order (vlmspec's too)."""
+    return [[w, h] for w in range(1, tiles + 1) for h in range(1, tiles + 1) if w * h <= tiles]
+
+
+def _vision(vis: Component) -> dict[str, Any]:
+    """`vision_config`: the tiled tower, its local and global layers and the states the projector reads."""
+    v = vis.config
+    _fit(vis.kind == "vit" and v.tiles >= 1 and v.global_layers >= 1,
+         f"vision `{vis.name}` ({vis.kind}, tiles = {v.tiles}, global_layers = {v.global_layers}; Mllama's tower "
+         "tiles its images and ends in gated global layers)")
+    _fit(v.global_layers < v.depth, f"vision `{vis.name}` with global_layers = {v.global_layers} of depth "
+         f"{v.depth} (Mllama has local layers before them)")
+    _fit(v.act in ACT_HF, f"vision `{vis.name}` with act = {v.act}")
+    _fit(v.norm_eps == _OUTER_EPS, f"vision `{vis.name}` with norm_eps = {v.norm_eps} (Mllama's pre- and "
+         f"post-LayerNorms keep {_OUTER_EPS} whatever `norm_eps` says)")
+    inter = _intermediate(vis)
+    _attributes(vis, _VIT, _VIT_FIXED)
+    return {"model_type": "mllama_vision_model", "hidden_size": v.width, "hidden_act": ACT_HF[v.act],
+            "num_hidden_layers": v.depth - v.global_layers, "num_global_layers": v.global_layers,
+            "attention_heads": v.heads, "num_channels": v.channels, "intermediate_size": v.mlp_dim,
+            "vision_output_dim": v.width * (len(inter) + 1), "image_size": v.image_size,
+            "patch_size": v.patch_size, "norm_eps": v.norm_eps, "max_num_tiles": v.tiles,
+            "intermediate_layers_indices": inter, "supported_aspect_ratios": _aspect_ratios(v.tiles)}
+
+
+def _projector(con: Component, text_width: int) -> None:
+    """`multi_modal_projector`: one biased linear map from the concatenated states to the text width."""
+    c = con.config
+    _fit(c.bias, f"connector `{con.name}` with bias = false (Mllama's projector has a bias)")
+    _fit(c.out in (None, text_width), f"connector `{con.name}` with out = {c.out} (the text width is {text_width})")
+    _attributes(con, _LINEAR)
+
+
+def _rope(lm: Component) -> dict[str, Any]:
+    """`rope_parameters`: default, or Llama 3.1's scaling (the released checkpoints')."""
+    t = lm.config
+    if t.rope == "default":
+        return {"rope_type": "default", "rope_theta": t.rope_theta}
+    r = t.rope
+    _fit(isinstance(r, Llama3RoPE), f"language model `{lm.name}` with rope = {r.to_vlm()}")
+    return {"rope_type": "llama3", "rope_theta": t.rope_theta, "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_positions}
+
+
+def _text(lm: Component, fus: Component, session: Session) -> dict[str, Any]:
+    """`text_config`: Llama (SiLU, heads that split the width) with the 8 extra embedding rows, untied, its
+    layer list the self-attention layers with the cross-attention ones interleaved."""
+    t = lm.config
+    _fit(lm.kind == "llama", f"language model `{lm.name}` ({lm.kind})")
+    _fit(t.hd * t.heads == t.width, f"language model `{lm.name}` with head_dim = {t.hd} (Mllama's heads split "
+         f"its width {t.width})")
+    _fit(t.embed_extra == 8 and not t.tie_embeddings, f"language model `{lm.name}` with embed_extra = "
+         f"{t.embed_extra}, tie_embeddings = {str(t.tie_embeddings).lower()} (Mllama's embedding has 8 rows "
+         "more than its untied head)")
+    _attributes(lm, _LLAMA)
+    cross = _cross_layers_of(fus, t.depth)
+    ids = special_token_ids(session)
+    pad = ids.pop("pad_token_id", None)
+    ids["pad_token_id"] = pad if pad is not None and pad < t.vocab + 8 else None  # the embedding's padding row
+    return {"model_type": "mllama_text_model", "vocab_size": t.vocab, "hidden_size": t.width, "hidden_act": "silu",
+            "num_hidden_layers": t.depth + len(cross), "num_attention_heads": t.heads,
+            "num_key_value_heads": t.n_kv, "intermediate_size": t.ffn, "rope_parameters": _rope(lm),
+            "rms_norm_eps": t.norm_eps, "max_position_embeddings": t.max_positions, "tie_word_embeddings": False,
+            "cross_attention_layers": cross, "dropout": 0.0, "use_cache": True, **ids}
+
+
+def _cross_layers_of(fus: Component, depth: int) -> list[int]:
+    """`cross_attention_layers`: the k-th block (before our self-attention layer p) is Mllama's layer p + k,
+    as the k blocks before it sit among its layers too."""
+    _fit(fus.kind == "cross_attention", f"fusion `{fus.name}` ({fus.kind})")
+    _attributes(fus, _CROSS, _CROSS_FIXED)
+    return [p + k for k, p in enumerate(fus.config.layer_ids(depth))]
+
+
+def _image_token(session: Session, vocab: int) -> int:
+    """`image_token_index`: the model's placeholder id, one of the embedding's rows, and the tokenizer's
+    `<|image|>` (MllamaProcessor finds images by it and starts prompts with BOS)."""
+    image = int(session.model.image_token_id)
+    _fit(0 <= image < vocab + 8, f"image token id {image} outside the embedding's {vocab + 8} rows")
+    tok = session.tokenizer
+    if tok is not None:
+        _fit(bool(tok.bos_token), "a tokenizer without a BOS token (MllamaProcessor starts every prompt with it)")
+        named = getattr(tok, "image_token", None) or IMAGE_TOKEN
+        found = tok.convert_tokens_to_ids(named)
+        _fit(found == image, f"image token id {image} (the tokenizer's `{named}`, which MllamaProcessor uses, is "
+             f"{found})")
+    return image
+
+
+def mllama_config(session: Session) -> dict[str, Any]:
+    """The `MllamaConfig` fields of a spec-built model (E0586 for what it cannot hold)."""
+    vis, con, lm, fus = _parts(session.analysis.ir)
+    vision = _vision(vis)
+    _projector(con, lm.config.width)
+    text = _text(lm, fus, session)
+    return {"model_type": "mllama", "architectures": ["MllamaForConditionalGeneration"],
+            "image_token_index": _image_token(session, lm.config.vocab), "vision_config": vision,
+            "text_config": text}
+
+
+def processor_files(vis: Component) -> dict[str, dict[str, Any]]:
+    """`preprocessor_config.json`: MllamaImageProcessor's tiling (the aspect ratio of at most `tiles` tiles
+    that fits the image best, resize within it keeping the aspect, pad, split) at the tower's tile size,
+    with its filter, 1/255, mean and std (what vlmspec's tiling does); `processor_config.json`."""
+    v = vis.config
+    s = v.image_size
+    image = {"image_processor_type": "MllamaImageProcessor", "processor_class": "MllamaProcessor",
+             "do_convert_rgb": True, "do_resize": True, "size": {"height": s, "width": s},
+             "resample": _RESAMPLE_CODE[v.resize], "do_rescale": True, "rescale_factor": 1 / 255,
+             "do_normalize": True, "image_mean": list(v.mean), "image_std": list(v.std), "do_pad": True,
+             "max_image_tiles": v.tiles}
+    return {"preprocessor_config.json": image, "processor_config.json": {"processor_class": "MllamaProcessor"}}
+
+
+def _saved(cls: type[_Bound], part: str, ours: str = "") -> Layout:
+    """A layout in transformers' save layout, unbound (the exporter binds it to the config it writes)."""
+    return cls(((_SAVED[part], ours),), tuple(_SAVED.items()))
+
+
+def write(session: Session) -> Export:
+    """The Mllama checkpoint of an Mllama-shaped model, in the layout transformers saves (`vision_model.`,
+    `multi_modal_projector.`, `language_model.model.` with the cross-attention layers interleaved,
+    `language_model.lm_head.`)."""
+    config = mllama_config(session)
+    vis, con, lm, fus = _parts(session.analysis.ir)
+    layouts = {vis.name: _saved(VisionLayout, "vision"), con.name: _saved(ProjectorLayout, "projector", "linear."),
+               lm.name: _saved(TextLayout, "text"), fus.name: _saved(CrossLayout, "text")}
+    if session.tokenizer is None:  # no processor without a tokenizer: the exporter writes weights and config
+        return Export(config, layouts)
+    return Export(config, layouts, processor_files(vis))
+
+
 FORMAT = VLMFormat(
     model_types=("mllama",),
     family=MultiFamily("mllama", {
@@ -301,4 +548,9 @@ FORMAT = VLMFormat(
     }, {"vision": "vision", "connector": "projector", "language": "language", "fusion": "cross_attention"}),
     components={"vit": "vision", "proj": "projector", "llm": "language", "cross_attention": "cross_attention"},
     read=read,
+    claims=claims,
+    write=write,
+    hf_class="MllamaForConditionalGeneration",
+    processor="`MllamaProcessor`: `MllamaImageProcessor` (up to `max_image_tiles` tiles of the tile size)",
+    chat_template="kept (the spec's `chat_template`), or translated into `prompt` / `answer` / `system` where exact; exported",
 )
