@@ -58,6 +58,17 @@ CASES: dict[str, str] = {
                          "full_layers = [1] }\n"),
     "E0216": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
                          "window = 16 }\n"),
+    "E0217": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "layout = anyres(pinpoints = [[32, 48]]) }\n"),
+    "E0218": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "fit = crop  layout = anyres(pinpoints = [[32, 64]]) }\n"),
+    "E0219": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "layout = anyres(pinpoints = [[32, 64]]) }\n"
+                         "  vision clip2 = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2 }\n",
+                  connector="  connector proj = mlp(clip + clip2 -> llm) { layers = 2  merge = concat }\n"),
+    "E0220": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "layout = anyres(pinpoints = [[32, 64]]) }\n",
+                  connector="  connector proj = linear(clip -> llm)\n"),
     # graph and fusion rules
     "E0301": spec(fusion="  fusion cross_attention(proj -> llm) { layers = [1, 5] }\n"),
     "E0302": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "

@@ -47,6 +47,7 @@ def test_library_is_complete():
         "llava-1.5-7b.vlm", "llava-1.5-13b.vlm", "blip2-opt-2.7b.vlm", "instructblip-vicuna-7b.vlm",
         "minigpt4-vicuna-7b.vlm", "idefics-9b.vlm", "llama-3.2-11b-vision.vlm", "qwen2-vl-2b.vlm", "qwen2.5-vl-7b.vlm",
         "cogvlm-17b.vlm", "moe-llava-phi2.vlm", "mobilevlm-1.7b.vlm", "paligemma-3b.vlm", "tinyllava-3.1b.vlm",
+        "llava-v1.6-mistral-7b.vlm",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
@@ -142,6 +143,20 @@ def llava(ir: ModelIR):
                       vision_feature_layer=layers[0] if len(layers) == 1 else layers,
                       vision_feature_select_strategy="default" if v.class_token else "full")
     return LlavaForConditionalGeneration, cfg
+
+
+def llava_next(ir: ModelIR):
+    """LLaVA-NeXT: LLaVA's parts plus `image_newline` (the connector's, in the text width), the encoder's
+    anyres pinpoints as `image_grid_pinpoints`."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    v, proj, lm = _one(ir, "vision"), _one(ir, "connector", "mlp"), _one(ir, "language")
+    assert proj.layers == 2 and proj.hidden in (None, lm.width) and not proj.norm and v.layout.newline
+    layers = v.feature.layers
+    cfg = LlavaNextConfig(vision_config=_clip_vision(v), text_config=_text_config(lm), image_token_id=lm.vocab - 1,
+                          vision_feature_layer=layers[0] if len(layers) == 1 else layers,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=v.layout.pinpoints)
+    return LlavaNextForConditionalGeneration, cfg
 
 
 def _qformer(qf, v) -> dict:
@@ -317,6 +332,7 @@ PARITY = [
     Parity("llava-1.5-7b.vlm:llava_1_5_7b", llava),
     Parity("llava-1.5-13b.vlm:llava_1_5_13b", llava),
     Parity("tinyllava-3.1b.vlm:tinyllava_3_1b", llava, phi_head_bias),
+    Parity("llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b", llava_next),
     Parity("blip2-opt-2.7b.vlm:blip2_opt_2_7b", blip2, training_only=blip2_first_stage),
     Parity("minigpt4-vicuna-7b.vlm:minigpt4_vicuna_7b", blip2),
     Parity("instructblip-vicuna-7b.vlm:instructblip_vicuna_7b", instructblip),

@@ -254,6 +254,9 @@ def summary(
     if mem["weights"] != mem["weights_unquantized"]:
         line += f" (unquantized: {human(mem['weights_unquantized'], 'B')})"
     out.print(line)
+    for name, lay in s["image_layouts"].items():
+        out.print(f"image tokens of `{name}` (anyres): {lay['min']}..{lay['max']} per image by its size, "
+                  f"{lay['at_image_size']} at {lay['image_size']}x{lay['image_size']}")
     if s["stages"]:
         st = Table(title="stages", title_justify="left")
         for col in ("stage", "trains", "frozen", "trainable", "optim", "memory (weights+grads+optim)"):

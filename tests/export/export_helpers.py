@@ -24,9 +24,12 @@ QUESTIONS = ["what is this?", "describe the picture in detail, please, with ever
 
 
 def tiny_refs() -> list[str]:
-    """`file.vlm:model` for every `*_tiny` model in specs/."""
+    """`file.vlm:model` for every `*_tiny` model in specs/ that has an export path (an anyres spec's image
+    token count varies with the image: its export is refused, see test_export_errors)."""
     refs = []
     for path in sorted(SPECS.glob("*.vlm")):
+        if "layout = anyres(" in path.read_text():
+            continue
         for name in re.findall(r"^model (\w+_tiny)\b", path.read_text(), flags=re.M):
             refs.append(f"{path}:{name}")
     return refs

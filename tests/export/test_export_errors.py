@@ -139,3 +139,14 @@ def test_cli_export_and_tensorrt_message(tmp_path) -> None:
         r = runner.invoke(app, ["export", str(tmp_path / "m"), "-o", str(tmp_path / "t"), "--format", "tensorrt"])
         assert r.exit_code == 1 and "E0570" in r.output and "onnx" in r.output.lower()
         assert "Traceback" not in r.output
+
+
+def test_anyres_model_is_refused(tokenizer, tmp_path):
+    """LLaVA-NeXT's tokens per image depend on the image's size: no fixed-shape halves, one typed line."""
+    ref = f"{SPECS / 'llava-v1.6-mistral-7b.vlm'}:llava_v1_6_mistral_7b_tiny"
+    analysis, model = build(ref, tokenizer)
+    folder = save_model_dir(model, analysis, tmp_path / "model", tokenizer=tokenizer)
+    with pytest.raises(UserInputError) as e:
+        export_model(folder, tmp_path / "out", ["pt2"])
+    assert code(e) == "E0571" and "anyres layout" in str(e.value)
+    assert len(e.value.diagnostics[0].message.splitlines()) == 1

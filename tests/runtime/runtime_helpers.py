@@ -133,6 +133,10 @@ def analyse(tmp_path: Path, text: str, model: str = "m") -> Analysis:
 def image_tokens(analysis: Analysis) -> int:
     """Image placeholder tokens one image needs in a prompt (1 marker for cross-attention)."""
     fusion = analysis.ir.by_role("fusion")[0]
+    anyres = [v.config for v in analysis.ir.by_role("vision") if not isinstance(getattr(v.config, "layout", "fixed"), str)]
+    if anyres:  # `pixels` gives plain images, which an anyres model reads as base tiles alone (+ the newline)
+        v = anyres[0]
+        return v.num_patches + int(v.layout.newline)
     return analysis.shapes.out[fusion.name].tokens if type(fusion.config).in_sequence else 1
 
 

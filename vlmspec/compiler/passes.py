@@ -142,6 +142,10 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
                            span_of=lambda attr, n=name: spans.attr(n, attr) if attr else spans.components.get(n),
                            llm_depth=llm.depth if llm else None)
         shapes.contexts[name] = ctx
+        if comp.role == "connector" and comp.kind != "mlp" and any(s.layout is not None for s in inputs):
+            sink.error("E0220", f"a `{comp.kind}` connector reads an anyres encoder, whose tiles only an `mlp` "
+                       "connector lays out (unpadding, newline)", spans.components.get(name),
+                       help="read the anyres encoder with `mlp(...)`, or drop its `layout`")
         if hasattr(cfg, "check"):
             cfg.check(ctx)
         if comp.role in ("vision", "connector"):

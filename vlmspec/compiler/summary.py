@@ -60,10 +60,26 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
         "file": analysis.file,
         "params": {"total": shapes.grand_total, "by_component": {c["name"]: c["params"] for c in components}},
         "visual_tokens": {f.name: shapes.out[f.name].tokens for f in visual},
+        "image_layouts": image_layouts(analysis),
         "memory": {"weights": int(weights), "weights_unquantized": int(weights_unquantized)},
         "components": components,
         "stages": stages,
     }
+
+
+def image_layouts(analysis: Analysis) -> dict[str, dict[str, int]]:
+    """Per anyres encoder, the image tokens one image takes: the fewest and most any image can (its size
+    decides), and how many a square `image_size` image takes (what `vlm summary` calls the default)."""
+    out = {}
+    for comp in analysis.ir.by_role("vision"):
+        v = comp.config
+        layout = getattr(v, "layout", "fixed")
+        if isinstance(layout, str):
+            continue
+        s, p = v.image_size, v.patch_size
+        out[comp.name] = {"min": layout.min_tokens(s, p), "max": layout.max_tokens(s, p),
+                          "at_image_size": layout.tokens(s, s, s, p), "image_size": s}
+    return out
 
 
 def human(n: float, unit: str = "") -> str:

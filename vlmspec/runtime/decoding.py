@@ -22,7 +22,10 @@ from vlmspec.runtime.blocks import Rotary
 #: names (a fusion is named by its kind).
 ASPECT_RATIO_IDS = "aspect_ratio_ids"
 IMAGE_GRID = "image_grid"
-IMAGE_FACTS = (ASPECT_RATIO_IDS, IMAGE_GRID)
+#: per row [b], how many of the in-sequence features are real when anyres images of different sizes give rows
+#: different counts (the features are then right-padded to the longest row)
+IMAGE_LENGTHS = "image_lengths"
+IMAGE_FACTS = (ASPECT_RATIO_IDS, IMAGE_GRID, IMAGE_LENGTHS)
 
 
 class KVCache:

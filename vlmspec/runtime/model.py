@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from vlmspec.runtime.decoding import (
     ASPECT_RATIO_IDS,
     IMAGE_FACTS,
     IMAGE_GRID,
+    IMAGE_LENGTHS,
     DecodeState,
     KVCache,
     attention_mask_4d,
@@ -135,6 +137,8 @@ class VisionLanguageModel(nn.Module):
         for M-RoPE the images' token grid as features[IMAGE_GRID] [b x 2].
         """
         outs: dict[str, VisualTokens] = {}
+        # anyres encoder (and the connector reading it) -> (images' sizes, None for base tiles alone; its config)
+        laid: dict[str, tuple[list[tuple[int, int]] | None, Any]] = {}
         batch: tuple[int, int] | None = None
         for name in self.order:
             comp = self.components[name]
@@ -144,21 +148,38 @@ class VisionLanguageModel(nn.Module):
                     raise user_error("E0593", f"no pixel_values for vision encoder `{name}`",
                                      help="pass a dict with one tensor per encoder: " + ", ".join(
                                          n for n in self.order if self.roles[n] == "vision"))
-                px, bn = _flatten_images(px, comp.image_dims, name)
+                # anyres images come as tiles with their sizes; without sizes, each image is its base tile alone
+                anyres = not isinstance(getattr(comp.cfg, "layout", "fixed"), str)
+                tiled = anyres and aspect_ratio_ids is not None
+                px, bn = _flatten_images(px, 4 if tiled else comp.image_dims, name)
                 if batch is not None and bn != batch:
                     raise user_error("E0593", f"encoder `{name}` gets {bn[0]} x {bn[1]} images, another one "
                                      f"{batch[0]} x {batch[1]}", help="give every encoder the same images")
                 batch = bn
+                if tiled:
+                    outs[name], laid[name] = self._anyres_tiles(comp, px, aspect_ratio_ids, name)
+                    continue
+                if anyres:
+                    outs[name], laid[name] = comp(px), (None, comp.cfg)
+                    continue
                 aspect = aspect_ratio_ids.reshape(-1) if aspect_ratio_ids is not None else None
                 outs[name] = comp(px, aspect) if comp.cfg.tiles else comp(px)
             else:
                 per_image = _per_image(instruction, batch[1] if batch is not None else 1)
                 outs[name] = comp([outs[s] for s in self.sources[name]], per_image)
+                for s in self.sources[name]:
+                    if s in laid:  # the connector that reads an anyres encoder lays its tiles out
+                        laid[name] = laid[s]
         if batch is None:
             raise user_error("E0593", "this model has no vision encoder to read pixel_values")
         b, n = batch
         features = {}
         for f in self.fusions:
+            if any(s in laid for s in self.sources[f]):
+                features[f], lengths = self._anyres_features(f, outs, laid, b, n)
+                if lengths is not None:
+                    features[IMAGE_LENGTHS] = lengths
+                continue
             x = torch.cat([outs[s].x for s in self.sources[f]], dim=1)
             features[f] = x.reshape(b, n * x.shape[1], x.shape[2])
         if any(getattr(self.components[e].cfg, "tiles", 0) for e in self.order if self.roles[e] == "vision"):
@@ -169,6 +190,49 @@ class VisionLanguageModel(nn.Module):
         if grid is not None:  # M-RoPE numbers an image's tokens by row and column of this grid
             features[IMAGE_GRID] = torch.tensor(grid, device=x.device).expand(b, 2)
         return features
+
+    def _anyres_tiles(self, comp: nn.Module, px: Tensor, sizes: Tensor | None,
+                      name: str) -> tuple[VisualTokens, tuple[list[tuple[int, int]], Any]]:
+        """An anyres encoder over the real tiles of px [images x most tiles x c x s x s] (each image's
+        `1 + rows * cols`, the zero tiles after them skipped), given the images' (height, width) in
+        `sizes` [images x 2] (passed as `aspect_ratio_ids`)."""
+        cfg = comp.cfg
+        if sizes is None or sizes.reshape(-1, 2).shape[0] != px.shape[0]:
+            raise user_error("E0593", f"encoder `{name}` lays out images of any size: give each image's (height, "
+                             "width) in aspect_ratio_ids", help="the processor's generation_batch does")
+        hw = [(int(h), int(w)) for h, w in sizes.reshape(-1, 2).tolist()]
+        counts = [1 + math.prod(_best(h, w, cfg)) // cfg.image_size ** 2 for h, w in hw]
+        tiles = torch.cat([px[i, :c] for i, c in enumerate(counts)])
+        return comp(tiles), (hw, cfg)
+
+    def _anyres_features(self, fusion: str, outs: dict[str, VisualTokens],
+                         laid: dict[str, tuple[list[tuple[int, int]] | None, Any]], b: int,
+                         n: int) -> tuple[Tensor, Tensor | None]:
+        """The fusion's features [b x tokens x d] of anyres images: each image's tiles laid out by
+        `anyres_layout`, the n images of a sample one after another; when samples take different counts,
+        right-padded to the longest, with each row's count (else None)."""
+        (src,) = self.sources[fusion]
+        hw, cfg = laid[src]
+        x = outs[src].x
+        newline = getattr(self.components[src], "image_newline", None)
+        if hw is None:  # base tiles alone: each image's tokens then the newline, as transformers reads one tile
+            if newline is not None:
+                x = torch.cat([x, newline.to(x.dtype).expand(x.shape[0], 1, x.shape[2])], dim=1)
+            return x.reshape(b, n * x.shape[1], x.shape[2]), None
+        images, start = [], 0
+        for h, w in hw:
+            rows, cols = (d // cfg.image_size for d in _best(h, w, cfg))
+            images.append(anyres_layout(x[start: start + 1 + rows * cols], (h, w), rows, cols, cfg.layout.unpad,
+                                        newline))
+            start += 1 + rows * cols
+        samples = [torch.cat(images[i * n:(i + 1) * n]) for i in range(b)]
+        lengths = [s.shape[0] for s in samples]
+        if len(set(lengths)) == 1:
+            return torch.stack(samples), None
+        padded = x.new_zeros(b, max(lengths), x.shape[-1])
+        for i, s in enumerate(samples):
+            padded[i, : s.shape[0]] = s
+        return padded, torch.tensor(lengths, device=x.device)
 
     def _token_grid(self, outs: dict[str, VisualTokens]) -> tuple[int, int] | None:
         """The (rows, columns) grid of one image's tokens in the sequence, for M-RoPE: known when one
@@ -202,6 +266,16 @@ class VisionLanguageModel(nn.Module):
             return h
         x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         counts = (input_ids == self.image_token_id).sum(1)
+        lengths = features.get(IMAGE_LENGTHS)
+        if lengths is not None:  # anyres rows of different counts: each row's real features, in row order
+            if not tracing() and bool((counts != lengths.to(counts.device)).any()):
+                i = int((counts != lengths.to(counts.device)).nonzero()[0])
+                raise user_error("E0513", f"the prompt has {int(counts[i])} image tokens but its images give "
+                                 f"{int(lengths[i])} features", help="put one image token per visual token in "
+                                 "each prompt (the processor's `image_tokens` counts them)")
+            mask = (input_ids == self.image_token_id).unsqueeze(-1)
+            real = torch.cat([x[i, : int(n)] for i, n in enumerate(lengths.tolist())])
+            return h.masked_scatter(mask, real.to(h.dtype))
         if not tracing() and bool((counts != x.shape[1]).any()):
             bad = int(counts[counts != x.shape[1]][0])
             raise user_error("E0513", f"the prompt has {bad} image tokens but the images give {x.shape[1]} features "
@@ -339,6 +413,31 @@ class VisionLanguageModel(nn.Module):
                         num_beams=num_beams, eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,
                         image_features=image_features, pad_token_id=pad_token_id, instruction=instruction,
                         aspect_ratio_ids=aspect_ratio_ids)
+
+
+def _best(h: int, w: int, cfg: object) -> tuple[int, int]:
+    from vlmspec.compiler.schema.vision import best_resolution
+
+    return best_resolution(h, w, cfg.layout.pinpoints)  # type: ignore[attr-defined]
+
+
+def anyres_layout(tiles: Tensor, size: tuple[int, int], rows: int, cols: int, unpad: bool,
+                  newline: Tensor | None) -> Tensor:
+    """One image's tile features [1 + rows * cols x g*g x d] (base tile first) -> its tokens [t x d]: the
+    base tile's, then the other tiles' as one grid (rows of tiles, each g x g), the padding cut off
+    (`unpad`, against the original `size`), the newline embedding after each grid row."""
+    from vlmspec.compiler.schema.vision import unpadded_grid
+
+    g = math.isqrt(tiles.shape[1])
+    d = tiles.shape[2]
+    grid = tiles[1:].view(rows, cols, g, g, d).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, d)
+    if unpad:
+        r, c = unpadded_grid(size[0], size[1], rows * g, cols * g)
+        top, left = (rows * g - r) // 2, (cols * g - c) // 2
+        grid = grid[top: top + r, left: left + c]
+    if newline is not None:
+        grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, d)], dim=1)
+    return torch.cat([tiles[0], grid.reshape(-1, d)])
 
 
 def label_targets(labels: Tensor) -> tuple[Tensor, Tensor]:

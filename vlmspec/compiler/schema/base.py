@@ -59,6 +59,9 @@ class TokenShape:
     tokens: int
     width: int
     dynamic: bool = False
+    #: an any-resolution encoder's (`AnyRes` layout, image_size, patch_size), for the connector that lays its
+    #: tiles out
+    layout: Any = None
 
     def __str__(self) -> str:
         return f"{'<=' if self.dynamic else ''}{self.tokens} x {self.width}"

@@ -120,7 +120,15 @@ class MLP(ConnectorBase):
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)
+        if x.layout is not None:  # an anyres encoder's tiles, laid out here: as many tokens as the largest image
+            layout, size, patch = x.layout
+            return TokenShape(layout.max_tokens(size, patch), self.out_width(ctx, x.width), True, x.layout)
         return TokenShape(x.tokens, self.out_width(ctx, x.width), x.dynamic)
+
+    def check(self, ctx: ShapeContext) -> None:
+        if len(ctx.inputs) > 1 and any(s.layout is not None for s in ctx.inputs):
+            ctx.sink.error("E0219", "an anyres encoder's tiles are laid out by a connector that reads it alone",
+                           ctx.span_of(""), help="give the anyres encoder its own connector")
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         x = self.merged_input(ctx)
@@ -129,6 +137,8 @@ class MLP(ConnectorBase):
         p = {"mlp": _mlp_params(x.width, hidden, out, self.layers)}
         if self.norm:
             p["norm"] = layernorm(x.width)
+        if x.layout is not None and x.layout[0].newline:
+            p["newline"] = out  # LLaVA-NeXT's `image_newline`, in the output width
         return p
 
 

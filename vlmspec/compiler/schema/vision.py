@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from vlmspec.compiler.schema.base import (
     MAX_TILES,
@@ -69,6 +70,80 @@ class DynamicResolution(Schema):
         return f"dynamic(min_pixels = {self.min_pixels}, max_pixels = {self.max_pixels})"
 
 
+def best_resolution(height: int, width: int, pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The pinpoint `(h, w)` an image of this size is laid out on, as LLaVA-NeXT's processor picks it: the
+    most of the image's pixels kept (downscaled to fit, never counted above the original), then the least
+    canvas wasted; the first on a tie."""
+    best, kept, waste = (pinpoints[0][0], pinpoints[0][1]), -1, 0
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        eff = min(int(width * scale) * int(height * scale), width * height)
+        if eff > kept or (eff == kept and h * w - eff < waste):
+            best, kept, waste = (h, w), eff, h * w - eff
+    return best
+
+
+def unpadded_grid(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+    """(rows, columns) of a `rows x cols` feature grid that the image covers once the padding its canvas
+    got (centred, on the longer-relative side) is cut off, as LLaVA-NeXT's `unpad_image` cuts it."""
+    if width / height > cols / rows:
+        new = int(round(height * (cols / width), 7))
+        return rows - 2 * ((rows - new) // 2), cols
+    new = int(round(width * (rows / height), 7))
+    return rows, cols - 2 * ((cols - new) // 2)
+
+
+class AnyRes(Schema):
+    """`anyres(pinpoints = [[h, w], ...], newline = true, unpad = true)`: LLaVA-NeXT's any-resolution layout.
+    Each image is resized (aspect ratio kept) and padded to the pinpoint that fits it best, cut into
+    `image_size` tiles after a base tile of the whole image; after the connector the tiles' features are
+    laid out as one grid, the padding cut off (`unpad`) and a learned embedding ends each row (`newline`)."""
+
+    pinpoints: list[tuple[PositiveInt, PositiveInt]] = Field(min_length=1, description="canvas sizes `[height, "
+                                                             "width]` in pixels, each a multiple of image_size")
+    newline: bool = Field(default=True, description="a learned embedding (the connector's `image_newline`) after "
+                          "each row of the grid")
+    unpad: bool = Field(default=True, description="cut the rows / columns of the grid that only cover padding")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_call(cls, v: Any) -> Any:
+        if isinstance(v, CallValue):
+            if v.name != "anyres" or v.args:
+                raise ValueError("expected `anyres(pinpoints = [[h, w], ...], newline = true, unpad = true)` or `fixed`")
+            return v.kw()
+        return v
+
+    def to_vlm(self) -> str:
+        points = ", ".join(f"[{h}, {w}]" for h, w in self.pinpoints)
+        return (f"anyres(pinpoints = [{points}], newline = {str(self.newline).lower()}, "
+                f"unpad = {str(self.unpad).lower()})")
+
+    def tokens(self, height: int, width: int, image_size: int, patch_size: int) -> int:
+        """Image tokens of one `height x width` image: the base tile's patches, then the grid's (unpadded)
+        rows, each with its newline."""
+        g = image_size // patch_size
+        h, w = best_resolution(height, width, self.pinpoints)
+        rows, cols = h // image_size * g, w // image_size * g
+        if self.unpad:
+            rows, cols = unpadded_grid(height, width, rows, cols)
+        return g * g + rows * (cols + int(self.newline))
+
+    def max_tokens(self, image_size: int, patch_size: int) -> int:
+        """The most tokens any image can take: the largest canvas with nothing cut off."""
+        g = image_size // patch_size
+        return g * g + max((h // image_size * g) * (w // image_size * g + int(self.newline))
+                           for h, w in self.pinpoints)
+
+    def min_tokens(self, image_size: int, patch_size: int) -> int:
+        """The fewest tokens an image can take (at most one grid row or column left after unpadding)."""
+        g = image_size // patch_size
+        if not self.unpad:
+            return g * g + min((h // image_size * g) * (w // image_size * g + int(self.newline))
+                               for h, w in self.pinpoints)
+        return g * g + 1 + int(self.newline)
+
+
 class ViTBase(ComponentSchema):
     """Fields every ViT encoder shares. Defaults follow CLIP; SigLIP and EVA override a few."""
 
@@ -86,6 +161,8 @@ class ViTBase(ComponentSchema):
     position: Literal["learned", "rope2d"] = Field(default="learned", description="position encoding")
     resolution: Literal["fixed"] | DynamicResolution = Field(default="fixed", description="`fixed` or `dynamic(...)`")
     temporal_patch: int = Field(default=1, ge=1, description="frames per patch (2 for Qwen2-VL video-ready patches)")
+    layout: Literal["fixed"] | AnyRes = Field(default="fixed", description="`fixed` (one image_size square) or "
+                                              "`anyres(...)` (LLaVA-NeXT's tiles on a best-fit canvas)")
     tiles: int = Field(default=0, ge=0, le=MAX_TILES, description="Llama 3.2 Vision tiling: up to N tiles, gated tile embeddings (0: none)")
     global_layers: int = Field(default=0, ge=0, description="the last N layers are gated global layers, after the "
                                "post-LayerNorm and the post-tile embedding (Llama 3.2 Vision: 8 of 40; needs `tiles`)")
@@ -152,11 +229,30 @@ class ViTBase(ComponentSchema):
                            + ("tiles its images" if self.tiles else "reads images at their own resolution"),
                            ctx.span_of("fit"), help="remove `fit`")
         self._check_window(ctx)
+        self._check_layout(ctx)
         for layer in self.feature.layers:
             if not (-(self.depth + 1) <= layer <= self.depth):
                 ctx.sink.error("E0208", f"feature layer {layer} is out of range for an encoder of depth {self.depth}",
                                ctx.span_of("feature"),
                                help=f"hidden states are numbered 0..{self.depth} (or -1..-{self.depth + 1} from the end)")
+
+    def _check_layout(self, ctx: ShapeContext) -> None:
+        """An any-resolution layout cuts canvases into whole `image_size` tiles, each a grid of whole patches
+        with no class token among them, and replaces the other ways of reading images of any size."""
+        if not isinstance(self.layout, AnyRes):
+            return
+        bad = [p for p in self.layout.pinpoints if p[0] % self.image_size or p[1] % self.image_size]
+        if bad:
+            ctx.sink.error("E0217", f"pinpoint {list(bad[0])} is not [height, width] in whole tiles of image_size "
+                           f"{self.image_size}", ctx.span_of("layout"),
+                           help=f"use multiples of {self.image_size}, e.g. [{self.image_size}, {2 * self.image_size}]")
+        other = ("tiles" if self.tiles else "resolution = dynamic(...)" if self.resolution != "fixed"
+                 else f"fit = {self.fit}" if self.fit != "stretch"
+                 else "feature `.all` with a class token" if self.class_token and self.feature.tokens == "all"
+                 else None)
+        if other:
+            ctx.sink.error("E0218", f"layout = anyres(...) cannot go with {other}", ctx.span_of("layout"),
+                           help="anyres lays out whole grids of patch tokens: drop the other setting")
 
     def _check_window(self, ctx: ShapeContext) -> None:
         """Window attention is defined on a grid of whole patches with no class token or tiles; a full layer
@@ -192,7 +288,10 @@ class ViTBase(ComponentSchema):
             tokens = self.resolution.max_pixels // (self.patch_size * self.patch_size)
         if self.tiles:
             tokens *= self.tiles
-        return TokenShape(tokens, self.width * len(self.feature.layers), dynamic)
+        # (layout, tile size, patch size): what the connector needs to count the laid-out tokens
+        layout = (self.layout, self.image_size, self.patch_size) if isinstance(self.layout, AnyRes) else None
+        # an anyres encoder's tokens are per tile; the connector that reads them lays the tiles out
+        return TokenShape(tokens, self.width * len(self.feature.layers), dynamic, layout)
 
     @property
     def tiles_in_use(self) -> tuple[int, ...]:

@@ -44,6 +44,11 @@ def check_exportable(model: VisionLanguageModel) -> list[str]:
                              "but " + ", ".join(f"`{n}` takes {c.image_size} px" for n, c in zip(encoders, cfgs,
                                                                                                strict=True)),
                              help="give every vision encoder the same image_size to export")
+    for n, c in zip(encoders, cfgs, strict=True):
+        if not isinstance(getattr(c, "layout", "fixed"), str):
+            raise not_exportable(f"encoder `{n}`", "its anyres layout gives each image as many tokens as its size "
+                                 "makes; the exported halves take a fixed count", help="export a variant without "
+                                 "`layout` (one image_size square per image)")
     quantized = [n for n, m in model.components.items() if _is_quantized(m)]
     if quantized:
         raise not_exportable(f"quantized component `{quantized[0]}`", "its weights are torchao tensor subclasses, "

@@ -69,6 +69,9 @@ class ImageTransform:
 
     @classmethod
     def from_encoder(cls, cfg: Any) -> ImageTransform:
+        if not isinstance(getattr(cfg, "layout", "fixed"), str):
+            return AnyResImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.layout,
+                                        cfg.patch_size)
         if getattr(cfg, "tiles", 0):
             return TiledImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.tiles)
         return cls(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, getattr(cfg, "fit", "stretch"))
@@ -166,6 +169,60 @@ class TiledImageTransform(ImageTransform):
 
     def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.stack([t.pixels for t in items]), torch.tensor([t.aspect_ratio_id for t in items])
+
+
+@dataclass(frozen=True, slots=True)
+class AnyResTiles:
+    """One image laid out for an anyres encoder: pixels [1 + rows * cols x 3 x size x size] (the base tile
+    first) and the image's original (height, width), which the model needs to cut the padding off."""
+
+    pixels: torch.Tensor
+    size: tuple[int, int]
+
+
+class AnyResImageTransform(ImageTransform):
+    """LLaVA-NeXT's processor: the image resized (aspect ratio kept, the fitted side exact, the other
+    `ceil`-ed) onto the best pinpoint canvas, centred on black (zero pixels, normalised with the rest), cut
+    into tiles row by row; the whole image stretched to one tile goes first."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float], resize: str, layout: Any, patch_size: int):
+        super().__init__(size, mean, std, resize)
+        self.layout, self.patch_size = layout, patch_size
+
+    @staticmethod
+    def fitted(height: int, width: int, canvas_h: int, canvas_w: int) -> tuple[int, int]:
+        """(height, width) of the image resized into the canvas, aspect ratio kept."""
+        sw, sh = canvas_w / width, canvas_h / height
+        if sw < sh:
+            return min(math.ceil(height * sw), canvas_h), canvas_w
+        return canvas_h, min(math.ceil(width * sh), canvas_w)
+
+    def __call__(self, img: ImageInput) -> AnyResTiles:
+        from vlmspec.compiler.schema.vision import best_resolution
+
+        pil = open_image(img)
+        ch, cw = best_resolution(pil.height, pil.width, self.layout.pinpoints)
+        h, w = self.fitted(pil.height, pil.width, ch, cw)
+        canvas = Image.new("RGB", (cw, ch))
+        canvas.paste(pil.resize((w, h), self.filter) if (w, h) != pil.size else pil, ((cw - w) // 2, (ch - h) // 2))
+        s = self.size
+        x = self.normalise(canvas)
+        rows, cols = ch // s, cw // s
+        tiles = x.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
+        base = self.normalise(pil.resize((s, s), self.filter) if pil.size != (s, s) else pil)
+        return AnyResTiles(torch.cat([base[None], tiles]), (pil.height, pil.width))
+
+    def tokens(self, item: AnyResTiles) -> int:
+        return self.layout.tokens(*item.size, self.size, self.patch_size)
+
+    def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (pixels [b x most tiles x 3 x size x size], zero tiles after each image's own, as transformers
+        pads them; the images' (height, width) [b x 2])."""
+        most = max(t.pixels.shape[0] for t in items)
+        px = torch.zeros(len(items), most, *items[0].pixels.shape[1:])
+        for i, t in enumerate(items):
+            px[i, : t.pixels.shape[0]] = t.pixels
+        return px, torch.tensor([t.size for t in items])
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

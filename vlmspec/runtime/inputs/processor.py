@@ -17,7 +17,12 @@ from vlmspec.compiler.compile import Analysis, shapes_at_image_size
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
-from vlmspec.runtime.inputs.images import ImageInput, ImageTransform, NativeImageTransform
+from vlmspec.runtime.inputs.images import (
+    AnyResImageTransform,
+    ImageInput,
+    ImageTransform,
+    NativeImageTransform,
+)
 
 IGNORE = -100
 
@@ -184,15 +189,16 @@ class Processor:
     def encode_example(self, question: str, answer: str, n_images: int = 1) -> Encoded:
         return self.encode_turns([(question, answer)], n_images)
 
-    def encode_turns(self, turns: Sequence[tuple[str, str]], n_images: int = 1) -> Encoded:
-        """A multi-turn conversation: images in the first prompt, loss on every answer."""
+    def encode_turns(self, turns: Sequence[tuple[str, str]], n_images: int = 1, tokens: int | None = None) -> Encoded:
+        """A multi-turn conversation: images in the first prompt (`tokens` placeholders each, default
+        `tokens_per_image`), loss on every answer."""
         if self.settings.chat_template is not None:
-            return self._encode_template_turns(turns, n_images)
+            return self._encode_template_turns(turns, n_images, tokens)
         ids: list[int] = []
         labels: list[int] = []
         for k, (question, answer) in enumerate(turns):
             if k == 0:
-                prompt = self.encode_prompt(question, n_images)
+                prompt = self.encode_prompt(question, n_images, tokens)
             else:
                 prompt = self._ids(self.prompt_text(question, 0))
             answer_ids = self._ids(self.settings.answer.replace("{a}", answer))
@@ -202,7 +208,8 @@ class Processor:
             labels += [IGNORE] * len(prompt) + answer_ids
         return Encoded(ids[: self.max_length], labels[: self.max_length])
 
-    def _encode_template_turns(self, turns: Sequence[tuple[str, str]], n_images: int) -> Encoded:
+    def _encode_template_turns(self, turns: Sequence[tuple[str, str]], n_images: int,
+                               tokens: int | None = None) -> Encoded:
         """The conversation rendered by the chat template, cut where each answer starts and ends (the
         template rendered up to each question with the generation prompt, then with the answer): loss on
         the answers, the end-of-sequence token appended to one the template does not end with it."""
@@ -210,8 +217,8 @@ class Processor:
         labels: list[int] = []
         done = ""
         for k in range(len(turns)):
-            asked = self.render(self._messages([*turns[:k], (turns[k][0], None)], n_images), True)
-            answered = self.render(self._messages(turns[: k + 1], n_images), False)
+            asked = self.render(self._messages([*turns[:k], (turns[k][0], None)], n_images), True, tokens)
+            answered = self.render(self._messages(turns[: k + 1], n_images), False, tokens)
             if not (asked.startswith(done) and answered.startswith(asked)):
                 raise user_error("E0539", "the spec's chat_template does not render a conversation turn by turn "
                                  "(an earlier turn changes when a later one is added)",
@@ -269,9 +276,17 @@ class Processor:
         encoder (`NativeImageTransform`), else the encoder's fixed transform (None without an encoder)."""
         return self.native if self.native is not None else self.transform
 
+    @property
+    def anyres(self) -> AnyResImageTransform | None:
+        """The transform of an any-resolution encoder (LLaVA-NeXT), whose images take as many tokens as
+        their size makes."""
+        return self.transform if isinstance(self.transform, AnyResImageTransform) else None
+
     def image_tokens(self, pixels: Any) -> int:
-        """How many placeholder tokens one transformed image takes in the prompt (a native-size image
-        takes as many as its size makes; every other image the fusion's fixed count)."""
+        """How many placeholder tokens one transformed image takes in the prompt (a native-size or anyres
+        image takes as many as its size makes; every other image the fusion's fixed count)."""
+        if self.anyres is not None:
+            return self.anyres.tokens(pixels)
         if self.native is None or not isinstance(pixels, torch.Tensor):
             return self.tokens_per_image
         h, w = pixels.shape[-2:]
@@ -280,18 +295,23 @@ class Processor:
 
     def size_groups(self, images: Sequence[ImageInput]) -> list[list[int]]:
         """Indices of `images` in groups one forward can take together: one group, except that a
-        dynamic-resolution encoder reads each image at its own size, and a batch holds one size."""
-        if self.native is None:
+        dynamic-resolution encoder reads each image at its own size, and a batch holds one size; an anyres
+        encoder's images are grouped by token count (a batch could mix counts, but equal prompts pad least
+        and keep each row's tiles and tokens as its own batch of one would have them)."""
+        if self.native is None and self.anyres is None:
             return [list(range(len(images)))]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
-            groups.setdefault(tuple(self.native(img).shape), []).append(i)
+            key = (self.image_tokens(self.anyres(img)),) if self.anyres is not None else tuple(self.native(img).shape)
+            groups.setdefault(key, []).append(i)
         return list(groups.values())
 
     def generation_batch(self, questions: Sequence[str], images: Sequence[ImageInput] | None) -> dict[str, Any]:
         """Left-padded prompts (one image per prompt when images are given) for `model.generate`. A
         dynamic-resolution encoder reads each image at its processor's size (`NativeImageTransform`):
         the images of one batch must come out the same size (`size_groups` splits them)."""
+        if images and self.anyres is not None:
+            return self._anyres_batch(questions, images)
         if images and self.native is not None:
             items = [self.native(i) for i in images]
             sizes = {tuple(x.shape[-2:]) for x in items}
@@ -316,6 +336,16 @@ class Processor:
             if instruction is not None:
                 batch["instruction"] = instruction
         return batch
+
+    def _anyres_batch(self, questions: Sequence[str], images: Sequence[ImageInput]) -> dict[str, Any]:
+        """`generation_batch` for an anyres encoder: each prompt with as many placeholders as its image's size
+        makes (`size_groups` still batches equal counts together, which pads least); the images' sizes
+        travel in `aspect_ratio_ids`' place."""
+        items = [self.anyres(i) for i in images]  # type: ignore[misc]
+        input_ids, mask = self.left_pad([self.encode_prompt(q, 1, self.image_tokens(x))
+                                         for q, x in zip(questions, items, strict=True)])
+        pixels, sizes = self.stack(items)
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels, "aspect_ratio_ids": sizes}
 
     def training_batch(self, examples: Sequence[Encoded], pixel_values: torch.Tensor | None,
                        aspect_ratio_ids: torch.Tensor | None = None) -> dict[str, Any]:

@@ -362,7 +362,9 @@ class Engine:
         sized: dict[tuple[int, ...], list[GenRequest]] = {}
         for r in reqs:
             if r.pixels is not None:
-                key = tuple(r.pixels.shape) if self.processor.native is not None else ()
+                # native-size images one size at a time; anyres images one token count at a time
+                key = (tuple(r.pixels.shape) if self.processor.native is not None
+                       else (self.processor.image_tokens(r.pixels),) if self.processor.anyres is not None else ())
                 sized.setdefault(key, []).append(r)
         for group in (*sized.values(), [r for r in reqs if r.pixels is None]):
             if not group:

@@ -64,9 +64,15 @@ _HINT = "LLaVA is one CLIP-style `vit`, a 2-layer `mlp`, a `llama` and a causal 
 
 
 def claims(ir: ModelIR) -> bool:
-    """An MLP connector into a prefix fusion: LLaVA's shape (what does not fit is then said by `write`)."""
+    """An MLP connector into a prefix fusion: LLaVA's shape (what does not fit is then said by `write`); an
+    encoder with an anyres layout is LLaVA-NeXT's."""
     return [c.kind for c in ir.by_role("connector")] == ["mlp"] and \
-        [c.kind for c in ir.by_role("fusion")] == ["prefix"]
+        [c.kind for c in ir.by_role("fusion")] == ["prefix"] and not anyres(ir)
+
+
+def anyres(ir: ModelIR) -> bool:
+    """Whether a vision encoder reads images at any resolution (`layout = anyres(...)`)."""
+    return any(not isinstance(getattr(v.config, "layout", "fixed"), str) for v in ir.by_role("vision"))
 
 
 def _fit(cond: bool, what: str) -> None:
