@@ -209,3 +209,15 @@ def noise_image(path: Path, size: tuple[int, int], sigma: float = 80.0, colour: 
     pixels = np.clip(128 + sigma * rng.standard_normal((h, w, 3) if colour else (h, w)), 0, 255).astype(np.uint8)
     Image.fromarray(pixels).convert("RGB").save(path)
     return path
+
+
+def config_subset(ours: dict, theirs: dict, path: str = "") -> list[str]:
+    """The keys of `ours` (nested) whose values `theirs` does not hold: an exported config.json against
+    the checkpoint's own."""
+    out = []
+    for k, v in ours.items():
+        if isinstance(v, dict) and isinstance(theirs.get(k), dict):
+            out += config_subset(v, theirs[k], f"{path}{k}.")
+        elif theirs.get(k, v) != v:
+            out.append(f"{path}{k}: {v!r} != {theirs.get(k)!r}")
+    return out

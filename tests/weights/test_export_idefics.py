@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import export_round_trip, randomise  # noqa: E402
+from hf_tiny import config_subset, export_round_trip, randomise  # noqa: E402
 from test_import_folder import runner  # noqa: E402
 from test_import_folder_qwen_idefics_mllama import (  # noqa: E402
     IDEFICS_TEMPLATE,
@@ -49,17 +49,6 @@ def _hf_folder(hf_dir: Path, *, vocab: int = 128, fake: int = 128, image: int = 
     tok.chat_template = IDEFICS_TEMPLATE
     images = IdeficsImageProcessorPil(image_size=32, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
     transformers.IdeficsProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(hf_dir))
-
-
-def _subset(ours: dict, theirs: dict, path: str = "") -> list[str]:
-    """The keys of `ours` (nested) whose values `theirs` does not hold."""
-    out = []
-    for k, v in ours.items():
-        if isinstance(v, dict) and isinstance(theirs.get(k), dict):
-            out += _subset(v, theirs[k], f"{path}{k}.")
-        elif theirs.get(k, v) != v:
-            out.append(f"{path}{k}: {v!r} != {theirs.get(k)!r}")
-    return out
 
 
 def _transformers_answers(export: Path, images: list[Path]) -> list[str]:
@@ -94,7 +83,7 @@ def test_idefics_round_trips_and_the_export_answers_as_vlm_generate(tmp_path: Pa
             "tokenizer.json"} <= {p.name for p in back.iterdir()}
     # the config holds what the checkpoint's says (its pad id aside: the export writes the tokenizer's)
     ours, theirs = (json.loads((d / "config.json").read_text()) for d in (back, hf_dir))
-    assert not _subset({k: v for k, v in ours.items() if k != "pad_token_id"}, theirs)
+    assert not config_subset({k: v for k, v in ours.items() if k != "pad_token_id"}, theirs)
     assert (back / "chat_template.jinja").read_text() == IDEFICS_TEMPLATE  # the import's layout taken off
     # importing the export gives the spec the checkpoint gave (its folder aside)
     r = runner.invoke(app, ["import-hf", str(back), "-o", str(tmp_path / "again.vlm")])

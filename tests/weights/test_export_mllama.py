@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import export_round_trip  # noqa: E402
+from hf_tiny import config_subset, export_round_trip  # noqa: E402
 from test_import_folder import char_tokenizer, runner  # noqa: E402
 from test_import_folder_qwen_idefics_mllama import (  # noqa: E402
     MLLAMA_TEMPLATE,
@@ -47,17 +47,6 @@ def _hf_folder(hf_dir: Path, **kw) -> None:
                                  chat_template=MLLAMA_TEMPLATE).save_pretrained(str(hf_dir))
 
 
-def _subset(ours: dict, theirs: dict, path: str = "") -> list[str]:
-    """The keys of `ours` (nested) whose values `theirs` does not hold."""
-    out = []
-    for k, v in ours.items():
-        if isinstance(v, dict) and isinstance(theirs.get(k), dict):
-            out += _subset(v, theirs[k], f"{path}{k}.")
-        elif theirs.get(k, v) != v:
-            out.append(f"{path}{k}: {v!r} != {theirs.get(k)!r}")
-    return out
-
-
 def _vlm_answers(folder: Path, images: list[Path]) -> list[str]:
     out = []
     for image in images:
@@ -84,7 +73,7 @@ def test_mllama_round_trips_and_the_export_answers_as_vlm_generate(tmp_path: Pat
     assert {"chat_template.jinja", "generation_config.json", "preprocessor_config.json", "processor_config.json",
             "tokenizer.json"} <= {p.name for p in back.iterdir()}
     ours, theirs = (json.loads((d / "config.json").read_text()) for d in (back, hf_dir))
-    assert not _subset(ours, theirs)
+    assert not config_subset(ours, theirs)
     assert (back / "chat_template.jinja").read_text() == MLLAMA_TEMPLATE
     # importing the export gives the spec the checkpoint gave (its folder aside)
     r = runner.invoke(app, ["import-hf", str(back), "-o", str(tmp_path / "again.vlm")])
@@ -112,7 +101,7 @@ def test_mllama_variants_round_trip_bit_for_bit(kw: dict, tmp_path: Path) -> Non
     _hf_folder(hf_dir, **kw)
     _, back = export_round_trip(hf_dir, tmp_path)
     ours, theirs = (json.loads((d / "config.json").read_text()) for d in (back, hf_dir))
-    assert not _subset(ours, theirs)
+    assert not config_subset(ours, theirs)
     assert ours["text_config"]["cross_attention_layers"] == list(kw.get("cross", (1, 4)))
 
 

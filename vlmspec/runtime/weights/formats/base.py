@@ -13,7 +13,7 @@ from vlmspec.runtime.weights.errors import EXPORT, weights_error
 from vlmspec.runtime.weights.families import Layout, MultiFamily, lay
 
 if TYPE_CHECKING:
-    from vlmspec.compiler.ir import ModelIR
+    from vlmspec.compiler.ir import Component, ModelIR
     from vlmspec.runtime.session import Session
 
 # Where transformers keeps a VLM's language model: `language_model.model.*` in older saves,
@@ -87,6 +87,13 @@ def unplaced_attribute(config: Any, carried: set[str], fixed: dict[str, Any] | N
         if value != want:
             return f"{name} = {fmt_value(value)}"
     return None
+
+
+def refuse_unplaced(comp: Component, fit: Callable[[bool, str], None], carried: set[str],
+                    fixed: dict[str, Any] | None = None) -> None:
+    """E0586 (through the format's `fit`) naming the first attribute of `comp` its config has no place for."""
+    loose = unplaced_attribute(comp.config, carried, fixed)
+    fit(loose is None, f"{comp.role} `{comp.name}` with {loose}")
 
 
 def special_token_ids(session: Session) -> dict[str, Any]:

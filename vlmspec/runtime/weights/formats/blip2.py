@@ -22,8 +22,8 @@ from vlmspec.runtime.weights.formats.base import (
     Export,
     VLMFormat,
     does_not_fit,
+    refuse_unplaced,
     special_token_ids,
-    unplaced_attribute,
 )
 from vlmspec.runtime.weights.formats.llava import ACT_HF
 from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_fields
@@ -146,11 +146,6 @@ def components(ir: ModelIR, fit: Fit) -> tuple[Component, Component, Component, 
     return by["vision"][0], by["connector"][0], by["language"][0], by["fusion"][0]
 
 
-def attributes(comp: Component, fit: Fit, carried: set[str], fixed: dict[str, Any] | None = None) -> None:
-    """E0586 naming the first attribute of `comp` the format's config has no place for."""
-    loose = unplaced_attribute(comp.config, carried, fixed)
-    fit(loose is None, f"{comp.role} `{comp.name}` with {loose}")
-
 
 def _vision(vis: Component, fmt: BlipFormat) -> dict[str, Any]:
     """`vision_config`: an EVA tower whose last layer's tokens (class token and post-LayerNorm included)
@@ -160,7 +155,7 @@ def _vision(vis: Component, fmt: BlipFormat) -> dict[str, Any]:
     fmt.fit(list(v.feature.layers) in ([-1], [v.depth]) and v.feature.tokens == "all",
             f"vision `{vis.name}` with feature = {v.feature.to_vlm()} (the Q-Former reads the last layer's tokens, "
             "`layer(-1).all`)")
-    attributes(vis, fmt.fit, _EVA)
+    refuse_unplaced(vis, fmt.fit, _EVA)
     return {"model_type": fmt.vision_type, "hidden_size": v.width, "intermediate_size": v.mlp_dim,
             "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
             "patch_size": v.patch_size, "hidden_act": ACT_HF[v.act], "layer_norm_eps": v.norm_eps, "qkv_bias": True}
@@ -172,7 +167,7 @@ def _qformer(con: Component, vis: Component, fmt: BlipFormat) -> dict[str, Any]:
     c = con.config
     fmt.fit(list(con.sources) == [vis.name], f"connector `{con.name}` reading {', '.join(con.sources)}")
     carried = _QFORMER if fmt.instruct else _QFORMER | {"text_ffn"}
-    attributes(con, fmt.fit, carried, {"instruction": fmt.instruct, "text_ffn": True})
+    refuse_unplaced(con, fmt.fit, carried, {"instruction": fmt.instruct, "text_ffn": True})
     out = {"model_type": fmt.qformer_type, "vocab_size": c.text_vocab, "hidden_size": c.width,
            "num_hidden_layers": c.depth, "num_attention_heads": c.heads, "intermediate_size": c.mlp,
            "hidden_act": "gelu", "max_position_embeddings": c.max_text, "layer_norm_eps": c.norm_eps,
@@ -186,7 +181,7 @@ def _opt(lm: Component, fit: Fit) -> dict[str, Any]:
     t = lm.config
     fit(t.n_kv == t.heads and t.hd * t.heads == t.width,
         f"language model `{lm.name}` with kv_heads = {t.n_kv}, head_dim = {t.hd} (OPT's heads split its width)")
-    attributes(lm, fit, _OPT)
+    refuse_unplaced(lm, fit, _OPT)
     return {"model_type": "opt", "vocab_size": t.vocab, "hidden_size": t.width, "num_hidden_layers": t.depth,
             "ffn_dim": t.ffn, "num_attention_heads": t.heads, "max_position_embeddings": t.max_positions,
             "word_embed_proj_dim": t.embed_dim or t.width, "activation_function": t.act,
@@ -197,7 +192,7 @@ def _opt(lm: Component, fit: Fit) -> dict[str, Any]:
 def _llama(lm: Component, fit: Fit) -> dict[str, Any]:
     """Llama (Vicuna), or Qwen2 for one with q/k/v biases."""
     t = lm.config
-    attributes(lm, fit, _LLAMA)
+    refuse_unplaced(lm, fit, _LLAMA)
     text = {"model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab, "hidden_size": t.width,
             "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
             "num_key_value_heads": t.n_kv, "head_dim": t.hd, "max_position_embeddings": t.max_positions,
@@ -220,7 +215,7 @@ def prefix_fusion(fus: Component, con: Component, fit: Fit, attention: str, toke
     """A prefix fusion of the connector's tokens with the processors' own placeholder (`<image>`, unless the
     tokenizer names another, which they then use) and the format's attention within the prompt."""
     fit(fus.kind == "prefix" and list(fus.sources) == [con.name], f"fusion `{fus.name}` ({fus.kind})")
-    attributes(fus, fit, {"tokens"}, {"prefix_attention": attention, "image_token": HF_IMAGE_TOKEN})
+    refuse_unplaced(fus, fit, {"tokens"}, {"prefix_attention": attention, "image_token": HF_IMAGE_TOKEN})
     named = getattr(tokenizer, "image_token", None)
     fit(named in (None, HF_IMAGE_TOKEN), f"a tokenizer whose image_token is `{named}` (the fusion's is "
         f"`{HF_IMAGE_TOKEN}`)")

@@ -38,8 +38,8 @@ from vlmspec.runtime.weights.formats.base import (
     Export,
     VLMFormat,
     does_not_fit,
+    refuse_unplaced,
     special_token_ids,
-    unplaced_attribute,
 )
 from vlmspec.runtime.weights.formats.llava import ACT_HF
 from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_fields, image_processor
@@ -275,10 +275,6 @@ def _fit(cond: bool, what: str) -> None:
     does_not_fit(cond, _NAME, what, _HINT)
 
 
-def _attributes(comp: Component, carried: set[str], fixed: dict[str, Any] | None = None) -> None:
-    loose = unplaced_attribute(comp.config, carried, fixed)
-    _fit(loose is None, f"{comp.role} `{comp.name}` with {loose}")
-
 
 def _parts(ir: ModelIR) -> tuple[Component, Component | None, Component, Component]:
     """(vision, perceiver or None, language, fusion), wired as IDEFICS wires them."""
@@ -304,7 +300,7 @@ def _vision(vis: Component) -> dict[str, Any]:
     _fit(list(v.feature.layers) in ([-1], [v.depth]) and v.feature.tokens == "all",
          f"vision `{vis.name}` with feature = {v.feature.to_vlm()} (IDEFICS reads the last layer's tokens, "
          "`layer(-1).all`)")
-    _attributes(vis, _VIT)
+    refuse_unplaced(vis, _fit, _VIT)
     return {"model_type": "idefics_vision", "embed_dim": v.width, "image_size": v.image_size,
             "intermediate_size": v.mlp_dim, "patch_size": v.patch_size, "num_hidden_layers": v.depth,
             "num_attention_heads": v.heads, "num_channels": v.channels, "hidden_act": ACT_HF[v.act],
@@ -316,7 +312,7 @@ def _perceiver(con: Component | None) -> dict[str, Any]:
     if con is None:
         return {"model_type": "idefics_perciever", "use_resampler": False}
     c = con.config
-    _attributes(con, _PERCEIVER, _PERCEIVER_FIXED)
+    refuse_unplaced(con, _fit, _PERCEIVER, _PERCEIVER_FIXED)
     return {"model_type": "idefics_perciever", "use_resampler": True, "resampler_n_latents": c.latents,
             "resampler_depth": c.depth, "resampler_n_heads": c.heads, "resampler_head_dim": c.head_dim,
             "qk_layer_norms_perceiver": c.qk_norm}
@@ -332,7 +328,7 @@ def _text(lm: Component) -> dict[str, Any]:
          f"head_dim = {t.hd} (IDEFICS' heads split its width, without grouped-query attention)")
     _fit(not (t.tie_embeddings and t.extra_vocab), f"language model `{lm.name}` with tie_embeddings and "
          f"extra_vocab = {t.extra_vocab} (IDEFICS would tie the extra head rows to the extra embedding rows)")
-    _attributes(lm, _LLAMA)
+    refuse_unplaced(lm, _fit, _LLAMA)
     return {"vocab_size": t.vocab, "additional_vocab_size": t.extra_vocab, "hidden_size": t.width,
             "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
             "hidden_act": "silu", "rms_norm_eps": t.norm_eps, "max_position_embeddings": t.max_positions,
@@ -354,7 +350,7 @@ def cross_interval(fus: Component, depth: int) -> int:
 def _cross(fus: Component, depth: int) -> dict[str, Any]:
     c = fus.config
     _fit(fus.kind == "cross_attention", f"fusion `{fus.name}` ({fus.kind})")
-    _attributes(fus, _CROSS, _CROSS_FIXED)
+    refuse_unplaced(fus, _fit, _CROSS, _CROSS_FIXED)
     return {"cross_layer_interval": cross_interval(fus, depth), "qk_layer_norms": c.qk_norm,
             "alpha_type": "vector" if c.vector_gates else "float"}
 

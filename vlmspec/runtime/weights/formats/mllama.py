@@ -40,8 +40,8 @@ from vlmspec.runtime.weights.formats.base import (
     Export,
     VLMFormat,
     does_not_fit,
+    refuse_unplaced,
     special_token_ids,
-    unplaced_attribute,
 )
 from vlmspec.runtime.weights.formats.llava import ACT_HF
 from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_processor
@@ -361,11 +361,6 @@ def _fit(cond: bool, what: str) -> None:
     does_not_fit(cond, _NAME, what, _HINT)
 
 
-def _attributes(comp: Component, carried: set[str], fixed: dict[str, Any] | None = None) -> None:
-    """E0586 naming the first attribute of `comp` that MllamaConfig has no place for."""
-    loose = unplaced_attribute(comp.config, carried, fixed)
-    _fit(loose is None, f"{comp.role} `{comp.name}` with {loose}")
-
 
 def _parts(ir: ModelIR) -> tuple[Component, Component, Component, Component]:
     """(vision, projector, language, fusion), wired as Mllama wires them, unquantized, in one dtype."""
@@ -420,7 +415,7 @@ def _vision(vis: Component) -> dict[str, Any]:
     _fit(v.norm_eps == _OUTER_EPS, f"vision `{vis.name}` with norm_eps = {v.norm_eps} (Mllama's pre- and "
          f"post-LayerNorms keep {_OUTER_EPS} whatever `norm_eps` says)")
     inter = _intermediate(vis)
-    _attributes(vis, _VIT, _VIT_FIXED)
+    refuse_unplaced(vis, _fit, _VIT, _VIT_FIXED)
     return {"model_type": "mllama_vision_model", "hidden_size": v.width, "hidden_act": ACT_HF[v.act],
             "num_hidden_layers": v.depth - v.global_layers, "num_global_layers": v.global_layers,
             "attention_heads": v.heads, "num_channels": v.channels, "intermediate_size": v.mlp_dim,
@@ -434,7 +429,7 @@ def _projector(con: Component, text_width: int) -> None:
     c = con.config
     _fit(c.bias, f"connector `{con.name}` with bias = false (Mllama's projector has a bias)")
     _fit(c.out in (None, text_width), f"connector `{con.name}` with out = {c.out} (the text width is {text_width})")
-    _attributes(con, _LINEAR)
+    refuse_unplaced(con, _fit, _LINEAR)
 
 
 def _rope(lm: Component) -> dict[str, Any]:
@@ -459,7 +454,7 @@ def _text(lm: Component, fus: Component, session: Session) -> dict[str, Any]:
     _fit(t.embed_extra == 8 and not t.tie_embeddings, f"language model `{lm.name}` with embed_extra = "
          f"{t.embed_extra}, tie_embeddings = {str(t.tie_embeddings).lower()} (Mllama's embedding has 8 rows "
          "more than its untied head)")
-    _attributes(lm, _LLAMA)
+    refuse_unplaced(lm, _fit, _LLAMA)
     cross = _cross_layers_of(fus, t.depth)
     ids = special_token_ids(session)
     pad = ids.pop("pad_token_id", None)
@@ -475,7 +470,7 @@ def _cross_layers_of(fus: Component, depth: int) -> list[int]:
     """`cross_attention_layers`: the k-th block (before our self-attention layer p) is Mllama's layer p + k,
     as the k blocks before it sit among its layers too."""
     _fit(fus.kind == "cross_attention", f"fusion `{fus.name}` ({fus.kind})")
-    _attributes(fus, _CROSS, _CROSS_FIXED)
+    refuse_unplaced(fus, _fit, _CROSS, _CROSS_FIXED)
     return [p + k for k, p in enumerate(fus.config.layer_ids(depth))]
 
 

@@ -17,10 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from vlmspec.runtime.weights.chat_template import conversation_template
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
-from vlmspec.runtime.weights.formats.base import LLAVA_LM, Export, VLMFormat, does_not_fit, special_token_ids
+from vlmspec.runtime.weights.formats.base import (
+    LLAVA_LM,
+    Export,
+    VLMFormat,
+    does_not_fit,
+    refuse_unplaced,
+    special_token_ids,
+)
 from vlmspec.runtime.weights.formats.blip2 import (
     HF_IMAGE_TOKEN,
-    attributes,
     components,
     image_processor,
     image_token_id,
@@ -109,7 +115,7 @@ def _vision(vis: Component, width: int) -> dict[str, Any]:
     _fit(list(v.feature.layers) in ([-1], [v.depth]) and v.feature.tokens == "patches",
          f"vision `{vis.name}` with feature = {v.feature.to_vlm()} (PaliGemma reads the last layer's patches, "
          "`layer(-1).patches`)")
-    attributes(vis, _fit, _SIGLIP)
+    refuse_unplaced(vis, _fit, _SIGLIP)
     return {"model_type": "siglip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
             "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
             "patch_size": v.patch_size, "num_channels": v.channels, "hidden_act": ACT_HF[v.act],
@@ -119,7 +125,7 @@ def _vision(vis: Component, width: int) -> dict[str, Any]:
 def _projector(con: Component, vis: Component) -> None:
     """One biased linear layer from the tower's width to the text model's (`multi_modal_projector.linear`)."""
     _fit(list(con.sources) == [vis.name], f"connector `{con.name}` reading {', '.join(con.sources)}")
-    attributes(con, _fit, {"merge", "out", "weights", "dtype"})
+    refuse_unplaced(con, _fit, {"merge", "out", "weights", "dtype"})
 
 
 def _text(lm: Component, session: Session) -> dict[str, Any]:
@@ -128,7 +134,7 @@ def _text(lm: Component, session: Session) -> dict[str, Any]:
     _fit(lm.kind == "gemma", f"language model `{lm.name}` ({lm.kind})")
     _fit(t.act in _GEMMA_ACT, f"language model `{lm.name}` with act = {t.act} (transformers' Gemma reads "
          "`gelu` as the tanh approximation)")
-    attributes(lm, _fit, _GEMMA | {"act"})
+    refuse_unplaced(lm, _fit, _GEMMA | {"act"})
     return {"model_type": "gemma", "vocab_size": t.vocab, "hidden_size": t.width, "intermediate_size": t.ffn,
             "num_hidden_layers": t.depth, "num_attention_heads": t.heads, "num_key_value_heads": t.n_kv,
             "head_dim": t.hd, "max_position_embeddings": t.max_positions, "rms_norm_eps": t.norm_eps,

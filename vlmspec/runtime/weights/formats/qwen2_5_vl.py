@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from vlmspec.compiler.schema.vision import DynamicResolution
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
-from vlmspec.runtime.weights.formats.base import LLAVA_LM, Export, VLMFormat, does_not_fit, special_token_ids
-from vlmspec.runtime.weights.formats.blip2 import RESAMPLE_CODE, attributes, components
+from vlmspec.runtime.weights.formats.base import (
+    LLAVA_LM,
+    Export,
+    VLMFormat,
+    does_not_fit,
+    refuse_unplaced,
+    special_token_ids,
+)
+from vlmspec.runtime.weights.formats.blip2 import RESAMPLE_CODE, components
 from vlmspec.runtime.weights.formats.llava import ACT_HF
 from vlmspec.runtime.weights.formats.qwen2_vl import (
     _filter,
@@ -129,7 +136,7 @@ def _fit(cond: bool, what: str) -> None:
 def _vision(vis: Component, merge: int, out: int) -> dict[str, Any]:
     v = vis.config
     _fit(vis.kind == "vit", f"vision `{vis.name}` ({vis.kind})")
-    attributes(vis, _fit, _VIT, _VIT_FIXED)
+    refuse_unplaced(vis, _fit, _VIT, _VIT_FIXED)
     _fit(isinstance(v.resolution, DynamicResolution), f"vision `{vis.name}` at a fixed resolution")
     _fit(v.act in ACT_HF, f"vision `{vis.name}` with act = {v.act}")
     unit = v.patch_size * merge
@@ -144,14 +151,14 @@ def _vision(vis: Component, merge: int, out: int) -> dict[str, Any]:
 def _merger(con: Component, vis: Component) -> int:
     c = con.config
     _fit(list(con.sources) == [vis.name], f"connector `{con.name}` reading {', '.join(con.sources)}")
-    attributes(con, _fit, {"merge", "weights", "dtype"}, {"layers": 2, "act": "gelu", "norm": "rms"})
+    refuse_unplaced(con, _fit, {"merge", "weights", "dtype"}, {"layers": 2, "act": "gelu", "norm": "rms"})
     return int(c.merge)
 
 
 def _text(lm: Component, session: Session) -> dict[str, Any]:
     t = lm.config
     _fit(lm.kind == "llama" and not isinstance(t.rope, str), f"language model `{lm.name}` ({lm.kind}, M-RoPE)")
-    attributes(lm, _fit, _LLAMA, {"qkv_bias": True, "act": "silu"})
+    refuse_unplaced(lm, _fit, _LLAMA, {"qkv_bias": True, "act": "silu"})
     return {"model_type": "qwen2_5_vl_text", "vocab_size": t.vocab, "hidden_size": t.width,
             "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
             "num_key_value_heads": t.n_kv, "max_position_embeddings": t.max_positions, "rms_norm_eps": t.norm_eps,
@@ -185,7 +192,7 @@ def write(session: Session) -> Export:
     merge = _merger(con, vis)
     text = _text(lm, session)
     _fit(fus.kind == "prefix" and list(fus.sources) == [con.name], f"fusion `{fus.name}` ({fus.kind})")
-    attributes(fus, _fit, {"tokens", "image_token"}, {"prefix_attention": "causal"})
+    refuse_unplaced(fus, _fit, {"tokens", "image_token"}, {"prefix_attention": "causal"})
     image_id = int(session.model.image_token_id)
     _fit(image_id < lm.config.vocab, f"image token id {image_id} outside the vocabulary of {lm.config.vocab}")
     config = {"model_type": _NAME, "architectures": ["Qwen2_5_VLForConditionalGeneration"],

@@ -30,8 +30,8 @@ from vlmspec.runtime.weights.formats.base import (
     Export,
     VLMFormat,
     does_not_fit,
+    refuse_unplaced,
     special_token_ids,
-    unplaced_attribute,
 )
 from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_processor
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need
@@ -237,11 +237,6 @@ def _fit(cond: bool, what: str) -> None:
     does_not_fit(cond, _NAME, what, _HINT)
 
 
-def _attributes(comp: Component, carried: set[str], fixed: dict[str, Any] | None = None) -> None:
-    """E0586 naming the first attribute of `comp` that Qwen2VLConfig has no place for."""
-    loose = unplaced_attribute(comp.config, carried, fixed)
-    _fit(loose is None, f"{comp.role} `{comp.name}` with {loose}")
-
 
 def _components(ir: ModelIR) -> tuple[Component, Component, Component, Component]:
     """The one encoder, merger, language model and fusion Qwen2-VL has (E0586 for anything else)."""
@@ -281,7 +276,7 @@ def _vision(vis: Component, merge: int, out_width: int) -> dict[str, Any]:
     _fit(side == v.image_size, f"vision `{vis.name}` with image_size = {v.image_size} (Qwen2-VL has no fixed "
          f"size; the one its pixel range [{res.min_pixels}, {res.max_pixels}] gives is "
          + (f"{side})" if side else "none)"))
-    _attributes(vis, _VIT, _VIT_FIXED)
+    refuse_unplaced(vis, _fit, _VIT, _VIT_FIXED)
     return {"model_type": "qwen2_vl_vision", "depth": v.depth, "embed_dim": v.width, "hidden_size": out_width,
             "hidden_act": _ACT_HF[v.act], "mlp_ratio": v.mlp_dim // v.width, "num_heads": v.heads,
             "in_channels": v.channels, "patch_size": v.patch_size, "spatial_merge_size": merge,
@@ -300,7 +295,7 @@ def _merger(con: Component, vis: Component, out_width: int) -> None:
          "(Qwen2-VL's merger is 2 layers with GELU)")
     _fit(c.hidden in (None, merged), f"connector `{con.name}` with hidden = {c.hidden} (Qwen2-VL's is {merged})")
     _fit(c.out in (None, out_width), f"connector `{con.name}` with out = {c.out} (the text width is {out_width})")
-    _attributes(con, _MERGER)
+    refuse_unplaced(con, _fit, _MERGER)
 
 
 def _text(lm: Component, session: Session) -> dict[str, Any]:
@@ -313,7 +308,7 @@ def _text(lm: Component, session: Session) -> dict[str, Any]:
     rope = t.rope
     _fit(getattr(rope, "sections", None) is not None, f"language model `{lm.name}` with rope = "
          f"{rope if isinstance(rope, str) else rope.to_vlm()}")
-    _attributes(lm, _QWEN2, {"qkv_bias": True})
+    refuse_unplaced(lm, _fit, _QWEN2, {"qkv_bias": True})
     rope_parameters = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(rope.sections)}
     tok = session.tokenizer
     ids = {"bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id} if tok is not None else {}
@@ -332,7 +327,7 @@ def _fusion(fus: Component, con: Component, tokenizer: Any) -> None:
     want = named if isinstance(named, str) and named else IMAGE_PAD
     _fit(fus.config.image_token == want, f"fusion `{fus.name}` with image_token = {fus.config.image_token!r} "
          f"(Qwen2-VL's processor expands `{want}`)")
-    _attributes(fus, {"image_token"}, {"prefix_attention": "causal"})
+    refuse_unplaced(fus, _fit, {"image_token"}, {"prefix_attention": "causal"})
 
 
 def _token_ids(session: Session, image_id: int) -> dict[str, int]:
