@@ -113,6 +113,17 @@ def test_a_whole_float_is_an_integer_a_quoted_number_is_not() -> None:
     assert d.code == "E0201" and (d.span.line, d.span.col) == where and "without quotes" in (d.help or "")
 
 
+def test_a_list_element_with_too_few_values_is_malformed_not_missing() -> None:
+    """`pinpoints = [[32]]` lacks a width: E0201 at the value with the field's description, not E0210
+    (which says a required attribute was never written)."""
+    text = BASE.replace("heads = 2 }", "heads = 2  layout = anyres(pinpoints = [[32]]) }", 1)
+    assert text != BASE
+    r = check_file("t.vlm", None, text=text)
+    (d,) = [d for d in r.diagnostics if d.severity == "error"]
+    assert d.code == "E0201" and "`layout.pinpoints`: too few values" in d.message
+    assert "[height, width]" in (d.help or "")
+
+
 def test_none_unsets_what_a_model_inherits() -> None:
     text = BASE.replace("max_positions = 256", 'max_positions = 256  tokenizer = "tok"') + \
         "model scratch extends base {\n  llm { tokenizer = none }\n}\n"

@@ -582,6 +582,8 @@ def _validate(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Sp
         errors = err.errors(include_url=False)
         written = set(values) | {name for key in spans for name in key}  # names the user wrote
         for e in errors:
+            # a value missing inside a list element (`pinpoints = [[32]]`) is a malformed value, not a missing field
+            e["in_element"] = any(isinstance(p, int) for p in e["loc"])
             e["loc"] = tuple(p for p in e["loc"] if not isinstance(p, int)
                              and not (_is_union_tag(str(p)) and str(p) not in written))
         # for a union field (`rope = default | mrope(...)`), report the branch the user meant: drop
@@ -611,6 +613,9 @@ def _validate(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Sp
                 name_span = spans.get((*loc, "<name>")) or span
                 sink.error("E0104", f"unknown attribute `{loc[-1]}` for {what}", name_span,
                            help=did_you_mean(loc[-1], options) or _known("attributes", options))
+            elif kind == "missing" and e["in_element"]:
+                sink.error("E0201", f"`{'.'.join(loc)}`: too few values", span,
+                           help=_field_help(cls, loc))
             elif kind == "missing":
                 sink.error("E0210", f"{what} needs `{'.'.join(loc)}`", spans.get(()) or span)
             elif kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
