@@ -212,8 +212,33 @@ def qwen_folder(hf_dir: Path, max_pixels: int = 64 * 64):
     return tok, images
 
 
+def qwen_cli_matches(hf_dir: Path, tmp: Path, model, tok, images, paths: list[Path], hf_pixels):
+    """For each image: `vlm import-hf -> build -> generate` equals transformers' greedy text on the folder,
+    with the same ids, grid and pixels (within 1e-5); the images get different answers. Returns (the
+    imported spec, the last image's transformers inputs, the last image's vlmspec batch)."""
+    from test_parity_qwen2_vl import IMG, MERGE
+
+    answers = []
+    for image in paths:
+        ours, spec = cli_generate(hf_dir, tmp / image.stem, [image], QUESTION, 12)
+        inputs = qwen_reference(images, tok, image, QUESTION, MERGE)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=12, do_sample=False, suppress_tokens=[IMG])
+        want = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert ours == [want]
+        answers.append(want)
+        _, ours_proc = loaded(tmp / image.stem / "built")
+        batch = ours_proc.generation_batch([QUESTION], [image])
+        assert batch["input_ids"][0].tolist() == inputs["input_ids"][0].tolist()
+        pixels, grid = hf_pixels(batch["pixel_values"])
+        assert torch.equal(grid, inputs["image_grid_thw"])
+        assert (pixels - inputs["pixel_values"]).abs().max() <= 1e-5
+    assert len(set(answers)) == len(paths)
+    return spec, inputs, batch
+
+
 def test_qwen2_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
-    from test_parity_qwen2_vl import IMG, MERGE, hf_pixels, qwen2_vl
+    from test_parity_qwen2_vl import hf_pixels, qwen2_vl
 
     hf_dir = tmp_path / "hf"
     hf = qwen2_vl(hf_dir, seed=2)
@@ -222,22 +247,7 @@ def test_qwen2_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
     tall = noise_image(tmp_path / "tall.png", (30, 52))  # -> 48 x 32: 3 x 2 tokens
 
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
-    answers = []
-    for image in (wide, tall):
-        ours, spec = cli_generate(hf_dir, tmp_path / image.stem, [image], QUESTION, 12)
-        inputs = qwen_reference(images, tok, image, QUESTION, MERGE)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=12, do_sample=False, suppress_tokens=[IMG])
-        want = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        assert ours == [want]
-        answers.append(want)
-        _, ours_proc = loaded(tmp_path / image.stem / "built")
-        batch = ours_proc.generation_batch([QUESTION], [image])
-        assert batch["input_ids"][0].tolist() == inputs["input_ids"][0].tolist()
-        pixels, grid = hf_pixels(batch["pixel_values"])
-        assert torch.equal(grid, inputs["image_grid_thw"])
-        assert (pixels - inputs["pixel_values"]).abs().max() <= 1e-5
-    assert len(set(answers)) == 2
+    spec, inputs, batch = qwen_cli_matches(hf_dir, tmp_path, model, tok, images, [wide, tall], hf_pixels)
     assert "mean = [0.5, 0.4, 0.3]" in spec and "dynamic(min_pixels = 1024, max_pixels = 4096)" in spec
     kw = {k: inputs[k] for k in ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")}
     px = batch["pixel_values"]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import assert_sees_image, imported, loaded, randomise  # noqa: E402
+from hf_tiny import assert_sees_image, imported, randomise  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -166,7 +166,7 @@ def test_qwen2_5_vl_windows_matter(tmp_path):
 
 def test_qwen2_5_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
     from hf_tiny import noise_image
-    from test_import_folder_qwen_idefics_mllama import QUESTION, cli_generate, qwen_folder, qwen_reference
+    from test_import_folder_qwen_idefics_mllama import QUESTION, qwen_cli_matches, qwen_folder, qwen_reference
 
     hf_dir = tmp_path / "hf"
     hf = qwen2_5_vl(hf_dir, seed=2, pre=False)
@@ -177,22 +177,7 @@ def test_qwen2_5_vl_folder_generates_as_transformers(tmp_path: Path) -> None:
                               -1)).astype(np.uint8)).save(tall)
 
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
-    answers = []
-    for image in (wide, tall):
-        ours, spec = cli_generate(hf_dir, tmp_path / image.stem, [image], QUESTION, 12)
-        inputs = qwen_reference(images, tok, image, QUESTION, MERGE)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=12, do_sample=False, suppress_tokens=[IMG])
-        want = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        assert ours == [want]
-        answers.append(want)
-        _, ours_proc = loaded(tmp_path / image.stem / "built")
-        batch = ours_proc.generation_batch([QUESTION], [image])
-        assert batch["input_ids"][0].tolist() == inputs["input_ids"][0].tolist()
-        pixels, grid = hf_pixels(batch["pixel_values"])
-        assert torch.equal(grid, inputs["image_grid_thw"])
-        assert (pixels - inputs["pixel_values"]).abs().max() <= 1e-5
-    assert len(set(answers)) == 2
+    spec, inputs, batch = qwen_cli_matches(hf_dir, tmp_path, model, tok, images, [wide, tall], hf_pixels)
     # exported back, the folder's processor and chat template give transformers the same inputs
     from hf_tiny import export_round_trip
 

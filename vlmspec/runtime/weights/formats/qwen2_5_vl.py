@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vlmspec.compiler.schema.vision import DynamicResolution
-from vlmspec.runtime.weights.families import MultiFamily, Part, lay
+from vlmspec.runtime.weights.families import lay
 from vlmspec.runtime.weights.formats.base import (
-    LLAVA_LM,
     Export,
     VLMFormat,
     does_not_fit,
@@ -34,6 +33,7 @@ from vlmspec.runtime.weights.formats.qwen2_vl import (
     _preprocessor,
     _text_config,
     _vision_layout,
+    family,
     image_side,
     pixel_range,
 )
@@ -212,14 +212,7 @@ def write(session: Session) -> Export:
 
 FORMAT = VLMFormat(
     model_types=("qwen2_5_vl",),
-    family=MultiFamily("qwen2_5_vl", {
-        "vision": Part("vision", (_vision_layout("model.visual."), _vision_layout("visual.")),
-                       kinds=frozenset({"vit"})),
-        "merger": Part("connector", (lay(("model.visual.merger.", "")), lay(("visual.merger.", ""))),
-                       kinds=frozenset({"patch_merger"})),
-        "language": Part("language", (LLAVA_LM[1], lay(("model.", "model."), ("lm_head.", "lm_head."))),
-                         kinds=frozenset({"llama"})),
-    }, {"vision": "vision", "connector": "merger", "language": "language"}),
+    family=family("qwen2_5_vl"),
     components={"vit": "vision", "merger": "merger", "llm": "language"},
     read=read,
     claims=claims,

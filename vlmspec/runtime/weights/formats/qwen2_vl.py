@@ -375,18 +375,23 @@ def write(session: Session) -> Export:
     return Export(config, layouts, processor_files(vis, merge))
 
 
-# Since transformers 4.52: `model.visual.*`, `model.language_model.*`, `lm_head`; before (and as 5.x still
-# saves): `visual.*`, `model.*`, `lm_head`.
-FORMAT = VLMFormat(
-    model_types=("qwen2_vl",),
-    family=MultiFamily("qwen2_vl", {
+def family(model_type: str) -> MultiFamily:
+    """The parts and key layouts of Qwen2-VL, which Qwen2.5-VL shares. Since transformers 4.52:
+    `model.visual.*`, `model.language_model.*`, `lm_head`; before (and as 5.x still saves): `visual.*`,
+    `model.*`, `lm_head`."""
+    return MultiFamily(model_type, {
         "vision": Part("vision", (_vision_layout("model.visual."), _vision_layout("visual.")),
                        kinds=frozenset({"vit"})),
         "merger": Part("connector", (lay(("model.visual.merger.", "")), lay(("visual.merger.", ""))),
                        kinds=frozenset({"patch_merger"})),
         "language": Part("language", (LLAVA_LM[1], lay(("model.", "model."), ("lm_head.", "lm_head."))),
                          kinds=frozenset({"llama"})),
-    }, {"vision": "vision", "connector": "merger", "language": "language"}),
+    }, {"vision": "vision", "connector": "merger", "language": "language"})
+
+
+FORMAT = VLMFormat(
+    model_types=("qwen2_vl",),
+    family=family("qwen2_vl"),
     components={"vit": "vision", "merger": "merger", "llm": "language"},
     read=read,
     claims=claims,
