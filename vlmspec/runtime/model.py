@@ -416,7 +416,7 @@ class VisionLanguageModel(nn.Module):
 
 
 def _best(h: int, w: int, cfg: object) -> tuple[int, int]:
-    from vlmspec.compiler.schema.vision import best_resolution
+    from vlmspec.compiler.schema.layouts import best_resolution
 
     return best_resolution(h, w, cfg.layout.pinpoints)  # type: ignore[attr-defined]
 
@@ -426,7 +426,7 @@ def anyres_layout(tiles: Tensor, size: tuple[int, int], rows: int, cols: int, un
     """One image's tile features [1 + rows * cols x g*g x d] (base tile first) -> its tokens [t x d]: the
     base tile's, then the other tiles' as one grid (rows of tiles, each g x g), the padding cut off
     (`unpad`, against the original `size`), the newline embedding after each grid row."""
-    from vlmspec.compiler.schema.vision import unpadded_grid
+    from vlmspec.compiler.schema.layouts import unpadded_grid
 
     g = math.isqrt(tiles.shape[1])
     d = tiles.shape[2]

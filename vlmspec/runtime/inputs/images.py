@@ -198,7 +198,7 @@ class AnyResImageTransform(ImageTransform):
         return canvas_h, min(math.ceil(width * sh), canvas_w)
 
     def __call__(self, img: ImageInput) -> AnyResTiles:
-        from vlmspec.compiler.schema.vision import best_resolution
+        from vlmspec.compiler.schema.layouts import best_resolution
 
         pil = open_image(img)
         ch, cw = best_resolution(pil.height, pil.width, self.layout.pinpoints)
