@@ -110,15 +110,15 @@ def main() -> None:
 
         with torch.no_grad():
             t_hf = best(lambda: hf(input_ids=ids, pixel_values=px, image_sizes=sizes), args.repeats)
-            t_ours = best(lambda: ours(ids, pixel_values=px, aspect_ratio_ids=sizes), args.repeats)
+            t_ours = best(lambda: ours(ids, pixel_values=px, image_sizes=sizes), args.repeats)
             runs = max(2, args.repeats // 3)
             g_hf = best(lambda: hf.generate(input_ids=ids, pixel_values=px, image_sizes=sizes,
                                             max_new_tokens=args.new_tokens, do_sample=False), runs)
-            g_ours = best(lambda: ours.generate(ids, pixel_values=px, aspect_ratio_ids=sizes,
+            g_ours = best(lambda: ours.generate(ids, pixel_values=px, image_sizes=sizes,
                                                 max_new_tokens=args.new_tokens), runs)
             a = hf.generate(input_ids=ids, pixel_values=px, image_sizes=sizes, max_new_tokens=args.new_tokens,
                             do_sample=False)[0, ids.shape[1]:].tolist()
-            b = ours.generate(ids, pixel_values=px, aspect_ratio_ids=sizes, max_new_tokens=args.new_tokens)[0].tolist()
+            b = ours.generate(ids, pixel_values=px, image_sizes=sizes, max_new_tokens=args.new_tokens)[0].tolist()
     same = a == b[: len(a)]
     tok_hf, tok_ours = args.new_tokens / g_hf, args.new_tokens / g_ours
     line = (f"LLaVA-NeXT ({n} image tokens of a 150x70 image, {ids.shape[1]} in all; "

@@ -132,5 +132,5 @@ def test_retrieval_embeddings_read_the_tile_layout(tmp_path):
     model = build_model(analyse(tmp_path, text)).eval()
     px = torch.randn(1, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     one = image_embeddings(model, px)
-    assert np.allclose(one, image_embeddings(model, px, torch.tensor([1])))
-    assert not np.allclose(one, image_embeddings(model, px, torch.tensor([3])), atol=1e-4)
+    assert np.allclose(one, image_embeddings(model, px, {"aspect_ratio_ids": torch.tensor([1])}))
+    assert not np.allclose(one, image_embeddings(model, px, {"aspect_ratio_ids": torch.tensor([3])}), atol=1e-4)

@@ -61,7 +61,7 @@ def test_llava_next_parity(tmp_path, size):
     ids = torch.tensor([[1, 5, 7] + [IMAGE_TOKEN] * n + [9, 11, 13]])
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=px, image_sizes=sizes).logits
-        got = ours(ids, pixel_values=px, aspect_ratio_ids=sizes).logits
+        got = ours(ids, pixel_values=px, image_sizes=sizes).logits
     assert_sees_image(lambda p: hf(input_ids=ids, pixel_values=p, image_sizes=sizes).logits, px)
     diff = float((ref - got).abs().max())
     print(f"size {size}: {n} tokens, {px.shape[1]} tiles, max logit diff {diff:.2e}")
@@ -70,7 +70,7 @@ def test_llava_next_parity(tmp_path, size):
     with torch.no_grad():
         theirs_gen = hf.generate(input_ids=ids, pixel_values=px, image_sizes=sizes, max_new_tokens=16,
                                  do_sample=False)[0, ids.shape[1]:]
-        ours_gen = ours.generate(ids, pixel_values=px, aspect_ratio_ids=sizes, max_new_tokens=16)[0]
+        ours_gen = ours.generate(ids, pixel_values=px, image_sizes=sizes, max_new_tokens=16)[0]
     assert ours_gen.tolist()[: len(theirs_gen)] == theirs_gen.tolist()
 
 
@@ -90,7 +90,7 @@ def test_llava_next_two_images_in_one_prompt(tmp_path):
     ids = torch.tensor([[1, 5] + [IMAGE_TOKEN] * counts[0] + [7] + [IMAGE_TOKEN] * counts[1] + [9, 11]])
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=px, image_sizes=sizes).logits
-        got = ours(ids, pixel_values=px[None], aspect_ratio_ids=sizes[None]).logits
+        got = ours(ids, pixel_values=px[None], image_sizes=sizes[None]).logits
     assert float((ref - got).abs().max()) < 1e-4
 
 
@@ -110,8 +110,8 @@ def test_llava_next_batch_of_two_sizes(tmp_path):
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     px, sizes = transform.stack(items)
     with torch.no_grad():
-        got = ours(ids, attention_mask=mask, pixel_values=px, aspect_ratio_ids=sizes).logits
-        gen = ours.generate(ids, attention_mask=mask, pixel_values=px, aspect_ratio_ids=sizes, max_new_tokens=16)
+        got = ours(ids, attention_mask=mask, pixel_values=px, image_sizes=sizes).logits
+        gen = ours.generate(ids, attention_mask=mask, pixel_values=px, image_sizes=sizes, max_new_tokens=16)
         for i, (row, item) in enumerate(zip(rows, items, strict=True)):
             one = transform.stack([item])
             ref = hf(input_ids=torch.tensor([row]), pixel_values=one[0], image_sizes=one[1]).logits[0]

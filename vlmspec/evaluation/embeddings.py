@@ -48,9 +48,9 @@ def _as_tokens(x: Any) -> Any:
     return x if x.dim() == 3 else x[:, None, :]
 
 
-def image_embeddings(model: Any, pixel_values: Any, aspect_ratio_ids: Any = None) -> np.ndarray:
-    """`[batch x width]`: the model's visual tokens for each image, mean-pooled (a tiled encoder's images
-    with their layout ids)."""
+def image_embeddings(model: Any, pixel_values: Any, image_kwargs: dict[str, Any] | None = None) -> np.ndarray:
+    """`[batch x width]`: the model's visual tokens for each image, mean-pooled (with the facts a tiled or
+    anyres encoder's images need: the processor's `image_kwargs`)."""
     import torch
 
     extract = getattr(model, "extract_features", None)
@@ -59,10 +59,9 @@ def image_embeddings(model: Any, pixel_values: Any, aspect_ratio_ids: Any = None
     device = _device(model)
     if device is not None:
         pixel_values = pixel_values.to(device)
-        aspect_ratio_ids = aspect_ratio_ids.to(device) if aspect_ratio_ids is not None else None
+        image_kwargs = {k: v.to(device) for k, v in (image_kwargs or {}).items()}
     with torch.no_grad():
-        feats = _as_tokens(extract(pixel_values) if aspect_ratio_ids is None else
-                           extract(pixel_values, aspect_ratio_ids=aspect_ratio_ids))
+        feats = _as_tokens(extract(pixel_values, **image_kwargs) if image_kwargs else extract(pixel_values))
     return feats.float().mean(dim=1).cpu().numpy()
 
 
@@ -118,7 +117,8 @@ def run_retrieval(model: Any, processor: Any, es: EvalSet, batch_size: int, max_
             kept, imgs = open_batch(chunk, es.bad)
             es.check(max_bad)   # stop once unreadable images pass the limit, not at the end
             if kept:
-                img_vecs.append(image_embeddings(model, *processor.images(imgs)))
+                pixels, facts = processor.images(imgs)
+                img_vecs.append(image_embeddings(model, pixels, processor.image_kwargs(facts)))
                 done += kept
             advance(len(chunk))
     captions = [(i, c) for i, s in enumerate(done) for c in s.references]

@@ -112,16 +112,18 @@ def generate(model: VisionLanguageModel, input_ids: Tensor, *, attention_mask: T
              temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
              eos_token_id: int | list[int] | None = None, seed: int | None = None, use_cache: bool = True,
              image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None,
-             instruction: Instruction | None = None, aspect_ratio_ids: Tensor | None = None) -> Tensor:
+             instruction: Instruction | None = None, aspect_ratio_ids: Tensor | None = None,
+             image_sizes: Tensor | None = None) -> Tensor:
     """New tokens [b x n] (n <= max_new_tokens; rows that stopped early are filled with the pad token,
     which defaults to the first eos id, else 0). The image placeholder is never generated.
     instruction: the instruction of an instruction-aware connector (InstructBLIP); aspect_ratio_ids:
-    the tile layouts of a tiled encoder's images (Llama 3.2 Vision); see `forward`."""
+    the tile layouts of a tiled encoder's images (Llama 3.2 Vision); image_sizes: the (height, width) of an
+    any-resolution encoder's images; see `forward`."""
     _check(max_new_tokens, do_sample, temperature, top_p, num_beams)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if image_features is None and pixel_values is not None:
-        image_features = model.encode_images(pixel_values, instruction, aspect_ratio_ids)
+        image_features = model.encode_images(pixel_values, instruction, aspect_ratio_ids, image_sizes)
     features = image_features or {}
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     banned = [model.image_token_id] if model.in_sequence else []

@@ -127,14 +127,16 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------ images
     def encode_images(self, pixel_values: Tensor | dict[str, Tensor], instruction: Instruction | None = None,
-                      aspect_ratio_ids: Tensor | None = None) -> dict[str, Tensor]:
+                      aspect_ratio_ids: Tensor | None = None, image_sizes: Tensor | None = None) -> dict[str, Tensor]:
         """Images -> {fusion name: features [b x (n_images * tokens) x d]}.
 
         pixel_values: [b x c x h x w] (one image per sample), [b x n x c x h x w], or a dict giving each
         vision encoder its own tensor (encoders at different resolutions). A tiled encoder (`tiles = T`)
         takes [b (x n) x T x c x h x w], with `aspect_ratio_ids` [b (x n)] choosing the tile layout; the
         ids (default 1: the image in the first tile) come back as features[ASPECT_RATIO_IDS] [b x n], and
-        for M-RoPE the images' token grid as features[IMAGE_GRID] [b x 2].
+        for M-RoPE the images' token grid as features[IMAGE_GRID] [b x 2]. An anyres encoder takes its images'
+        tiles [b (x n) x most tiles x c x h x w] with `image_sizes` [b (x n) x 2], each image's (height, width)
+        (without them, each image's first tile alone).
         """
         outs: dict[str, VisualTokens] = {}
         # anyres encoder (and the connector reading it) -> (images' sizes, None for base tiles alone; its config)
@@ -150,14 +152,14 @@ class VisionLanguageModel(nn.Module):
                                          n for n in self.order if self.roles[n] == "vision"))
                 # anyres images come as tiles with their sizes; without sizes, each image is its base tile alone
                 anyres = not isinstance(getattr(comp.cfg, "layout", "fixed"), str)
-                tiled = anyres and aspect_ratio_ids is not None
+                tiled = anyres and image_sizes is not None
                 px, bn = _flatten_images(px, 4 if tiled else comp.image_dims, name)
                 if batch is not None and bn != batch:
                     raise user_error("E0593", f"encoder `{name}` gets {bn[0]} x {bn[1]} images, another one "
                                      f"{batch[0]} x {batch[1]}", help="give every encoder the same images")
                 batch = bn
                 if tiled:
-                    outs[name], laid[name] = self._anyres_tiles(comp, px, aspect_ratio_ids, name)
+                    outs[name], laid[name] = self._anyres_tiles(comp, px, image_sizes, name)
                     continue
                 if anyres:
                     outs[name], laid[name] = comp(px), (None, comp.cfg)
@@ -195,11 +197,11 @@ class VisionLanguageModel(nn.Module):
                       name: str) -> tuple[VisualTokens, tuple[list[tuple[int, int]], Any]]:
         """An anyres encoder over the real tiles of px [images x most tiles x c x s x s] (each image's
         `1 + rows * cols`, the zero tiles after them skipped), given the images' (height, width) in
-        `sizes` [images x 2] (passed as `aspect_ratio_ids`)."""
+        `sizes` [images x 2]."""
         cfg = comp.cfg
         if sizes is None or sizes.reshape(-1, 2).shape[0] != px.shape[0]:
             raise user_error("E0593", f"encoder `{name}` lays out images of any size: give each image's (height, "
-                             "width) in aspect_ratio_ids", help="the processor's generation_batch does")
+                             "width) in image_sizes", help="the processor's generation_batch does")
         hw = [(int(h), int(w)) for h, w in sizes.reshape(-1, 2).tolist()]
         counts = [1 + math.prod(_best(h, w, cfg)) // cfg.image_size ** 2 for h, w in hw]
         tiles = torch.cat([px[i, :c] for i, c in enumerate(counts)])
@@ -244,10 +246,11 @@ class VisionLanguageModel(nn.Module):
         sources = self.sources[self.in_sequence[0]]
         return outs[sources[0]].grid if len(sources) == 1 else None
 
-    def extract_features(self, pixel_values: Tensor | dict[str, Tensor],
-                         aspect_ratio_ids: Tensor | None = None) -> Tensor:
+    def extract_features(self, pixel_values: Tensor | dict[str, Tensor], aspect_ratio_ids: Tensor | None = None,
+                         image_sizes: Tensor | None = None) -> Tensor:
         """Connector output embeddings [b x tokens x d], e.g. for retrieval (all fusions' inputs, in order)."""
-        feats = [x for f, x in self.encode_images(pixel_values, aspect_ratio_ids=aspect_ratio_ids).items()
+        feats = [x for f, x in self.encode_images(pixel_values, aspect_ratio_ids=aspect_ratio_ids,
+                                                    image_sizes=image_sizes).items()
                  if f not in IMAGE_FACTS]
         if len({f.shape[-1] for f in feats}) > 1:
             raise user_error("E0598", "fusions take features of different widths; use `encode_images` instead")
@@ -290,7 +293,7 @@ class VisionLanguageModel(nn.Module):
                 position_ids: Tensor | None = None, logits_to_keep: int = 0,
                 instruction: Instruction | None = None, prefix_mask: Tensor | None = None,
                 logits_for: str = "all", aspect_ratio_ids: Tensor | None = None,
-                image_mask: Tensor | None = None) -> VLMOutput:
+                image_mask: Tensor | None = None, image_sizes: Tensor | None = None) -> VLMOutput:
         """input_ids [b x s] (the new tokens when a cache is given); attention_mask [b x (past + s)], 1 = real,
         0 = (left) padding; labels [b x s] with -100 where no loss is taken (shifted here).
         `logits_to_keep` = k > 0 computes logits for the last k positions only (generation).
@@ -307,12 +310,14 @@ class VisionLanguageModel(nn.Module):
         prefilled into an empty cache (generation, serving) is all prefix; else none (causal).
         aspect_ratio_ids: [b (x n)] tile layouts of a tiled encoder's images (Mllama's numbering), used
         when pixel_values are encoded here (`encode_images` puts them among the image features).
+        image_sizes: [b (x n) x 2] each image's (height, width), for an encoder that lays images of any size
+        out (`layout = anyres(...)`), used when pixel_values are encoded here.
         image_mask: bool [b x s], where the images' tokens are (default: input_ids == image_token_id);
         generation passes the prompt's, so that a generated image token is text, not a new image.
         """
         llm = self.llm
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values, instruction, aspect_ratio_ids)
+            image_features = self.encode_images(pixel_values, instruction, aspect_ratio_ids, image_sizes)
         features = image_features or {}
         b, s = input_ids.shape
         past = cache.length() if cache is not None else 0
@@ -405,14 +410,15 @@ class VisionLanguageModel(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
                  eos_token_id: int | list[int] | None = None, seed: int | None = None, use_cache: bool = True,
                  image_features: dict[str, Tensor] | None = None, pad_token_id: int | None = None,
-                 instruction: Instruction | None = None, aspect_ratio_ids: Tensor | None = None) -> Tensor:
+                 instruction: Instruction | None = None, aspect_ratio_ids: Tensor | None = None,
+                 image_sizes: Tensor | None = None) -> Tensor:
         """New tokens only, [b x n_new]; see `vlmspec.runtime.generate.generate` (which reads this module
         only for its types, so the import runs one way)."""
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                         num_beams=num_beams, eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,
                         image_features=image_features, pad_token_id=pad_token_id, instruction=instruction,
-                        aspect_ratio_ids=aspect_ratio_ids)
+                        aspect_ratio_ids=aspect_ratio_ids, image_sizes=image_sizes)
 
 
 def _best(h: int, w: int, cfg: object) -> tuple[int, int]:

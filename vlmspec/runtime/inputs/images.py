@@ -58,6 +58,9 @@ class ImageTransform:
     """Resize to the encoder's square input, scale to [0, 1], normalise with the spec's mean and std.
     `from_encoder` gives a `TiledImageTransform` for a tiled encoder (Llama 3.2 Vision)."""
 
+    #: the model argument that carries what `stack` returns beside the pixels (None: nothing)
+    facts: str | None = None
+
     def __init__(self, size: int, mean: list[float], std: list[float], resize: str = "bicubic", fit: str = "stretch"):
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -108,7 +111,8 @@ class ImageTransform:
         return pil
 
     def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Outputs of this transform, one per image -> (pixel_values, aspect_ratio_ids or None)."""
+        """Outputs of this transform, one per image -> (pixel_values, the images' facts named by `facts`, or
+        None)."""
         return torch.stack(items), None
 
     def batch(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,6 +132,8 @@ class TiledImageTransform(ImageTransform):
     columns, Mllama's order), the canvas that needs the least upscaling, else the least downscaling (the
     smaller canvas on a tie); the image resized to fit it with its aspect ratio kept, padded at the bottom
     and right with black, normalised, cut into tiles row by row; the tiles left over are zero."""
+
+    facts = "aspect_ratio_ids"
 
     def __init__(self, size: int, mean: list[float], std: list[float], resize: str, tiles: int):
         super().__init__(size, mean, std, resize)
@@ -184,6 +190,8 @@ class AnyResImageTransform(ImageTransform):
     """LLaVA-NeXT's processor: the image resized (aspect ratio kept, the fitted side exact, the other
     `ceil`-ed) onto the best pinpoint canvas, centred on black (zero pixels, normalised with the rest), cut
     into tiles row by row; the whole image stretched to one tile goes first."""
+
+    facts = "image_sizes"
 
     def __init__(self, size: int, mean: list[float], std: list[float], resize: str, layout: Any, patch_size: int):
         super().__init__(size, mean, std, resize)

@@ -48,7 +48,7 @@ class Processor:
         encoders = ir.by_role("vision")
         self.transform = ImageTransform.from_encoder(encoders[0].config) if encoders else None
         # a tiled encoder's transform (Llama 3.2 Vision) cuts each image into up to `tiles` tiles and says
-        # which layout it chose (aspect_ratio_ids)
+        # which layout it chose (the facts `image_kwargs` names)
         self.tiles = getattr(encoders[0].config, "tiles", 0) if encoders else 0
         fusions = ir.by_role("fusion")
         self.image_token = fusions[0].config.image_token if fusions else "<image>"
@@ -239,11 +239,17 @@ class Processor:
 
     # ------------------------------------------------------------------ batches
     def images(self, images: Sequence[ImageInput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(pixel_values, aspect_ratio_ids): `[b x c x h x w]`, or `[b x tiles x c x h x w]` with the
-        layout of each image for a tiled encoder (else None)."""
+        """(pixel_values, facts): `[b x c x h x w]`, or `[b x tiles x c x h x w]` with each image's facts
+        (a tiled encoder's layout ids, an anyres encoder's image sizes; else None) for `image_kwargs`."""
         if self.transform is None or not images:
             return None, None
         return self.transform.batch(list(images))
+
+    def image_kwargs(self, facts: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The model's keyword argument for the facts `images` / `stack` give beside the pixels
+        (`aspect_ratio_ids` of a tiled encoder, `image_sizes` of an anyres one), or none."""
+        key = getattr(self.transform, "facts", None)
+        return {key: facts} if key is not None and facts is not None else {}
 
     def stack(self, items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image transform's outputs (one per image, as `transform(image)` gave them) -> a batch."""
@@ -329,9 +335,8 @@ class Processor:
         input_ids, mask = self.left_pad([self.encode_prompt(q, 1 if images else 0) for q in questions])
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask}
         if images:
-            batch["pixel_values"], aspect = self.images(images)
-            if aspect is not None:
-                batch["aspect_ratio_ids"] = aspect
+            batch["pixel_values"], facts = self.images(images)
+            batch.update(self.image_kwargs(facts))
             instruction = self.instruction(questions)
             if instruction is not None:
                 batch["instruction"] = instruction
@@ -339,16 +344,16 @@ class Processor:
 
     def _anyres_batch(self, questions: Sequence[str], images: Sequence[ImageInput]) -> dict[str, Any]:
         """`generation_batch` for an anyres encoder: each prompt with as many placeholders as its image's size
-        makes (`size_groups` still batches equal counts together, which pads least); the images' sizes
-        travel in `aspect_ratio_ids`' place."""
+        makes (`size_groups` still batches equal counts together, which pads least), with the images'
+        sizes."""
         items = [self.anyres(i) for i in images]  # type: ignore[misc]
         input_ids, mask = self.left_pad([self.encode_prompt(q, 1, self.image_tokens(x))
                                          for q, x in zip(questions, items, strict=True)])
         pixels, sizes = self.stack(items)
-        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels, "aspect_ratio_ids": sizes}
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
 
     def training_batch(self, examples: Sequence[Encoded], pixel_values: torch.Tensor | None,
-                       aspect_ratio_ids: torch.Tensor | None = None) -> dict[str, Any]:
+                       facts: torch.Tensor | None = None) -> dict[str, Any]:
         """Right-padded ids and labels (-100 on prompt and padding) for the causal LM loss; for a
         bidirectional prefix (`prefix_attention = bidirectional`) also `prefix_mask`, True on each prompt
         (the tokens before the first answer token), which the model reads since the loss may be taken
@@ -367,6 +372,5 @@ class Processor:
             batch["prefix_mask"] = prefix_from_labels(labels) & mask.bool()
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values
-        if aspect_ratio_ids is not None:
-            batch["aspect_ratio_ids"] = aspect_ratio_ids
+        batch.update(self.image_kwargs(facts))
         return batch

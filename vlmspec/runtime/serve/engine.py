@@ -406,7 +406,7 @@ class Engine:
         self.stats.batches += 1
         self.stats.batched_rows += len(group)
         input_ids, mask = p.left_pad([req.ids for req in group])
-        pixels, aspect = p.stack([req.pixels for req in group]) if group[0].pixels is not None else (None, None)
+        pixels, facts = p.stack([req.pixels for req in group]) if group[0].pixels is not None else (None, None)
         rows = []
         for req in group:
             req.prompt_tokens = len(req.ids)
@@ -414,7 +414,7 @@ class Engine:
         cache = KVCache(reserve=self._reserve(rows, mask.shape[1]))
         instruction = p.instruction([req.question for req in group]) if pixels is not None else None
         out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, cache=cache, logits_to_keep=1,
-                         instruction=instruction, aspect_ratio_ids=aspect)
+                         instruction=instruction, **p.image_kwargs(facts))
         return Batch(rows, cache, mask, out.logits[:, -1].float())
 
     def _reserve(self, rows: list[Row], width: int) -> int:

@@ -358,8 +358,8 @@ class Trainer:
                         part_acc[name] = part_acc.get(name, 0.0) + value / accum
                     tokens_seen += sum(len(texts[k]) + 2 for k in mb)
                     continue
-                pixels, aspect = processor.stack(pix) if pix and pix[0] is not None else (None, None)
-                batch = processor.training_batch([enc.examples[k] for k in mb], pixels, aspect)
+                pixels, facts = processor.stack(pix) if pix and pix[0] is not None else (None, None)
+                batch = processor.training_batch([enc.examples[k] for k in mb], pixels, facts)
                 labels = batch.pop("labels")
                 with autocast:  # logits only where a target is: the head's matmul and softmax shrink
                     out = train_model(**batch, labels=labels, logits_for="labels")
