@@ -47,7 +47,7 @@ def test_library_is_complete():
         "llava-1.5-7b.vlm", "llava-1.5-13b.vlm", "blip2-opt-2.7b.vlm", "instructblip-vicuna-7b.vlm",
         "minigpt4-vicuna-7b.vlm", "idefics-9b.vlm", "llama-3.2-11b-vision.vlm", "qwen2-vl-2b.vlm", "qwen2.5-vl-7b.vlm",
         "cogvlm-17b.vlm", "moe-llava-phi2.vlm", "mobilevlm-1.7b.vlm", "paligemma-3b.vlm", "tinyllava-3.1b.vlm",
-        "llava-v1.6-mistral-7b.vlm",
+        "llava-v1.6-mistral-7b.vlm", "llava-onevision-qwen2-7b.vlm",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
@@ -112,6 +112,11 @@ def _llama_text(lm, **extra) -> dict:
 
 
 def _text_config(lm) -> dict:
+    if lm.kind == "llama" and lm.qkv_bias:  # Qwen2: Llama with biased q / k / v projections
+        assert lm.moe is None and lm.extra_vocab == 0 and lm.rope == "default"
+        return dict(model_type="qwen2", vocab_size=lm.vocab, hidden_size=lm.width, intermediate_size=lm.ffn,
+                    num_hidden_layers=lm.depth, num_attention_heads=lm.heads, num_key_value_heads=lm.n_kv,
+                    max_position_embeddings=lm.max_positions, tie_word_embeddings=lm.tie_embeddings)
     if lm.kind == "llama":
         return _llama_text(lm)
     if lm.kind == "opt":
@@ -157,6 +162,21 @@ def llava_next(ir: ModelIR):
                           vision_feature_layer=layers[0] if len(layers) == 1 else layers,
                           vision_feature_select_strategy="default", image_grid_pinpoints=v.layout.pinpoints)
     return LlavaNextForConditionalGeneration, cfg
+
+
+def llava_onevision(ir: ModelIR):
+    """LLaVA-OneVision: LLaVA-NeXT's parts on a SigLIP tower (read in full: it has no class token), the
+    layout's `max_tiles` as `vision_aspect_ratio`."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    v, proj, lm = _one(ir, "vision"), _one(ir, "connector", "mlp"), _one(ir, "language")
+    assert proj.layers == 2 and proj.hidden in (None, lm.width) and not proj.norm and v.layout.newline
+    cfg = LlavaOnevisionConfig(vision_config=_siglip_vision(v), text_config=_text_config(lm),
+                               image_token_id=lm.vocab - 1, vision_feature_layer=v.feature.layers[0],
+                               vision_feature_select_strategy="full", image_grid_pinpoints=v.layout.pinpoints,
+                               vision_aspect_ratio=f"anyres_max_{v.layout.max_tiles}",
+                               tie_word_embeddings=lm.tie_embeddings)
+    return LlavaOnevisionForConditionalGeneration, cfg
 
 
 def _qformer(qf, v) -> dict:
@@ -333,6 +353,7 @@ PARITY = [
     Parity("llava-1.5-13b.vlm:llava_1_5_13b", llava),
     Parity("tinyllava-3.1b.vlm:tinyllava_3_1b", llava, phi_head_bias),
     Parity("llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b", llava_next),
+    Parity("llava-onevision-qwen2-7b.vlm:llava_onevision_qwen2_7b", llava_onevision),
     Parity("blip2-opt-2.7b.vlm:blip2_opt_2_7b", blip2, training_only=blip2_first_stage),
     Parity("minigpt4-vicuna-7b.vlm:minigpt4_vicuna_7b", blip2),
     Parity("instructblip-vicuna-7b.vlm:instructblip_vicuna_7b", instructblip),

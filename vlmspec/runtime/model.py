@@ -154,6 +154,9 @@ class VisionLanguageModel(nn.Module):
                 anyres = not isinstance(getattr(comp.cfg, "layout", "fixed"), str)
                 tiled = anyres and image_sizes is not None
                 px, bn = _flatten_images(px, 4 if tiled else comp.image_dims, name)
+                if tiled and bn[1] > 1 and comp.cfg.layout.multi_image == "square":
+                    # several images in a prompt: each read as its one square tile (`one_of_several`)
+                    tiled, px = False, px[:, 0]
                 if batch is not None and bn != batch:
                     raise user_error("E0593", f"encoder `{name}` gets {bn[0]} x {bn[1]} images, another one "
                                      f"{batch[0]} x {batch[1]}", help="give every encoder the same images")
@@ -224,8 +227,7 @@ class VisionLanguageModel(nn.Module):
         images, start = [], 0
         for h, w in hw:
             rows, cols = (d // cfg.image_size for d in _best(h, w, cfg))
-            images.append(anyres_layout(x[start: start + 1 + rows * cols], (h, w), rows, cols, cfg.layout.unpad,
-                                        newline))
+            images.append(anyres_layout(x[start: start + 1 + rows * cols], (h, w), rows, cols, cfg.layout, newline))
             start += 1 + rows * cols
         samples = [torch.cat(images[i * n:(i + 1) * n]) for i in range(b)]
         lengths = [s.shape[0] for s in samples]
@@ -427,20 +429,24 @@ def _best(h: int, w: int, cfg: object) -> tuple[int, int]:
     return best_resolution(h, w, cfg.layout.pinpoints)  # type: ignore[attr-defined]
 
 
-def anyres_layout(tiles: Tensor, size: tuple[int, int], rows: int, cols: int, unpad: bool,
+def anyres_layout(tiles: Tensor, size: tuple[int, int], rows: int, cols: int, layout: Any,
                   newline: Tensor | None) -> Tensor:
     """One image's tile features [1 + rows * cols x g*g x d] (base tile first) -> its tokens [t x d]: the
     base tile's, then the other tiles' as one grid (rows of tiles, each g x g), the padding cut off
-    (`unpad`, against the original `size`), the newline embedding after each grid row."""
-    from vlmspec.compiler.schema.layouts import unpadded_grid
+    (`unpad`, against the original `size`), pooled bilinearly when larger than `max_tiles` allows, the
+    newline embedding after each grid row."""
+    from vlmspec.compiler.schema.layouts import pooled_grid, unpadded_grid
 
     g = math.isqrt(tiles.shape[1])
     d = tiles.shape[2]
     grid = tiles[1:].view(rows, cols, g, g, d).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, d)
-    if unpad:
+    if layout.unpad:
         r, c = unpadded_grid(size[0], size[1], rows * g, cols * g)
         top, left = (rows * g - r) // 2, (cols * g - c) // 2
         grid = grid[top: top + r, left: left + c]
+    pooled = pooled_grid(grid.shape[0], grid.shape[1], g, layout.max_tiles)
+    if pooled != tuple(grid.shape[:2]):
+        grid = F.interpolate(grid.permute(2, 0, 1)[None], list(pooled), mode="bilinear")[0].permute(1, 2, 0)
     if newline is not None:
         grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, d)], dim=1)
     return torch.cat([tiles[0], grid.reshape(-1, d)])

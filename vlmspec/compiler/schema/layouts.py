@@ -6,8 +6,9 @@ A layout is the encoder's `layout = ...` attribute. It is data the compiler coun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -37,17 +38,38 @@ def unpadded_grid(height: int, width: int, rows: int, cols: int) -> tuple[int, i
     return rows, cols - 2 * ((cols - new) // 2)
 
 
+def pooled_grid(rows: int, cols: int, g: int, max_tiles: int | None) -> tuple[int, int]:
+    """(rows, columns) of a feature grid once LLaVA-OneVision's `anyres_max_N` pooling has shrunk it: a grid
+    over 1.1 times the side of N tiles' worth of tokens (N x g x g) is scaled down, aspect ratio kept, to
+    about that many (each side floored)."""
+    if max_tiles is None:
+        return rows, cols
+    ratio = math.sqrt(rows * cols / (max_tiles * g * g))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
 class AnyRes(Schema):
     """`anyres(pinpoints = [[h, w], ...], newline = true, unpad = true)`: LLaVA-NeXT's any-resolution layout.
     Each image is resized (aspect ratio kept) and padded to the pinpoint that fits it best, cut into
     `image_size` tiles after a base tile of the whole image; after the connector the tiles' features are
-    laid out as one grid, the padding cut off (`unpad`) and a learned embedding ends each row (`newline`)."""
+    laid out as one grid, the padding cut off (`unpad`) and a learned embedding ends each row (`newline`).
+    LLaVA-OneVision adds `max_tiles` (its `anyres_max_9`: a larger grid is pooled down) and reads the
+    images of a prompt with several as one padded square each (`multi_image = square`)."""
 
     pinpoints: list[tuple[PositiveInt, PositiveInt]] = Field(min_length=1, description="canvas sizes `[height, "
                                                              "width]` in pixels, each a multiple of image_size")
     newline: bool = Field(default=True, description="a learned embedding (the connector's `image_newline`) after "
                           "each row of the grid")
     unpad: bool = Field(default=True, description="cut the rows / columns of the grid that only cover padding")
+    max_tiles: PositiveInt | None = Field(default=None, description="pool (bilinear) a grid holding over 1.1 x 1.1 "
+                                          "times N tiles' worth of tokens down to about that many "
+                                          "(LLaVA-OneVision's `anyres_max_9`: 9; unset: never)")
+    multi_image: Literal["tiles", "square"] = Field(default="tiles", description="the images of a prompt with "
+                                                    "several: `tiles`, each laid out as it would be alone; "
+                                                    "`square`, each padded to a square of the mean colour and "
+                                                    "read as one tile, then the newline (LLaVA-OneVision)")
 
     @model_validator(mode="before")
     @classmethod
@@ -60,29 +82,52 @@ class AnyRes(Schema):
 
     def to_vlm(self) -> str:
         points = ", ".join(f"[{h}, {w}]" for h, w in self.pinpoints)
+        extra = (f", max_tiles = {self.max_tiles}" if self.max_tiles is not None else "") + \
+            (f", multi_image = {self.multi_image}" if self.multi_image != "tiles" else "")
         return (f"anyres(pinpoints = [{points}], newline = {str(self.newline).lower()}, "
-                f"unpad = {str(self.unpad).lower()})")
+                f"unpad = {str(self.unpad).lower()}{extra})")
 
-    def tokens(self, height: int, width: int, image_size: int, patch_size: int) -> int:
-        """Image tokens of one `height x width` image: the base tile's patches, then the grid's (unpadded)
-        rows, each with its newline."""
+    def grid(self, height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
+        """(rows, columns) of one `height x width` image's feature grid after the base tile: its pinpoint's
+        tiles, unpadded, pooled."""
         g = image_size // patch_size
         h, w = best_resolution(height, width, self.pinpoints)
         rows, cols = h // image_size * g, w // image_size * g
         if self.unpad:
             rows, cols = unpadded_grid(height, width, rows, cols)
+        return pooled_grid(rows, cols, g, self.max_tiles)
+
+    def tokens(self, height: int, width: int, image_size: int, patch_size: int) -> int:
+        """Image tokens of one `height x width` image read alone: the base tile's patches, then the grid's
+        rows, each with its newline."""
+        g = image_size // patch_size
+        rows, cols = self.grid(height, width, image_size, patch_size)
         return g * g + rows * (cols + int(self.newline))
 
-    def max_tokens(self, image_size: int, patch_size: int) -> int:
-        """The most tokens any image can take: the largest canvas with nothing cut off."""
+    def square_tokens(self, image_size: int, patch_size: int) -> int:
+        """Image tokens of one image of several read as one square tile (`multi_image = square`)."""
+        return (image_size // patch_size) ** 2 + int(self.newline)
+
+    def _grids(self, image_size: int, patch_size: int) -> list[tuple[int, int]]:
+        """Every grid an image can leave after the base tile: each pinpoint's, with any number of rows or of
+        columns cut by unpadding, then pooled."""
         g = image_size // patch_size
-        return g * g + max((h // image_size * g) * (w // image_size * g + int(self.newline))
-                           for h, w in self.pinpoints)
+        out = []
+        for h, w in self.pinpoints:
+            rows, cols = h // image_size * g, w // image_size * g
+            cuts = [(rows, cols)]
+            if self.unpad:
+                cuts += [(r, cols) for r in range(rows)] + [(rows, c) for c in range(cols)]
+            out += [pooled_grid(r, c, g, self.max_tiles) for r, c in cuts]
+        return out
+
+    def max_tokens(self, image_size: int, patch_size: int) -> int:
+        """The most tokens one image can take."""
+        g = image_size // patch_size
+        return g * g + max(r * (c + int(self.newline)) for r, c in self._grids(image_size, patch_size))
 
     def min_tokens(self, image_size: int, patch_size: int) -> int:
-        """The fewest tokens an image can take (at most one grid row or column left after unpadding)."""
+        """The fewest tokens one image can take (one of several, read as a square, when that is fewer)."""
         g = image_size // patch_size
-        if not self.unpad:
-            return g * g + min((h // image_size * g) * (w // image_size * g + int(self.newline))
-                               for h, w in self.pinpoints)
-        return g * g + 1 + int(self.newline)
+        alone = g * g + min(r * (c + int(self.newline)) for r, c in self._grids(image_size, patch_size))
+        return min(alone, self.square_tokens(image_size, patch_size)) if self.multi_image == "square" else alone

@@ -103,12 +103,19 @@ class ImageTransform:
                 pil = pil.resize((nw, nh), self.filter)
             left, top = (nw - s) // 2, (nh - s) // 2
             return pil.crop((left, top, left + s, top + s))
-        if self.fit_rule == "pad" and w != h:
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), self.fill)
-            canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
-            return canvas
+        if self.fit_rule == "pad":
+            return self.pad_square(pil)
         return pil
+
+    def pad_square(self, pil: Image.Image) -> Image.Image:
+        """The image centred on a square of the mean colour (offset `(long - short) // 2`)."""
+        w, h = pil.size
+        if w == h:
+            return pil
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), self.fill)
+        canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
+        return canvas
 
     def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Outputs of this transform, one per image -> (pixel_values, the images' facts named by `facts`, or
@@ -184,6 +191,8 @@ class AnyResTiles:
 
     pixels: torch.Tensor
     size: tuple[int, int]
+    #: read as one square tile, as one of several images in a prompt (`multi_image = square`)
+    square: bool = False
 
 
 class AnyResImageTransform(ImageTransform):
@@ -220,7 +229,20 @@ class AnyResImageTransform(ImageTransform):
         base = self.normalise(pil.resize((s, s), self.filter) if pil.size != (s, s) else pil)
         return AnyResTiles(torch.cat([base[None], tiles]), (pil.height, pil.width))
 
+    def one_of_several(self, img: ImageInput) -> AnyResTiles:
+        """One image of a prompt with several, as a `multi_image = square` layout reads it (LLaVA-OneVision's
+        processor): padded to a square of the mean colour, resized to one tile; else laid out as alone."""
+        if self.layout.multi_image != "square":
+            return self(img)
+        pil = open_image(img)
+        size = (pil.height, pil.width)
+        pil, s = self.pad_square(pil), self.size
+        x = self.normalise(pil.resize((s, s), self.filter) if pil.size != (s, s) else pil)
+        return AnyResTiles(x[None], size, square=True)
+
     def tokens(self, item: AnyResTiles) -> int:
+        if item.square:
+            return self.layout.square_tokens(self.size, self.patch_size)
         return self.layout.tokens(*item.size, self.size, self.patch_size)
 
     def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:

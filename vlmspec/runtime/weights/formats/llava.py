@@ -60,7 +60,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
 ACT_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
           "relu": "relu"}
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
-_HINT = "LLaVA is one CLIP-style `vit`, a 2-layer `mlp`, a `llama` and a causal `prefix` fusion, unquantized"
+_HINT = "LLaVA is one CLIP-style `vit` (or a `siglip`), a 2-layer `mlp`, a `llama` and a causal `prefix` fusion, unquantized"
 
 
 def claims(ir: ModelIR) -> bool:
@@ -87,9 +87,12 @@ def llava_config(session: Session) -> dict[str, Any]:
     _fit(all(len(v) == 1 for v in by.values()), "a model with other than one encoder, connector, LM and fusion")
     vis, con, lm, fus = (by[r][0] for r in ("vision", "connector", "language", "fusion"))
     v, c, t = vis.config, con.config, lm.config
-    _fit(vis.kind == "vit" and v.class_token and v.pre_norm and not v.patch_bias and v.position == "learned"
-         and not v.feature_norm
-         and v.resolution == "fixed" and not v.tiles and v.temporal_patch == 1, f"vision `{vis.name}` ({vis.kind})")
+    siglip = vis.kind == "siglip"
+    tower = (not v.class_token and not v.pre_norm and v.patch_bias) if siglip else \
+        (vis.kind == "vit" and v.class_token and v.pre_norm and not v.patch_bias)
+    _fit(tower and v.position == "learned" and not v.feature_norm and v.norm == "layer" and not v.gated_mlp
+         and not v.window and v.resolution == "fixed" and not v.tiles and v.temporal_patch == 1,
+         f"vision `{vis.name}` ({vis.kind})")
     _fit(v.attn_bias and not v.global_layers and not v.tile_padding,
          f"vision `{vis.name}` without attention biases or with global layers / tile padding")
     _fit(c.layers == 2 and not c.norm and (c.hidden is None or c.hidden == t.width)
@@ -113,17 +116,31 @@ def llava_config(session: Session) -> dict[str, Any]:
         text.update(attention_bias=False, mlp_bias=False)
     return {
         "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
-                          "num_hidden_layers": v.depth, "num_attention_heads": v.heads, "image_size": v.image_size,
-                          "patch_size": v.patch_size, "num_channels": v.channels, "hidden_act": ACT_HF[v.act],
-                          "layer_norm_eps": v.norm_eps},
+        "vision_config": vision_config(vis),
         "text_config": text,
         "image_token_index": int(session.model.image_token_id), "image_seq_length": tokens,
         "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
-        "vision_feature_select_strategy": "default" if v.feature.tokens == "patches" else "full",
+        "vision_feature_select_strategy": select_strategy(vis),
         "projector_hidden_act": ACT_HF[c.act], "multimodal_projector_bias": True,
         "tie_word_embeddings": t.tie_embeddings,
     }
+
+
+def vision_config(vis: Any) -> dict[str, Any]:
+    """The tower's `vision_config`: CLIP's, or SigLIP's (with or without its pooling head)."""
+    v = vis.config
+    out = {"model_type": "siglip_vision_model" if vis.kind == "siglip" else "clip_vision_model",
+           "hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.depth,
+           "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
+           "num_channels": v.channels, "hidden_act": ACT_HF[v.act], "layer_norm_eps": v.norm_eps}
+    if vis.kind == "siglip":
+        out["vision_use_head"] = bool(v.pool_head)
+    return out
+
+
+def select_strategy(vis: Any) -> str:
+    """`default` drops the first token: a class token's place; a tower without one (SigLIP) reads `full`."""
+    return "default" if vis.config.class_token and vis.config.feature.tokens == "patches" else "full"
 
 
 def processor_files(session: Session) -> dict[str, dict[str, Any]]:
@@ -146,7 +163,7 @@ def processor_files(session: Session) -> dict[str, dict[str, Any]]:
     if fit == "pad":
         image["do_pad"] = True
     processor = {"processor_class": "LlavaProcessor", "patch_size": v.patch_size,
-                 "vision_feature_select_strategy": "default" if v.feature.tokens == "patches" else "full",
+                 "vision_feature_select_strategy": select_strategy(vis),
                  "num_additional_image_tokens": 1 if v.class_token else 0, "image_token": fus.config.image_token}
     return {"preprocessor_config.json": image, "processor_config.json": processor}
 

@@ -18,23 +18,26 @@ if TYPE_CHECKING:
     from vlmspec.runtime.session import Session
 
 
-def layout_line(config: dict[str, Any], folder: str) -> str:
-    """The encoder's `layout` from the pinpoints (preprocessor_config.json's, else the model config's)."""
+def layout_line(config: dict[str, Any], folder: str, extra: str = "") -> str:
+    """The encoder's `layout` from the pinpoints (preprocessor_config.json's, else the model config's), with
+    `extra` arguments."""
     pinpoints = image_processor(folder).get("image_grid_pinpoints") or config.get("image_grid_pinpoints")
     need(bool(pinpoints), "a LLaVA-NeXT checkpoint without image_grid_pinpoints")
     points = ", ".join(f"[{int(h)}, {int(w)}]" for h, w in pinpoints)
-    return f"    layout = anyres(pinpoints = [{points}], newline = true, unpad = true)"
+    return f"    layout = anyres(pinpoints = [{points}], newline = true, unpad = true{extra})"
 
 
-def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
-    """LLaVA's blocks, the vision block given the anyres layout in place of `fit` (LLaVA-NeXT's processor
-    crops nothing: its tiles are already `image_size` squares); the fusion's token count left to the layout."""
-    need(config.get("vision_feature_select_strategy", "default") == "default",
-         "vision_feature_select_strategy full (the class token has no place on LLaVA-NeXT's grid)")
+def read(config: dict[str, Any], folder: str, layout: str | None = None) -> tuple[list[str], int]:
+    """LLaVA's blocks, the vision block given the anyres layout (`layout`, default LLaVA-NeXT's) in place of
+    `fit` (the processor crops nothing: its tiles are already `image_size` squares); the fusion's token count
+    left to the layout."""
+    siglip = config["vision_config"].get("model_type") == "siglip_vision_model"
+    need(config.get("vision_feature_select_strategy", "default") == "default" or siglip,
+         "vision_feature_select_strategy full on a CLIP tower (the class token has no place on the grid)")
     blocks, image_token = llava.read(config, folder)
     vision = [line for line in blocks[0].split("\n") if not line.strip().startswith("fit =")]
     at = next(i for i, line in enumerate(vision) if line.strip().startswith("weights ="))
-    vision.insert(at, layout_line(config, folder))
+    vision.insert(at, layout or layout_line(config, folder))
     fusion = "  fusion prefix(proj -> llm)"
     return ["\n".join(vision), blocks[1], blocks[2], fusion], image_token
 
@@ -48,7 +51,14 @@ _HINT = "LLaVA-NeXT is LLaVA (one CLIP `vit`, a 2-layer `mlp`, a `llama`, a caus
 def claims(ir: ModelIR) -> bool:
     """LLaVA's shape with an anyres encoder."""
     return [c.kind for c in ir.by_role("connector")] == ["mlp"] and \
-        [c.kind for c in ir.by_role("fusion")] == ["prefix"] and llava.anyres(ir)
+        [c.kind for c in ir.by_role("fusion")] == ["prefix"] and llava.anyres(ir) and not onevision(ir)
+
+
+def onevision(ir: ModelIR) -> bool:
+    """Whether the anyres layout is LLaVA-OneVision's: pooled to `max_tiles`, several images as squares."""
+    return any(getattr(v.config.layout, "max_tiles", None) is not None or
+               getattr(v.config.layout, "multi_image", "tiles") != "tiles"
+               for v in ir.by_role("vision") if not isinstance(getattr(v.config, "layout", "fixed"), str))
 
 
 def write(session: Session) -> Export:
