@@ -69,6 +69,8 @@ CASES: dict[str, str] = {
     "E0220": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
                          "layout = anyres(pinpoints = [[32, 64]]) }\n",
                   connector="  connector proj = linear(clip -> llm)\n"),
+    "E0221": spec(vision="  vision clip = eva { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "qk_norm = true }\n"),
     # graph and fusion rules
     "E0301": spec(fusion="  fusion cross_attention(proj -> llm) { layers = [1, 5] }\n"),
     "E0302": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "

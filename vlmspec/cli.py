@@ -255,7 +255,7 @@ def summary(
         line += f" (unquantized: {human(mem['weights_unquantized'], 'B')})"
     out.print(line)
     for name, lay in s["image_layouts"].items():
-        out.print(f"image tokens of `{name}` (anyres): {lay['min']}..{lay['max']} per image by its size, "
+        out.print(f"image tokens of `{name}` ({lay['layout']}): {lay['min']}..{lay['max']} per image by its size, "
                   f"{lay['at_image_size']} at {lay['image_size']}x{lay['image_size']}")
     if s["stages"]:
         st = Table(title="stages", title_justify="left")

@@ -142,10 +142,19 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
                            span_of=lambda attr, n=name: spans.attr(n, attr) if attr else spans.components.get(n),
                            llm_depth=llm.depth if llm else None)
         shapes.contexts[name] = ctx
-        if comp.role == "connector" and comp.kind != "mlp" and any(s.layout is not None for s in inputs):
-            sink.error("E0220", f"a `{comp.kind}` connector reads an anyres encoder, whose tiles only an `mlp` "
-                       "connector lays out (unpadding, newline)", spans.components.get(name),
-                       help="read the anyres encoder with `mlp(...)`, or drop its `layout`")
+        laid = next((s.layout[0] for s in inputs if s.layout is not None), None)
+        if comp.role == "connector" and laid is not None and comp.kind not in laid.readers:
+            kinds = " or ".join(f"`{k}`" for k in laid.readers)
+            what = "an anyres encoder" if laid.call == "anyres" else f"a `{laid.call}` encoder"
+            sink.error("E0220", f"a `{comp.kind}` connector reads {what}, whose tiles only "
+                       f"{'an' if len(laid.readers) == 1 else 'a'} {kinds} connector {laid.readers_why}",
+                       spans.components.get(name),
+                       help=f"read the {laid.call} encoder with {' or '.join(f'`{k}(...)`' for k in laid.readers)}, "
+                       "or drop its `layout`")
+        if comp.role == "connector" and laid is not None and len(inputs) > 1:
+            what = "an anyres encoder" if laid.call == "anyres" else f"a `{laid.call}` encoder"
+            sink.error("E0219", f"{what}'s tiles are laid out by a connector that reads it alone",
+                       spans.components.get(name), help=f"give the {laid.call} encoder its own connector")
         if hasattr(cfg, "check"):
             cfg.check(ctx)
         if comp.role in ("vision", "connector"):

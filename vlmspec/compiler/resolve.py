@@ -586,11 +586,7 @@ def _validate(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Sp
             e["in_element"] = any(isinstance(p, int) for p in e["loc"])
             e["loc"] = tuple(p for p in e["loc"] if not isinstance(p, int)
                              and not (_is_union_tag(str(p)) and str(p) not in written))
-        # for a union field (`rope = default | mrope(...)`), report the branch the user meant: drop
-        # "expected 'default'" when the call itself had a more specific problem
-        specific = {e["loc"][:1] for e in errors if e["type"] != "literal_error"}
-        errors = [e for e in errors if not (e["type"] == "literal_error" and e["loc"][:1] in specific
-                                            and len(e["loc"]) == 1 and isinstance(e.get("input"), CallValue))]
+        errors = _one_branch(errors)
         seen: set[tuple] = set()
         for e in errors:
             key = (e["loc"], e["type"])
@@ -628,6 +624,41 @@ def _validate(cls: type, values: dict[str, Any], spans: dict[tuple[str, ...], Sp
                 sink.error("E0201", f"`{'.'.join(loc) or field_name}`: {_humanise(msg)} (got {_show(e.get('input'))})",
                            span, help=_field_help(cls, loc))
         return None
+
+
+def _branch_mismatch(e: dict[str, Any]) -> bool:
+    """An error that says only that a call is another branch of a union field ("expected 'fixed'", "expected
+    `anyres(...)` or `fixed`"), not what is wrong inside the branch the user wrote."""
+    return len(e["loc"]) == 1 and isinstance(e.get("input"), CallValue) and (
+        e["type"] == "literal_error" or (e["type"] == "value_error" and "expected `" in e["msg"]))
+
+
+def _one_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a union field (`rope = default | mrope(...)`, `layout = fixed | anyres(...) | split(...)`), report
+    the branch the user meant: drop the other branches' "expected ..." when the call itself had a more
+    specific problem; when it had none (an unknown call), one error naming every branch."""
+    specific = {e["loc"][:1] for e in errors if not _branch_mismatch(e)}
+    out: list[dict[str, Any]] = []
+    merged: dict[tuple, dict[str, Any]] = {}
+    for e in errors:
+        if not _branch_mismatch(e):
+            out.append(e)
+            continue
+        if e["loc"][:1] in specific:
+            continue
+        alts = re.findall(r"`([^`]+)`", e["msg"]) if e["type"] == "value_error" else \
+            [str(e.get("ctx", {}).get("expected", "")).strip("'")]
+        first = merged.get(e["loc"])
+        if first is None:
+            merged[e["loc"]] = {**e, "type": "value_error", "alts": alts}
+            out.append(merged[e["loc"]])
+        else:
+            first["alts"] += [a for a in alts if a not in first["alts"]]
+    for e in merged.values():
+        alts = [a for a in e.pop("alts") if a]
+        e["msg"] = "expected " + (", ".join(f"`{a}`" for a in alts[:-1]) + f" or `{alts[-1]}`"
+                                  if len(alts) > 1 else f"`{alts[0]}`")
+    return out
 
 
 def _is_union_tag(part: str) -> bool:

@@ -68,17 +68,24 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
 
 
 def image_layouts(analysis: Analysis) -> dict[str, dict[str, int]]:
-    """Per anyres encoder, the image tokens one image takes: the fewest and most any image can (its size
-    decides), and how many a square `image_size` image takes (what `vlm summary` calls the default)."""
+    """Per encoder with an image layout (`anyres`, `dynamic_tiles`, `split`), the image tokens one image
+    takes: the fewest and most any image can (its size decides), and how many a square `image_size` image
+    takes (what `vlm summary` calls the default); counted after the connector that reads its tiles."""
     out = {}
-    for comp in analysis.ir.by_role("vision"):
+    ir = analysis.ir
+    for comp in ir.by_role("vision"):
         v = comp.config
         layout = getattr(v, "layout", "fixed")
         if isinstance(layout, str):
             continue
+        readers = [c.name for c in ir.by_role("connector") if comp.name in c.sources]
+        tile = analysis.shapes.out[readers[0]].tile_tokens if readers else None
+        if tile is None:
+            continue
         s, p = v.image_size, v.patch_size
-        out[comp.name] = {"min": layout.min_tokens(s, p), "max": layout.max_tokens(s, p),
-                          "at_image_size": layout.tokens(s, s, s, p), "image_size": s}
+        lo, hi = layout.token_range(s, p, tile)
+        out[comp.name] = {"layout": layout.call, "min": lo, "max": hi,
+                          "at_image_size": layout.image_tokens(s, s, s, p, tile), "image_size": s}
     return out
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.schema.fusion import FusionBase
+from vlmspec.compiler.schema.layouts import AnyRes, best_resolution, pooled_grid, unpadded_grid
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import DTYPES, VisualTokens, init_weights, tracing
 from vlmspec.runtime.connectors.base import Instruction
@@ -134,12 +135,14 @@ class VisionLanguageModel(nn.Module):
         vision encoder its own tensor (encoders at different resolutions). A tiled encoder (`tiles = T`)
         takes [b (x n) x T x c x h x w], with `aspect_ratio_ids` [b (x n)] choosing the tile layout; the
         ids (default 1: the image in the first tile) come back as features[ASPECT_RATIO_IDS] [b x n], and
-        for M-RoPE the images' token grid as features[IMAGE_GRID] [b x 2]. An anyres encoder takes its images'
-        tiles [b (x n) x most tiles x c x h x w] with `image_sizes` [b (x n) x 2], each image's (height, width)
-        (without them, each image's first tile alone).
+        for M-RoPE the images' token grid as features[IMAGE_GRID] [b x 2]. An encoder with an image layout
+        (`anyres`, `dynamic_tiles`, `split`) takes its images' tiles [b (x n) x most tiles x c x h x w] with
+        `image_sizes` [b (x n) x 2], each image's (height, width) (without them, each image's first tile
+        alone).
         """
         outs: dict[str, VisualTokens] = {}
-        # anyres encoder (and the connector reading it) -> (images' sizes, None for base tiles alone; its config)
+        # encoder with an image layout (and the connector reading it) -> (images' sizes, None for first tiles
+        # alone; its config)
         laid: dict[str, tuple[list[tuple[int, int]] | None, Any]] = {}
         batch: tuple[int, int] | None = None
         for name in self.order:
@@ -150,11 +153,11 @@ class VisionLanguageModel(nn.Module):
                     raise user_error("E0593", f"no pixel_values for vision encoder `{name}`",
                                      help="pass a dict with one tensor per encoder: " + ", ".join(
                                          n for n in self.order if self.roles[n] == "vision"))
-                # anyres images come as tiles with their sizes; without sizes, each image is its base tile alone
-                anyres = not isinstance(getattr(comp.cfg, "layout", "fixed"), str)
-                tiled = anyres and image_sizes is not None
+                # laid-out images come as tiles with their sizes; without sizes, each image is its first tile
+                laid_out = not isinstance(getattr(comp.cfg, "layout", "fixed"), str)
+                tiled = laid_out and image_sizes is not None
                 px, bn = _flatten_images(px, 4 if tiled else comp.image_dims, name)
-                if tiled and bn[1] > 1 and comp.cfg.layout.multi_image == "square":
+                if tiled and bn[1] > 1 and getattr(comp.cfg.layout, "multi_image", "tiles") == "square":
                     # several images in a prompt: each read as its one square tile (`one_of_several`)
                     tiled, px = False, px[:, 0]
                 if batch is not None and bn != batch:
@@ -162,9 +165,9 @@ class VisionLanguageModel(nn.Module):
                                      f"{batch[0]} x {batch[1]}", help="give every encoder the same images")
                 batch = bn
                 if tiled:
-                    outs[name], laid[name] = self._anyres_tiles(comp, px, image_sizes, name)
+                    outs[name], laid[name] = self._real_tiles(comp, px, image_sizes, name)
                     continue
-                if anyres:
+                if laid_out:
                     outs[name], laid[name] = comp(px), (None, comp.cfg)
                     continue
                 aspect = aspect_ratio_ids.reshape(-1) if aspect_ratio_ids is not None else None
@@ -173,7 +176,7 @@ class VisionLanguageModel(nn.Module):
                 per_image = _per_image(instruction, batch[1] if batch is not None else 1)
                 outs[name] = comp([outs[s] for s in self.sources[name]], per_image)
                 for s in self.sources[name]:
-                    if s in laid:  # the connector that reads an anyres encoder lays its tiles out
+                    if s in laid:  # the connector that reads a laid-out encoder lays its tiles out
                         laid[name] = laid[s]
         if batch is None:
             raise user_error("E0593", "this model has no vision encoder to read pixel_values")
@@ -181,7 +184,7 @@ class VisionLanguageModel(nn.Module):
         features = {}
         for f in self.fusions:
             if any(s in laid for s in self.sources[f]):
-                features[f], lengths = self._anyres_features(f, outs, laid, b, n)
+                features[f], lengths = self._laid_out_features(f, outs, laid, b, n)
                 if lengths is not None:
                     features[IMAGE_LENGTHS] = lengths
                 continue
@@ -196,26 +199,31 @@ class VisionLanguageModel(nn.Module):
             features[IMAGE_GRID] = torch.tensor(grid, device=x.device).expand(b, 2)
         return features
 
-    def _anyres_tiles(self, comp: nn.Module, px: Tensor, sizes: Tensor | None,
-                      name: str) -> tuple[VisualTokens, tuple[list[tuple[int, int]], Any]]:
-        """An anyres encoder over the real tiles of px [images x most tiles x c x s x s] (each image's
-        `1 + rows * cols`, the zero tiles after them skipped), given the images' (height, width) in
-        `sizes` [images x 2]."""
+    def _real_tiles(self, comp: nn.Module, px: Tensor, sizes: Tensor | None,
+                    name: str) -> tuple[VisualTokens, tuple[list[tuple[int, int]], Any]]:
+        """A laid-out encoder over the real tiles of px [images x most tiles x c x s x s] (as many as the
+        layout cuts each image into, the zero tiles after them skipped), given the images' (height, width)
+        in `sizes` [images x 2]."""
         cfg = comp.cfg
         if sizes is None or sizes.reshape(-1, 2).shape[0] != px.shape[0]:
             raise user_error("E0593", f"encoder `{name}` lays out images of any size: give each image's (height, "
                              "width) in image_sizes", help="the processor's generation_batch does")
         hw = [(int(h), int(w)) for h, w in sizes.reshape(-1, 2).tolist()]
-        counts = [1 + math.prod(_best(h, w, cfg)) // cfg.image_size ** 2 for h, w in hw]
+        counts = [cfg.layout.tile_count(h, w, cfg.image_size) for h, w in hw]
+        if max(counts) > px.shape[1]:
+            raise user_error("E0593", f"encoder `{name}`: an image of size {hw[counts.index(max(counts))]} takes "
+                             f"{max(counts)} tiles but pixel_values hold {px.shape[1]}",
+                             help="lay the images out with the processor's transform for this encoder")
         tiles = torch.cat([px[i, :c] for i, c in enumerate(counts)])
         return comp(tiles), (hw, cfg)
 
-    def _anyres_features(self, fusion: str, outs: dict[str, VisualTokens],
-                         laid: dict[str, tuple[list[tuple[int, int]] | None, Any]], b: int,
-                         n: int) -> tuple[Tensor, Tensor | None]:
-        """The fusion's features [b x tokens x d] of anyres images: each image's tiles laid out by
-        `anyres_layout`, the n images of a sample one after another; when samples take different counts,
-        right-padded to the longest, with each row's count (else None)."""
+    def _laid_out_features(self, fusion: str, outs: dict[str, VisualTokens],
+                           laid: dict[str, tuple[list[tuple[int, int]] | None, Any]], b: int,
+                           n: int) -> tuple[Tensor, Tensor | None]:
+        """The fusion's features [b x tokens x d] of laid-out images: each image's tiles laid out (an anyres
+        grid by `anyres_layout`; other layouts' tiles one after another), the n images of a sample one after
+        another; when samples take different counts, right-padded to the longest, with each row's count
+        (else None)."""
         (src,) = self.sources[fusion]
         hw, cfg = laid[src]
         x = outs[src].x
@@ -226,9 +234,14 @@ class VisionLanguageModel(nn.Module):
             return x.reshape(b, n * x.shape[1], x.shape[2]), None
         images, start = [], 0
         for h, w in hw:
-            rows, cols = (d // cfg.image_size for d in _best(h, w, cfg))
-            images.append(anyres_layout(x[start: start + 1 + rows * cols], (h, w), rows, cols, cfg.layout, newline))
-            start += 1 + rows * cols
+            count = cfg.layout.tile_count(h, w, cfg.image_size)
+            tiles = x[start: start + count]
+            if isinstance(cfg.layout, AnyRes):
+                rows, cols = (d // cfg.image_size for d in best_resolution(h, w, cfg.layout.pinpoints))
+                images.append(anyres_layout(tiles, (h, w), rows, cols, cfg.layout, newline))
+            else:
+                images.append(tiles.reshape(-1, x.shape[-1]))
+            start += count
         samples = [torch.cat(images[i * n:(i + 1) * n]) for i in range(b)]
         lengths = [s.shape[0] for s in samples]
         if len(set(lengths)) == 1:
@@ -423,20 +436,12 @@ class VisionLanguageModel(nn.Module):
                         aspect_ratio_ids=aspect_ratio_ids, image_sizes=image_sizes)
 
 
-def _best(h: int, w: int, cfg: object) -> tuple[int, int]:
-    from vlmspec.compiler.schema.layouts import best_resolution
-
-    return best_resolution(h, w, cfg.layout.pinpoints)  # type: ignore[attr-defined]
-
-
 def anyres_layout(tiles: Tensor, size: tuple[int, int], rows: int, cols: int, layout: Any,
                   newline: Tensor | None) -> Tensor:
     """One image's tile features [1 + rows * cols x g*g x d] (base tile first) -> its tokens [t x d]: the
     base tile's, then the other tiles' as one grid (rows of tiles, each g x g), the padding cut off
     (`unpad`, against the original `size`), pooled bilinearly when larger than `max_tiles` allows, the
     newline embedding after each grid row."""
-    from vlmspec.compiler.schema.layouts import pooled_grid, unpadded_grid
-
     g = math.isqrt(tiles.shape[1])
     d = tiles.shape[2]
     grid = tiles[1:].view(rows, cols, g, g, d).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, d)

@@ -59,9 +59,11 @@ class TokenShape:
     tokens: int
     width: int
     dynamic: bool = False
-    #: an any-resolution encoder's (`AnyRes` layout, image_size, patch_size), for the connector that lays its
-    #: tiles out
+    #: an encoder's image layout (`anyres`, `dynamic_tiles`, `split`) as (layout, image_size, patch_size), for
+    #: the connectors after it: `tokens` is then per tile at the encoder, the most per image after a connector
     layout: Any = None
+    #: after a connector that reads a laid-out encoder: the tokens of one tile
+    tile_tokens: int | None = None
 
     def __str__(self) -> str:
         return f"{'<=' if self.dynamic else ''}{self.tokens} x {self.width}"

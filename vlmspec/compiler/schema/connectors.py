@@ -62,6 +62,16 @@ class ConnectorBase(ComponentSchema):
             return TokenShape(ins[0].tokens, ins[0].width, dynamic)
         return TokenShape(ins[0].tokens, sum(s.width for s in ins), dynamic)
 
+    def laid_out(self, x: TokenShape, per_tile: TokenShape) -> TokenShape:
+        """This connector's output for input `x`, given its output for one tile (or image): when `x` comes
+        from an encoder with an image layout, the most tokens any image can take, with the tile's count
+        (what the processor multiplies by each image's tiles); else `per_tile` itself."""
+        if x.layout is None:
+            return per_tile
+        layout, size, patch = x.layout
+        most = layout.token_range(size, patch, per_tile.tokens)[1]
+        return TokenShape(most, per_tile.width, True, x.layout, per_tile.tokens)
+
     def out_width(self, ctx: ShapeContext, natural: int) -> int:
         if self.out is not None:
             return self.out
@@ -100,7 +110,7 @@ class Linear(ConnectorBase):
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)
-        return TokenShape(x.tokens, self.out_width(ctx, x.width), x.dynamic)
+        return self.laid_out(x, TokenShape(x.tokens, self.out_width(ctx, x.width), x.dynamic))
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         x = self.merged_input(ctx)
@@ -120,15 +130,7 @@ class MLP(ConnectorBase):
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)
-        if x.layout is not None:  # an anyres encoder's tiles, laid out here: as many tokens as the largest image
-            layout, size, patch = x.layout
-            return TokenShape(layout.max_tokens(size, patch), self.out_width(ctx, x.width), True, x.layout)
-        return TokenShape(x.tokens, self.out_width(ctx, x.width), x.dynamic)
-
-    def check(self, ctx: ShapeContext) -> None:
-        if len(ctx.inputs) > 1 and any(s.layout is not None for s in ctx.inputs):
-            ctx.sink.error("E0219", "an anyres encoder's tiles are laid out by a connector that reads it alone",
-                           ctx.span_of(""), help="give the anyres encoder its own connector")
+        return self.laid_out(x, TokenShape(x.tokens, self.out_width(ctx, x.width), x.dynamic))
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         x = self.merged_input(ctx)
@@ -137,7 +139,7 @@ class MLP(ConnectorBase):
         p = {"mlp": _mlp_params(x.width, hidden, out, self.layers)}
         if self.norm:
             p["norm"] = layernorm(x.width)
-        if x.layout is not None and x.layout[0].newline:
+        if x.layout is not None and getattr(x.layout[0], "newline", False):
             p["newline"] = out  # LLaVA-NeXT's `image_newline`, in the output width
         return p
 
@@ -279,7 +281,12 @@ class PatchMerger(ConnectorBase):
 
 @register
 class PixelShuffle(ConnectorBase):
-    """Pixel shuffle (InternVL, Idefics3): trade an s x s block of tokens for s^2 times the width, then an MLP."""
+    """Pixel shuffle (InternVL, Idefics3): trade an s x s block of tokens for s^2 times the width, then an MLP.
+
+    The block's tokens enter the channels row by row. InternVL's `pixel_shuffle` (scale 0.5) and
+    Idefics3's / SmolVLM's (scale 2-4) both come to this order, through different reshapes, so there is no
+    field for it (tests/runtime/test_pixel_shuffle_variants.py checks both). InternVL: `norm = true`,
+    `layers = 2`; Idefics3 / SmolVLM: `norm = false  layers = 1  bias = false`."""
 
     kind = "pixel_shuffle"
     summary = "pixel shuffle (space-to-depth) then an MLP"
@@ -288,18 +295,25 @@ class PixelShuffle(ConnectorBase):
     hidden: int | None = Field(default=None, gt=0, description="MLP hidden width (default: the output width)")
     norm: bool = Field(default=True, description="LayerNorm after the shuffle")
     act: Act = Field(default="gelu", description="MLP activation")
+    bias: bool = Field(default=True, description="biases in the MLP's linear layers (Idefics3 / SmolVLM's "
+                       "single projection has none)")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)
         if not x.dynamic:
             _square_grid(ctx, x.tokens, self.scale, "scale")
-        return TokenShape(x.tokens // (self.scale**2), self.out_width(ctx, x.width * self.scale**2), x.dynamic)
+        return self.laid_out(x, TokenShape(x.tokens // (self.scale**2), self.out_width(ctx, x.width * self.scale**2),
+                                           x.dynamic))
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         x = self.merged_input(ctx)
         d = x.width * self.scale**2
         out = self.out_width(ctx, d)
-        p = {"mlp": _mlp_params(d, self.hidden or out, out, self.layers)}
+        hidden = self.hidden or out
+        mlp = _mlp_params(d, hidden, out, self.layers)
+        if not self.bias:  # every linear but the last outputs `hidden`
+            mlp -= (self.layers - 1) * hidden + out
+        p = {"mlp": mlp}
         if self.norm:
             p["norm"] = layernorm(d)
         return p

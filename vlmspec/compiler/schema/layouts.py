@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -58,6 +58,12 @@ class AnyRes(Schema):
     LLaVA-OneVision adds `max_tiles` (its `anyres_max_9`: a larger grid is pooled down) and reads the
     images of a prompt with several as one padded square each (`multi_image = square`)."""
 
+    #: what every image layout says (`tile_layouts.DynamicTiles`, `tile_layouts.Split` too): its call's name,
+    #: the connector kinds that may read its tiles, and why only those
+    call: ClassVar[str] = "anyres"
+    readers: ClassVar[tuple[str, ...]] = ("mlp",)
+    readers_why: ClassVar[str] = "lays out (unpadding, newline)"
+
     pinpoints: list[tuple[PositiveInt, PositiveInt]] = Field(min_length=1, description="canvas sizes `[height, "
                                                              "width]` in pixels, each a multiple of image_size")
     newline: bool = Field(default=True, description="a learned embedding (the connector's `image_newline`) after "
@@ -97,12 +103,27 @@ class AnyRes(Schema):
             rows, cols = unpadded_grid(height, width, rows, cols)
         return pooled_grid(rows, cols, g, self.max_tiles)
 
+    def tile_count(self, height: int, width: int, image_size: int) -> int:
+        """The encoder's images for one `height x width` image read alone: the base tile and its pinpoint's
+        tiles."""
+        h, w = best_resolution(height, width, self.pinpoints)
+        return 1 + (h // image_size) * (w // image_size)
+
     def tokens(self, height: int, width: int, image_size: int, patch_size: int) -> int:
         """Image tokens of one `height x width` image read alone: the base tile's patches, then the grid's
         rows, each with its newline."""
         g = image_size // patch_size
         rows, cols = self.grid(height, width, image_size, patch_size)
         return g * g + rows * (cols + int(self.newline))
+
+    def image_tokens(self, height: int, width: int, image_size: int, patch_size: int, tile_tokens: int) -> int:
+        """Image tokens of one image (the layout protocol; an anyres grid keeps one token per patch, so
+        `tile_tokens` is the tile's patches)."""
+        return self.tokens(height, width, image_size, patch_size)
+
+    def token_range(self, image_size: int, patch_size: int, tile_tokens: int) -> tuple[int, int]:
+        """The fewest and most image tokens one image can take (the layout protocol)."""
+        return self.min_tokens(image_size, patch_size), self.max_tokens(image_size, patch_size)
 
     def square_tokens(self, image_size: int, patch_size: int) -> int:
         """Image tokens of one image of several read as one square tile (`multi_image = square`)."""

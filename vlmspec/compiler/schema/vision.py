@@ -1,4 +1,4 @@
-"""Vision encoders: CLIP-style ViT (`vit`), SigLIP (`siglip`) and EVA / BLIP-2 (`eva`)."""
+"""Vision encoders: CLIP-style ViT (`vit`), SigLIP (`siglip`), EVA / BLIP-2 (`eva`) and InternViT (`internvit`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from vlmspec.compiler.schema.base import (
     register,
 )
 from vlmspec.compiler.schema.layouts import AnyRes
+from vlmspec.compiler.schema.tile_layouts import DynamicTiles, Split
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -87,8 +88,10 @@ class ViTBase(ComponentSchema):
     position: Literal["learned", "rope2d"] = Field(default="learned", description="position encoding")
     resolution: Literal["fixed"] | DynamicResolution = Field(default="fixed", description="`fixed` or `dynamic(...)`")
     temporal_patch: int = Field(default=1, ge=1, description="frames per patch (2 for Qwen2-VL video-ready patches)")
-    layout: Literal["fixed"] | AnyRes = Field(default="fixed", description="`fixed` (one image_size square) or "
-                                              "`anyres(...)` (LLaVA-NeXT's tiles on a best-fit canvas)")
+    layout: Literal["fixed"] | AnyRes | DynamicTiles | Split = Field(
+        default="fixed", description="`fixed` (one image_size square), `anyres(...)` (LLaVA-NeXT's tiles on a "
+        "best-fit canvas), `dynamic_tiles(...)` (InternVL's grid by aspect ratio + thumbnail) or `split(...)` "
+        "(Idefics3's tiles + global image)")
     tiles: int = Field(default=0, ge=0, le=MAX_TILES, description="Llama 3.2 Vision tiling: up to N tiles, gated tile embeddings (0: none)")
     global_layers: int = Field(default=0, ge=0, description="the last N layers are gated global layers, after the "
                                "post-LayerNorm and the post-tile embedding (Llama 3.2 Vision: 8 of 40; needs `tiles`)")
@@ -104,9 +107,14 @@ class ViTBase(ComponentSchema):
                         "except in `full_layers` (Qwen2.5-VL: 112; 0: every layer attends over the whole image)")
     full_layers: list[int] = Field(default=[], description="layers (0-based) that attend over the whole image despite "
                                    "`window` (Qwen2.5-VL: [7, 15, 23, 31])")
+    layer_scale: bool = Field(default=False, description="learned per-channel scales on each block's attention "
+                              "and MLP outputs before they join the residual (InternViT's `lambda_1`, `lambda_2`)")
+    qk_norm: bool = Field(default=False, description="RMSNorm (eps 1e-6) over all heads' queries and over all "
+                          "heads' keys, each with its own width-sized weight, before attention (InternViT-6B)")
     mean: list[float] = Field(default=CLIP_MEAN, min_length=1, description="per-channel normalisation mean")
     std: list[float] = Field(default=CLIP_STD, min_length=1, description="per-channel normalisation std")
-    resize: Literal["bicubic", "bilinear", "nearest"] = Field(default="bicubic", description="resize filter")
+    resize: Literal["bicubic", "bilinear", "nearest", "lanczos"] = Field(default="bicubic", description="resize "
+                                                                          "filter (Idefics3 / SmolVLM: lanczos)")
     fit: Literal["stretch", "crop", "pad"] = Field(default="stretch", description="how an image of another aspect "
                                                    "ratio becomes square: `stretch` resizes it to image_size x "
                                                    "image_size; `crop` resizes its shorter side to image_size and "
@@ -156,6 +164,7 @@ class ViTBase(ComponentSchema):
                            ctx.span_of("fit"), help="remove `fit`")
         self._check_window(ctx)
         self._check_layout(ctx)
+        self._check_qk_norm(ctx)
         for layer in self.feature.layers:
             if not (-(self.depth + 1) <= layer <= self.depth):
                 ctx.sink.error("E0208", f"feature layer {layer} is out of range for an encoder of depth {self.depth}",
@@ -163,11 +172,11 @@ class ViTBase(ComponentSchema):
                                help=f"hidden states are numbered 0..{self.depth} (or -1..-{self.depth + 1} from the end)")
 
     def _check_layout(self, ctx: ShapeContext) -> None:
-        """An any-resolution layout cuts canvases into whole `image_size` tiles, each a grid of whole patches
-        with no class token among them, and replaces the other ways of reading images of any size."""
-        if not isinstance(self.layout, AnyRes):
+        """An image layout cuts images into whole `image_size` tiles, each a grid of whole patches with no
+        class token among them, and replaces the other ways of reading images of any size."""
+        if isinstance(self.layout, str):
             return
-        bad = [p for p in self.layout.pinpoints if p[0] % self.image_size or p[1] % self.image_size]
+        bad = [p for p in getattr(self.layout, "pinpoints", []) if p[0] % self.image_size or p[1] % self.image_size]
         if bad:
             ctx.sink.error("E0217", f"pinpoint {list(bad[0])} is not [height, width] in whole tiles of image_size "
                            f"{self.image_size}", ctx.span_of("layout"),
@@ -177,8 +186,23 @@ class ViTBase(ComponentSchema):
                  else "feature `.all` with a class token" if self.class_token and self.feature.tokens == "all"
                  else None)
         if other:
-            ctx.sink.error("E0218", f"layout = anyres(...) cannot go with {other}", ctx.span_of("layout"),
-                           help="anyres lays out whole grids of patch tokens: drop the other setting")
+            call = self.layout.call
+            ctx.sink.error("E0218", f"layout = {call}(...) cannot go with {other}", ctx.span_of("layout"),
+                           help=f"{call} lays out whole grids of patch tokens: drop the other setting")
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether the attention is one fused `qkv` projection (EVA's, and Qwen2-VL's `rope2d` tower): what
+        each kind's builder in `vlmspec.runtime.vision` builds."""
+        return self.position == "rope2d"
+
+    def _check_qk_norm(self, ctx: ShapeContext) -> None:
+        """The query / key norms sit between separate q and k projections and the heads; a fused `qkv`
+        projection (EVA, rope2d) has no such place in its checkpoints' layout."""
+        if self.qk_norm and self.fused_qkv:
+            why = "an `eva` encoder" if self.kind == "eva" else "a `position = rope2d` encoder"
+            ctx.sink.error("E0221", f"qk_norm needs separate q and k projections; {why} has one fused `qkv`",
+                           ctx.span_of("qk_norm"), help="drop `qk_norm`")
 
     def _check_window(self, ctx: ShapeContext) -> None:
         """Window attention is defined on a grid of whole patches with no class token or tiles; a full layer
@@ -215,8 +239,8 @@ class ViTBase(ComponentSchema):
         if self.tiles:
             tokens *= self.tiles
         # (layout, tile size, patch size): what the connector needs to count the laid-out tokens
-        layout = (self.layout, self.image_size, self.patch_size) if isinstance(self.layout, AnyRes) else None
-        # an anyres encoder's tokens are per tile; the connector that reads them lays the tiles out
+        layout = (self.layout, self.image_size, self.patch_size) if not isinstance(self.layout, str) else None
+        # a laid-out encoder's tokens are per tile; the connector that reads them lays the tiles out
         return TokenShape(tokens, self.width * len(self.feature.layers), dynamic, layout)
 
     @property
@@ -240,10 +264,24 @@ class ViTBase(ComponentSchema):
         w, m = self.width, self.mlp_dim
         return (2 if self.gated_mlp else 1) * linear(w, m) + linear(m, w)
 
-    def layer_params(self) -> int:
+    @property
+    def out_bias(self) -> bool:
+        """Whether the attention's output projection has a bias (with `attn_bias`, except in InternViT)."""
+        return self.attn_bias
+
+    @property
+    def post_norm_kind(self) -> Literal["layer", "rms"]:
+        """The post-norm's kind: `norm`'s, except in InternViT (always LayerNorm)."""
+        return self.norm
+
+    def attn_params(self) -> int:
+        """One block's attention: q, k, v and output projections, plus the query / key norms."""
         w = self.width
-        attn = 4 * linear(w, w, self.attn_bias)
-        return attn + self.mlp_params() + 2 * self.norm_params()
+        return 3 * linear(w, w, self.attn_bias) + linear(w, w, self.out_bias) + (2 * w if self.qk_norm else 0)
+
+    def layer_params(self) -> int:
+        scales = 2 * self.width if self.layer_scale else 0
+        return self.attn_params() + self.mlp_params() + 2 * self.norm_params() + scales
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         w = self.width
@@ -258,15 +296,15 @@ class ViTBase(ComponentSchema):
             # aspect ratio (plus one padding row), each with a scalar tanh gate
             rows, positions = self.aspect_ratios + 1, self.num_patches + (1 if self.class_token else 0)
             out["tile_embeddings"] = rows * self.tiles * positions * w + 2 * rows * self.tiles * w + 3
-        norms = (int(self.pre_norm) + int(self.post_norm)) * self.norm_params()
+        post = (self.width if self.post_norm_kind == "rms" else layernorm(self.width)) if self.post_norm else 0
+        norms = int(self.pre_norm) * self.norm_params() + post
         if norms:
             out["norms"] = norms
         return out
 
     def part_params(self, sub: str, parts: dict[str, int], llm: Any = None) -> int:
-        w = self.width
         if sub == "attn":
-            return self.depth * 4 * linear(w, w, self.attn_bias)
+            return self.depth * self.attn_params()
         if sub == "mlp":
             return self.depth * self.mlp_params()
         if sub == "norm":
@@ -307,6 +345,10 @@ class SigLIP(ViTBase):
     feature_norm: bool = Field(default=True, description="the last layer's tokens pass through the post-LayerNorm "
                                "when `feature` selects them (LLaVA reads SigLIP before it: `false`)")
 
+    @property
+    def fused_qkv(self) -> bool:
+        return False
+
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         out = super().params(ctx)
         if self.pool_head:
@@ -328,11 +370,56 @@ class EVA(ViTBase):
     feature_norm: bool = Field(default=True, description="the last layer's tokens pass through the post-LayerNorm "
                                "when `feature` selects them (as BLIP-2 reads it)")
 
-    def layer_params(self) -> int:
+    @property
+    def fused_qkv(self) -> bool:
+        return True
+
+    def attn_params(self) -> int:
         w = self.width
         # fused QKV whose bias is stored whole as [q_bias, 0, v_bias] (as in HF Blip2), then the output projection
-        attn = linear(w, 3 * w) + linear(w, w)
-        return attn + self.mlp_params() + 2 * self.norm_params()
+        return linear(w, 3 * w) + linear(w, w)
+
+
+INTERNVIT_MEAN = [0.485, 0.456, 0.406]
+INTERNVIT_STD = [0.229, 0.224, 0.225]
+
+
+@register
+class InternViT(ViTBase):
+    """InternViT (InternVL 2.5's tower): class token, no pre-norm, layer scale, a biased output projection.
+
+    Two things differ from the other kinds without a switch of their own, because InternVL's
+    configs cannot vary them: the attention's output projection is biased even with `attn_bias = false`
+    (that field covers q, k and v, as InternVL's `attention_bias` does), and the post-norm is a LayerNorm
+    even with `norm = rms` (transformers' `InternVLVisionModel` builds its final norm so whatever its
+    `norm_type`, which sets the blocks' norms alone)."""
+
+    kind = "internvit"
+    summary = "InternViT (InternVL): class token, layer scale, optional qk-norm"
+    pre_norm: bool = Field(default=False, description="LayerNorm on the embeddings before the first layer")
+    post_norm: bool = Field(default=False, description="LayerNorm after the last layer (InternVL's "
+                            "`use_mean_pooling = true` checkpoints have none)")
+    patch_bias: bool = Field(default=True, description="bias in the patch-embedding convolution")
+    act: Literal["quick_gelu", "gelu", "gelu_tanh", "silu"] = Field(default="gelu", description="MLP activation")
+    norm_eps: float = Field(default=1e-6, gt=0, description="LayerNorm epsilon")
+    feature_norm: bool = Field(default=True, description="the last layer's tokens pass through the post-LayerNorm "
+                               "when `feature` selects them (with `post_norm`, as InternVL reads its tower)")
+    layer_scale: bool = Field(default=True, description="learned per-channel scales on each block's attention "
+                              "and MLP outputs before they join the residual (InternViT's `lambda_1`, `lambda_2`)")
+    mean: list[float] = Field(default=INTERNVIT_MEAN, min_length=1, description="per-channel normalisation mean")
+    std: list[float] = Field(default=INTERNVIT_STD, min_length=1, description="per-channel normalisation std")
+
+    @property
+    def fused_qkv(self) -> bool:
+        return False
+
+    @property
+    def out_bias(self) -> bool:
+        return True
+
+    @property
+    def post_norm_kind(self) -> Literal["layer", "rms"]:
+        return "layer"
 
 
 def _divisors_hint(width: int, heads: int) -> str:

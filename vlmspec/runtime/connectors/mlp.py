@@ -34,6 +34,6 @@ class MLPConnector(Connector, NumberedLinears):
 def build_mlp(comp: Component, ctx: BuildContext) -> MLPConnector:
     cfg = comp.config
     x, d_out = ctx.input_shape(comp.name), ctx.output_shape(comp.name).width
-    newline = x.layout is not None and x.layout[0].newline
+    newline = x.layout is not None and getattr(x.layout[0], "newline", False)
     return MLPConnector(comp.name, cfg.merge, x.width, cfg.hidden or d_out, d_out, cfg.layers, cfg.act, cfg.norm,
                         newline)

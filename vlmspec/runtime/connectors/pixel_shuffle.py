@@ -1,6 +1,8 @@
 """`pixel_shuffle`: space-to-depth over the patch grid (InternVL, Idefics3), LayerNorm, then an MLP.
 
-Tokens of each scale x scale block are concatenated row by row; keys `norm`, `linear_1`, `linear_2`.
+Tokens of each scale x scale block are concatenated row by row, the order InternVL's and Idefics3's
+shuffles both produce; keys `norm`, `linear_1`, `linear_2` (InternVL's projector: `layer_norm`,
+`linear_1`, `linear_2`; Idefics3's: `modality_projection.proj` is `linear_1`, without a bias).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class PixelShuffleConnector(Connector, NumberedLinears):
         shuffled = d * cfg.scale**2
         self.norm = nn.LayerNorm(shuffled) if cfg.norm else None
         self.add_linears(shuffled, cfg.hidden or out_width, out_width, cfg.layers, cfg.act)
+        if not cfg.bias:  # `bias = false`: nn.Linear computes without a bias it does not hold
+            for i in range(1, cfg.layers + 1):
+                getattr(self, f"linear_{i}").bias = None
 
     def project(self, x: VisualTokens, instruction: Instruction | None = None) -> VisualTokens:
         gh, gw = self.need_grid(x, self.scale, "scale")

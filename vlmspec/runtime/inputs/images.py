@@ -22,7 +22,7 @@ from vlmspec.diagnostics import user_error
 #: Larger images are refused before decoding (PIL's own bomb check is only a warning below 2x this).
 MAX_PIXELS = 64 * 1024 * 1024
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-            "nearest": Image.Resampling.NEAREST}
+            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -72,9 +72,14 @@ class ImageTransform:
 
     @classmethod
     def from_encoder(cls, cfg: Any) -> ImageTransform:
-        if not isinstance(getattr(cfg, "layout", "fixed"), str):
+        layout = getattr(cfg, "layout", "fixed")
+        if getattr(layout, "call", None) == "anyres":
             return AnyResImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.layout,
                                         cfg.patch_size)
+        if not isinstance(layout, str):
+            from vlmspec.runtime.inputs.tiling import tile_transform
+
+            return tile_transform(cfg)
         if getattr(cfg, "tiles", 0):
             return TiledImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.tiles)
         return cls(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, getattr(cfg, "fit", "stretch"))

@@ -18,13 +18,17 @@ from vlmspec.diagnostics import user_error
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
 from vlmspec.runtime.inputs.images import (
-    AnyResImageTransform,
     ImageInput,
     ImageTransform,
     NativeImageTransform,
 )
+from vlmspec.runtime.inputs.tiling import TiledImage
 
 IGNORE = -100
+
+#: How one image is written in a prompt: a count of image placeholders (None: the fusion's fixed count), or the
+#: text a tile layout writes for it (InternVL's `<img>...</img>`, Idefics3's tiles with their row / column tokens)
+ImageSlot = int | str | None
 
 
 @dataclass(slots=True)
@@ -59,6 +63,9 @@ class Processor:
         # images are fed at image_size (a dynamic-resolution encoder's own shape counts its largest images)
         shapes = shapes_at_image_size(analysis)
         self.tokens_per_image = sum(shapes.out[f.name].tokens for f in in_seq) if in_seq else 1
+        # an encoder with a tile layout (InternVL, Idefics3): the tokens of one tile after its connector
+        readers = [c for c in ir.by_role("connector") if encoders and encoders[0].name in c.sources]
+        self.tile_tokens = analysis.shapes.out[readers[0].name].tile_tokens if readers else None
         # a dynamic-resolution encoder (Qwen2-VL): `generation_batch` feeds each image at the size its
         # checkpoint's processor gives it, with as many tokens as that size makes
         self.native: NativeImageTransform | None = None
@@ -100,7 +107,7 @@ class Processor:
                 out.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return out
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tokens: int | None = None) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tokens: ImageSlot = None) -> str:
         """The spec's `chat_template` applied as transformers' `apply_chat_template` does (same renderer,
         the tokenizer's special tokens as variables), each image token then repeated once per visual token
         as the checkpoints' processors expand it."""
@@ -113,10 +120,8 @@ class Processor:
         except Exception as e:  # jinja2's syntax and undefined-variable errors, the template's raise_exception
             raise user_error("E0539", f"the spec's chat_template fails: {type(e).__name__}: {e}",
                              help="fix the template (Hugging Face's apply_chat_template format)") from None
-        tokens = tokens or self.tokens_per_image
-        if tokens > 1:
-            text = text.replace(self.image_token, self.image_token * tokens)
-        return text
+        image = self.slot_text(tokens)
+        return text.replace(self.image_token, image) if image != self.image_token else text
 
     def _template_ids(self, text: str, first: bool) -> list[int]:
         """Rendered text -> ids as transformers' processor tokenizes it: special tokens added to the
@@ -125,13 +130,13 @@ class Processor:
         add = first and not (bos is not None and text.startswith(bos))
         return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
 
-    def prompt_text(self, question: str, n_images: int = 1, tokens: int | None = None,
+    def prompt_text(self, question: str, n_images: int = 1, tokens: ImageSlot = None,
                     system: str | None = None) -> str:
-        """The prompt, each image as `tokens` placeholders (default: `tokens_per_image`)."""
+        """The prompt, each image written as `tokens` says (default: `tokens_per_image` placeholders)."""
         if self.settings.chat_template is not None:
             return self.render(self._messages([(question, None)], n_images, system), add_generation_prompt=True,
                                tokens=tokens)
-        image = self.image_token * (tokens or self.tokens_per_image)
+        image = self.slot_text(tokens)
         template = self.settings.prompt
         images = "".join([image] * n_images)
         if "{image}" in template:
@@ -143,10 +148,16 @@ class Processor:
             text = self._system(system) + "\n" + text
         return text
 
+    def slot_text(self, tokens: ImageSlot) -> str:
+        """The text one image stands for in the prompt (see `ImageSlot`)."""
+        if isinstance(tokens, str):
+            return tokens
+        return self.image_token * (tokens or self.tokens_per_image)
+
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_prompt(self, question: str, n_images: int = 1, tokens: int | None = None,
+    def encode_prompt(self, question: str, n_images: int = 1, tokens: ImageSlot = None,
                       system: str | None = None) -> list[int]:
         if self.settings.chat_template is not None:
             ids = self._template_ids(self.prompt_text(question, n_images, tokens, system), first=True)
@@ -166,7 +177,7 @@ class Processor:
         return ids
 
     def encode_chat(self, turns: Sequence[tuple[str, str]], question: str, n_images: int = 1,
-                    tokens: int | None = None, system: str | None = None) -> list[int]:
+                    tokens: ImageSlot = None, system: str | None = None) -> list[int]:
         """The prompt of a conversation that goes on: earlier (question, answer) turns, the images in the
         first question, then `question` awaiting its answer; laid out as `encode_turns` lays out training
         conversations (the chat template rendered whole, or `prompt` / `answer` turn by turn, each answer
@@ -189,7 +200,7 @@ class Processor:
     def encode_example(self, question: str, answer: str, n_images: int = 1) -> Encoded:
         return self.encode_turns([(question, answer)], n_images)
 
-    def encode_turns(self, turns: Sequence[tuple[str, str]], n_images: int = 1, tokens: int | None = None) -> Encoded:
+    def encode_turns(self, turns: Sequence[tuple[str, str]], n_images: int = 1, tokens: ImageSlot = None) -> Encoded:
         """A multi-turn conversation: images in the first prompt (`tokens` placeholders each, default
         `tokens_per_image`), loss on every answer."""
         if self.settings.chat_template is not None:
@@ -209,7 +220,7 @@ class Processor:
         return Encoded(ids[: self.max_length], labels[: self.max_length])
 
     def _encode_template_turns(self, turns: Sequence[tuple[str, str]], n_images: int,
-                               tokens: int | None = None) -> Encoded:
+                               tokens: ImageSlot = None) -> Encoded:
         """The conversation rendered by the chat template, cut where each answer starts and ends (the
         template rendered up to each question with the generation prompt, then with the answer): loss on
         the answers, the end-of-sequence token appended to one the template does not end with it."""
@@ -283,32 +294,42 @@ class Processor:
         return self.native if self.native is not None else self.transform
 
     @property
-    def anyres(self) -> AnyResImageTransform | None:
-        """The transform of an any-resolution encoder (LLaVA-NeXT), whose images take as many tokens as
-        their size makes."""
-        return self.transform if isinstance(self.transform, AnyResImageTransform) else None
+    def laid_out(self) -> Any:
+        """The transform of an encoder with an image layout (`anyres`: LLaVA-NeXT, OneVision; `dynamic_tiles`:
+        InternVL; `split`: Idefics3 / SmolVLM), whose images take as many tokens as their size makes; None
+        for any other."""
+        return self.transform if not isinstance(getattr(self.transform, "layout", "fixed"), str) else None
 
     def image_tokens(self, pixels: Any) -> int:
-        """How many placeholder tokens one transformed image takes in the prompt (a native-size or anyres
+        """How many placeholder tokens one transformed image takes in the prompt (a native-size or laid-out
         image takes as many as its size makes; every other image the fusion's fixed count)."""
-        if self.anyres is not None:
-            return self.anyres.tokens(pixels)
+        if isinstance(pixels, TiledImage):
+            return self.laid_out.tokens(pixels, self.tile_tokens)
+        if self.laid_out is not None:
+            return self.laid_out.tokens(pixels)
         if self.native is None or not isinstance(pixels, torch.Tensor):
             return self.tokens_per_image
         h, w = pixels.shape[-2:]
         side = self.native.size // self.native.factor
         return self.tokens_per_image * (h // self.native.factor) * (w // self.native.factor) // (side * side)
 
+    def image_slot(self, pixels: Any) -> ImageSlot:
+        """How one transformed image is written in the prompt: a tile layout's text, else its token count."""
+        if isinstance(pixels, TiledImage):
+            return self.laid_out.prompt(pixels, self.image_token, self.tile_tokens)
+        return self.image_tokens(pixels)
+
     def size_groups(self, images: Sequence[ImageInput]) -> list[list[int]]:
         """Indices of `images` in groups one forward can take together: one group, except that a
-        dynamic-resolution encoder reads each image at its own size, and a batch holds one size; an anyres
+        dynamic-resolution encoder reads each image at its own size, and a batch holds one size; a laid-out
         encoder's images are grouped by token count (a batch could mix counts, but equal prompts pad least
         and keep each row's tiles and tokens as its own batch of one would have them)."""
-        if self.native is None and self.anyres is None:
+        if self.native is None and self.laid_out is None:
             return [list(range(len(images)))]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
-            key = (self.image_tokens(self.anyres(img)),) if self.anyres is not None else tuple(self.native(img).shape)
+            key = (self.image_tokens(self.laid_out(img)),) if self.laid_out is not None else \
+                tuple(self.native(img).shape)
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
@@ -316,8 +337,8 @@ class Processor:
         """Left-padded prompts (one image per prompt when images are given) for `model.generate`. A
         dynamic-resolution encoder reads each image at its processor's size (`NativeImageTransform`):
         the images of one batch must come out the same size (`size_groups` splits them)."""
-        if images and self.anyres is not None:
-            return self._anyres_batch(questions, images)
+        if images and self.laid_out is not None:
+            return self._laid_out_batch(questions, images)
         if images and self.native is not None:
             items = [self.native(i) for i in images]
             sizes = {tuple(x.shape[-2:]) for x in items}
@@ -342,12 +363,12 @@ class Processor:
                 batch["instruction"] = instruction
         return batch
 
-    def _anyres_batch(self, questions: Sequence[str], images: Sequence[ImageInput]) -> dict[str, Any]:
-        """`generation_batch` for an anyres encoder: each prompt with as many placeholders as its image's size
+    def _laid_out_batch(self, questions: Sequence[str], images: Sequence[ImageInput]) -> dict[str, Any]:
+        """`generation_batch` for a laid-out encoder: each prompt with as many placeholders as its image's size
         makes (`size_groups` still batches equal counts together, which pads least), with the images'
         sizes."""
-        items = [self.anyres(i) for i in images]  # type: ignore[misc]
-        input_ids, mask = self.left_pad([self.encode_prompt(q, 1, self.image_tokens(x))
+        items = [self.laid_out(i) for i in images]
+        input_ids, mask = self.left_pad([self.encode_prompt(q, 1, self.image_slot(x))
                                          for q, x in zip(questions, items, strict=True)])
         pixels, sizes = self.stack(items)
         return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}

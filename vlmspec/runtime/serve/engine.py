@@ -289,7 +289,7 @@ class Engine:
         if req.pixels is None:
             req.ids = p.encode_chat(req.history, req.question, 0, system=req.system)
         else:  # a native-size image (Qwen2-VL) takes as many tokens as its size makes
-            req.ids = p.encode_chat(req.history, req.question, 1, p.image_tokens(req.pixels), system=req.system)
+            req.ids = p.encode_chat(req.history, req.question, 1, p.image_slot(req.pixels), system=req.system)
 
     # ------------------------------------------------------------ the decode thread
     def _serve_forever(self) -> None:
@@ -364,7 +364,7 @@ class Engine:
             if r.pixels is not None:
                 # native-size images one size at a time; anyres images one token count at a time
                 key = (tuple(r.pixels.shape) if self.processor.native is not None
-                       else (self.processor.image_tokens(r.pixels),) if self.processor.anyres is not None else ())
+                       else (self.processor.image_tokens(r.pixels),) if self.processor.laid_out is not None else ())
                 sized.setdefault(key, []).append(r)
         for group in (*sized.values(), [r for r in reqs if r.pixels is None]):
             if not group:

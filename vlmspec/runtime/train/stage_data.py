@@ -56,7 +56,7 @@ def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
     for s in ds.samples:
         n_images = 1 if (s.image is not None and needs_image) else 0
         item = processor.transform(s.image) if n_images else None
-        # an anyres image takes as many placeholders as its size makes (a fixed-size one the fusion's count)
-        examples.append(processor.encode_turns(s.turns, n_images, processor.image_tokens(item) if n_images else None))
+        # a laid-out image is written as its size makes it (a fixed-size one as the fusion's count)
+        examples.append(processor.encode_turns(s.turns, n_images, processor.image_slot(item) if n_images else None))
         pixels.append(item)
     return Encodings(examples, pixels)

@@ -1,8 +1,10 @@
-"""The vision encoder that CLIP-style ViT (`vit`), SigLIP (`siglip`) and EVA / BLIP-2 (`eva`) build.
+"""The vision encoder that CLIP-style ViT (`vit`), SigLIP (`siglip`), EVA / BLIP-2 (`eva`) and InternViT
+(`internvit`) build.
 
-One module covers the three kinds (their builders: `vit.py`, `siglip.py`, `eva.py`) because they differ only in switches the schema already
-declares (class token, pre-LayerNorm, patch bias, activation) and in the attention layout (EVA's
-fused QKV, also used by a `vit` with `position = rope2d`, Qwen2-VL's tower). Parameter names follow
+One module covers the four kinds (their builders: `vit.py`, `siglip.py`, `eva.py`, `internvit.py`) because
+they differ only in switches the schema already declares (class token, pre-LayerNorm, patch bias,
+activation, layer scale, qk-norm) and in the attention layout (EVA's fused QKV, also used by a `vit` with
+`position = rope2d`, Qwen2-VL's tower). Parameter names follow
 the Hugging Face vision towers (`embeddings.patch_embedding`, `pre_layrnorm`,
 `encoder.layers.N.self_attn.q_proj`, `post_layernorm`; EVA and rope2d: `self_attn.qkv`,
 `self_attn.projection`) so an importer can load checkpoints by key (Qwen2-VL's `blocks.N.attn.qkv`
@@ -42,20 +44,31 @@ def rotate_fp32(rotary: Rotary, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(dtype), k.to(dtype)
 
 
-class VisionAttention(nn.Module):
-    """CLIP / SigLIP attention: separate q, k, v and output projections (biased unless `attn_bias = false`,
-    as in Llama 3.2 Vision)."""
+#: InternViT's query / key RMSNorm epsilon (fixed, whatever the encoder's `norm_eps`)
+QK_NORM_EPS = 1e-6
 
-    def __init__(self, width: int, heads: int, bias: bool = True):
+
+class VisionAttention(nn.Module):
+    """CLIP / SigLIP / InternViT attention: separate q, k, v and output projections (biased unless
+    `attn_bias = false`, as in Llama 3.2 Vision; InternViT keeps the output's bias), and with `qk_norm` an
+    RMSNorm over the whole width of q and of k before they are split into heads (InternViT-6B)."""
+
+    def __init__(self, width: int, heads: int, bias: bool = True, out_bias: bool | None = None,
+                 qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         self.q_proj = nn.Linear(width, width, bias=bias)
         self.k_proj = nn.Linear(width, width, bias=bias)
         self.v_proj = nn.Linear(width, width, bias=bias)
-        self.out_proj = nn.Linear(width, width, bias=bias)
+        self.out_proj = nn.Linear(width, width, bias=bias if out_bias is None else out_bias)
+        self.q_norm = RMSNorm(width, eps=QK_NORM_EPS) if qk_norm else None
+        self.k_norm = RMSNorm(width, eps=QK_NORM_EPS) if qk_norm else None
 
     def forward(self, x: Tensor, rotary: Rotary | None = None, mask: Tensor | None = None) -> Tensor:
-        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         if rotary is not None:
             q, k = rotate_fp32(rotary, q, k)
         return self.out_proj(attend(q, k, v, mask))
@@ -103,23 +116,32 @@ class GatedVisionMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def vision_norm(cfg: ViTBase) -> nn.Module:
-    """The encoder's normalisation (`norm`): LayerNorm, or RMSNorm (statistics in float32) for Qwen2.5-VL."""
-    return RMSNorm(cfg.width, eps=cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+def vision_norm(cfg: ViTBase, kind: str | None = None) -> nn.Module:
+    """The encoder's normalisation (`norm`, or `kind`): LayerNorm, or RMSNorm (statistics in float32) for
+    Qwen2.5-VL and InternViT-6B."""
+    kind = kind or cfg.norm
+    return RMSNorm(cfg.width, eps=cfg.norm_eps) if kind == "rms" else nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
 
 
 def vision_mlp(cfg: ViTBase) -> nn.Module:
     return (GatedVisionMLP if cfg.gated_mlp else VisionMLP)(cfg.width, cfg.mlp_dim, cfg.act)
 
 
+#: where InternViT starts its layer scales (its `layer_scale_init_value`)
+LAYER_SCALE_INIT = 0.1
+
+
 class VisionLayer(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)); a gated one (Llama 3.2 Vision's
-    global layers) scales each branch by tanh of its own scalar (`gate_attn`, `gate_ffn`)."""
+    global layers) scales each branch by tanh of its own scalar (`gate_attn`, `gate_ffn`); with
+    `layer_scale` (InternViT) each branch is also multiplied channel-wise by its own learned vector
+    (`scale_attn`, `scale_ffn`)."""
 
     def __init__(self, cfg: ViTBase, fused_qkv: bool, gated: bool = False):
         super().__init__()
         w = cfg.width
-        self.self_attn = EVAAttention(w, cfg.heads) if fused_qkv else VisionAttention(w, cfg.heads, cfg.attn_bias)
+        self.self_attn = EVAAttention(w, cfg.heads) if fused_qkv else VisionAttention(
+            w, cfg.heads, cfg.attn_bias, cfg.out_bias, cfg.qk_norm)
         self.layer_norm1 = vision_norm(cfg)
         self.mlp = vision_mlp(cfg)
         self.layer_norm2 = vision_norm(cfg)
@@ -127,16 +149,27 @@ class VisionLayer(nn.Module):
         if gated:
             self.gate_attn = nn.Parameter(torch.zeros(1))
             self.gate_ffn = nn.Parameter(torch.zeros(1))
+        self.scaled = cfg.layer_scale
+        if self.scaled:
+            self.scale_attn = nn.Parameter(torch.full((w,), LAYER_SCALE_INIT))
+            self.scale_ffn = nn.Parameter(torch.full((w,), LAYER_SCALE_INIT))
 
     def init_weights(self, std: float) -> None:
         if self.gated:  # Meta's initialisation: each branch starts at tanh(pi / 4) ~ 0.66 of its weight
             nn.init.constant_(self.gate_attn, math.pi / 4)
             nn.init.constant_(self.gate_ffn, math.pi / 4)
+        if self.scaled:
+            nn.init.constant_(self.scale_attn, LAYER_SCALE_INIT)
+            nn.init.constant_(self.scale_ffn, LAYER_SCALE_INIT)
 
     def forward(self, x: Tensor, rotary: Rotary | None = None, mask: Tensor | None = None) -> Tensor:
         a = self.self_attn(self.layer_norm1(x), rotary, mask)
+        if self.scaled:
+            a = self.scale_attn.to(a.dtype) * a
         x = x + (torch.tanh(self.gate_attn).to(a.dtype) * a if self.gated else a)
         f = self.mlp(self.layer_norm2(x))
+        if self.scaled:
+            f = self.scale_ffn.to(f.dtype) * f
         return x + (torch.tanh(self.gate_ffn).to(f.dtype) * f if self.gated else f)
 
 
@@ -361,7 +394,7 @@ class VisionEncoder(nn.Module):
         local = cfg.depth - cfg.global_layers
         self.encoder = Encoder([VisionLayer(cfg, fused_qkv, gated=i >= local) for i in range(cfg.depth)])
         if cfg.post_norm:
-            self.post_layernorm = vision_norm(cfg)
+            self.post_layernorm = vision_norm(cfg, cfg.post_norm_kind)
         if isinstance(cfg, SigLIP) and cfg.pool_head:
             self.head = SiglipPoolHead(cfg)
         self.rotary = VisionRotary2d(cfg.width // cfg.heads) if cfg.position == "rope2d" else None
