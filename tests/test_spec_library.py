@@ -47,7 +47,7 @@ def test_library_is_complete():
         "llava-1.5-7b.vlm", "llava-1.5-13b.vlm", "blip2-opt-2.7b.vlm", "instructblip-vicuna-7b.vlm",
         "minigpt4-vicuna-7b.vlm", "idefics-9b.vlm", "llama-3.2-11b-vision.vlm", "qwen2-vl-2b.vlm", "qwen2.5-vl-7b.vlm",
         "cogvlm-17b.vlm", "moe-llava-phi2.vlm", "mobilevlm-1.7b.vlm", "paligemma-3b.vlm", "tinyllava-3.1b.vlm",
-        "llava-v1.6-mistral-7b.vlm", "llava-onevision-qwen2-7b.vlm",
+        "llava-v1.6-mistral-7b.vlm", "llava-onevision-qwen2-7b.vlm", "internvl2.5-8b.vlm",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
@@ -177,6 +177,23 @@ def llava_onevision(ir: ModelIR):
                                vision_aspect_ratio=f"anyres_max_{v.layout.max_tiles}",
                                tie_word_embeddings=lm.tie_embeddings)
     return LlavaOnevisionForConditionalGeneration, cfg
+
+
+def internvl(ir: ModelIR):
+    """InternVL: an InternViT (layer scale, class token dropped) into a pixel shuffle + LayerNorm + 2-layer
+    MLP projector into a Llama / Qwen2 text model."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    v, proj, lm = _one(ir, "vision"), _one(ir, "connector", "pixel_shuffle"), _one(ir, "language")
+    assert v.kind == "internvit" and v.layer_scale and proj.norm and proj.layers == 2 and proj.bias
+    vision = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                  num_attention_heads=v.heads, image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2,
+                  attention_bias=v.attn_bias, use_qk_norm=v.qk_norm, use_mean_pooling=not v.post_norm,
+                  norm_type="rms_norm" if v.norm == "rms" else "layer_norm")
+    cfg = InternVLConfig(vision_config=vision, text_config=_text_config(lm), image_token_id=lm.vocab - 1,
+                         downsample_ratio=1 / proj.scale, vision_feature_layer=v.feature.layers[0],
+                         tie_word_embeddings=lm.tie_embeddings)
+    return InternVLForConditionalGeneration, cfg
 
 
 def _qformer(qf, v) -> dict:
@@ -354,6 +371,7 @@ PARITY = [
     Parity("tinyllava-3.1b.vlm:tinyllava_3_1b", llava, phi_head_bias),
     Parity("llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b", llava_next),
     Parity("llava-onevision-qwen2-7b.vlm:llava_onevision_qwen2_7b", llava_onevision),
+    Parity("internvl2.5-8b.vlm:internvl2_5_8b", internvl),
     Parity("blip2-opt-2.7b.vlm:blip2_opt_2_7b", blip2, training_only=blip2_first_stage),
     Parity("minigpt4-vicuna-7b.vlm:minigpt4_vicuna_7b", blip2),
     Parity("instructblip-vicuna-7b.vlm:instructblip_vicuna_7b", instructblip),

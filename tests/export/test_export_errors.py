@@ -141,12 +141,14 @@ def test_cli_export_and_tensorrt_message(tmp_path) -> None:
         assert "Traceback" not in r.output
 
 
-def test_anyres_model_is_refused(tokenizer, tmp_path):
-    """LLaVA-NeXT's tokens per image depend on the image's size: no fixed-shape halves, one typed line."""
-    ref = f"{SPECS / 'llava-v1.6-mistral-7b.vlm'}:llava_v1_6_mistral_7b_tiny"
-    analysis, model = build(ref, tokenizer)
+@pytest.mark.parametrize(("ref", "call"), [("llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b_tiny", "anyres"),
+                                           ("internvl2.5-8b.vlm:internvl2_5_8b_tiny", "dynamic_tiles")])
+def test_laid_out_model_is_refused(tokenizer, tmp_path, ref, call):
+    """LLaVA-NeXT's and InternVL's tokens per image depend on the image's size: no fixed-shape halves, one
+    typed line."""
+    analysis, model = build(str(SPECS / ref), tokenizer)
     folder = save_model_dir(model, analysis, tmp_path / "model", tokenizer=tokenizer)
     with pytest.raises(UserInputError) as e:
         export_model(folder, tmp_path / "out", ["pt2"])
-    assert code(e) == "E0571" and "anyres layout" in str(e.value)
+    assert code(e) == "E0571" and f"{call} layout" in str(e.value)
     assert len(e.value.diagnostics[0].message.splitlines()) == 1

@@ -1,4 +1,4 @@
-"""The any-resolution tiny specs train every stage of their schedule on the synthetic data from the CLI
+"""The any-resolution and tiled tiny specs train every stage of their schedule on the synthetic data from the CLI
 (`vlm data synth -> vlm train --steps 2`), their images laid out as tiles in the training batches, and the
 trained folder answers."""
 
@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from vlmspec.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = ["llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b_tiny", "llava-onevision-qwen2-7b.vlm:llava_onevision_qwen2_7b_tiny"]
+SPECS = ["llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b_tiny", "llava-onevision-qwen2-7b.vlm:llava_onevision_qwen2_7b_tiny",
+         "internvl2.5-8b.vlm:internvl2_5_8b_tiny"]
 
 
 @pytest.fixture(scope="module")

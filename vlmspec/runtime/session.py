@@ -233,7 +233,7 @@ def load_session(source: str | Path, device: str = "cpu") -> Session:
     has_tok = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
     tok, qf_tok = (None, None)
     if has_tok:
-        tok = load_tokenizer(path)
+        tok = ensure_special_tokens(load_tokenizer(path), analysis)
         qf_dir = path / INSTRUCTION_TOKENIZER
         qf_tok = load_tokenizer(qf_dir, plain=True) if qf_dir.is_dir() else None
     return Session(analysis, model, tok, qf_tok)

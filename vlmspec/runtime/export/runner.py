@@ -124,14 +124,14 @@ class ExportedModel:
         if self._processor is None and (self.folder / "tokenizer.json").is_file():
             from vlmspec.compiler.compile import load_analysis
             from vlmspec.runtime.inputs.processor import Processor
-            from vlmspec.runtime.inputs.tokenizer import load_tokenizer
+            from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer
 
             analysis, _ = load_analysis(f"{self.folder / self.manifest['spec']}:{self.manifest['model']}")
             if mf.spec_hash(analysis) != self.manifest["spec_hash"]:
                 raise bad_folder(f"{self.folder}/spec.vlm no longer matches the exported architecture "
                                  f"(hash {mf.spec_hash(analysis)} != {self.manifest['spec_hash']})",
                                  help="export the model again")
-            self._processor = Processor(analysis, load_tokenizer(self.folder))
+            self._processor = Processor(analysis, ensure_special_tokens(load_tokenizer(self.folder), analysis))
         return self._processor
 
     # ------------------------------------------------------------ the three programs

@@ -46,7 +46,7 @@ def check_exportable(model: VisionLanguageModel) -> list[str]:
                              help="give every vision encoder the same image_size to export")
     for n, c in zip(encoders, cfgs, strict=True):
         if not isinstance(getattr(c, "layout", "fixed"), str):
-            raise not_exportable(f"encoder `{n}`", "its anyres layout gives each image as many tokens as its size "
+            raise not_exportable(f"encoder `{n}`", f"its {c.layout.call} layout gives each image as many tokens as its size "
                                  "makes; the exported halves take a fixed count", help="export a variant without "
                                  "`layout` (one image_size square per image)")
     quantized = [n for n, m in model.components.items() if _is_quantized(m)]

@@ -40,8 +40,10 @@ def byte_tokenizer(extra_special: Iterable[str] = (IMAGE_TOKEN,)):
 
 
 def load_tokenizer(path: str | Path, *, plain: bool = False):
-    """A tokenizer saved with `save_pretrained` (or any HF tokenizer folder), offline. `plain` leaves it
-    as saved (no pad or image token added): a Q-Former's BERT tokenizer reads instructions, not prompts."""
+    """A tokenizer saved with `save_pretrained` (or any HF tokenizer folder), offline, with a pad token.
+    `plain` leaves it as saved: a Q-Former's BERT tokenizer reads instructions, not prompts. The image
+    placeholders a spec needs are added by `ensure_special_tokens` (a checkpoint whose placeholder is its own,
+    InternVL's `<IMG_CONTEXT>`, gets no `<image>` it would have no row for)."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -56,8 +58,6 @@ def load_tokenizer(path: str | Path, *, plain: bool = False):
         return tok
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tok
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from vlmspec.runtime.weights.spec_text import Raw, need
 
 #: PIL resampling codes in preprocessor_config.json -> the spec's `resize`
-RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
 def read_json(path: Path) -> dict[str, Any]:

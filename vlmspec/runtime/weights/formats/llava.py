@@ -59,7 +59,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
 #: vlmspec activation -> transformers' name (both the tower's and the projector's)
 ACT_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
           "relu": "relu"}
-_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
 _HINT = "LLaVA is one CLIP-style `vit` (or a `siglip`), a 2-layer `mlp`, a `llama` and a causal `prefix` fusion, unquantized"
 
 
