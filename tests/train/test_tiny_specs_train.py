@@ -38,3 +38,24 @@ def test_tiny_spec_trains_its_stages(spec: str, data: Path, tmp_path: Path) -> N
     r = runner.invoke(app, ["generate", str(tmp_path / "run" / "final"), "--image", str(next(data.rglob("*.png"))),
                             "--prompt", "What colour is the shape?", "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("spec", ["qwen2-vl-2b.vlm:qwen2_vl_2b_tiny", "qwen2.5-vl-7b.vlm:qwen2_5_vl_7b_tiny"])
+def test_native_resolution_trains_on_mixed_sizes(spec: str, tmp_path: Path) -> None:
+    """A Qwen2-VL / Qwen2.5-VL stage on images of several sizes: each read at its processor size (its own
+    token count and M-RoPE grid), rows of different sizes in one batch."""
+    import json
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    records = []
+    for i, (w, h) in enumerate([(32, 32), (48, 16), (16, 48), (40, 24)] * 2):
+        Image.new("RGB", (w, h), (40 * i % 255, 120, 200)).save(images / f"{i}.png")
+        records.append({"image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "blue"}]})
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    r = CliRunner().invoke(app, ["train", f"{ROOT}/specs/{spec}", "--data", str(tmp_path / "train.json"),
+                                 "-o", str(tmp_path / "run"), "--steps", "2", "--stage", "instruct"])
+    assert r.exit_code == 0, r.output

@@ -233,3 +233,64 @@ def test_qwen2_vl_bf16_runs_close_to_fp32(tmp_path):
         out = ours(ids, attention_mask=mask, pixel_values=px).logits
     assert out.dtype == torch.bfloat16
     assert (ref - out.float()).abs().max() <= 2e-2
+
+
+def test_qwen2_vl_batch_of_two_native_sizes(tmp_path):
+    """Two rows whose images have different native sizes (as a training batch mixes them): the processor pads
+    them into one tensor with their sizes, and each row's logits equal transformers' on that row alone (its
+    own token count and M-RoPE grid), so one forward trains on both."""
+    hf = qwen2_vl(tmp_path / "hf", seed=3)
+    ours, _, _ = imported(tmp_path / "hf", tmp_path)
+    from vlmspec.runtime.inputs.images import NativeImageTransform
+
+    g = torch.Generator().manual_seed(5)
+    items = [torch.randn(3, 32, 64, generator=g), torch.randn(3, 80, 48, generator=g)]
+    px, sizes = NativeImageTransform(SIDE, [0.5] * 3, [0.5] * 3, "bicubic", PATCH * MERGE, 1, 10**6).stack(items)
+    assert px.shape == (2, 3, 80, 64) and sizes.tolist() == [[32, 64], [80, 48]]
+    rows = []
+    for x in items:
+        n = (x.shape[1] // (PATCH * MERGE)) * (x.shape[2] // (PATCH * MERGE))
+        rows.append([1, START, *[IMG] * n, END, 7, 9, 11])
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, pixel_values=px, image_sizes=sizes).logits
+        for i, (row, x) in enumerate(zip(rows, items, strict=True)):
+            pixel_values, grid = hf_pixels(x[None])
+            one = torch.tensor([row])
+            ref = hf(input_ids=one, pixel_values=pixel_values, image_grid_thw=grid,
+                     mm_token_type_ids=(one == IMG).int()).logits[0]
+            assert float((ref - got[i, width - len(row):]).abs().max()) < 1e-4
+
+
+def test_qwen2_vl_training_data_is_read_at_native_size(tmp_path):
+    """Training batches read each image as generation does, at its processor size (not the encoder's
+    nominal square), so a model trains on what it will see."""
+    from PIL import Image
+
+    from vlmspec.runtime.inputs.data import Dataset, Sample
+    from vlmspec.runtime.inputs.processor import Processor
+    from vlmspec.runtime.inputs.tokenizer import byte_tokenizer, ensure_special_tokens
+    from vlmspec.runtime.train.stage_data import encode_dataset
+
+    qwen2_vl(tmp_path / "hf")
+    text, mapping = import_hf(tmp_path / "hf")
+    spec = tmp_path / "m.vlm"
+    # a wider size range, and room for the byte-level tokenizer (only the processor is built here)
+    spec.write_text(text.replace("min_pixels = 2304", "min_pixels = 256").replace("max_pixels = 2304", "max_pixels = 8192")
+                    .replace("vocab = 128", "vocab = 512"))
+    analysis, _ = load_analysis(f"{spec}:{mapping['model']}")
+    tok = ensure_special_tokens(byte_tokenizer(), analysis)
+    proc = Processor(analysis, tok)
+    paths = []
+    for i, (w, h) in enumerate([(64, 32), (40, 90)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (w, h), (200, 40, 40)).save(paths[-1])
+    ds = Dataset([Sample(p, [("what is it?", "red")], f"record {i}") for i, p in enumerate(paths)])
+    enc = encode_dataset(ds, proc)
+    assert [tuple(x.shape[-2:]) for x in enc.pixels] == [(32, 64), (96, 32)]  # smart_resize: 40 -> 32 (round half even)
+    counts = [e.input_ids.count(proc.image_token_id) for e in enc.examples]
+    assert counts == [2 * 4, 6 * 2]
+    batch = proc.training_batch(enc.examples, *proc.stack(enc.pixels))
+    assert batch["image_sizes"].tolist() == [[32, 64], [96, 32]]

@@ -138,8 +138,12 @@ class VisionLanguageModel(nn.Module):
         for M-RoPE the images' token grid as features[IMAGE_GRID] [b x 2]. An encoder with an image layout
         (`anyres`, `dynamic_tiles`, `split`) takes its images' tiles [b (x n) x most tiles x c x h x w] with
         `image_sizes` [b (x n) x 2], each image's (height, width) (without them, each image's first tile
-        alone).
+        alone). A dynamic-resolution encoder (Qwen2-VL) takes images of one size, or one image per sample
+        padded at the bottom and right to [b x c x H x W] with `image_sizes` [b x 2] each one's own
+        (height, width) (`_native_sizes`).
         """
+        if image_sizes is not None and self._reads_native():
+            return self._native_sizes(pixel_values, instruction, image_sizes)
         outs: dict[str, VisualTokens] = {}
         # encoder with an image layout (and the connector reading it) -> (images' sizes, None for first tiles
         # alone; its config)
@@ -198,6 +202,49 @@ class VisionLanguageModel(nn.Module):
         if grid is not None:  # M-RoPE numbers an image's tokens by row and column of this grid
             features[IMAGE_GRID] = torch.tensor(grid, device=x.device).expand(b, 2)
         return features
+
+    def _reads_native(self) -> bool:
+        """Whether an encoder reads images at their own size (`resolution = dynamic(...)`)."""
+        return any(not isinstance(getattr(self.components[e].cfg, "resolution", "fixed"), str)
+                   for e in self.order if self.roles[e] == "vision")
+
+    def _native_sizes(self, pixel_values: Tensor | dict[str, Tensor], instruction: Instruction | None,
+                      sizes: Tensor) -> dict[str, Tensor]:
+        """Features of images of several native sizes, one per sample, padded into one tensor: each size's
+        samples encoded together (cut to their own size), each row's features right-padded to the longest
+        with its count (`IMAGE_LENGTHS`) and its own token grid (`IMAGE_GRID`), as a batch of one row
+        would give them."""
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or sizes.reshape(-1, 2).shape[0] != \
+                pixel_values.shape[0]:
+            raise user_error("E0593", "images of several native sizes come one per sample, padded to [b x c x H x "
+                             "W], with image_sizes [b x 2]", help="the processor's `stack` makes them")
+        hw = [(int(h), int(w)) for h, w in sizes.reshape(-1, 2).tolist()]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(hw):
+            groups.setdefault(size, []).append(i)
+        rows: dict[int, dict[str, Tensor]] = {}
+        for (h, w), idx in groups.items():
+            sub = None if instruction is None else Instruction(
+                instruction.ids[idx], instruction.mask[idx] if instruction.mask is not None else None)
+            got = self.encode_images(pixel_values[idx, :, :h, :w], sub)
+            for k, i in enumerate(idx):
+                rows[i] = {f: x[k] for f, x in got.items()}
+        b = len(hw)
+        out: dict[str, Tensor] = {}
+        for f in self.fusions:
+            if f not in rows[0]:
+                continue
+            xs = [rows[i][f] for i in range(b)]
+            lengths = [x.shape[0] for x in xs]
+            padded = xs[0].new_zeros(b, max(lengths), xs[0].shape[-1])
+            for i, x in enumerate(xs):
+                padded[i, : x.shape[0]] = x
+            out[f] = padded
+            if len(set(lengths)) > 1:
+                out[IMAGE_LENGTHS] = torch.tensor(lengths, device=padded.device)
+        if IMAGE_GRID in rows[0]:
+            out[IMAGE_GRID] = torch.stack([rows[i][IMAGE_GRID] for i in range(b)])
+        return out
 
     def _real_tiles(self, comp: nn.Module, px: Tensor, sizes: Tensor | None,
                     name: str) -> tuple[VisualTokens, tuple[list[tuple[int, int]], Any]]:
@@ -343,7 +390,8 @@ class VisionLanguageModel(nn.Module):
         h = self.embed(input_ids, features)
         grid = features.get(IMAGE_GRID)
         pos = position_ids if position_ids is not None else self.positions(
-            input_ids, attention_mask, cache, past, tuple(grid[0].tolist()) if grid is not None else None)
+            input_ids, attention_mask, cache, past,
+            [(int(h), int(w)) for h, w in grid.tolist()] if grid is not None else None)
         prefix = None
         if self.bidirectional_prefix:
             prefix = prefix_mask
@@ -401,9 +449,10 @@ class VisionLanguageModel(nn.Module):
         return self.llm.decode(self.llm.add_positions(h, pos), state, self.layer_hooks())
 
     def positions(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, past: int,
-                  grid: tuple[int, int] | None = None) -> Tensor:
+                  grid: tuple[int, int] | list[tuple[int, int]] | None = None) -> Tensor:
         """[b x s] position ids (real tokens counted, left padding skipped), or [3 x b x s] for M-RoPE,
-        whose image tokens are numbered on `grid` (the images' token grid; default: the static one)."""
+        whose image tokens are numbered on `grid` (the images' token grid, or each row's; default: the
+        static one)."""
         b, s = input_ids.shape
         pos = default_position_ids(attention_mask, past, s, b, input_ids.device)
         grid = grid or self.image_grid

@@ -286,7 +286,21 @@ class NativeImageTransform(ImageTransform):
         super().__init__(size, mean, std, resize)
         self.factor, self.min_pixels, self.max_pixels = factor, min_pixels, max_pixels
 
+    facts = "image_sizes"
+
     def __call__(self, img: ImageInput) -> Any:
         pil = open_image(img)
         h, w = smart_resize(pil.height, pil.width, self.factor, self.min_pixels, self.max_pixels)
         return self.normalise(pil.resize((w, h), self.filter))
+
+    def stack(self, items: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images of one size -> ([b x 3 x h x w], None); of several sizes -> (each padded at the bottom and
+        right with zeros to [b x 3 x H x W], their (h, w) [b x 2]), which the model cuts back and encodes
+        one size at a time (training batches mix sizes; generation batches one size, `size_groups`)."""
+        if len({tuple(x.shape) for x in items}) == 1:
+            return torch.stack(items), None
+        hh, ww = max(x.shape[-2] for x in items), max(x.shape[-1] for x in items)
+        px = torch.zeros(len(items), items[0].shape[0], hh, ww)
+        for i, x in enumerate(items):
+            px[i, :, : x.shape[-2], : x.shape[-1]] = x
+        return px, torch.tensor([tuple(x.shape[-2:]) for x in items])

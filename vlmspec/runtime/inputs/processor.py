@@ -259,14 +259,14 @@ class Processor:
     def image_kwargs(self, facts: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The model's keyword argument for the facts `images` / `stack` give beside the pixels
         (`aspect_ratio_ids` of a tiled encoder, `image_sizes` of an anyres one), or none."""
-        key = getattr(self.transform, "facts", None)
+        key = getattr(self.image_transform, "facts", None)
         return {key: facts} if key is not None and facts is not None else {}
 
     def stack(self, items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image transform's outputs (one per image, as `transform(image)` gave them) -> a batch."""
         if self.transform is None:
             raise user_error("E0505", "this model has no vision encoder to read images")
-        return self.transform.stack(list(items))
+        return self.image_transform.stack(list(items))
 
     def left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token lists -> (input_ids, attention_mask), `[b x longest]`, padded on the left for generation."""

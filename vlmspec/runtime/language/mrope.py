@@ -5,8 +5,8 @@ h = start + row, w = start + column; the text after it resumes at start + max(gh
 decoding a new token's position is its 1-D position plus a per-sequence offset `delta` (how far the
 images moved the running index), which the cache keeps.
 
-The grid of each image is the fusion's static token grid (fixed-resolution encoders); for dynamic
-resolution the runtime falls back to 1-D positions (the same ids on all three axes).
+The grid of an image is the fusion's static token grid (fixed-resolution encoders), or for native-size
+images each row's own (the images of one row share a size).
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from torch import Tensor
 
 
 def mrope_positions(input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int,
-                    grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """(positions [3 x b x s], delta [b]). Padding positions are 0; `delta` = next index - real tokens."""
+                    grid: tuple[int, int] | list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """(positions [3 x b x s], delta [b]). `grid`: the images' token grid, one for every row or one per row.
+    Padding positions are 0; `delta` = next index - real tokens."""
     b, s = input_ids.shape
-    gh, gw = grid
-    per_image = gh * gw
+    grids = grid if isinstance(grid, list) else [grid] * b
     pos = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
     delta = torch.zeros(b, dtype=torch.long, device=input_ids.device)
-    rows = torch.arange(gh, device=input_ids.device).repeat_interleave(gw)
-    cols = torch.arange(gw, device=input_ids.device).repeat(gh)
     for i in range(b):
+        gh, gw = grids[i]
+        per_image = gh * gw
+        rows = torch.arange(gh, device=input_ids.device).repeat_interleave(gw)
+        cols = torch.arange(gw, device=input_ids.device).repeat(gh)
         real = attention_mask[i].bool() if attention_mask is not None else torch.ones(s, dtype=torch.bool)
         where = real.nonzero().flatten().tolist()
         is_img = (input_ids[i] == image_token_id).tolist()

@@ -55,7 +55,8 @@ def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
     examples, pixels = [], []
     for s in ds.samples:
         n_images = 1 if (s.image is not None and needs_image) else 0
-        item = processor.transform(s.image) if n_images else None
+        # what generation reads: a native-size image at its processor's size, a laid-out one as tiles
+        item = processor.image_transform(s.image) if n_images else None
         # a laid-out image is written as its size makes it (a fixed-size one as the fusion's count)
         examples.append(processor.encode_turns(s.turns, n_images, processor.image_slot(item) if n_images else None))
         pixels.append(item)
