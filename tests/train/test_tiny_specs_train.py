@@ -13,7 +13,7 @@ from vlmspec.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ["llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b_tiny", "llava-onevision-qwen2-7b.vlm:llava_onevision_qwen2_7b_tiny",
-         "internvl2.5-8b.vlm:internvl2_5_8b_tiny"]
+         "internvl2.5-8b.vlm:internvl2_5_8b_tiny", "minigpt-v2-7b.vlm:minigpt_v2_7b_tiny"]
 
 
 @pytest.fixture(scope="module")

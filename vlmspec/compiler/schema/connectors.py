@@ -102,19 +102,27 @@ def _mlp_params(d_in: int, hidden: int, d_out: int, layers: int) -> int:
 
 @register
 class Linear(ConnectorBase):
-    """One linear projection (LLaVA-1, PaliGemma, MiniGPT-4)."""
+    """One linear projection (LLaVA-1, PaliGemma, MiniGPT-4); MiniGPT-v2 first concatenates every 4
+    consecutive tokens into one (`group = 4`)."""
 
     kind = "linear"
     summary = "a single linear projection"
     bias: bool = Field(default=True, description="learn a bias")
+    group: int = Field(default=1, ge=1, description="concatenate each run of N consecutive tokens (in sequence "
+                       "order) into one before projecting: N times fewer tokens, N times the width (MiniGPT-v2: 4)")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)
-        return self.laid_out(x, TokenShape(x.tokens, self.out_width(ctx, x.width), x.dynamic))
+        if x.tokens % self.group and not x.dynamic:
+            ctx.sink.error("E0205", f"{x.tokens} visual tokens are not divisible by group = {self.group}",
+                           ctx.span_of("group"), help="pick a group that divides the token count, or select "
+                           "`.patches` on the encoder so the class token is dropped")
+        return self.laid_out(x, TokenShape(x.tokens // self.group,
+                                           self.out_width(ctx, x.width * self.group), x.dynamic))
 
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         x = self.merged_input(ctx)
-        return {"proj": linear(x.width, self.out_width(ctx, x.width), self.bias)}
+        return {"proj": linear(x.width * self.group, self.out_width(ctx, x.width * self.group), self.bias)}
 
 
 @register

@@ -54,6 +54,10 @@ def merge_lora(model: nn.Module) -> int:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
             count += 1
+    # peft's record of the injected adapters: gone with them, so a later stage's LoRA starts afresh (else peft
+    # warns of several adapters on one model)
+    if count and "peft_config" in vars(model):
+        del model.peft_config
     return count
 
 
