@@ -453,7 +453,7 @@ def train(
     """Run the spec's stage schedule: freeze, train and LoRA exactly what each stage says."""
     analysis = _load(spec)
     if dry_run:
-        _print_plan(analysis)
+        _print_plan(analysis, data, images, stage)
         return
     from vlmspec.runtime.train import Trainer, TrainOptions
 
@@ -489,13 +489,20 @@ def train(
     os._exit(code)
 
 
-def _print_plan(analysis) -> None:
+def _print_plan(analysis, data: str | None = None, images: str | None = None,
+                only: list[str] | None = None) -> None:
+    from rich.markup import escape
+
     from vlmspec.compiler.summary import human, summarise
+    from vlmspec.runtime.train.data_plan import data_plan
 
     s = summarise(analysis)
+    stages = {st.name: st for st in analysis.ir.stages}
     out.print(f"[bold]{s['model']}[/bold]: {human(s['params']['total'])} parameters, "
               f"weights {human(s['memory']['weights'], 'B')}")
     for st in s["stages"]:
+        if only and st["name"] not in only:
+            continue
         t = Table(title=f"stage {st['name']}: {st['optim']}, batch {st['batch']}, {st['precision']}",
                   title_justify="left")
         for col in ("component", "status", "trainable"):
@@ -509,6 +516,14 @@ def _print_plan(analysis) -> None:
         m = st["memory"]
         out.print(f"  memory: weights {human(m['weights'], 'B')} + grads {human(m['grads'], 'B')} + "
                   f"optimizer {human(m['optimizer'], 'B')} = {human(m['total'], 'B')} (activations excluded)")
+        plan = data_plan(analysis, stages[st["name"]], data, images)
+        if isinstance(plan, str):
+            out.print(f"  data: {escape(plan)}")
+            continue
+        read = f"{plan.samples:,} samples" + (f", the first {plan.read:,} read" if plan.read < plan.samples else "")
+        out.print(f"  data: {read}; image tokens per sample {plan.fewest:,}..{plan.most:,} (mean {plan.mean:,.0f})"
+                  + (f"; [yellow]{plan.over_context:,} exceed the context by their images alone[/yellow]"
+                     if plan.over_context else ""))
 
 
 # ---------------------------------------------------------------- serve

@@ -6,14 +6,13 @@ The number of image placeholder tokens per image comes from the compiler's shape
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmspec.compiler.compile import Analysis, shapes_at_image_size
+from vlmspec.compiler.compile import Analysis
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
@@ -23,6 +22,7 @@ from vlmspec.runtime.inputs.images import (
     NativeImageTransform,
 )
 from vlmspec.runtime.inputs.tiling import TiledImage
+from vlmspec.runtime.inputs.token_count import ImageTokens
 
 IGNORE = -100
 
@@ -59,24 +59,19 @@ class Processor:
         # PaliGemma's prefix-LM: training batches say where each prompt ends (generate knows by itself)
         self.bidirectional_prefix = any(getattr(f.config, "prefix_attention", "causal") == "bidirectional"
                                         for f in fusions)
-        in_seq = [f for f in fusions if type(f.config).in_sequence]
         # images are fed at image_size (a dynamic-resolution encoder's own shape counts its largest images)
-        shapes = shapes_at_image_size(analysis)
-        self.tokens_per_image = sum(shapes.out[f.name].tokens for f in in_seq) if in_seq else 1
+        self.counts = ImageTokens(analysis)
+        self.tokens_per_image = self.counts.at_size
         # an encoder with a tile layout (InternVL, Idefics3): the tokens of one tile after its connector
-        readers = [c for c in ir.by_role("connector") if encoders and encoders[0].name in c.sources]
-        self.tile_tokens = analysis.shapes.out[readers[0].name].tile_tokens if readers else None
+        self.tile_tokens = self.counts.tile_tokens
         # a dynamic-resolution encoder (Qwen2-VL): `generation_batch` feeds each image at the size its
         # checkpoint's processor gives it, with as many tokens as that size makes
         self.native: NativeImageTransform | None = None
-        cfg = encoders[0].config if encoders else None
-        res = getattr(cfg, "resolution", "fixed")
-        if cfg is not None and not isinstance(res, str) and len(in_seq) == 1 and not getattr(cfg, "tiles", 0):
-            patches = (cfg.image_size // cfg.patch_size) ** 2
-            merge = math.isqrt(patches // self.tokens_per_image)
-            if merge * merge * self.tokens_per_image == patches:
-                self.native = NativeImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize,
-                                                   cfg.patch_size * merge, res.min_pixels, res.max_pixels)
+        cfg = self.counts.cfg
+        if self.counts.factor is not None:
+            res = cfg.resolution
+            self.native = NativeImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize,
+                                               self.counts.factor, res.min_pixels, res.max_pixels)
         vocab = tokenizer.get_vocab()
         if self.image_token not in vocab:
             raise user_error("E0511", f"the tokenizer has no `{self.image_token}` token",
@@ -309,9 +304,7 @@ class Processor:
             return self.laid_out.tokens(pixels)
         if self.native is None or not isinstance(pixels, torch.Tensor):
             return self.tokens_per_image
-        h, w = pixels.shape[-2:]
-        side = self.native.size // self.native.factor
-        return self.tokens_per_image * (h // self.native.factor) * (w // self.native.factor) // (side * side)
+        return self.counts.native(*pixels.shape[-2:])
 
     def image_slot(self, pixels: Any) -> ImageSlot:
         """How one transformed image is written in the prompt: a tile layout's text, else its token count."""
