@@ -48,7 +48,7 @@ def test_library_is_complete():
         "minigpt4-vicuna-7b.vlm", "idefics-9b.vlm", "llama-3.2-11b-vision.vlm", "qwen2-vl-2b.vlm", "qwen2.5-vl-7b.vlm",
         "cogvlm-17b.vlm", "moe-llava-phi2.vlm", "mobilevlm-1.7b.vlm", "paligemma-3b.vlm", "tinyllava-3.1b.vlm",
         "llava-v1.6-mistral-7b.vlm", "llava-onevision-qwen2-7b.vlm", "internvl2.5-8b.vlm",
-        "minigpt-v2-7b.vlm",
+        "minigpt-v2-7b.vlm", "idefics3-8b.vlm", "smolvlm-2.2b.vlm",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 

@@ -136,6 +136,8 @@ def image_tokens(analysis: Analysis) -> int:
     anyres = [v.config for v in analysis.ir.by_role("vision") if not isinstance(getattr(v.config, "layout", "fixed"), str)]
     if anyres:  # `pixels` gives plain images, which an anyres model reads as base tiles alone (+ the newline)
         v = anyres[0]
+        if not hasattr(v.layout, "newline"):  # a tile layout (dynamic_tiles, split): a plain image is one tile
+            return int(analysis.shapes.out[fusion.name].tile_tokens)
         return v.num_patches + int(v.layout.newline)
     return analysis.shapes.out[fusion.name].tokens if type(fusion.config).in_sequence else 1
 

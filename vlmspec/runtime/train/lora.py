@@ -36,6 +36,10 @@ def inject_lora(model: nn.Module, analysis: Analysis, stage: Stage, table: Param
             if not matched:
                 raise user_error("E0533", f"stage `{stage.name}`: LoRA targets {targets} match no linear layer in `{name}`")
             config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=matched)
+            # peft keeps a record of injected adapters on the model and warns when it finds one: each
+            # component's adapters are injected on their own, and the record serves nothing here
+            if "peft_config" in vars(model):
+                del model.peft_config
             inject_adapter_in_model(config, model, adapter_name=f"lora_{name}")
             modules = dict(model.named_modules())
             wrapped.extend(modules[n] for n in matched)

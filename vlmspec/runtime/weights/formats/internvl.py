@@ -81,7 +81,7 @@ def claims(ir: ModelIR) -> bool:
 
 #: what InternVL's `vision_config` and image processor carry of an `internvit`; every other attribute must be
 #: the kind's default
-_VISION = {"weights", "dtype", "quantize", "image_size", "patch_size", "width", "depth", "heads", "mlp", "act",
+_VISION = {"weights", "dtype", "image_size", "patch_size", "width", "depth", "heads", "mlp", "act",
            "norm", "norm_eps", "attn_bias", "qk_norm", "post_norm", "feature", "mean", "std", "resize", "layout"}
 
 
@@ -104,10 +104,11 @@ def write(session: Session) -> Export:
     _fit(fus.config.prefix_attention == "causal", f"fusion `{fus.name}` with prefix_attention = "
          f"{fus.config.prefix_attention}")
     refuse_unplaced(vis, _fit, _VISION)
-    refuse_unplaced(con, _fit, {"weights", "dtype", "quantize", "scale", "act"})
+    refuse_unplaced(con, _fit, {"weights", "dtype", "scale", "act"})
+    _fit(t.quantize == "none", f"`{lm.name}` with quantize = {t.quantize} (transformers would serve the unquantized "
+         "weights)")
     layers = v.feature.layers
     _fit(len(layers) == 1, f"vision `{vis.name}` with several feature layers")
-    text = _text(t)
     config = {
         "model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
         "vision_config": {"model_type": "internvl_vision", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
@@ -118,7 +119,7 @@ def write(session: Session) -> Export:
                           "attention_bias": v.attn_bias, "use_qk_norm": v.qk_norm,
                           "use_mean_pooling": not v.post_norm, "use_absolute_position_embeddings": True,
                           "use_mask_token": False},
-        "text_config": text,
+        "text_config": llava.text_config(t),
         "image_token_id": int(session.model.image_token_id), "image_seq_length": con_tile_tokens(session),
         "downsample_ratio": 1 / c.scale, "projector_hidden_act": llava.ACT_HF[c.act],
         "vision_feature_layer": layers[0],
@@ -143,18 +144,6 @@ def con_tile_tokens(session: Session) -> int:
     """Image tokens of one tile after the connector (InternVL's `image_seq_length`)."""
     (con,) = session.analysis.ir.by_role("connector")
     return int(session.analysis.shapes.out[con.name].tile_tokens)
-
-
-def _text(t: Any) -> dict[str, Any]:
-    """The text model's config: Qwen2 (q / k / v biases) or Llama."""
-    out = {"model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab, "hidden_size": t.width,
-           "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
-           "num_key_value_heads": t.n_kv, "head_dim": t.hd, "max_position_embeddings": t.max_positions,
-           "rms_norm_eps": t.norm_eps, "rope_theta": t.rope_theta, "tie_word_embeddings": t.tie_embeddings,
-           "hidden_act": "silu"}
-    if not t.qkv_bias:
-        out.update(attention_bias=False, mlp_bias=False)
-    return out
 
 
 FORMAT = VLMFormat(

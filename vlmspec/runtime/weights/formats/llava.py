@@ -107,23 +107,28 @@ def llava_config(session: Session) -> dict[str, Any]:
         _fit(q == "none", f"`{comp.name}` with quantize = {q} (transformers would serve the unquantized weights)")
     layers = list(v.feature.layers)
     tokens = analysis.shapes.out[fus.name].tokens
-    text = {"model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab, "hidden_size": t.width,
-            "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
-            "num_key_value_heads": t.n_kv, "head_dim": t.hd, "max_position_embeddings": t.max_positions,
-            "rms_norm_eps": t.norm_eps, "rope_theta": t.rope_theta, "tie_word_embeddings": t.tie_embeddings,
-            "hidden_act": "silu"}
-    if not t.qkv_bias:
-        text.update(attention_bias=False, mlp_bias=False)
     return {
         "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
         "vision_config": vision_config(vis),
-        "text_config": text,
+        "text_config": text_config(t),
         "image_token_index": int(session.model.image_token_id), "image_seq_length": tokens,
         "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
         "vision_feature_select_strategy": select_strategy(vis),
         "projector_hidden_act": ACT_HF[c.act], "multimodal_projector_bias": True,
         "tie_word_embeddings": t.tie_embeddings,
     }
+
+
+def text_config(t: Any) -> dict[str, Any]:
+    """A `llama` language model's `text_config`: Qwen2's when its q / k / v projections are biased."""
+    out = {"model_type": "qwen2" if t.qkv_bias else "llama", "vocab_size": t.vocab, "hidden_size": t.width,
+           "intermediate_size": t.ffn, "num_hidden_layers": t.depth, "num_attention_heads": t.heads,
+           "num_key_value_heads": t.n_kv, "head_dim": t.hd, "max_position_embeddings": t.max_positions,
+           "rms_norm_eps": t.norm_eps, "rope_theta": t.rope_theta, "tie_word_embeddings": t.tie_embeddings,
+           "hidden_act": "silu"}
+    if not t.qkv_bias:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
 
 
 def vision_config(vis: Any) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def write(session: Session) -> Export:
     from vlmspec.runtime.weights.formats.base import does_not_fit
 
     ir = session.analysis.ir
-    (vis,), (con,), lm = ir.by_role("vision"), ir.by_role("connector"), ir.language
+    (vis,) = ir.by_role("vision")
     layout = vis.config.layout
     does_not_fit(layout.newline and layout.unpad, "LLaVA-NeXT", "an anyres layout without newline or unpad", _HINT)
     does_not_fit(vis.config.feature.tokens == "patches", "LLaVA-NeXT", "a feature with the class token", _HINT)
@@ -82,14 +82,21 @@ def write(session: Session) -> Export:
         size={"shortest_edge": s}, do_center_crop=True, crop_size={"height": s, "width": s}, do_pad=True,
         image_grid_pinpoints=[list(p) for p in layout.pinpoints])
     files["processor_config.json"]["processor_class"] = "LlavaNextProcessor"
-    return Export(config, {vis.name: lay(("vision_tower.", "")),
-                           con.name: lay(("image_newline", "image_newline"), ("multi_modal_projector.", "")),
-                           lm.name: LLAVA_LM[0]}, files)
+    return Export(config, export_layouts(ir), files)
 
 
-FORMAT = VLMFormat(
-    model_types=("llava_next",),
-    family=MultiFamily("llava_next", {
+def export_layouts(ir: ModelIR) -> dict[str, Any]:
+    """Where LLaVA-NeXT-shaped checkpoints keep each component (transformers 5's save), `image_newline`
+    beside the projector."""
+    (vis,), (con,), lm = ir.by_role("vision"), ir.by_role("connector"), ir.language
+    return {vis.name: lay(("vision_tower.", "")),
+            con.name: lay(("image_newline", "image_newline"), ("multi_modal_projector.", "")), lm.name: LLAVA_LM[0]}
+
+
+def family(name: str) -> MultiFamily:
+    """The parts of a LLaVA-NeXT-shaped checkpoint (`model_type` `name`): the tower, the projector with
+    `image_newline`, the text model; older saves without the `model.` prefix too."""
+    return MultiFamily(name, {
         "vision": Part("vision", (lay(("model.vision_tower.vision_model.", "")), lay(("model.vision_tower.", "")),
                                   lay(("vision_tower.vision_model.", "")), lay(("vision_tower.", ""))),
                        sub_config="vision_config"),
@@ -98,7 +105,12 @@ FORMAT = VLMFormat(
                                         lay(("image_newline", "image_newline"), ("multi_modal_projector.", ""))),
                           kinds=frozenset({"mlp"})),
         "language": Part("language", LLAVA_LM, sub_config="text_config"),
-    }, {"vision": "vision", "connector": "projector", "language": "language"}),
+    }, {"vision": "vision", "connector": "projector", "language": "language"})
+
+
+FORMAT = VLMFormat(
+    model_types=("llava_next",),
+    family=family("llava_next"),
     components={"clip": "vision", "proj": "projector", "llm": "language"},
     read=read,
     claims=claims,

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from vlmspec.runtime.weights.families import MultiFamily, Part, lay
 from vlmspec.runtime.weights.formats import llava, llava_next
-from vlmspec.runtime.weights.formats.base import LLAVA_LM, Export, VLMFormat, does_not_fit
+from vlmspec.runtime.weights.formats.base import Export, VLMFormat, does_not_fit
 from vlmspec.runtime.weights.spec_text import need
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ def write(session: Session) -> Export:
     """The LLaVA-OneVision checkpoint: LLaVA's config and keys with the pinpoints and `vision_aspect_ratio`,
     `image_newline` from the connector; the processor is `LlavaOnevisionProcessor`."""
     ir = session.analysis.ir
-    (vis,), (con,), lm = ir.by_role("vision"), ir.by_role("connector"), ir.language
+    (vis,) = ir.by_role("vision")
     layout = vis.config.layout
     does_not_fit(layout.newline and layout.unpad and layout.max_tiles is not None and layout.multi_image == "square",
                  "LLaVA-OneVision", "an anyres layout without newline, unpad, max_tiles or multi_image = square", _HINT)
@@ -67,23 +66,12 @@ def write(session: Session) -> Export:
                      vision_aspect_ratio=f"{_PREFIX}{layout.max_tiles}")
     processor.pop("patch_size", None)
     processor.pop("num_additional_image_tokens", None)
-    return Export(config, {vis.name: lay(("vision_tower.", "")),
-                           con.name: lay(("image_newline", "image_newline"), ("multi_modal_projector.", "")),
-                           lm.name: LLAVA_LM[0]}, files)
+    return Export(config, llava_next.export_layouts(ir), files)
 
 
 FORMAT = VLMFormat(
     model_types=("llava_onevision",),
-    family=MultiFamily("llava_onevision", {
-        "vision": Part("vision", (lay(("model.vision_tower.vision_model.", "")), lay(("model.vision_tower.", "")),
-                                  lay(("vision_tower.vision_model.", "")), lay(("vision_tower.", ""))),
-                       sub_config="vision_config"),
-        "projector": Part("connector", (lay(("model.image_newline", "image_newline"),
-                                            ("model.multi_modal_projector.", "")),
-                                        lay(("image_newline", "image_newline"), ("multi_modal_projector.", ""))),
-                          kinds=frozenset({"mlp"})),
-        "language": Part("language", LLAVA_LM, sub_config="text_config"),
-    }, {"vision": "vision", "connector": "projector", "language": "language"}),
+    family=llava_next.family("llava_onevision"),
     components={"clip": "vision", "siglip": "vision", "proj": "projector", "llm": "language"},
     read=read,
     claims=claims,
