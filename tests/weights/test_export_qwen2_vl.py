@@ -6,8 +6,9 @@ logits. A spec Qwen2-VL cannot hold is refused in one E0586 line.
 
 transformers is driven with `AutoModelForImageTextToText` (which maps `qwen2_vl` to
 `Qwen2VLForConditionalGeneration`), the export's `AutoImageProcessor` (Qwen2VLImageProcessor), its tokenizer
-and its chat template: `Qwen2VLProcessor` cannot be built here (its video processor needs torchvision), so the
-reference expands `<|image_pad|>` per image as that processor does (`qwen_reference`)."""
+and its chat template; the reference expands `<|image_pad|>` per image as `Qwen2VLProcessor` does
+(`qwen_reference`), and a test checks it against that processor built from the export without its video half
+(which needs torchvision)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,32 @@ def test_qwen2_vl_round_trips_and_the_export_answers_as_vlm_generate(tmp_path: P
         assert r.stdout.strip() == want and want
         answers.append(want)
     assert len(set(answers)) == 2  # the two images get different answers
+
+
+def test_qwen2_vl_processor_on_the_export_lays_prompts_out_as_the_reference(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Qwen2VLProcessor` itself, built from the export's image processor, tokenizer and chat template (its
+    absent video half allowed: transformers without torchvision has no class to check it against), gives the
+    ids and pixels `qwen_reference` gives (the reference the other tests compare `vlm generate` with)."""
+    from transformers import processing_utils
+
+    monkeypatch.setattr(processing_utils.transformers_module, "VideoProcessorMixin", object, raising=False)
+    hf_dir = tmp_path / "hf"
+    checkpoint(hf_dir)
+    _, back = export_round_trip(hf_dir, tmp_path)
+    images, tok, _ = hf_reader(back)
+    processor = transformers.Qwen2VLProcessor(image_processor=images, tokenizer=tok, video_processor=None,
+                                              chat_template=(back / "chat_template.jinja").read_text())
+    for name, size in (("wide.png", (90, 40)), ("tall.png", (30, 52))):
+        image = noise_image(tmp_path / name, size)
+        conversation = [{"role": "user", "content": [{"type": "image", "path": str(image)},
+                                                     {"type": "text", "text": QUESTION}]}]
+        theirs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        ref = qwen_reference(images, tok, image, QUESTION, MERGE)
+        assert torch.equal(theirs["input_ids"], ref["input_ids"])
+        assert torch.equal(theirs["pixel_values"], ref["pixel_values"])
+        assert torch.equal(theirs["image_grid_thw"], ref["image_grid_thw"])
 
 
 def test_tied_qwen2_vl_round_trips(tmp_path: Path) -> None:
