@@ -71,6 +71,10 @@ CASES: dict[str, str] = {
                   connector="  connector proj = linear(clip -> llm)\n"),
     "E0221": spec(vision="  vision clip = eva { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
                          "qk_norm = true }\n"),
+    # activation checkpointing (stages)
+    "E0230": spec(stages="  stage align { train proj, llm  freeze clip  activation_checkpointing = [lm] }\n"),
+    "E0231": spec(stages="  stage align { train proj, llm  freeze clip  activation_checkpointing = [llm, proj] }\n"),
+    "E0232": spec(stages="  stage align { train proj  freeze clip, llm  activation_checkpointing = [clip] }\n"),
     # graph and fusion rules
     "E0301": spec(fusion="  fusion cross_attention(proj -> llm) { layers = [1, 5] }\n"),
     "E0302": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmspec.compiler.checkpointing import checkpointed_components
 from vlmspec.compiler.graph import FlowGraph, build_graph
 from vlmspec.compiler.ir import ModelIR, SpanTable
 from vlmspec.compiler.schema.base import ShapeContext, TokenShape
@@ -209,6 +210,8 @@ class StagePlan:
     status: dict[str, str]  # component -> "trained" | "frozen" | "lora" | "partial" | "empty"
     trainable: dict[str, int]  # component -> trainable parameters
     lora_params: int
+    #: components whose transformer blocks `activation_checkpointing` recomputes (vlmspec.compiler.checkpointing)
+    checkpointed: list[str] = field(default_factory=list)
 
     @property
     def total_trainable(self) -> int:
@@ -371,7 +374,8 @@ def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: Diagnostic
                        help=f"set {missing} in `{qf.name}` (the text embeddings, text feed-forwards and heads "
                        "of BLIP-2's first stage)")
 
-    plan = StagePlan(stage.name, status, trainable, lora_total)
+    plan = StagePlan(stage.name, status, trainable, lora_total,
+                     checkpointed_components(ir, spans, stage, status, sink))
     if not sink.has_errors and plan.total_trainable + lora_total == 0:
         sink.error("E0402", f"stage `{stage.name}` trains nothing", spans.stages.get(stage.name),
                    help="name what it trains: `train proj`, or adapt with `lora llm(rank = 16)`")

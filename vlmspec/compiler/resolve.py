@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from vlmspec.compiler import ast
 from vlmspec.compiler.ir import Component, ModelIR, SpanTable, resolved_value
 from vlmspec.compiler.schema import REGISTRY, ROLES, CallValue, ComponentSchema, Settings, Stage
-from vlmspec.compiler.schema.stage import OBJECTIVES, STAGE_ATTRS, LoraSpec
+from vlmspec.compiler.schema.stage import NAME_ATTRS, OBJECTIVES, STAGE_ATTRS, LoraSpec
 from vlmspec.diagnostics import DiagnosticSink, Span, SpecSyntaxError, did_you_mean
 from vlmspec.grammar.parser import MAX_DIGITS, not_utf8, parse
 
@@ -480,7 +480,12 @@ class _Resolver:
                                 help=hint or _known("stage attributes", STAGE_ATTRS))
                 raise _EvalFailed
             spans[(item.name,)] = item.value.span
-            data[item.name] = self.eval(item.value, owner)
+            self.spans.stage_items[(stage, item.name)] = item.value.span
+            if isinstance(item.value, ast.ListVal):  # a list of names (`activation_checkpointing = [llm]`)
+                for v in item.value.items:
+                    if isinstance(v, ast.Ref):
+                        self.spans.stage_items[(stage, f"{item.name}:{v.dotted}")] = v.span
+            data[item.name] = self.eval(item.value, owner, names_as_strings=item.name in NAME_ATTRS)
 
     def _objective(self, value: ast.Value) -> list[dict[str, Any]]:
         terms: list[dict[str, Any]] = []
@@ -704,9 +709,14 @@ def _strict_scalars(cls: type, values: dict[str, Any], spans: dict[tuple[str, ..
         if isinstance(value, BareName) and value == "none" and type(None) in options and not _allows(ann, "none"):
             values[name] = None
         elif bool in options and not isinstance(value, bool) and not options & {int, float, str} \
-                and not (isinstance(value, str) and _allows(ann, value)):
+                and not (isinstance(value, str) and _allows(ann, value)) \
+                and not (isinstance(value, list) and any(getattr(o, "__origin__", None) is list for o in options)):
             allowed = ", ".join(f"`{v}`" for v in ("true", *_literals(ann)))
-            sink.error("E0201", f"`{name}` must be {allowed} or `false` (got {_show(value)})", spans.get((name,)))
+            if any(getattr(o, "__origin__", None) is list for o in options):  # `activation_checkpointing`
+                sink.error("E0201", f"`{name}` must be {allowed}, `false` or a list (got {_show(value)})",
+                           spans.get((name,)), help=f"write `{name} = [{value}]`" if isinstance(value, str) else None)
+            else:
+                sink.error("E0201", f"`{name}` must be {allowed} or `false` (got {_show(value)})", spans.get((name,)))
             bad.add(name)
         elif options & {int, float} and not options & {str} and isinstance(value, str) and not _allows(ann, value):
             number = re.fullmatch(r"\s*-?\d+(\.\d*)?([eE]-?\d+)?\s*", value)

@@ -154,6 +154,29 @@ def tracing() -> bool:
     return torch.compiler.is_exporting() or torch.compiler.is_compiling()
 
 
+class CheckpointedBlocks:
+    """A mixin for a module that runs a stack of transformer blocks: with `checkpoint_blocks` set (the
+    trainer sets it for a stage's `activation_checkpointing`, and clears it after), each block's
+    activations are recomputed in the backward pass instead of stored.
+
+    The flag lives on the module, not in global state, so two models (or a model and its export) never
+    share it; it acts only while the module trains with gradients on, so evaluation, generation and
+    export run exactly as without it."""
+
+    checkpoint_blocks: bool = False
+    training: bool
+
+    def run_block(self, block: Callable[..., Tensor], *args: object) -> Tensor:
+        """`block(*args)`, under torch's non-reentrant checkpoint when this module checkpoints its blocks.
+        Non-reentrant: gradients reach parameters the block only closes over (LoRA adapters, fusion experts
+        in a decoder layer), inputs need not require grad, and dropout's RNG state is replayed."""
+        if self.checkpoint_blocks and self.training and torch.is_grad_enabled() and not tracing():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
     """Scaled dot-product attention with grouped-query support; returns [b x s x (h*d)].
 

@@ -89,6 +89,9 @@ class ComponentSchema(Schema):
     role: ClassVar[Role]
     kind: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: whether the kind's module runs a stack of transformer blocks that `activation_checkpointing` can
+    #: recompute (its run-time module declares `checkpoint_blocks`; tests hold the two to one answer)
+    checkpointable: ClassVar[bool] = False
 
     def subpaths(self) -> list[str]:
         """Graph paths below this component that stages may freeze, train or LoRA-adapt."""

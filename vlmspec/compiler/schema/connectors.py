@@ -157,6 +157,7 @@ class QFormer(ConnectorBase):
     """BLIP-2's Q-Former: learned queries read the image through cross-attention every other layer."""
 
     kind = "qformer"
+    checkpointable = True
     summary = "BLIP-2 Q-Former: learned queries with cross-attention"
     queries: int = Field(default=32, gt=0, description="learned query tokens (= visual tokens out)")
     width: int = Field(default=768, gt=0, description="Q-Former hidden size")
@@ -210,6 +211,7 @@ class Perceiver(ConnectorBase):
     """Flamingo's perceiver resampler: a fixed number of latents attend to all image features."""
 
     kind = "perceiver"
+    checkpointable = True
     summary = "Flamingo perceiver resampler: N latents attend to the features"
     latents: int = Field(default=64, gt=0, description="latent tokens (= visual tokens out)")
     depth: int = Field(default=6, gt=0, description="resampler blocks")

@@ -82,6 +82,7 @@ class Llama3RoPE(Schema):
 
 class LanguageBase(ComponentSchema):
     role = "language"
+    checkpointable = True
     width: int = Field(default=4096, gt=0, description="hidden size")
     depth: int = Field(default=32, gt=0, le=MAX_LAYERS, description="decoder layers")
     heads: int = Field(default=32, gt=0, le=MAX_HEADS, description="attention heads")

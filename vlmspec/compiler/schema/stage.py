@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from vlmspec.compiler.schema.base import CallValue, Schema
 
@@ -121,9 +121,23 @@ class Stage(Schema):
     seed: int = Field(default=0, ge=0, description="random seed")
     max_length: int | None = Field(default=None, ge=1, description="truncate samples to this many tokens")
     fsdp: bool = Field(default=False, description="shard with FSDP2 under torchrun")
+    activation_checkpointing: bool | list[str] = Field(
+        default=False, description="recompute transformer blocks in the backward pass instead of storing their "
+        "activations: `true` (every component the stage backpropagates through) or a list of components")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        """One clear error for a list of anything but names (pydantic would report each union member)."""
+        if isinstance(v, list) and not all(isinstance(x, str) for x in v):
+            raise ValueError("expected `true`, `false` or a list of component names, e.g. `[llm, clip]`")
+        return v
 
 
-STAGE_ATTRS = ("warmup", "schedule", "grad_accum", "clip_grad", "seed", "max_length", "fsdp")
+STAGE_ATTRS = ("warmup", "schedule", "grad_accum", "clip_grad", "seed", "max_length", "fsdp",
+               "activation_checkpointing")
+#: stage attributes whose values name components: `llm.attn` there is a path to report, not a reference to read
+NAME_ATTRS = ("activation_checkpointing",)
 
 
 class Settings(Schema):

@@ -75,6 +75,7 @@ class ViTBase(ComponentSchema):
     """Fields every ViT encoder shares. Defaults follow CLIP; SigLIP and EVA override a few."""
 
     role = "vision"
+    checkpointable = True
     image_size: int = Field(default=224, gt=0, description="input resolution in pixels (square)")
     patch_size: int = Field(default=14, gt=0, description="patch side in pixels")
     channels: int = Field(default=3, gt=0, description="input channels")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.connectors import Perceiver
-from vlmspec.runtime.blocks import VisualTokens, activation, attend, split_heads
+from vlmspec.runtime.blocks import CheckpointedBlocks, VisualTokens, activation, attend, split_heads
 from vlmspec.runtime.connectors.base import Connector, Instruction
 from vlmspec.runtime.registry import BuildContext, register
 from vlmspec.runtime.spec_paths import GROUP, SpecPart
@@ -59,7 +59,13 @@ class PerceiverMLP(nn.Module):
         return self.c_proj(self.act(self.fc(self.ln(x))))
 
 
-class PerceiverConnector(Connector):
+def resampler_block(attn: PerceiverAttention, mlp: PerceiverMLP, context: Tensor, latents: Tensor) -> Tensor:
+    """One resampler block: the latents read the features, then their feed-forward (residual both)."""
+    latents = latents + attn(context, latents)
+    return latents + mlp(latents)
+
+
+class PerceiverConnector(Connector, CheckpointedBlocks):
     """[n x t x d] -> [n x latents x d] (-> [n x latents x out] with `project = true`)."""
 
     def __init__(self, name: str, cfg: Perceiver, d: int, out_width: int):
@@ -83,8 +89,7 @@ class PerceiverConnector(Connector):
     def project(self, x: VisualTokens, instruction: Instruction | None = None) -> VisualTokens:
         lat = self.latents.unsqueeze(0).expand(x.x.shape[0], -1, -1)
         for attn, mlp in self.blocks:
-            lat = lat + attn(x.x, lat)
-            lat = lat + mlp(lat)
+            lat = self.run_block(resampler_block, attn, mlp, x.x, lat)
         lat = self.layer_norm(lat)
         if self.proj is not None:
             lat = self.proj(lat)

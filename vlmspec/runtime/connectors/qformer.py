@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.connectors import QFormer
-from vlmspec.runtime.blocks import VisualTokens, attend, check_divisible, param_dtype, split_heads
+from vlmspec.runtime.blocks import (
+    CheckpointedBlocks,
+    VisualTokens,
+    attend,
+    check_divisible,
+    param_dtype,
+    split_heads,
+)
 from vlmspec.runtime.connectors.base import Connector, Instruction, merge_sources
 from vlmspec.runtime.registry import BuildContext, register
 from vlmspec.runtime.spec_paths import GROUP, SpecPart
@@ -159,7 +166,7 @@ class LMHead(nn.Module):
         return torch.nn.functional.linear(h, words, self.bias)
 
 
-class QFormerModel(nn.Module):
+class QFormerModel(nn.Module, CheckpointedBlocks):
     def __init__(self, cfg: QFormer, enc_width: int, text_ffn: bool):
         super().__init__()
         w, eps = cfg.width, cfg.norm_eps
@@ -191,7 +198,7 @@ class QFormerModel(nn.Module):
     def run(self, h: Tensor, image: Tensor | None, n_query: int, mask: Tensor | None) -> Tensor:
         """The layers over embedded [queries; text]; `mask` is bool [n x 1 x s|1 x s], True = may attend."""
         for layer in self.encoder.layer:
-            h = layer(h, image, n_query, mask)
+            h = self.run_block(layer, h, image, n_query, mask)
         return h
 
 

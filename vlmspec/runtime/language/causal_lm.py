@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from vlmspec.compiler.ir import Component
 from vlmspec.compiler.schema.language import MoE
 from vlmspec.diagnostics import user_error
-from vlmspec.runtime.blocks import Rotary, inv_frequencies, llama3_frequencies, tracing
+from vlmspec.runtime.blocks import CheckpointedBlocks, Rotary, inv_frequencies, llama3_frequencies, tracing
 from vlmspec.runtime.decoding import DecodeState
 from vlmspec.runtime.language.config import Family, LMConfig, lm_config
 from vlmspec.runtime.language.layers import LayerHooks, Parts, make_mlp, norm
@@ -101,7 +101,7 @@ class Body(nn.Module):
     """Hugging Face's `model` (or OPT's `model.decoder`): embeddings, layers, final norm."""
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, CheckpointedBlocks):
     """A decoder-only language model, driven step by step by `VisionLanguageModel`.
 
     embed(ids) -> [b x s x w] (already scaled / projected: image features are spliced in after this);
@@ -198,7 +198,7 @@ class CausalLM(nn.Module):
             if hk is not None:
                 for block in hk.before:
                     h = block(h, state)
-            h = layer(h, state, i, hk)
+            h = self.run_block(layer, h, state, i, hk)
         return getattr(self.body[0], self.norm_name)(h)
 
     def logits(self, h: Tensor) -> Tensor:

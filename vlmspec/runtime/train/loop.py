@@ -36,6 +36,7 @@ from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokeniz
 from vlmspec.runtime.model import VisionLanguageModel, label_targets, upcycle
 from vlmspec.runtime.session import Session, build_session, load_tokenizers, tokenizer_source
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
+from vlmspec.runtime.train.activations import checkpointing
 from vlmspec.runtime.train.distribution import Dist, wrap
 from vlmspec.runtime.train.freeze import apply_stage
 from vlmspec.runtime.train.manifest import (
@@ -331,67 +332,71 @@ class Trainer:
         t0 = time.perf_counter()
         tokens_seen = 0
         model.train()
-        while step < total:
-            epoch, pos = divmod(step, steps_per_epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(stage.seed * 7919 + epoch)).tolist()
-            batch_ids = order[pos * global_batch:(pos + 1) * global_batch]
-            if len(batch_ids) < global_batch:  # small data: wrap around
-                batch_ids = (batch_ids + order)[:global_batch]
-            mine = batch_ids[dist.rank::dist.world]
-            micro_batches = [mine[j * micro:(j + 1) * micro] for j in range(accum)]
-            n_tokens = 0
-            for mb in micro_batches:
-                n_tokens += sum(sum(1 for x in enc.examples[k].labels[1:] if x != IGNORE) for k in mb)
-            total_tokens = int(dist.all_sum(torch.tensor(float(n_tokens))).item())
-            optim.zero_grad(set_to_none=True)
-            loss_acc = 0.0
-            part_acc: dict[str, float] = {}
-            for mb in micro_batches:
-                pix = [enc.pixels[k] for k in mb]
-                if first:
-                    loss, parts = self._first_stage_step(train_model, processor, first, pix, [texts[k] for k in mb],
-                                                         stage, autocast)
-                    loss = loss / accum
+        checkpointed = self.analysis.plans[index].checkpointed
+        if checkpointed:
+            self.log(f"  activation checkpointing: {', '.join(checkpointed)} (blocks recomputed in the backward pass)")
+        with checkpointing(model.components, checkpointed):
+            while step < total:
+                epoch, pos = divmod(step, steps_per_epoch)
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(stage.seed * 7919 + epoch)).tolist()
+                batch_ids = order[pos * global_batch:(pos + 1) * global_batch]
+                if len(batch_ids) < global_batch:  # small data: wrap around
+                    batch_ids = (batch_ids + order)[:global_batch]
+                mine = batch_ids[dist.rank::dist.world]
+                micro_batches = [mine[j * micro:(j + 1) * micro] for j in range(accum)]
+                n_tokens = 0
+                for mb in micro_batches:
+                    n_tokens += sum(sum(1 for x in enc.examples[k].labels[1:] if x != IGNORE) for k in mb)
+                total_tokens = int(dist.all_sum(torch.tensor(float(n_tokens))).item())
+                optim.zero_grad(set_to_none=True)
+                loss_acc = 0.0
+                part_acc: dict[str, float] = {}
+                for mb in micro_batches:
+                    pix = [enc.pixels[k] for k in mb]
+                    if first:
+                        loss, parts = self._first_stage_step(train_model, processor, first, pix, [texts[k] for k in mb],
+                                                             stage, autocast)
+                        loss = loss / accum
+                        loss.backward()
+                        loss_acc += float(loss.detach())
+                        for name, value in parts.items():
+                            part_acc[name] = part_acc.get(name, 0.0) + value / accum
+                        tokens_seen += sum(len(texts[k]) + 2 for k in mb)
+                        continue
+                    pixels, facts = processor.stack(pix) if pix and pix[0] is not None else (None, None)
+                    batch = processor.training_batch([enc.examples[k] for k in mb], pixels, facts)
+                    labels = batch.pop("labels")
+                    with autocast:  # logits only where a target is: the head's matmul and softmax shrink
+                        out = train_model(**batch, labels=labels, logits_for="labels")
+                    # summed, then divided by the optimizer step's global token count: accumulation and data
+                    # parallelism then give exactly the gradients of one big batch
+                    _, targets = label_targets(labels)
+                    loss_sum = F.cross_entropy(out.logits.float(), targets.to(out.logits.device), reduction="sum")
+                    loss = loss_sum * dist.world / max(1, total_tokens)
+                    aux = getattr(out, "aux_loss", None)
+                    if aux is not None:
+                        loss = loss + aux / accum
                     loss.backward()
-                    loss_acc += float(loss.detach())
-                    for name, value in parts.items():
-                        part_acc[name] = part_acc.get(name, 0.0) + value / accum
-                    tokens_seen += sum(len(texts[k]) + 2 for k in mb)
-                    continue
-                pixels, facts = processor.stack(pix) if pix and pix[0] is not None else (None, None)
-                batch = processor.training_batch([enc.examples[k] for k in mb], pixels, facts)
-                labels = batch.pop("labels")
-                with autocast:  # logits only where a target is: the head's matmul and softmax shrink
-                    out = train_model(**batch, labels=labels, logits_for="labels")
-                # summed, then divided by the optimizer step's global token count: accumulation and data
-                # parallelism then give exactly the gradients of one big batch
-                _, targets = label_targets(labels)
-                loss_sum = F.cross_entropy(out.logits.float(), targets.to(out.logits.device), reduction="sum")
-                loss = loss_sum * dist.world / max(1, total_tokens)
-                aux = getattr(out, "aux_loss", None)
-                if aux is not None:
-                    loss = loss + aux / accum
-                loss.backward()
-                loss_acc += float(loss_sum.detach()) / max(1, total_tokens)
-                tokens_seen += int(batch["attention_mask"].sum())
-            # lm: already divided by the global token count; first-stage losses: the mean over processes
-            loss_global = float(dist.all_sum(torch.tensor(loss_acc * 1.0)).item()) / (dist.world if first else 1)
-            parts_global = {k: float(dist.all_sum(torch.tensor(v)).item()) / dist.world for k, v in part_acc.items()}
-            if stage.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], stage.clip_grad)
-            optim.step()
-            sched.step()
-            step += 1
-            result.losses.append(loss_global)
-            elapsed = time.perf_counter() - t0
-            if dist.main:
-                append_metric(self.run_dir, {"stage": stage.name, "step": step, "loss": loss_global, **parts_global,
-                              "lr": sched.get_last_lr()[0], "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9)})
-            progress(step, loss_global, tokens_seen * dist.world / max(elapsed, 1e-9))
-            if opts.eval_data and opts.eval_every and step % opts.eval_every == 0 and step < total:
-                self._evaluate(model, processor, stage.name, step)
-            if step % opts.save_every == 0 and step < total:
-                self._checkpoint(model, optim, sched, ckpt, step, result.losses)
+                    loss_acc += float(loss_sum.detach()) / max(1, total_tokens)
+                    tokens_seen += int(batch["attention_mask"].sum())
+                # lm: already divided by the global token count; first-stage losses: the mean over processes
+                loss_global = float(dist.all_sum(torch.tensor(loss_acc * 1.0)).item()) / (dist.world if first else 1)
+                parts_global = {k: float(dist.all_sum(torch.tensor(v)).item()) / dist.world for k, v in part_acc.items()}
+                if stage.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], stage.clip_grad)
+                optim.step()
+                sched.step()
+                step += 1
+                result.losses.append(loss_global)
+                elapsed = time.perf_counter() - t0
+                if dist.main:
+                    append_metric(self.run_dir, {"stage": stage.name, "step": step, "loss": loss_global, **parts_global,
+                                  "lr": sched.get_last_lr()[0], "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9)})
+                progress(step, loss_global, tokens_seen * dist.world / max(elapsed, 1e-9))
+                if opts.eval_data and opts.eval_every and step % opts.eval_every == 0 and step < total:
+                    self._evaluate(model, processor, stage.name, step)
+                if step % opts.save_every == 0 and step < total:
+                    self._checkpoint(model, optim, sched, ckpt, step, result.losses)
         progress(None, None, None)
         if opts.eval_data:
             self._evaluate(model, processor, stage.name, step)

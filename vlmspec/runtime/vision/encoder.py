@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from vlmspec.compiler.schema.vision import SigLIP, ViTBase
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.blocks import (
+    CheckpointedBlocks,
     RMSNorm,
     Rotary,
     VisualTokens,
@@ -377,7 +378,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(nn.Module, CheckpointedBlocks):
     """A ViT that returns the hidden states the spec selects (`feature = layers([...]).patches`).
 
     Only the layers up to the deepest selected one run: LLaVA's `layer(-2)` skips the last block,
@@ -484,9 +485,9 @@ class VisionEncoder(nn.Module):
         last = max(self.selected)
         for i, layer in enumerate(self.encoder.layers[:last]):
             if windows is not None and i not in full:
-                x = windows.join(layer(windows.split(x), windows.rotary, windows.mask))
+                x = windows.join(self.run_block(layer, windows.split(x), windows.rotary, windows.mask))
             else:
-                x = layer(x, rotary)
+                x = self.run_block(layer, x, rotary)
             states[i + 1] = x
         # SigLIP and EVA towers normalise their last hidden state (`feature_norm`); CLIP only its pooled token
         if self.cfg.feature_norm and self.cfg.post_norm and last == self.cfg.depth:
@@ -535,7 +536,7 @@ class VisionEncoder(nn.Module):
                 if cfg.post_norm:
                     x = self.post_layernorm(x)
                 x = post_tile(x.view(n, tiles, length, w), aspect).reshape(n, tiles * length, w)
-            x = layer(x, None, mask)
+            x = self.run_block(layer, x, None, mask)
             states[i + 1] = x
         if last == cfg.depth and not cfg.global_layers:
             if cfg.feature_norm and cfg.post_norm:
