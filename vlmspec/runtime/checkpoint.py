@@ -49,16 +49,17 @@ def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
 
 
 def save_state(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Safetensors, atomically, with tied tensors stored once (their aliases in the metadata)."""
-    from safetensors.torch import save
+    """Safetensors, atomically, with tied tensors stored once (their aliases in the metadata); streamed to the
+    file, so saving does not hold a second copy of the weights in memory."""
+    from safetensors.torch import save_file
 
-    from vlmspec.fsutil import atomic_write_bytes
+    from vlmspec.fsutil import atomic_write_with
 
     tensors, aliases = dedupe(state)
     meta = {"format": "pt", **(metadata or {})}
     if aliases:
         meta["vlmspec_aliases"] = json.dumps(aliases)
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
