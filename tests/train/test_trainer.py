@@ -162,6 +162,29 @@ def test_two_processes_match_one(spec, data, tmp_path, mode) -> None:
     assert model.processor is not None
 
 
+@pytest.mark.parametrize("how", ["full", "lora"])
+def test_fsdp_trains_the_language_model(data, tmp_path, how) -> None:
+    """FSDP2 shards a trained (or LoRA-adapted) language model, which the model calls through `embed`,
+    `decode` and `logits` rather than its forward: each gathers the shards as forward would, and two
+    processes give one process's losses."""
+    text = SPEC if how == "lora" else SPEC.replace(
+        "stage tune { train proj  lora llm(rank = 4, targets = [attn.q, attn.v])  freeze clip",
+        "stage tune { train proj, llm  freeze clip")
+    spec = tmp_path / "tiny.vlm"
+    spec.write_text(text)
+    common = ["train", str(spec), "--data", str(data), "--stage", "tune", "--steps", "3"]
+    subprocess.run([*VLM, *common, "-o", str(tmp_path / "one")], check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "vlmspec.cli", *common, "-o", str(tmp_path / "two"), "--fsdp"]
+    r = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5, (one, two)
+
+
 def _kill_all_running(marker: str) -> None:
     """SIGKILL every process whose command line mentions `marker` (the launcher and its workers)."""
     for entry in Path("/proc").iterdir():

@@ -45,6 +45,11 @@ class Dist:
             dist.barrier()
 
 
+#: per role, the methods `VisionLanguageModel` calls on a component instead of its `forward` (and that read
+#: its parameters): FSDP2 gathers a sharded component's parameters around each of them too
+FORWARD_METHODS: dict[str, tuple[str, ...]] = {"language": ("embed", "add_positions", "decode", "logits")}
+
+
 def wrap(model: torch.nn.Module, dist: Dist, shard: bool, table: ParamTable,
          loss_module: torch.nn.Module | None = None) -> tuple[torch.nn.Module, bool]:
     """(what the training loop calls, whether the model is now sharded): the model, or `loss_module`
@@ -55,12 +60,17 @@ def wrap(model: torch.nn.Module, dist: Dist, shard: bool, table: ParamTable,
         return top, False
     if shard:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh("cpu", (dist.world,))
         trained = table.components_with(n for n, p in model.named_parameters() if p.requires_grad)
         for name in sorted(trained):  # frozen components stay replicated
-            fully_shard(model.components[name], mesh=mesh)
+            module = model.components[name]
+            fully_shard(module, mesh=mesh)
+            # the model calls a language model through these rather than its forward: each must gather the
+            # shards first, as forward does (else the embedding meets a sharded table)
+            for method in FORWARD_METHODS.get(model.roles[name], ()):
+                register_fsdp_forward_method(module, method)
         return top, True
     from torch.nn.parallel import DistributedDataParallel as DDP
 
