@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmspec.diagnostics import user_error
 from vlmspec.runtime.spec_paths import ParamTable
 from vlmspec.runtime.train.objectives import FIRST_STAGE
 
@@ -62,8 +63,15 @@ def wrap(model: torch.nn.Module, dist: Dist, shard: bool, table: ParamTable,
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        mesh = init_device_mesh("cpu", (dist.world,))
         trained = table.components_with(n for n, p in model.named_parameters() if p.requires_grad)
+        fusions = sorted(n for n in trained if model.roles[n] == "fusion")
+        if fusions:
+            # its blocks run inside the language model's layers, called from hooks, not through a forward
+            # FSDP2 could gather the shards around
+            raise user_error("E0529", f"--fsdp cannot shard the trained fusion `{fusions[0]}` yet: its blocks run "
+                             "inside the language model's layers", help="train this stage without --fsdp (several "
+                             "processes then run it with DDP)")
+        mesh = init_device_mesh("cpu", (dist.world,))
         for name in sorted(trained):  # frozen components stay replicated
             module = model.components[name]
             fully_shard(module, mesh=mesh)
