@@ -259,17 +259,21 @@ def summary(
                   f"{lay['at_image_size']} at {lay['image_size']}x{lay['image_size']}")
     if s["stages"]:
         st = Table(title="stages", title_justify="left")
-        for col in ("stage", "trains", "frozen", "trainable", "optim", "memory (weights+grads+optim)"):
-            st.add_column(col, justify="right" if col in ("trainable",) else "left")
+        for col in ("stage", "trains", "frozen", "trainable", "optim", "activations", "memory"):
+            st.add_column(col, justify="left" if col in ("stage", "trains", "frozen", "optim") else "right")
         for stage in s["stages"]:
             status = stage["status"]
             trains = ", ".join(f"{k} ({v})" if v not in ("trained",) else k for k, v in status.items()
                                if v in ("trained", "partial", "lora"))
             frozen = ", ".join(k for k, v in status.items() if v == "frozen")
+            m = stage["memory"]
             st.add_row(stage["name"], trains, frozen, human(stage["params"]["trainable"]), stage["optim"],
-                       human(stage["memory"]["total"], "B"))
+                       human(m["activations"], "B"), human(m["total"], "B"))
         out.print(st)
-        out.print("[dim]memory excludes activations; gradients and AdamW moments in fp32[/dim]")
+        seqs = {f"{m['sequence']['tokens']:,} tokens ({m['sequence']['source']})"
+                for m in (stage["memory"] for stage in s["stages"])}
+        out.print("[dim]memory per process: weights + gradients and optimizer state (fp32) + activations of one "
+                  f"micro-batch (batch / grad_accum) at {'; '.join(sorted(seqs))}[/dim]", highlight=False)
 
 
 # ---------------------------------------------------------------- graph
@@ -449,18 +453,27 @@ def train(
     fsdp: Annotated[bool, typer.Option(help="shard trained components with FSDP2 under torchrun")] = False,
     eval_data: Annotated[str | None, typer.Option("--eval", help="held-out VQA data to score during training")] = None,
     eval_every: Annotated[int, typer.Option(help="steps between held-out evaluations (0: end of each stage)")] = 0,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="processes reading images ahead of training (0: on the training process; default: a quarter "
+        "of the CPUs per torchrun process, at most 4)", show_default=False)] = None,
+    ranks: Annotated[int | None, typer.Option(
+        min=1, help="with --dry-run: plan memory per rank for N processes (default: torchrun's WORLD_SIZE, else 1)",
+        show_default=False)] = None,
 ) -> None:
     """Run the spec's stage schedule: freeze, train and LoRA exactly what each stage says."""
     analysis = _load(spec)
     if dry_run:
-        _print_plan(analysis, data, images, stage)
+        _print_plan(analysis, data, images, stage, fsdp=fsdp, ranks=ranks, tokenizer=tokenizer)
         return
+    if ranks is not None:
+        _fail([Diagnostic("E0005", "--ranks only plans (with --dry-run); torchrun decides how many processes "
+                                   "train")], {})
     from vlmspec.runtime.train import Trainer, TrainOptions
 
     path = spec.split(":")[0] if not Path(spec).is_file() else spec
     opts = TrainOptions(run_dir=output, data=data, images=images, stages=stage, resume=resume, max_bad=max_bad,
                         steps=steps, save_every=save_every, tokenizer=tokenizer, fsdp=fsdp,
-                        eval_data=eval_data, eval_every=eval_every,
+                        eval_data=eval_data, eval_every=eval_every, workers=workers,
                         log=lambda m: err.print(m, markup=False, highlight=False))
     trainer = Trainer(analysis, opts, Path(analysis.file).read_text(encoding="utf-8"), path)
     if trainer.dist.world <= 1:
@@ -490,14 +503,22 @@ def train(
 
 
 def _print_plan(analysis, data: str | None = None, images: str | None = None,
-                only: list[str] | None = None) -> None:
+                only: list[str] | None = None, fsdp: bool = False, ranks: int | None = None,
+                tokenizer: str | None = None) -> None:
+    """Each stage's components, memory per rank (weights, gradients, optimizer state, activations of one
+    micro-batch) and data. Ranks: `ranks`, else torchrun's WORLD_SIZE, else 1; the sequence length: the
+    data's longest sample when there is data, else what the spec gives (the output says which)."""
     from rich.markup import escape
 
     from vlmspec.compiler.summary import human, summarise
     from vlmspec.runtime.train.data_plan import data_plan
 
-    s = summarise(analysis)
+    ranks = ranks or int(os.environ.get("WORLD_SIZE", "1") or 1)
     stages = {st.name: st for st in analysis.ir.stages}
+    plans = {name: data_plan(analysis, st, data, images, tokenizer) for name, st in stages.items()
+             if not only or name in only}
+    s = summarise(analysis, ranks=ranks, fsdp=fsdp,
+                  sequences={k: p.sequence for k, p in plans.items() if not isinstance(p, str)})
     out.print(f"[bold]{s['model']}[/bold]: {human(s['params']['total'])} parameters, "
               f"weights {human(s['memory']['weights'], 'B')}")
     for st in s["stages"]:
@@ -514,9 +535,16 @@ def _print_plan(analysis, data: str | None = None, images: str | None = None,
             t.add_row("(LoRA adapters)", "trained", human(st["params"]["lora"]))
         out.print(t)
         m = st["memory"]
-        out.print(f"  memory: weights {human(m['weights'], 'B')} + grads {human(m['grads'], 'B')} + "
-                  f"optimizer {human(m['optimizer'], 'B')} = {human(m['total'], 'B')} (activations excluded)")
-        plan = data_plan(analysis, stages[st["name"]], data, images)
+        where = (f"per rank of {m['ranks']}" + (", trained components sharded (FSDP)" if m["sharded"] else "")
+                 if m["ranks"] > 1 else "per rank (one process" + (
+                     "; FSDP shards over WORLD_SIZE ranks under torchrun)" if fsdp or stages[st["name"]].fsdp
+                     else ")"))
+        out.print(f"  memory {where}: weights {human(m['weights'], 'B')} + grads {human(m['grads'], 'B')} + "
+                  f"optimizer {human(m['optimizer'], 'B')} + activations {human(m['activations'], 'B')} "
+                  f"= {human(m['total'], 'B')}", highlight=False)
+        out.print(f"  activations: micro-batch {m['micro_batch']} x {m['sequence']['tokens']:,} tokens "
+                  f"({escape(m['sequence']['source'])})", highlight=False)
+        plan = plans[st["name"]]
         if isinstance(plan, str):
             out.print(f"  data: {escape(plan)}")
             continue

@@ -253,8 +253,8 @@ def test_hover_on_a_stage(lsp: LspClient) -> None:
         "freezes: `clip`",
         "trainable parameters: 6,759,395,328 (6.76B)",
         "optim `adamw(lr = 2e-05)` · batch 128 · precision bf16",
-        "memory plan: weights 26.31 GiB + gradients 25.18 GiB + optimizer 50.36 GiB = 101.85 GiB "
-        "(activations not included)",
+        "memory plan: weights 26.31 GiB + gradients 25.18 GiB + optimizer 50.36 GiB + activations 875.65 GiB = "
+        "977.51 GiB (one process; activations of a micro-batch of 128 x 1,088 tokens)",
     ]
 
 

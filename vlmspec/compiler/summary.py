@@ -1,10 +1,12 @@
 """`vlm summary` data: parameters per component (closed form), visual tokens, and per stage the trainable
-parameters and a memory estimate. Pure data here; the CLI renders it."""
+parameters and a memory estimate per rank (weights, gradients, optimizer state, activations). Pure data here;
+the CLI renders it."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from vlmspec.compiler.activations import Sequence, activation_bytes, micro_batch, spec_sequence
 from vlmspec.compiler.compile import Analysis
 from vlmspec.compiler.schema.base import BYTES_PER
 
@@ -19,7 +21,12 @@ def component_bytes(analysis: Analysis, name: str, quantized: bool = True) -> fl
     return analysis.shapes.total(name) * per
 
 
-def summarise(analysis: Analysis) -> dict[str, Any]:
+def summarise(analysis: Analysis, *, ranks: int = 1, fsdp: bool = False, sequence: Sequence | None = None,
+              sequences: dict[str, Sequence] | None = None) -> dict[str, Any]:
+    """The summary, with each stage's memory per rank of `ranks`: under `fsdp` the weights, gradients and
+    optimizer state of the components a stage trains are sharded over the ranks (the rest is replicated);
+    activations follow the micro-batch one rank runs (batch / (grad_accum x ranks)) and the sequence length:
+    `sequences[stage]`, else `sequence`, else what the spec gives (`activations.spec_sequence`)."""
     ir, shapes = analysis.ir, analysis.shapes
     components = []
     for name, comp in ir.components.items():
@@ -36,14 +43,24 @@ def summarise(analysis: Analysis) -> dict[str, Any]:
     weights = sum(component_bytes(analysis, n) for n in ir.components)
     weights_unquantized = sum(component_bytes(analysis, n, quantized=False) for n in ir.components)
     stages = []
-    for plan, stage in zip(analysis.plans, ir.stages, strict=True):
+    ranks = max(ranks, 1)
+    for i, (plan, stage) in enumerate(zip(analysis.plans, ir.stages, strict=True)):
         trainable = plan.total_trainable + plan.lora_params
         grad_bytes = 4  # gradients follow the fp32 master weights, autocast or not
         optim_bytes = _OPTIM_STATE_BYTES[stage.optim.name]
         if stage.optim.name == "sgd" and stage.optim.momentum == 0:
             optim_bytes = 0
-        memory = {"weights": int(weights), "grads": trainable * grad_bytes, "optimizer": trainable * optim_bytes}
+        shards = ranks if fsdp or stage.fsdp else 1
+        sharded = sum(component_bytes(analysis, n) for n, st in plan.status.items() if st in ("trained", "partial"))
+        seq = (sequences or {}).get(stage.name) or sequence or spec_sequence(analysis, i)
+        act = activation_bytes(analysis, i, micro_batch(analysis, i, ranks), seq)
+        memory: dict[str, Any] = {
+            "weights": int(weights - sharded + sharded / shards), "grads": trainable * grad_bytes // shards,
+            "optimizer": trainable * optim_bytes // shards, "activations": act.total}
         memory["total"] = sum(memory.values())
+        memory.update(ranks=ranks, sharded=shards > 1, micro_batch=act.micro_batch,
+                      sequence={"tokens": seq.tokens, "image_tokens": seq.image_tokens, "source": seq.source},
+                      activations_by_component=act.by_component)
         stages.append({
             "name": stage.name,
             "params": {"trainable": trainable, "lora": plan.lora_params,

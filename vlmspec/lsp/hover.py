@@ -151,8 +151,11 @@ def stage_markdown(snap: Snapshot, model: str, name: str) -> str | None:
     out.append(f"trainable parameters: {_count(trainable)}" + (f", of which LoRA adapters {_count(lora)}" if lora else ""))
     out.append(f"optim `{s['optim']}` · batch {s['batch']} · precision {s['precision']}")
     m = s["memory"]
+    seq = m.get("sequence") or {}
     out.append(f"memory plan: weights {human(m['weights'], 'B')} + gradients {human(m['grads'], 'B')} + optimizer "
-               f"{human(m['optimizer'], 'B')} = {human(m['total'], 'B')} (activations not included)")
+               f"{human(m['optimizer'], 'B')} + activations {human(m['activations'], 'B')} = "
+               f"{human(m['total'], 'B')} (one process; activations of a micro-batch of {m['micro_batch']} x "
+               f"{seq.get('tokens', '?'):,} tokens)")
     return "\n\n".join(out)
 
 

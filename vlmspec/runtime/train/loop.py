@@ -39,6 +39,7 @@ from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
 from vlmspec.runtime.train.activations import checkpointing
 from vlmspec.runtime.train.distribution import Dist, wrap
 from vlmspec.runtime.train.freeze import apply_stage
+from vlmspec.runtime.train.loader import DataOrder, StageBatches, default_workers
 from vlmspec.runtime.train.manifest import (
     architecture_hash,
     new_manifest,
@@ -77,6 +78,7 @@ class TrainOptions:
     fsdp: bool = False
     eval_data: str | None = None  # held-out VQA data scored with `vlm eval`'s code during training
     eval_every: int = 0  # optimizer steps between evaluations (0: at the end of each stage only)
+    workers: int | None = None  # image-reading worker processes (0: on the training process; None: `default_workers`)
     quiet: bool = False
     log: Callable[[str], None] = print
 
@@ -335,15 +337,13 @@ class Trainer:
         checkpointed = self.analysis.plans[index].checkpointed
         if checkpointed:
             self.log(f"  activation checkpointing: {', '.join(checkpointed)} (blocks recomputed in the backward pass)")
-        with checkpointing(model.components, checkpointed):
+        order = DataOrder(n, global_batch, steps_per_epoch, stage.seed, accum, micro, dist.rank, dist.world)
+        workers = default_workers() if opts.workers is None else opts.workers
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        with checkpointing(model.components, checkpointed), \
+                StageBatches(enc.pixels, order, step, total, workers, pin_memory=on_cuda) as loader:
             while step < total:
-                epoch, pos = divmod(step, steps_per_epoch)
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(stage.seed * 7919 + epoch)).tolist()
-                batch_ids = order[pos * global_batch:(pos + 1) * global_batch]
-                if len(batch_ids) < global_batch:  # small data: wrap around
-                    batch_ids = (batch_ids + order)[:global_batch]
-                mine = batch_ids[dist.rank::dist.world]
-                micro_batches = [mine[j * micro:(j + 1) * micro] for j in range(accum)]
+                micro_batches = order.micro_batches(step)
                 n_tokens = 0
                 for mb in micro_batches:
                     n_tokens += sum(sum(1 for x in enc.examples[k].labels[1:] if x != IGNORE) for k in mb)
@@ -352,7 +352,7 @@ class Trainer:
                 loss_acc = 0.0
                 part_acc: dict[str, float] = {}
                 for mb in micro_batches:
-                    pix = [enc.pixels[k] for k in mb]
+                    pix = loader.next(mb)
                     if first:
                         loss, parts = self._first_stage_step(train_model, processor, first, pix, [texts[k] for k in mb],
                                                              stage, autocast)

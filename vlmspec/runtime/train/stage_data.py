@@ -5,18 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.inputs.data import Dataset
 from vlmspec.runtime.inputs.processor import Encoded, Processor
+from vlmspec.runtime.train.loader import StageImages
 
 
 @dataclass(slots=True)
 class Encodings:
+    """Each sample's token ids (encoded up front: cheap) and its image, read and transformed only when a
+    step needs it (`StageImages`, in the data loader's worker processes)."""
+
     examples: list[Encoded]
-    pixels: list[torch.Tensor | None]
+    pixels: StageImages
 
 
 @dataclass(slots=True)
@@ -51,13 +53,23 @@ def stage_data(stage: Stage, data: str | None, images: str | None) -> tuple[str,
 
 
 def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
+    """The samples' token ids, and their images as paths to read later. A native-size or laid-out image
+    is written in the prompt as its size makes it, so each is transformed once here for its slot (and
+    dropped); a fixed-size image's slot is the same for every image, taken from the first."""
     needs_image = processor.transform is not None
-    examples, pixels = [], []
-    for s in ds.samples:
-        n_images = 1 if (s.image is not None and needs_image) else 0
-        # what generation reads: a native-size image at its processor's size, a laid-out one as tiles
-        item = processor.image_transform(s.image) if n_images else None
-        # a laid-out image is written as its size makes it (a fixed-size one as the fusion's count)
-        examples.append(processor.encode_turns(s.turns, n_images, processor.image_slot(item) if n_images else None))
-        pixels.append(item)
-    return Encodings(examples, pixels)
+    # what generation reads: a native-size image at its processor's size, a laid-out one as tiles
+    images = StageImages([s.image if needs_image else None for s in ds.samples], processor.image_transform)
+    per_image = processor.native is not None or processor.laid_out is not None
+    fixed_slot = None
+    examples = []
+    for k, s in enumerate(ds.samples):
+        slot = None
+        if images.paths[k] is not None:
+            if per_image:
+                slot = processor.image_slot(images[k])
+            else:
+                if fixed_slot is None:
+                    fixed_slot = processor.image_slot(images[k])
+                slot = fixed_slot
+        examples.append(processor.encode_turns(s.turns, 1 if slot is not None else 0, slot))
+    return Encodings(examples, images)
