@@ -141,21 +141,24 @@ def test_refuses_to_overwrite_a_run(spec, data, tmp_path) -> None:
     assert r.returncode == 1 and "E0532" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(spec, data, tmp_path, mode) -> None:
-    common = ["train", spec, "--data", str(data), "--stage", "align", "--steps", "3"]
-    subprocess.run([*VLM, *common, "-o", str(tmp_path / "one")], check=True, capture_output=True)
+def one_then_two(spec: str, data: Path, tmp: Path, stage: str, fsdp: bool) -> None:
+    """Train `stage` for 3 steps in one process, then in two under torchrun (DDP, or FSDP2): the same losses."""
+    common = ["train", spec, "--data", str(data), "--stage", stage, "--steps", "3"]
+    subprocess.run([*VLM, *common, "-o", str(tmp / "one")], check=True, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "vlmspec.cli", *common, "-o", str(tmp_path / "two")]
-    if mode == "fsdp":
-        torchrun.append("--fsdp")
+                "-m", "vlmspec.cli", *common, "-o", str(tmp / "two"), *(["--fsdp"] if fsdp else [])]
     r = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(x)["loss"] for x in (tmp / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x)["loss"] for x in (tmp / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5, (one, two)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(spec, data, tmp_path, mode) -> None:
+    one_then_two(spec, data, tmp_path, "align", mode == "fsdp")
     from vlmspec.runtime.session import load_session
 
     model = load_session(tmp_path / "two" / "final")  # loads in a single process
@@ -172,17 +175,7 @@ def test_fsdp_trains_the_language_model(data, tmp_path, how) -> None:
         "stage tune { train proj, llm  freeze clip")
     spec = tmp_path / "tiny.vlm"
     spec.write_text(text)
-    common = ["train", str(spec), "--data", str(data), "--stage", "tune", "--steps", "3"]
-    subprocess.run([*VLM, *common, "-o", str(tmp_path / "one")], check=True, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "vlmspec.cli", *common, "-o", str(tmp_path / "two"), "--fsdp"]
-    r = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert len(one) == len(two) == 3
-    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5, (one, two)
+    one_then_two(str(spec), data, tmp_path, "tune", fsdp=True)
 
 
 def _kill_all_running(marker: str) -> None:
