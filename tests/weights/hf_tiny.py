@@ -221,3 +221,27 @@ def config_subset(ours: dict, theirs: dict, path: str = "") -> list[str]:
         elif theirs.get(k, v) != v:
             out.append(f"{path}{k}: {v!r} != {theirs.get(k)!r}")
     return out
+
+
+def laid_out_transform(model):
+    """The image transform of a built model's encoder that lays images out (anyres, dynamic tiles, split), as
+    the processor makes it from the encoder's config."""
+    from vlmspec.runtime.inputs.images import ImageTransform
+
+    vis = next(c for c in model.components.values() if getattr(getattr(c, "cfg", None), "layout", "fixed") != "fixed")
+    return ImageTransform.from_encoder(vis.cfg)
+
+
+def anyres_parity(hf, ours, ids: torch.Tensor, px: torch.Tensor, sizes: torch.Tensor) -> float:
+    """An any-resolution model (LLaVA-NeXT, OneVision) against its transformers class on the same tiles and
+    image sizes: the reference must see the image; 16 greedy tokens identical; returns the max logit difference."""
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px, image_sizes=sizes).logits
+        got = ours(ids, pixel_values=px, image_sizes=sizes).logits
+    assert_sees_image(lambda p: hf(input_ids=ids, pixel_values=p, image_sizes=sizes).logits, px)
+    with torch.no_grad():
+        theirs_gen = hf.generate(input_ids=ids, pixel_values=px, image_sizes=sizes, max_new_tokens=16,
+                                 do_sample=False)[0, ids.shape[1]:]
+        ours_gen = ours.generate(ids, pixel_values=px, image_sizes=sizes, max_new_tokens=16)[0]
+    assert ours_gen.tolist()[: len(theirs_gen)] == theirs_gen.tolist()
+    return float((ref - got).abs().max())

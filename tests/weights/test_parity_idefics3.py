@@ -17,7 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))  # test_spec_library's builders of Hugging Face configs
-from hf_tiny import IMAGE_TOKEN, _quiet, assert_sees_image, imported, noise_image, randomise  # noqa: E402
+from hf_tiny import (  # noqa: E402
+    IMAGE_TOKEN,
+    _quiet,
+    assert_sees_image,
+    imported,
+    laid_out_transform,
+    noise_image,
+    randomise,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers import processing_utils  # noqa: E402
@@ -119,12 +127,6 @@ def tiny(family: str, out: Path, splitting: bool = True):
     return model, proc
 
 
-def _transform(model):
-    from vlmspec.runtime.inputs.images import ImageTransform
-
-    vis = next(c for c in model.components.values() if getattr(getattr(c, "cfg", None), "layout", "fixed") != "fixed")
-    return ImageTransform.from_encoder(vis.cfg)
-
 
 def _rgb(path: Path):
     from PIL import Image
@@ -147,7 +149,7 @@ def test_parity(tmp_path, family, splitting, size):
     path = noise_image(tmp_path / "img.png", size, colour=True)
     text = f"a<image>{QUESTION}"
     theirs = proc(images=[_rgb(path)], text=[text], return_tensors="pt")
-    transform = _transform(ours)
+    transform = laid_out_transform(ours)
     item = transform(path)
     ref_px = theirs["pixel_values"][0]
     assert item.pixels.shape == ref_px.shape
@@ -183,7 +185,7 @@ def test_two_images_in_one_prompt(tmp_path, family):
     them to the larger count, as transformers' processor stacks a sample's images; the logits match."""
     hf, proc = tiny(family, tmp_path / "hf")
     ours, _, _ = imported(tmp_path / "hf", tmp_path)
-    transform = _transform(ours)
+    transform = laid_out_transform(ours)
     paths = [noise_image(tmp_path / f"{i}.png", size, colour=True) for i, size in enumerate([(90, 40), (80, 90)])]
     items = [transform(p) for p in paths]
     theirs = proc(images=[[_rgb(p) for p in paths]], text=["a<image>b<image>c"], return_tensors="pt")

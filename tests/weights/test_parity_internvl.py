@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import _quiet, assert_sees_image, imported, noise_image, randomise  # noqa: E402
+from hf_tiny import _quiet, assert_sees_image, imported, laid_out_transform, noise_image, randomise  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 MARKERS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
@@ -108,12 +108,6 @@ def processor_of(model_dir: Path):
         chat_template=(model_dir / "chat_template.jinja").read_text())
 
 
-def _transform(model):
-    from vlmspec.runtime.inputs.images import ImageTransform
-
-    vis = next(c for c in model.components.values() if getattr(getattr(c, "cfg", None), "layout", "fixed") != "fixed")
-    return ImageTransform.from_encoder(vis.cfg)
-
 
 def _ids(*counts: int) -> torch.Tensor:
     """Text, then per image `<img>`, `count` context tokens, `</img>`, then text."""
@@ -135,7 +129,7 @@ def test_internvl_parity(no_video, tmp_path, size):
 
     processor = processor_of(tmp_path / "hf")
     theirs = processor(images=[Image.open(path).convert("RGB")], text=["a<IMG_CONTEXT>b"], return_tensors="pt")
-    transform = _transform(ours)
+    transform = laid_out_transform(ours)
     item = transform(path)
     assert item.pixels.shape == theirs["pixel_values"].shape
     assert float((item.pixels - theirs["pixel_values"]).abs().max()) < 1e-5
@@ -161,7 +155,7 @@ def test_internvl_two_images_and_a_mixed_batch(no_video, tmp_path):
     concatenates them), and a batch of two rows whose images take different token counts."""
     hf = folder(tmp_path / "hf")
     ours, _, _ = imported(tmp_path / "hf", tmp_path)
-    transform = _transform(ours)
+    transform = laid_out_transform(ours)
     items = [transform(noise_image(tmp_path / f"{i}.png", size)) for i, size in enumerate([(90, 40), (30, 30)])]
     counts = [transform.tokens(x, 4) for x in items]
     assert counts[0] != counts[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import IMAGE_TOKEN, _quiet, assert_sees_image, imported, noise_image, randomise  # noqa: E402
+from hf_tiny import IMAGE_TOKEN, _quiet, anyres_parity, imported, laid_out_transform, noise_image, randomise  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32]]
@@ -48,10 +48,7 @@ def test_llava_next_parity(tmp_path, size):
     from PIL import Image
 
     theirs = proc(images=[Image.open(path).convert("RGB")], return_tensors="pt")
-    from vlmspec.runtime.inputs.images import ImageTransform
-
-    vis = next(c for c in ours.components.values() if getattr(getattr(c, "cfg", None), "layout", "fixed") != "fixed")
-    transform = ImageTransform.from_encoder(vis.cfg)
+    transform = laid_out_transform(ours)
     item = transform(path)
     assert item.pixels.shape == theirs["pixel_values"][0].shape
     assert float((item.pixels - theirs["pixel_values"][0]).abs().max()) < 1e-5
@@ -59,19 +56,10 @@ def test_llava_next_parity(tmp_path, size):
     n = transform.tokens(item)
     px, sizes = transform.stack([item])
     ids = torch.tensor([[1, 5, 7] + [IMAGE_TOKEN] * n + [9, 11, 13]])
-    with torch.no_grad():
-        ref = hf(input_ids=ids, pixel_values=px, image_sizes=sizes).logits
-        got = ours(ids, pixel_values=px, image_sizes=sizes).logits
-    assert_sees_image(lambda p: hf(input_ids=ids, pixel_values=p, image_sizes=sizes).logits, px)
-    diff = float((ref - got).abs().max())
+    diff = anyres_parity(hf, ours, ids, px, sizes)
     print(f"size {size}: {n} tokens, {px.shape[1]} tiles, max logit diff {diff:.2e}")
     assert n < transform.layout.model_copy(update={"unpad": False}).tokens(*item.size, 32, 8)  # padding was cut
     assert diff < 1e-4
-    with torch.no_grad():
-        theirs_gen = hf.generate(input_ids=ids, pixel_values=px, image_sizes=sizes, max_new_tokens=16,
-                                 do_sample=False)[0, ids.shape[1]:]
-        ours_gen = ours.generate(ids, pixel_values=px, image_sizes=sizes, max_new_tokens=16)[0]
-    assert ours_gen.tolist()[: len(theirs_gen)] == theirs_gen.tolist()
 
 
 def test_llava_next_two_images_in_one_prompt(tmp_path):
@@ -79,10 +67,7 @@ def test_llava_next_two_images_in_one_prompt(tmp_path):
     their tokens one after the other, as transformers splices them."""
     hf, _ = llava_next(tmp_path / "hf")
     ours, _, _ = imported(tmp_path / "hf", tmp_path)
-    from vlmspec.runtime.inputs.images import ImageTransform
-
-    vis = next(c for c in ours.components.values() if getattr(getattr(c, "cfg", None), "layout", "fixed") != "fixed")
-    transform = ImageTransform.from_encoder(vis.cfg)
+    transform = laid_out_transform(ours)
     items = [transform(noise_image(tmp_path / f"{i}.png", size)) for i, size in enumerate([(40, 90), (50, 70)])]
     counts = [transform.tokens(x) for x in items]
     assert counts[0] != counts[1]
@@ -99,10 +84,7 @@ def test_llava_next_batch_of_two_sizes(tmp_path):
     their lengths): each row's logits equal transformers' on that row alone, and so do its greedy tokens."""
     hf, _ = llava_next(tmp_path / "hf")
     ours, _, _ = imported(tmp_path / "hf", tmp_path)
-    from vlmspec.runtime.inputs.images import ImageTransform
-
-    vis = next(c for c in ours.components.values() if getattr(getattr(c, "cfg", None), "layout", "fixed") != "fixed")
-    transform = ImageTransform.from_encoder(vis.cfg)
+    transform = laid_out_transform(ours)
     items = [transform(noise_image(tmp_path / f"{i}.png", size)) for i, size in enumerate([(40, 90), (50, 70)])]
     rows = [[1, 5] + [IMAGE_TOKEN] * transform.tokens(x) + [9, 11] for x in items]
     width = max(map(len, rows))
