@@ -33,11 +33,8 @@ model tiny {
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "shapes"
-    r = CliRunner().invoke(app, ["data", "synth", "-o", str(out), "--n", "64", "--test", "8", "--size", "48"])
-    assert r.exit_code == 0, r.output
-    return out
+def data(shapes: Path) -> Path:
+    return shapes
 
 
 @pytest.fixture(scope="module")

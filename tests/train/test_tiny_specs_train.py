@@ -17,11 +17,8 @@ SPECS = ["llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b_tiny", "llava-onevisio
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "shapes"
-    r = CliRunner().invoke(app, ["data", "synth", "-o", str(out), "--n", "64", "--test", "8", "--size", "48"])
-    assert r.exit_code == 0, r.output
-    return out
+def data(shapes: Path) -> Path:
+    return shapes
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.split(":")[1] for s in SPECS])
