@@ -4,6 +4,10 @@ Both models hold identical weights (copied from the HF model by a key mapping), 
 fp32, under `torch.no_grad()`. Run by hand:
 
     .venv/bin/python bench/forward.py [--batch 4] [--new-tokens 32] [--repeats 10] [--threads N]
+                                      [--device cuda] [--dtype bf16]
+
+On a GPU (`--device cuda --dtype bf16`, as scripts/gpu_check.sh runs it) both models are moved there in
+that dtype and every timing waits for the device (`torch.cuda.synchronize`).
 
 Prints best-of-N forward latency and greedy-generation tokens/s for both, and the ratios
 (> 1.0 means vlmspec is faster). The generated tokens are checked to be identical.
@@ -78,6 +82,11 @@ def ours_model(hf):
     return model
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed_pair(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, float]:
     """Best-of-N seconds of a and b, run alternately: load from other processes hits both alike, and the
     minimum is the least disturbed estimate of each one's own cost (as `timeit` recommends)."""
@@ -87,8 +96,10 @@ def timed_pair(a: Callable[[], object], b: Callable[[], object], repeats: int, w
     ta, tb = [], []
     for _ in range(repeats):
         for fn, times in ((a, ta), (b, tb)):
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             times.append(time.perf_counter() - t0)
     return min(ta), min(tb)
 
@@ -100,18 +111,24 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf = hf_model()
     ours = ours_model(hf)
+    dev = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    hf, ours = hf.to(dev, dtype), ours.to(dev, dtype)
     g = torch.Generator().manual_seed(1)
     b = args.batch
     ids = torch.cat([torch.ones(b, 1, dtype=torch.long), torch.full((b, TOKENS), IMAGE_TOKEN),
-                     torch.randint(2, VOCAB - 2, (b, args.text), generator=g)], dim=1)
+                     torch.randint(2, VOCAB - 2, (b, args.text), generator=g)], dim=1).to(dev)
     mask = torch.ones_like(ids)
-    px = torch.randn(b, 3, IMAGE, IMAGE, generator=g)
+    px = torch.randn(b, 3, IMAGE, IMAGE, generator=g).to(dev, dtype)
 
     with torch.no_grad():
         diff = (hf(input_ids=ids, attention_mask=mask, pixel_values=px).logits
@@ -131,16 +148,21 @@ def main() -> None:
             max(5, args.repeats // 2), warmup=1)
 
     tok = b * n
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {b}, prompt {ids.shape[1]} tokens "
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, batch {b}, prompt {ids.shape[1]} tokens "
           f"({TOKENS} image), width {WIDTH}, depth {DEPTH}, {IMAGE} px")
     print(f"max |logits diff| = {diff:.2e}; generated tokens identical: {same}")
     print(f"forward   HF {t_hf * 1e3:8.2f} ms   vlmspec {t_ours * 1e3:8.2f} ms   ratio {t_hf / t_ours:5.2f}x")
     print(f"generate  HF {tok / g_hf:8.1f} tok/s vlmspec {tok / g_ours:8.1f} tok/s ratio {g_hf / g_ours:5.2f}x")
+    if args.no_record:
+        return
     import datetime as dt
 
     results = Path(__file__).resolve().parent / "RESULTS.md"
+    command = f"python bench/forward.py --batch {b} " + (
+        f"--device {args.device} --dtype {args.dtype}" if dev.type == "cuda" else f"--threads {torch.get_num_threads()}")
     with results.open("a") as f:
-        f.write(f"| {dt.date.today()} | `python bench/forward.py --batch {b} --threads {torch.get_num_threads()}` | "
+        f.write(f"| {dt.date.today()} | `{command}` | {where}, {args.dtype}: "
                 f"forward HF {t_hf * 1e3:.1f} ms vs vlmspec {t_ours * 1e3:.1f} ms; generate HF {tok / g_hf:.0f} vs "
                 f"vlmspec {tok / g_ours:.0f} tok/s; logits diff {diff:.1e}, tokens identical {same} | "
                 f"forward {t_hf / t_ours:.2f}x, generate {g_hf / g_ours:.2f}x vs HF Llava |\n")

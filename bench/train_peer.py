@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -e '.[bench]'          # TRL (the peer); torch is left as it is
     flock /tmp/vlmspec-cpu.lock .venv/bin/python bench/train_peer.py [--steps 20] [--batch 8] [--threads 2] [--no-record]
+                                                                      [--packing]
 
 Builds one Hugging Face LLaVA checkpoint folder here (random weights: CLIP 64 px / 8 px patches, 4 layers of
 width 256, a 4-layer Llama of width 256; a character tokenizer with `<image>`, a `LlavaProcessor` with the
@@ -24,9 +25,11 @@ Measured: tokens/s = non-padding tokens (image placeholders + text, the attentio
 over the wall-clock time between the end of step 1 and the end of step N (step 1 is the warm-up); peak RSS
 (`ru_maxrss`) of each child, also as it stood after imports and at the end of the last step; the losses of
 step 1 and step N (same batches, same weights: they should agree). Packing: TRL refuses
-`packing=True` for vision datasets (the bench checks that it still does) and vlmspec has no packing yet, so
-both run unpacked. Prints a table and the ratios; appends a row to bench/RESULTS.md (goal: >= 1.0x TRL's
-speed at <= its memory).
+`packing=True` for vision datasets (the bench checks that it still does), so TRL runs unpacked. With
+`--packing` the questions get a seeded random number (0-12) of extra sentences, so sample lengths vary as
+in real instruction data, and `vlm train` also runs the stage with `packing = true` (a third child): the
+same samples per step, laid out several to a row; tokens/s counts the same real tokens. Prints a table and
+the ratios; appends a row to bench/RESULTS.md (goal: >= 1.0x TRL's speed at <= its memory).
 """
 
 from __future__ import annotations
@@ -101,10 +104,28 @@ def hf_folder(out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def stage_block(batch: int, steps: int) -> str:
+def stage_block(batch: int, steps: int, packing: bool = False) -> str:
     return ("  stage sft {\n    train proj, llm\n    freeze clip\n    optim adamw(lr = 1e-4, weight_decay = 0.0)\n"
             f'    data llava("train.json")\n    batch {batch}\n    steps {steps}\n    precision fp32\n'
-            "    warmup = 0.0\n    schedule = \"linear\"\n    clip_grad = 1.0\n  }\n")
+            "    warmup = 0.0\n    schedule = \"linear\"\n    clip_grad = 1.0\n"
+            + ("    packing = true\n" if packing else "") + "  }\n")
+
+
+FILLER = ("Look at the picture carefully.", "Take your time.", "Answer with one word.", "The image is small.",
+          "There is exactly one shape.", "Ignore the background.")
+
+
+def vary_lengths(data: Path, seed: int = 0) -> None:
+    """Give each question 0-12 extra sentences (seeded), so that sample lengths vary."""
+    import random
+
+    rng = random.Random(seed)
+    path = data / "train.json"
+    records = json.loads(path.read_text())
+    for r in records:
+        turn = r["conversations"][0]
+        turn["value"] += " " + " ".join(rng.choice(FILLER) for _ in range(rng.randint(0, 12)))
+    path.write_text(json.dumps(records))
 
 
 def with_stage(spec: str, model: str, block: str) -> str:
@@ -132,14 +153,14 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_vlmspec(work: Path, batch: int, steps: int) -> dict:
+def run_vlmspec(work: Path, batch: int, steps: int, spec: str = "train.vlm") -> dict:
     """`vlm train` through its CLI entry point, with the step ends and batch sizes recorded."""
     import vlmspec.runtime.train.loop as loop
     from vlmspec.cli import app
     from vlmspec.runtime.inputs.processor import Processor
 
-    ends, tokens, losses, trainable, first, rss_train = [], [], [], [], {}, []
-    metric, batcher = loop.append_metric, Processor.training_batch
+    ends, tokens, losses, trainable, first, rss_train, slots = [], [], [], [], {}, [], []
+    metric, batcher, packer = loop.append_metric, Processor.training_batch, loop.packed_batch
     rss_imports = rss_mib()
 
     def append_metric(run_dir, row):
@@ -149,16 +170,23 @@ def run_vlmspec(work: Path, batch: int, steps: int) -> dict:
             rss_train.append(rss_mib())
         return metric(run_dir, row)
 
+    def packed_batch(processor, examples, rows, *a, **k):
+        out = packer(processor, examples, rows, *a, **k)
+        tokens.append(int(out["attention_mask"].sum()))
+        slots.append(out["attention_mask"].numel())
+        return out
+
     def training_batch(self, examples, *a, **k):
         out = batcher(self, examples, *a, **k)
         tokens.append(int(out["attention_mask"].sum()))
+        slots.append(out["attention_mask"].numel())
         if not first:
             mask = out["attention_mask"][0].bool()
             first.update(ids=out["input_ids"][0][mask].tolist(), labels=out["labels"][0][mask].tolist(),
                          supervised=int((out["labels"] != -100).sum()))
         return out
 
-    loop.append_metric, Processor.training_batch = append_metric, training_batch
+    loop.append_metric, Processor.training_batch, loop.packed_batch = append_metric, training_batch, packed_batch
     make_optimizer = loop.make_optimizer
 
     def counting_optimizer(groups, stage):
@@ -167,12 +195,13 @@ def run_vlmspec(work: Path, batch: int, steps: int) -> dict:
 
     loop.make_optimizer = counting_optimizer
     try:
-        app(["train", str(work / "train.vlm"), "-o", str(work / "run"), "--data", str(work / "data"),
+        app(["train", str(work / spec), "-o", str(work / ("run-" + spec)), "--data", str(work / "data"),
              "--save-every", "100000"], standalone_mode=False)
     finally:
-        loop.append_metric, Processor.training_batch = metric, batcher
+        loop.append_metric, Processor.training_batch, loop.packed_batch = metric, batcher, packer
     return {"ends": ends, "tokens": tokens, "losses": losses, "trainable": trainable[0] if trainable else None,
-            "first": first, "rss_imports_mib": rss_imports, "rss_train_mib": rss_train[-1]}
+            "first": first, "rss_imports_mib": rss_imports, "rss_train_mib": rss_train[-1],
+            "padding": 1 - sum(tokens) / max(1, sum(slots))}
 
 
 def trl_dataset(data: Path):
@@ -274,7 +303,10 @@ def child(which: str, work: Path, batch: int, steps: int, threads: int, out: Pat
     import torch
 
     torch.set_num_threads(threads)
-    result = {"vlmspec": run_vlmspec, "trl": run_trl}[which](work, batch, steps)
+    if which == "vlmspec-packed":
+        result = run_vlmspec(work, batch, steps, "train-packed.vlm")
+    else:
+        result = {"vlmspec": run_vlmspec, "trl": run_trl}[which](work, batch, steps)
     result["peak_rss_mib"] = rss_mib()
     if which == "trl":
         result["packing"] = trl_packing(work, batch)
@@ -309,7 +341,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
-    ap.add_argument("--child", choices=["vlmspec", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--packing", action="store_true", help="varied lengths; also `vlm train` with `packing = true`")
+    ap.add_argument("--child", choices=["vlmspec", "vlmspec-packed", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -330,6 +363,11 @@ def main() -> None:
         spec = (work / "imported.vlm").read_text()
         name = next(line.split()[1] for line in spec.splitlines() if line.startswith("model "))
         (work / "train.vlm").write_text(with_stage(spec, name, stage_block(args.batch, args.steps)))
+        packed = None
+        if args.packing:
+            vary_lengths(work / "data")
+            (work / "train-packed.vlm").write_text(with_stage(spec, name, stage_block(args.batch, args.steps, True)))
+            packed = measure("vlmspec-packed", work, args)
         ours = measure("vlmspec", work, args)
         theirs = measure("trl", work, args)
         from transformers import AutoTokenizer
@@ -354,8 +392,15 @@ def main() -> None:
             ("tokens step 1", str(ours["tokens"][0]), str(theirs["tokens"][0])),
             ("trainable params", str(ours["trainable"]), str(theirs["trainable"])),
             ("child wall (s)", f"{ours['wall_s']:.1f}", f"{theirs['wall_s']:.1f}")]
+    if packed is not None:
+        rows = [(*r, p) for r, p in zip(rows, ("packed", f"{packed['tok_s']:.0f}", f"{packed['step_ms']:.1f}",
+                                                f"{packed['peak_rss_mib']:.0f}", f"{packed['rss_imports_mib']:.0f}",
+                                                f"{packed['rss_train_mib']:.0f}", f"{packed['losses'][0]:.4f}",
+                                                f"{packed['losses'][-1]:.4f}", str(packed["tokens"][0]),
+                                                str(packed["trainable"]), f"{packed['wall_s']:.1f}"), strict=True)]
+        rows.append(("padding (of slots)", f"{100 * ours['padding']:.1f}%", "-", f"{100 * packed['padding']:.1f}%"))
     for r in rows:
-        print(f"{r[0]:<24}{r[1]:>14}{r[2]:>18}")
+        print(f"{r[0]:<24}{r[1]:>14}{r[2]:>18}" + (f"{r[3]:>14}" if len(r) > 3 else ""))
     print(f"TRL packing=True: {theirs['packing'][:200]}")
     for who, res in (("vlm train", ours), ("TRL", theirs)):
         f = res["first"]
@@ -363,6 +408,10 @@ def main() -> None:
               f"supervised {f['target']!r}")
     ratio = (f"{speed:.2f}x speed, {memory:.2f}x peak memory ({memory_train:.2f}x up to the last step) "
              "vlm train vs TRL SFTTrainer (unpacked)")
+    if packed is not None:
+        ratio += (f"; packed {packed['tok_s'] / ours['tok_s']:.2f}x unpacked vlm train, "
+                  f"{packed['tok_s'] / theirs['tok_s']:.2f}x TRL (padding {100 * ours['padding']:.0f}% -> "
+                  f"{100 * packed['padding']:.0f}%)")
     print(ratio)
     from importlib.metadata import version
 
@@ -372,8 +421,11 @@ def main() -> None:
             f"SFTTrainer {theirs['tok_s']:.0f} tok/s, {theirs['peak_rss_mib']:.0f} MiB "
             f"({theirs['rss_train_mib']:.0f}); loss step 1 {ours['losses'][0]:.4f} vs {theirs['losses'][0]:.4f}, "
             f"step {args.steps} {ours['losses'][-1]:.4f} vs {theirs['losses'][-1]:.4f} (same token sequences); "
-            "tokens = non-padding (image + text) of steps 2..N; unpacked on both sides (TRL refuses packing for "
-            "vision data, vlmspec has none)")
+            "tokens = non-padding (image + text) of steps 2..N; " + (
+                f"questions of varied length; vlm train packed {packed['tok_s']:.0f} tok/s, "
+                f"{packed['peak_rss_mib']:.0f} MiB, loss step 1 {packed['losses'][0]:.4f}, step {args.steps} "
+                f"{packed['losses'][-1]:.4f}; TRL unpacked (it refuses packing for vision data)" if packed is not None
+                else "unpacked on both sides (TRL refuses packing for vision data)"))
     if not args.no_record:
         cmd = "python bench/train_peer.py " + " ".join(sys.argv[1:])
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:

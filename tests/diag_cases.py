@@ -14,6 +14,16 @@ def spec(**replace: str) -> str:
     return "model tiny {\n" + "".join(parts.values()) + "}\n"
 
 
+#: a Qwen2-VL-style encoder reading videos, its `frames(...)` filled in per case, and its 2 x 2 merger
+VIDEO_VIT = ("  vision clip = vit {{ image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+             "position = rope2d  class_token = false  temporal_patch = 2  "
+             "resolution = dynamic(min_pixels = 1024, max_pixels = 4096)  video = frames({}) }}\n")
+VIDEO_MERGER = "  connector proj = patch_merger(clip -> llm) { merge = 2 }\n"
+
+#: a tiny Whisper-style audio encoder named like the base spec's vision encoder (so its connector reads it)
+AUDIO = "  audio clip = whisper { mels = 16  width = 32  depth = 2  heads = 2  mlp = 64  seconds = 1  pool = 2 }\n"
+
+
 CASES: dict[str, str] = {
     # syntax
     "E0001": spec(connector="  connector proj = mlp(clip -> llm) { layers: 2 }\n"),
@@ -71,10 +81,93 @@ CASES: dict[str, str] = {
                   connector="  connector proj = linear(clip -> llm)\n"),
     "E0221": spec(vision="  vision clip = eva { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
                          "qk_norm = true }\n"),
+    # dinov2 and convnext encoders
+    "E0240": spec(vision="  vision clip = convnext { image_size = 64  dims = [8, 16, 24, 32]  depths = [1, 1, 2] }\n"),
+    "E0241": spec(vision="  vision clip = dinov2 { image_size = 28  patch_size = 7  width = 32  depth = 2  heads = 2  "
+                         "registers = -4 }\n"),
+    "E0242": spec(vision="  vision clip = dinov2 { image_size = 28  patch_size = 7  width = 32  depth = 2  heads = 2  "
+                         "position = rope2d }\n"),
+    "E0243": spec(vision="  vision clip = convnext { image_size = 48  dims = [8, 16, 24, 32]  depths = [1, 1, 1, 1] }\n"),
+    "E0244": spec(vision="  vision clip = convnext { image_size = 64  dims = [8, 16, 24, 32]  depths = [1, 1, 1, 1]  "
+                         "out_stage = 4 }\n"),
+    "E0245": spec(language="  language llm = mamba { width = 48  depth = 2  vocab = 512  max_positions = 256 }\n",
+                  fusion="  fusion visual_expert(proj -> llm)\n"),
+    "E0246": spec(language="  language llm = mamba { width = 48  depth = 2  vocab = 512  max_positions = 256 }\n",
+                  fusion="  fusion prefix(proj -> llm) { prefix_attention = bidirectional }\n"),
+    # the encoder-decoder (t5) language model
+    "E0255": spec(language="  language llm = t5 { width = 48  depth = 2  heads = 4  head_dim = 12  ffn = 96  vocab = 512 }\n",
+                  fusion="  fusion cross_attention(proj -> llm) { every = 1 }\n"),
+    "E0256": spec(language="  language llm = t5 { width = 48  depth = 2  heads = 4  head_dim = 12  ffn = 96  vocab = 512 }\n",
+                  fusion="  fusion prefix(proj -> llm) { prefix_attention = bidirectional }\n"),
+    "E0257": spec(language="  language llm = t5 { width = 48  depth = 2  heads = 4  head_dim = 12  ffn = 96  vocab = 512  "
+                           "max_distance = 16 }\n"),
+    "E0258": spec(language="  language llm = t5 { width = 48  depth = 2  heads = 4  head_dim = 12  ffn = 96  vocab = 512  "
+                           "decoder_start = 512 }\n"),
+    # Pixtral's ViT
+    "E0260": spec(vision="  vision clip = pixtral { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "mlp = 64  class_token = true }\n"),
+    "E0261": spec(vision="  vision clip = pixtral { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "mlp = 64  resolution = fixed }\n"),
+    "E0262": spec(vision="  vision clip = pixtral { image_size = 32  patch_size = 8  width = 36  depth = 2  heads = 6  "
+                         "mlp = 64 }\n"),
+    "E0264": spec(vision="  vision clip = pixtral { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "mlp = 64 }\n  vision clip2 = pixtral { image_size = 32  patch_size = 8  width = 32  depth = 2  "
+                         "heads = 2  mlp = 64 }\n",
+                  connector="  connector proj = pixtral_merger(clip + clip2 -> llm)\n",
+                  stages="  stage align { train proj  freeze clip, clip2, llm  optim adamw(lr = 1e-3) }\n"),
+    "E0263": spec(vision="  vision clip = pixtral { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "mlp = 64  end_token = \"[IMG_BREAK]\" }\n"),
+    # SAM / ViTDet and DeepSeek-VL's hybrid aligner (two encoders paired token by token)
+    "E0265": spec(vision="  vision clip = siglip { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2 }\n"
+                         "  vision sam = sam { image_size = 64  patch_size = 8  width = 24  depth = 2  heads = 2  "
+                         "window = 24  global_layers = [1]  neck = 8 }\n",
+                  connector="  connector proj = hybrid(sam + clip -> llm)\n",
+                  stages="  stage align { train proj  freeze clip, sam, llm  optim adamw(lr = 1e-3) }\n"),
+    "E0266": spec(vision="  vision clip = sam { image_size = 64  patch_size = 8  width = 24  depth = 2  heads = 2  "
+                         "window = 24  global_layers = [1, 2]  neck = 8  downsample = 4 }\n"),
+    "E0267": spec(vision="  vision clip = sam { image_size = 64  patch_size = 8  width = 24  depth = 2  heads = 2  "
+                         "window = 24  global_layers = [1]  neck = 8  global_neck = 1 }\n"),
+    "E0268": spec(vision="  vision clip = sam { image_size = 64  patch_size = 8  width = 24  depth = 2  heads = 2  "
+                         "window = 24  global_layers = [1]  neck = 8  downsample = 4 }\n",
+                  connector="  connector proj = hybrid(clip -> llm)\n"),
+    # video input (`video = frames(...)` on a dynamic-resolution encoder)
+    "E0270": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                         "video = frames(fps = 2) }\n"),
+    "E0271": spec(vision=VIDEO_VIT.format("fps = 1, num_frames = 8"), connector=VIDEO_MERGER),
+    "E0272": spec(vision=VIDEO_VIT.format("fps = 2, max_frames = 768"), connector=VIDEO_MERGER),
+    "E0273": spec(vision=VIDEO_VIT.format("max_tokens = 2"), connector=VIDEO_MERGER),
+    "E0274": spec(vision=VIDEO_VIT.format("max_tokens = 64, tokens_per_second = 2"), connector=VIDEO_MERGER),
+    # encoder-free patches (Fuyu) and the persimmon language model
+    "E0250": spec(vision="  vision clip = patches { patch_size = 8  layout = rows(canvas = [64, 60]) }\n",
+                  connector="  connector proj = linear(clip -> llm)\n"),
+    "E0251": spec(vision="  vision clip = patches { patch_size = 8  mean = [0.5, 0.5]  layout = rows(canvas = [64, 64]) }\n",
+                  connector="  connector proj = linear(clip -> llm)\n"),
+    "E0252": spec(language="  language llm = persimmon { width = 48  depth = 2  heads = 4  kv_heads = 2  ffn = 96  "
+                           "vocab = 512  max_positions = 256 }\n"),
+    "E0253": spec(language="  language llm = persimmon { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
+                           "max_positions = 256  partial_rotary = 0.05 }\n"),
+    "E0254": spec(language="  language llm = persimmon { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
+                           "max_positions = 256  moe { experts = 2  top_k = 1 } }\n"),
     # activation checkpointing (stages)
     "E0230": spec(stages="  stage align { train proj, llm  freeze clip  activation_checkpointing = [lm] }\n"),
     "E0231": spec(stages="  stage align { train proj, llm  freeze clip  activation_checkpointing = [llm, proj] }\n"),
     "E0232": spec(stages="  stage align { train proj  freeze clip, llm  activation_checkpointing = [clip] }\n"),
+    "E0237": spec(connector="  connector proj = mlp(clip -> llm) { layers = 2  hidden = [128, 64] }\n"),
+    "E0233": spec(fusion="  fusion cross_attention(proj -> llm) { every = 1 }\n",
+                  stages="  stage align { train proj, fusion  freeze clip, llm  packing = true }\n"),
+    "E0234": spec(connector="  connector qf = qformer(clip -> llm) { queries = 4  width = 32  depth = 2  heads = 2  "
+                  "mlp = 64  pretrain = true }\n",
+                  fusion="  fusion prefix(qf -> llm)\n",
+                  stages="  stage align { train qf  freeze clip, llm  objective itc + itg  packing = true }\n"),
+    "E0235": spec(language="  language llm = mamba { width = 48  depth = 2  vocab = 512  max_positions = 256 }\n",
+                  stages="  stage align { train proj  freeze clip, llm  packing = true }\n"),
+    "E0236": spec(stages="  stage align { train proj  freeze clip, llm  packing = 4096 }\n"),
+    # the audio role (a Whisper-style encoder read by a linear / mlp connector into a prefix fusion)
+    "E0278": spec(vision=AUDIO + AUDIO.replace("clip", "mic"), connector="  connector proj = mlp(clip + mic -> llm)\n"),
+    "E0279": spec(vision=AUDIO, fusion="  fusion cross_attention(proj -> llm) { every = 1 }\n"),
+    "E0280": spec(vision=AUDIO.replace("pool = 2", "hop = 150")),
+    "E0281": spec(vision=BASE_PARTS["vision"] + AUDIO.replace("clip", "mic")),
+    "E0282": spec(vision=AUDIO, connector="  connector proj = patch_merger(clip -> llm) { merge = 2 }\n"),
     # graph and fusion rules
     "E0301": spec(fusion="  fusion cross_attention(proj -> llm) { layers = [1, 5] }\n"),
     "E0302": spec(language="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "

@@ -49,6 +49,8 @@ def test_library_is_complete():
         "cogvlm-17b.vlm", "moe-llava-phi2.vlm", "mobilevlm-1.7b.vlm", "paligemma-3b.vlm", "tinyllava-3.1b.vlm",
         "llava-v1.6-mistral-7b.vlm", "llava-onevision-qwen2-7b.vlm", "internvl2.5-8b.vlm",
         "minigpt-v2-7b.vlm", "idefics3-8b.vlm", "smolvlm-2.2b.vlm",
+        "fuyu-8b.vlm", "pixtral-12b.vlm", "cobra-3b.vlm", "convllava-7b.vlm", "blip2-flan-t5-xl.vlm",
+        "blip2-flan-t5-xxl.vlm", "deepseek-vl-7b.vlm",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
@@ -135,6 +137,12 @@ def _text_config(lm) -> dict:
         return dict(model_type="gemma", vocab_size=lm.vocab, hidden_size=lm.width, intermediate_size=lm.ffn,
                     num_hidden_layers=lm.depth, num_attention_heads=lm.heads, num_key_value_heads=lm.n_kv,
                     head_dim=lm.hd, max_position_embeddings=lm.max_positions)
+    if lm.kind == "t5":
+        act = {"gelu_tanh": "gelu", "relu": "relu", "gelu": "gelu", "silu": "silu"}[lm.act]
+        return dict(model_type="t5", vocab_size=lm.vocab, d_model=lm.width, d_kv=lm.head_dim, d_ff=lm.ffn,
+                    num_layers=lm.depth, num_decoder_layers=lm.decoder_depth or lm.depth, num_heads=lm.heads,
+                    relative_attention_num_buckets=lm.buckets, relative_attention_max_distance=lm.max_distance,
+                    feed_forward_proj=("gated-" if lm.gated else "") + act, tie_word_embeddings=lm.tie_embeddings)
     raise AssertionError(f"no transformers text config for `{lm.kind}`")
 
 
@@ -211,6 +219,26 @@ def blip2(ir: ModelIR):
                       qformer_config=dict(_qformer(qf, v), use_qformer_text_input=qf.text_ffn),
                       text_config=_text_config(lm), num_query_tokens=qf.queries, image_token_id=lm.vocab - 1)
     return Blip2ForConditionalGeneration, cfg
+
+
+def blip2_t5(ir: ModelIR):
+    """BLIP-2 with a T5 text model, its head untied as Flan-T5's checkpoint holds it: transformers 5.23 ties a
+    T5 head built from a config whatever `tie_word_embeddings` says (it unties only when loading a checkpoint
+    with a head of its own)."""
+    import torch
+
+    cls, cfg = blip2(ir)
+    untied = not _one(ir, "language").tie_embeddings
+
+    class Untied(cls):
+        def __init__(self, config):
+            super().__init__(config)
+            if untied:
+                head = self.language_model.lm_head
+                head.weight = torch.nn.Parameter(torch.empty_like(head.weight))
+
+    Untied.__name__ = cls.__name__
+    return Untied, cfg
 
 
 def blip2_first_stage(a: Analysis) -> int:
@@ -352,6 +380,62 @@ def paligemma(ir: ModelIR):
     return PaliGemmaForConditionalGeneration, cfg
 
 
+def fuyu(ir: ModelIR):
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    v, proj, lm = _one(ir, "vision"), _one(ir, "connector", "linear"), _one(ir, "language")
+    assert v.kind == "patches" and proj.bias and lm.kind == "persimmon"
+    text = dict(model_type="persimmon", vocab_size=lm.vocab, hidden_size=lm.width, intermediate_size=lm.ffn,
+                num_hidden_layers=lm.depth, num_attention_heads=lm.heads, max_position_embeddings=lm.max_positions,
+                qk_layernorm=lm.qk_norm, rope_parameters=dict(rope_type="default", rope_theta=lm.rope_theta,
+                                                              partial_rotary_factor=lm.partial_rotary))
+    cfg = FuyuConfig(text_config=text, patch_size=v.patch_size, num_channels=v.channels, image_token_id=lm.vocab - 1)
+    return FuyuForCausalLM, cfg
+
+
+def deepseek_vl_hybrid(ir: ModelIR):
+    """DeepSeek-VL: a `sam` (with DeepSeek-VL's down-sampler and second neck) and a `siglip` into a `hybrid`
+    aligner; transformers ties the head by the top-level flag, so it is carried there."""
+    from transformers import DeepseekVLHybridConfig, DeepseekVLHybridForConditionalGeneration
+
+    sam, v, lm = _one(ir, "vision", "sam"), _one(ir, "vision", "siglip"), _one(ir, "language")
+    _one(ir, "connector", "hybrid")
+    assert sam.downsample == v.image_size // v.patch_size and sam.global_neck == sam.global_layers[0]
+    high = dict(model_type="sam_vision_model", hidden_size=sam.width, output_channels=sam.neck,
+                num_hidden_layers=sam.depth, num_attention_heads=sam.heads, num_channels=sam.channels,
+                image_size=sam.image_size, patch_size=sam.patch_size, mlp_dim=sam.mlp_dim, qkv_bias=sam.attn_bias,
+                use_abs_pos=sam.abs_pos, use_rel_pos=sam.rel_pos, window_size=sam.window_patches,
+                global_attn_indexes=list(sam.global_layers))
+    cfg = DeepseekVLHybridConfig(vision_config=_siglip_vision(v), high_res_vision_config=high,
+                                 text_config=_llama_text(lm), tie_word_embeddings=lm.tie_embeddings,
+                                 image_token_id=lm.vocab - 1)
+    return DeepseekVLHybridForConditionalGeneration, cfg
+
+
+def pixtral(ir: ModelIR):
+    """Pixtral 12B as mistral-community/pixtral-12b holds it: LLaVA with a `pixtral` vision_config."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    v, proj, lm = _one(ir, "vision"), _one(ir, "connector", "mlp"), _one(ir, "language")
+    assert v.kind == "pixtral" and proj.layers == 2 and proj.hidden in (None, lm.width) and not proj.norm
+    vision = dict(model_type="pixtral", hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+                  num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                  num_channels=v.channels, hidden_act=v.act)
+    cfg = LlavaConfig(vision_config=vision, text_config=_llama_text(lm), image_token_id=lm.vocab - 1,
+                      vision_feature_layer=v.feature.layers[0], vision_feature_select_strategy="full")
+    return LlavaForConditionalGeneration, cfg
+
+
+def qwen2_audio(ir: ModelIR):
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    enc, lm = _one(ir, "audio", "whisper"), _one(ir, "language")
+    assert _one(ir, "connector", "linear").group == 1 and enc.pool == 2
+    audio = dict(num_mel_bins=enc.mels, d_model=enc.width, encoder_layers=enc.depth,
+                 encoder_attention_heads=enc.heads, encoder_ffn_dim=enc.mlp_dim, max_source_positions=enc.positions)
+    return Qwen2AudioForConditionalGeneration, Qwen2AudioConfig(audio_config=audio, text_config=_text_config(lm))
+
+
 def phi_head_bias(a: Analysis) -> int:
     # LlavaForConditionalGeneration builds its own output head without a bias; Phi-2's head (PhiForCausalLM,
     # and TinyLLaVA's own checkpoint) has one, which the spec counts
@@ -381,6 +465,12 @@ PARITY = [
     Parity("qwen2-vl-2b.vlm:qwen2_vl_2b", qwen2_vl),
     Parity("qwen2.5-vl-7b.vlm:qwen2_5_vl_7b", qwen2_5_vl),
     Parity("paligemma-3b.vlm:paligemma_3b", paligemma),
+    Parity("fuyu-8b.vlm:fuyu_8b", fuyu),
+    Parity("blip2-flan-t5-xl.vlm:blip2_flan_t5_xl", blip2_t5, training_only=blip2_first_stage),
+    Parity("blip2-flan-t5-xxl.vlm:blip2_flan_t5_xxl", blip2_t5, training_only=blip2_first_stage),
+    Parity("pixtral-12b.vlm:pixtral_12b", pixtral),
+    Parity("deepseek-vl-7b.vlm:deepseek_vl_7b", deepseek_vl_hybrid),
+    Parity("qwen2-audio-7b.vlm:qwen2_audio_7b", qwen2_audio),
 ]
 CASES = [(p, tiny) for p in PARITY for tiny in (False, True)]
 

@@ -37,6 +37,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+DeviceOpt = Annotated[str, typer.Option(help="`auto` (the GPU when torch sees one, else the CPU), `cpu` or `cuda`")]
 
 
 def command(*args, **kwargs):
@@ -257,6 +258,9 @@ def summary(
     for name, lay in s["image_layouts"].items():
         out.print(f"image tokens of `{name}` ({lay['layout']}): {lay['min']}..{lay['max']} per image by its size, "
                   f"{lay['at_image_size']} at {lay['image_size']}x{lay['image_size']}")
+    for name, vid in s.get("video_tokens", {}).items():
+        out.print(f"video tokens of `{name}`: {vid['min']}..{vid['max']} per video (frames of {vid['min_pixels']}.."
+                  f"{vid['max_pixels']} pixels)")
     if s["stages"]:
         st = Table(title="stages", title_justify="left")
         for col in ("stage", "trains", "frozen", "trainable", "optim", "activations", "memory"):
@@ -374,7 +378,8 @@ def schema(
 def build(
     spec: Annotated[str, typer.Argument(help="FILE or FILE:MODEL", show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="model folder to write")] = None,
-    device: Annotated[str, typer.Option(help="`cpu`, or `meta` to check the module without allocating")] = "cpu",
+    device: Annotated[str, typer.Option(help="`cpu`, `cuda`, `auto`, or `meta` to check the module without "
+                                           "allocating")] = "cpu",
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer folder to bundle (with its qformer_tokenizer/, "
                                                      "if any, for InstructBLIP); default: the language model's "
                                                      "`tokenizer`, else its `weights` folder's")] = None,
@@ -389,8 +394,11 @@ def build(
     from vlmspec.compiler.summary import human
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err, transient=True) as progress:
-        task = progress.add_task(f"building {analysis.ir.name} on {device}")
+        from vlmspec.runtime.devices import resolve_device
         from vlmspec.runtime.session import build_session
+
+        device = str(resolve_device(device))
+        task = progress.add_task(f"building {analysis.ir.name} on {device}")
 
         # the folder holds the weights unquantized: loading it applies the spec's `quantize`
         session = build_session(analysis, tokenizer=tokenizer, device=device, seed=seed, quantize=output is None)
@@ -419,17 +427,41 @@ def generate(
     model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="the question or instruction")],
     image: Annotated[list[Path] | None, typer.Option("--image", "-i", help="image file (repeatable: one answer each)")] = None,
+    video: Annotated[list[Path] | None, typer.Option("--video", help="video file or folder of frames (repeatable: "
+                                                     "one answer each; needs `video = frames(...)`)")] = None,
+    audio: Annotated[list[Path] | None, typer.Option("--audio", help="WAV file (repeatable: one answer each; "
+                                                     "needs an `audio` encoder)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="stop after this many tokens")] = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
     num_beams: Annotated[int, typer.Option(help="beam search width")] = 1,
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Answer a prompt about an image with a built or trained model."""
+    from vlmspec.runtime.devices import resolve_device
     from vlmspec.runtime.inference import answer
     from vlmspec.runtime.session import load_session
 
-    session = load_session(model_dir)
+    session = load_session(model_dir, device=str(resolve_device(device)))
+    if audio or ((image or video) and session.analysis.ir.by_role("audio")):
+        from vlmspec.runtime.audio.answer import answer_audio, refuse_pictures
+
+        refuse_pictures(session, bool(image or video))
+        for a in audio or []:
+            out.print(answer_audio(session, prompt, a, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, num_beams=num_beams, seed=seed), markup=False)
+        return
+    if video:
+        from vlmspec.diagnostics import user_error
+        from vlmspec.runtime.video_features import answer_video
+
+        if image:
+            raise user_error("E0604", "give --image or --video, not both", help="ask about each in its own call")
+        for v in video:
+            out.print(answer_video(session, prompt, str(v), max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, num_beams=num_beams, seed=seed), markup=False)
+        return
     for text in answer(session, [prompt] * max(1, len(image or [])), [str(i) for i in image] if image else None,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        num_beams=num_beams, seed=seed):
@@ -459,6 +491,7 @@ def train(
     ranks: Annotated[int | None, typer.Option(
         min=1, help="with --dry-run: plan memory per rank for N processes (default: torchrun's WORLD_SIZE, else 1)",
         show_default=False)] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Run the spec's stage schedule: freeze, train and LoRA exactly what each stage says."""
     analysis = _load(spec)
@@ -473,7 +506,7 @@ def train(
     path = spec.split(":")[0] if not Path(spec).is_file() else spec
     opts = TrainOptions(run_dir=output, data=data, images=images, stages=stage, resume=resume, max_bad=max_bad,
                         steps=steps, save_every=save_every, tokenizer=tokenizer, fsdp=fsdp,
-                        eval_data=eval_data, eval_every=eval_every, workers=workers,
+                        eval_data=eval_data, eval_every=eval_every, workers=workers, device=device,
                         log=lambda m: err.print(m, markup=False, highlight=False))
     trainer = Trainer(analysis, opts, Path(analysis.file).read_text(encoding="utf-8"), path)
     if trainer.dist.world <= 1:
@@ -567,6 +600,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="waiting requests before 503")] = 64,
     max_body_mb: Annotated[float, typer.Option(help="largest request body")] = 20.0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Serve a model over HTTP with the OpenAI chat-completions API (images as data URLs)."""
     import socket
@@ -585,10 +619,11 @@ def serve(
 
         torch.set_num_threads(threads)
 
+    from vlmspec.runtime.devices import resolve_device
     from vlmspec.runtime.serve import ServeConfig, create_app
     from vlmspec.runtime.session import load_session
 
-    session = load_session(model_dir)
+    session = load_session(model_dir, device=str(resolve_device(device)))
     if session.processor is None:
         _fail([Diagnostic("E0534", f"{model_dir} has no tokenizer, so it cannot read prompts",
                           help="build it with --tokenizer, or serve a `vlm train` output (RUN/final)")], {})
@@ -660,7 +695,7 @@ def export_hf_cmd(
 @command(name="eval")
 def evaluate(
     target: Annotated[str | None, typer.Argument(help="model folder, or SPEC (a fresh build)", show_default=False)] = None,
-    task: Annotated[str, typer.Option(help="vqa, caption or retrieval")] = "vqa",
+    task: Annotated[str, typer.Option(help="vqa, caption, retrieval or video_qa")] = "vqa",
     data: Annotated[str, typer.Option(help="JSONL, VQAv2 questions/annotations JSON or COCO captions JSON")] = "",
     images: Annotated[str | None, typer.Option(help="image folder (default: next to the data file)")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="results JSON (per-sample predictions + metrics)")] = None,
@@ -671,23 +706,25 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 16,
     max_bad: Annotated[int, typer.Option(help="skip up to this many bad records")] = 0,
     limit: Annotated[int | None, typer.Option(help="evaluate the first N samples only")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Score a model on VQA (VQAv2 accuracy), captioning (BLEU-4, CIDEr-D) or retrieval (recall@1/5/10)."""
     from vlmspec.evaluation import describe_metrics, run_eval, run_eval_server, write_results
 
     if not data:
         _fail([Diagnostic("E0005", "`vlm eval` needs --data FILE")], {})
-    if task not in ("vqa", "caption", "retrieval"):
-        _fail([Diagnostic("E0005", f"unknown task `{task}`", help="use vqa, caption or retrieval")], {})
+    if task not in ("vqa", "caption", "retrieval", "video_qa"):
+        _fail([Diagnostic("E0005", f"unknown task `{task}`", help="use vqa, caption, retrieval or video_qa")], {})
     if server:
         results = run_eval_server(server, task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   max_bad=max_bad, limit=limit, api_key=api_key)
     else:   # a model folder needs no key (OPENAI_API_KEY may well be set for other tools): it is ignored
         if target is None:
             _fail([Diagnostic("E0005", "`vlm eval` needs a model folder (or --server URL)")], {})
+        from vlmspec.runtime.devices import resolve_device
         from vlmspec.runtime.session import load_session
 
-        results = run_eval(load_session(target), task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        results = run_eval(load_session(target, device=str(resolve_device(device))), task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            max_bad=max_bad, limit=limit)
     metrics = results["metrics"]
     out.print(f"{task} on {data}: {describe_metrics(metrics)}", markup=False)
@@ -718,10 +755,23 @@ def data_synth(
     test: Annotated[int, typer.Option(help="held-out images")] = 200,
     size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    video: Annotated[bool, typer.Option("--video", help="moving shapes instead: `which way does the shape move?` "
+                                        "videos, with a video_qa test file")] = False,
+    frames: Annotated[int, typer.Option(help="with --video: frames per video")] = 8,
+    video_format: Annotated[str, typer.Option("--video-format", help="with --video: `frames` (a PNG folder per "
+                                              "video) or `mp4` (MPEG-4 via PyAV)")] = "frames",
 ) -> None:
-    """Write coloured shapes with captions and question/answer conversations (LLaVA format)."""
-    from vlmspec.runtime.inputs.synth import synthesize
+    """Write coloured shapes with captions and question/answer conversations (LLaVA format); with --video,
+    shapes moving left / right / up / down (`--size` defaults to 32 px then)."""
+    from vlmspec.runtime.inputs.synth import synthesize, synthesize_video
 
+    if video:
+        if video_format not in ("frames", "mp4"):
+            _fail([Diagnostic("E0005", f"unknown --video-format `{video_format}`", help="use frames or mp4")], {})
+        counts = synthesize_video(output, n_train=n, n_test=test, size=32 if size == 64 else size, frames=frames,
+                                  fmt=video_format, seed=seed)
+        out.print(f"wrote {output}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+        return
     counts = synthesize(output, n_train=n, n_test=test, size=size, seed=seed)
     out.print(f"wrote {output}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
 

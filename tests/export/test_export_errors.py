@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import SPECS, build
+from export_helpers import SPECS, build, unexportable_refs
 
 from vlmspec.diagnostics import UserInputError
 from vlmspec.runtime.checkpoint import save_model_dir
@@ -152,3 +152,17 @@ def test_laid_out_model_is_refused(tokenizer, tmp_path, ref, call):
         export_model(folder, tmp_path / "out", ["pt2"])
     assert code(e) == "E0571" and f"{call} layout" in str(e.value)
     assert len(e.value.diagnostics[0].message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("ref", unexportable_refs(), ids=lambda r: r.rsplit(":", 1)[1])
+def test_every_unexportable_tiny_spec_is_refused_in_one_line(tokenizer, tmp_path, ref):
+    """The tiny specs the export parity tests leave out (laid-out images, a Mamba or T5 language model,
+    encoders at two resolutions, Pixtral's rows, ...) are refused by `export_model` itself, before any work,
+    with one line saying which part and why."""
+    analysis, model = build(ref, tokenizer)
+    folder = save_model_dir(model, analysis, tmp_path / "model", tokenizer=tokenizer)
+    with pytest.raises(UserInputError) as e:
+        export_model(folder, tmp_path / "out", ["pt2"])
+    assert code(e) == "E0571"
+    assert len(e.value.diagnostics[0].message.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -86,3 +86,38 @@ def test_a_part_of_a_whole_vlm_checkpoint_is_compared_with_its_import(tmp_path: 
             f'  fusion prefix(proj -> llm)')
     code, out = build(tmp_path, body)
     assert code == 1 and "error[E0587]" in out and "`proj.act = silu` but" in out and "act = gelu" in out, out
+
+
+VISION = "image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  mlp = 64"
+
+
+@pytest.mark.parametrize(("kind", "make", "wrong", "named", "right"), [
+    ("vit", lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=32, layer_norm_eps=1e-5, hidden_act="quick_gelu")),
+     "act = gelu  norm_eps = 1e-5", "`clip.act = gelu` but", "act = quick_gelu  norm_eps = 1e-5"),
+    ("siglip", lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, layer_norm_eps=1e-5, vision_use_head=False)),
+     "norm_eps = 1e-6", "`clip.norm_eps = 1e-06` but", "norm_eps = 1e-5"),
+    ("dinov2", lambda: transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8,
+        hidden_act="gelu")),
+     "act = quick_gelu", "`clip.act = quick_gelu` but", "act = gelu"),
+])
+def test_a_vision_encoder_that_differs_from_its_checkpoint_is_refused(tmp_path: Path, kind, make, wrong, named,
+                                                                      right) -> None:
+    """A single-model vision folder fixes the activation and LayerNorm epsilon no tensor shows: a spec that
+    says otherwise is refused before anything loads (E0587); saying what the checkpoint says builds."""
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = make().eval()
+    randomise(model)
+    model.save_pretrained(str(tmp_path / "hf"))
+    folder = tmp_path / "hf"
+    rest = ("\n  connector proj = mlp(clip -> llm)\n  language llm = llama { width = 32  depth = 1  heads = 2  ffn = 64  "
+            "vocab = 64  max_positions = 64 }\n  fusion prefix(proj -> llm)")
+    code, out = build(tmp_path, f'vision clip = {kind} {{ {VISION}  {wrong}  weights = "{folder}" }}{rest}')
+    assert code == 1 and "error[E0587]" in out and named in out and "Traceback" not in out, out
+    code, out = build(tmp_path, f'vision clip = {kind} {{ {VISION}  {right}  weights = "{folder}" }}{rest}')
+    assert code == 0, out

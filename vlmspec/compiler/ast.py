@@ -128,7 +128,7 @@ class Override:
 
 @dataclass
 class Component:
-    role: Literal["vision", "connector", "language", "fusion"]
+    role: Literal["vision", "audio", "connector", "language", "fusion"]
     name: str
     kind: str | None
     sources: list[tuple[str, Span]]

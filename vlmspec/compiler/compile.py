@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmspec.compiler.audio import check_audio
 from vlmspec.compiler.graph import FlowGraph
 from vlmspec.compiler.ir import ModelIR, SpanTable
 from vlmspec.compiler.passes import (
@@ -19,6 +20,7 @@ from vlmspec.compiler.passes import (
     infer_shapes,
 )
 from vlmspec.compiler.resolve import Workspace, load_workspace, resolve_model
+from vlmspec.compiler.video import check_video
 from vlmspec.diagnostics import Diagnostic, DiagnosticSink, Span, SpecValidationError, did_you_mean
 
 
@@ -56,9 +58,12 @@ def analyse(ws: Workspace, model: str, sink: DiagnosticSink) -> Analysis | None:
         return None
     ir, spans = resolved.ir, resolved.spans
     graph = check_structure(ir, spans, sink)
+    if not sink.has_errors:
+        check_audio(ir, spans, graph, sink)
     if sink.has_errors:
         return None
     shapes = infer_shapes(ir, spans, graph, sink)
+    check_video(ir, spans, sink)
     if sink.has_errors:
         return None
     plans = check_stages(ir, spans, shapes, sink)

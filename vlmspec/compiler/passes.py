@@ -13,6 +13,7 @@ from pathlib import Path
 from vlmspec.compiler.checkpointing import checkpointed_components
 from vlmspec.compiler.graph import FlowGraph, build_graph
 from vlmspec.compiler.ir import ModelIR, SpanTable
+from vlmspec.compiler.packing import check_packing
 from vlmspec.compiler.schema.base import ShapeContext, TokenShape
 from vlmspec.compiler.schema.fusion import FusionBase, MoEFusion
 from vlmspec.compiler.schema.language import LanguageBase
@@ -21,7 +22,7 @@ from vlmspec.diagnostics import DiagnosticSink, did_you_mean
 
 # ------------------------------------------------------------------ structure
 
-_SOURCE_ROLES = {"connector": ("vision", "connector"), "fusion": ("vision", "connector")}
+_SOURCE_ROLES = {"connector": ("vision", "audio", "connector"), "fusion": ("vision", "connector")}
 _TARGET_ROLES = {"connector": ("connector", "language"), "fusion": ("language",)}
 
 
@@ -30,12 +31,12 @@ def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> Flow
     comps = ir.components
     for c in comps.values():
         has_flow = bool(c.sources) or c.target is not None
-        if c.role in ("vision", "language") and has_flow:
+        if c.role in ("vision", "audio", "language") and has_flow:
             sink.error("E0310", f"a {c.role} component takes no `(source -> target)` flow", spans.components.get(c.name),
                        help=f"write `{c.role} {c.name} = {c.kind} {{ ... }}`")
         if c.role in ("connector", "fusion") and not has_flow:
             sink.error("E0311", f"{c.role} `{c.name}` needs a flow such as `(clip -> llm)`", spans.components.get(c.name))
-        if c.role in ("vision", "language"):
+        if c.role in ("vision", "audio", "language"):
             continue
         for src in c.sources:
             _check_ref(ir, spans, sink, c.name, src, _SOURCE_ROLES[c.role], "source")
@@ -141,7 +142,8 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
                 target_width = llm.width
         ctx = ShapeContext(name=name, inputs=inputs, target_width=target_width, sink=sink,
                            span_of=lambda attr, n=name: spans.attr(n, attr) if attr else spans.components.get(n),
-                           llm_depth=llm.depth if llm else None)
+                           llm_depth=llm.depth if llm else None,
+                           sources={s: ir.components[s].config for s in comp.sources if s in shapes.out})
         shapes.contexts[name] = ctx
         laid = next((s.layout[0] for s in inputs if s.layout is not None), None)
         if comp.role == "connector" and laid is not None and comp.kind not in laid.readers:
@@ -158,7 +160,7 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
                        spans.components.get(name), help=f"give the {laid.call} encoder its own connector")
         if hasattr(cfg, "check"):
             cfg.check(ctx)
-        if comp.role in ("vision", "connector"):
+        if comp.role in ("vision", "audio", "connector"):
             shapes.out[name] = cfg.out_shape(ctx)
             shapes.params[name] = cfg.params(ctx)
             width = shapes.out[name].width
@@ -177,6 +179,10 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
             fusion: FusionBase = cfg  # type: ignore[assignment]
             if any(s in wrong_width for s in comp.sources):  # reported once, at the connector
                 visual = TokenShape(visual.tokens, llm.width, visual.dynamic)
+            hosts = getattr(llm, "hosts_fusion", None)  # a kind that cannot host every style (mamba) says so
+            if hosts is not None and not hosts(ctx, fusion):
+                shapes.params[name] = {}
+                continue
             fusion.check_against(ctx, visual, llm)
             shapes.params[name] = fusion.params_for(llm, visual)
         elif comp.role == "language":
@@ -237,13 +243,19 @@ def lora_params(ir: ModelIR, comp_name: str, targets: list[str], rank: int) -> i
     """Adapter parameters LoRA adds: rank x (in + out) for every wrapped linear layer."""
     cfg = ir.components[comp_name].config
     total = 0
-    if isinstance(cfg, LanguageBase):
+    if isinstance(cfg, LanguageBase) and not hasattr(cfg, "lora_dims"):  # persimmon declares its own (fused qkv)
         q, kv, w, f = cfg.heads * cfg.hd, cfg.n_kv * cfg.hd, cfg.width, cfg.ffn
         dims = {"attn.q": (w, q), "attn.k": (w, kv), "attn.v": (w, kv), "attn.o": (q, w),
                 "mlp.gate": (w, f), "mlp.up": (w, f), "mlp.down": (f, w), "mlp.fc1": (w, f), "mlp.fc2": (f, w)}
         for t in targets:
             i, o = dims.get(t, (0, 0))
             total += cfg.depth * rank * (i + o)
+    elif hasattr(cfg, "lora_dims"):  # a kind that declares its targets' shapes itself (mamba)
+        dims = cfg.lora_dims()
+        for t in targets:
+            i, o = dims.get(t, (0, 0))
+            layers = cfg.lora_layers(t) if hasattr(cfg, "lora_layers") else cfg.depth  # t5: two stacks
+            total += layers * rank * (i + o)
     elif ir.components[comp_name].role == "vision":
         w, m = cfg.width, cfg.mlp_dim
         dims = {"attn.q": (w, w), "attn.k": (w, w), "attn.v": (w, w), "attn.o": (w, w),
@@ -255,6 +267,9 @@ def lora_params(ir: ModelIR, comp_name: str, targets: list[str], rank: int) -> i
 
 
 def default_lora_targets(cfg) -> list[str]:
+    own = getattr(cfg, "default_lora_targets", None)  # a kind without attention (mamba) names its own
+    if own is not None:
+        return own()
     return [t for t in cfg.lora_targets() if t.startswith("attn.") and t[-1] in "qv"]
 
 
@@ -374,6 +389,7 @@ def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: Diagnostic
                        help=f"set {missing} in `{qf.name}` (the text embeddings, text feed-forwards and heads "
                        "of BLIP-2's first stage)")
 
+    check_packing(ir, spans, stage, sink)
     plan = StagePlan(stage.name, status, trainable, lora_total,
                      checkpointed_components(ir, spans, stage, status, sink))
     if not sink.has_errors and plan.total_trainable + lora_total == 0:

@@ -727,7 +727,8 @@ def _strict_scalars(cls: type, values: dict[str, Any], spans: dict[tuple[str, ..
         elif int in options and float not in options and isinstance(value, float) and value.is_integer() \
                 and not isinstance(value, bool):
             values[name] = int(value)
-        elif int in options and float not in options and (isinstance(value, float) or isinstance(value, bool)):
+        elif int in options and float not in options and (
+                isinstance(value, float) or (isinstance(value, bool) and bool not in options)):
             if isinstance(value, bool) or not options & {bool}:
                 sink.error("E0201", f"`{name}` must be a whole number (got {_show(value)})", spans.get((name,)))
                 bad.add(name)

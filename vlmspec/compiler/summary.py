@@ -78,10 +78,20 @@ def summarise(analysis: Analysis, *, ranks: int = 1, fsdp: bool = False, sequenc
         "params": {"total": shapes.grand_total, "by_component": {c["name"]: c["params"] for c in components}},
         "visual_tokens": {f.name: shapes.out[f.name].tokens for f in visual},
         "image_layouts": image_layouts(analysis),
+        "video_tokens": video_tokens(analysis.ir),
         "memory": {"weights": int(weights), "weights_unquantized": int(weights_unquantized)},
         "components": components,
         "stages": stages,
     }
+
+
+def video_tokens(ir: Any) -> dict[str, dict[str, int]]:
+    """Per encoder with `video = frames(...)`, the tokens one video takes: fewest (one temporal patch at the
+    smallest frame) and most (the most frames at the largest, capped by `max_tokens`), as `check_video` counts."""
+    from vlmspec.compiler.video import budget, video_encoders
+
+    return {n: {"min": (b := budget(ir, n)).fewest, "max": b.most, "min_pixels": b.min_pixels,
+                "max_pixels": b.max_pixels} for n in video_encoders(ir)}
 
 
 def image_layouts(analysis: Analysis) -> dict[str, dict[str, int]]:

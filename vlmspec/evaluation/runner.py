@@ -46,7 +46,7 @@ def describe_metrics(metrics: dict[str, Any]) -> str:
     for k, v in metrics.items():
         if isinstance(v, dict) or v is None:
             continue
-        if k == "vqa_accuracy" or re.fullmatch(r"(i2t|t2i)_r\d+", k):
+        if k in ("vqa_accuracy", "video_qa_accuracy") or re.fullmatch(r"(i2t|t2i)_r\d+", k):
             parts.append(f"{k} {float(v):.2f}%")
         elif re.fullmatch(r"bleu\d|cider", k):
             parts.append(f"{k} {float(v):.4f}")
@@ -120,8 +120,15 @@ def run_eval(session: Session, task: str, data: str, images: str | None = None, 
     Returns the results dict (see `write_results`); raises `E0550` when more than `max_bad` records,
     unreadable images included, had to be skipped.
     """
-    es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
     identity = {"model": session.name, "spec_hash": spec_hash(session.analysis), "server": None}
+    if task == "video_qa":  # videos and lettered options: `video_qa.py`
+        from vlmspec.evaluation.video_qa import INSTRUCTION, run_video_qa
+
+        vs, metrics, rows = run_video_qa(session, data, images, max_new_tokens, max_bad, progress, limit)
+        return _results(task, vs, data, images, metrics, rows, {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                        "decoding": "greedy", "batch_size": 1, "options": "lettered, then: " + INSTRUCTION},
+                        **identity)
+    es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
     if task == "retrieval":
         from vlmspec.evaluation.embeddings import run_retrieval
 
@@ -169,6 +176,9 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
 
     from vlmspec.evaluation.server import ChatClient
 
+    if task == "video_qa":
+        raise user_error("E0608", "video_qa is scored on a model folder: the chat client sends images, not videos",
+                         help="evaluate the model folder (vlm eval MODEL --task video_qa) instead of --server")
     if task == "retrieval":
         raise user_error("E0554", "retrieval needs image and text embeddings, which a chat completions server "
                          "does not give", help="evaluate retrieval on the model folder instead of --server")

@@ -10,6 +10,7 @@ from vlmspec.lsp.positions import LineIndex
 
 _ROLE_KIND = {
     "vision": types.SymbolKind.Object,
+    "audio": types.SymbolKind.Event,
     "connector": types.SymbolKind.Function,
     "language": types.SymbolKind.Module,
     "fusion": types.SymbolKind.Operator,

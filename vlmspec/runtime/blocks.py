@@ -196,14 +196,17 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, s, heads, -1).transpose(1, 2)
 
 
-def mlp_stack(d_in: int, hidden: int, d_out: int, layers: int, act: str, bias: bool = True) -> list[nn.Module]:
-    """`layers` linear layers with the activation between them, for connectors' MLP heads."""
-    if layers == 1:
-        return [nn.Linear(d_in, d_out, bias=bias)]
-    mods: list[nn.Module] = [nn.Linear(d_in, hidden, bias=bias)]
-    for _ in range(layers - 2):
-        mods += [Act(act), nn.Linear(hidden, hidden, bias=bias)]
-    mods += [Act(act), nn.Linear(hidden, d_out, bias=bias)]
+def mlp_stack(d_in: int, hidden: int | list[int], d_out: int, layers: int, act: str,
+              bias: bool = True) -> list[nn.Module]:
+    """`layers` linear layers with the activation between them, for connectors' MLP heads; `hidden` is one
+    width for every hidden layer or one per hidden layer."""
+    widths = list(hidden) if isinstance(hidden, list) else [hidden] * (layers - 1)
+    dims = [d_in, *widths, d_out]
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:], strict=False)):
+        if i:
+            mods.append(Act(act))
+        mods.append(nn.Linear(a, b, bias=bias))
     return mods
 
 
@@ -211,7 +214,7 @@ class NumberedLinears(nn.Module):
     """A base for MLP heads laid out as LLaVA's projector: `linear_1`, act, `linear_2`, ... directly on the
     module, so checkpoints load by key (`multi_modal_projector.linear_1.weight`)."""
 
-    def add_linears(self, d_in: int, hidden: int, d_out: int, layers: int, act: str) -> None:
+    def add_linears(self, d_in: int, hidden: int | list[int], d_out: int, layers: int, act: str) -> None:
         self.n_linear = layers
         self.act_fn = activation(act)
         linears = [m for m in mlp_stack(d_in, hidden, d_out, layers, act) if isinstance(m, nn.Linear)]

@@ -25,7 +25,11 @@ IMAGE_GRID = "image_grid"
 #: per row [b], how many of the in-sequence features are real when anyres images of different sizes give rows
 #: different counts (the features are then right-padded to the longest row)
 IMAGE_LENGTHS = "image_lengths"
-IMAGE_FACTS = (ASPECT_RATIO_IDS, IMAGE_GRID, IMAGE_LENGTHS)
+#: a video's (temporal patches, rows, columns) token grid [b x 3] and M-RoPE time ids per temporal patch [b]
+#: (`vlmspec.runtime.video_features`): their presence marks the features as a video's
+VIDEO_GRID = "video_grid"
+VIDEO_TIME = "video_time"
+IMAGE_FACTS = (ASPECT_RATIO_IDS, IMAGE_GRID, IMAGE_LENGTHS, VIDEO_GRID, VIDEO_TIME)
 
 
 class KVCache:
@@ -154,6 +158,43 @@ def attention_mask_4d(attention_mask: Tensor | None, past: int, s: int, device: 
         mask = mask & attention_mask.bool()[:, None, None, :]
         mask = mask | (k_pos == q_pos)[None, None]
     return mask, False
+
+
+def segment_mask(segments: Tensor, prefix: Tensor | None = None) -> Tensor:
+    """Bool mask [b x 1 x s x s] for SDPA over packed rows: segments [b x s] numbers each row's samples
+    1, 2, ... (0 = padding). A token reads the tokens of its own sample up to itself, and, inside a
+    bidirectional prefix (prefix [b x s], True at each sample's prompt), the whole of that sample's prefix.
+    Padding reads only itself, so no softmax row is empty."""
+    s = segments.shape[1]
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    order = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()[None]
+    if prefix is not None:
+        p = prefix.to(device=segments.device, dtype=torch.bool)
+        order = order | (p[:, :, None] & p[:, None, :])
+    eye = torch.eye(s, dtype=torch.bool, device=segments.device)[None]
+    return ((same & order) | eye)[:, None]
+
+
+def segment_positions(segments: Tensor) -> Tensor:
+    """[b x s] positions that restart at 0 with each sample of a packed row (padding at 0)."""
+    s = segments.shape[1]
+    idx = torch.arange(s, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return torch.where(segments > 0, idx - first, torch.zeros_like(idx))
+
+
+def segment_prefix(labels: Tensor, segments: Tensor, ignore_index: int = -100) -> Tensor:
+    """[b x s] True at each packed sample's tokens before its first label (`prefix_from_labels`, per sample)."""
+    labelled = (labels != ignore_index) & (segments > 0)
+    out = torch.zeros_like(segments, dtype=torch.bool)
+    for k in segments.unique().tolist():
+        if k == 0:
+            continue
+        inside = segments == k
+        out |= inside & ((labelled & inside).long().cumsum(-1) == 0)
+    return out
 
 
 def prefix_from_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:

@@ -70,6 +70,12 @@ class Stepper:
             self.cache.reorder(index)
 
 
+def _stepper(model: VisionLanguageModel) -> type:
+    """The model's own stepper (an encoder-decoder steps its decoder: `EncoderDecoderVLM.stepper_class`), else
+    `Stepper`."""
+    return getattr(model, "stepper_class", Stepper)
+
+
 def _check(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, num_beams: int) -> None:
     if max_new_tokens < 0:
         raise user_error("E0517", f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -127,9 +133,11 @@ def generate(model: VisionLanguageModel, input_ids: Tensor, *, attention_mask: T
     features = image_features or {}
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     banned = [model.image_token_id] if model.in_sequence else []
+    if banned and getattr(model, "video_token_id", None) is not None:  # nor the video placeholder
+        banned.append(model.video_token_id)
     if num_beams > 1:
         return _beam_search(model, input_ids, mask, features, max_new_tokens, num_beams, eos, pad, banned, use_cache)
-    stepper = Stepper(model, input_ids, mask, features, use_cache, max_new_tokens)
+    stepper = _stepper(model)(model, input_ids, mask, features, use_cache, max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device)
@@ -163,7 +171,7 @@ def _beam_search(model: VisionLanguageModel, ids: Tensor, mask: Tensor, features
     finished hypotheses beat every running beam."""
     b = ids.shape[0]
     dev = ids.device
-    stepper = Stepper(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
+    stepper = _stepper(model)(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0),
                       {f: x.repeat_interleave(k, 0) for f, x in features.items()}, use_cache, max_new)
     scores = torch.zeros(b, k, device=dev)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first

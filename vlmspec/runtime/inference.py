@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlmspec.diagnostics import user_error
+from vlmspec.runtime.devices import move
 
 if TYPE_CHECKING:
     from vlmspec.runtime.session import Session
@@ -31,7 +32,7 @@ def answer(session: Session, prompts: Sequence[str], images: Sequence[Any] | Non
             index = group[i:i + batch_size]
             chunk = [prompts[j] for j in index]
             imgs = [images[j] for j in index] if images is not None else None
-            batch = processor.generation_batch(chunk, imgs)
+            batch = move(processor.generation_batch(chunk, imgs), session.device)
             with torch.no_grad():
                 new = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                      temperature=temperature if temperature > 0 else 1.0, top_p=top_p,

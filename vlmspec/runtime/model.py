@@ -33,18 +33,23 @@ from vlmspec.runtime.decoding import (
     IMAGE_FACTS,
     IMAGE_GRID,
     IMAGE_LENGTHS,
+    VIDEO_GRID,
+    VIDEO_TIME,
     DecodeState,
     KVCache,
     attention_mask_4d,
     check_mask_length,
     default_position_ids,
     prefix_from_labels,
+    segment_mask,
+    segment_positions,
+    segment_prefix,
 )
 from vlmspec.runtime.fusion import Fusion
 from vlmspec.runtime.generate import generate
 from vlmspec.runtime.language import CausalLM, LayerHooks
 from vlmspec.runtime.language.moe import SparseMoE, upcycle
-from vlmspec.runtime.language.mrope import mrope_positions
+from vlmspec.runtime.language.mrope import mrope_positions, video_mrope_positions
 from vlmspec.runtime.registry import BuildContext, build_component, load_builders
 
 IGNORE_INDEX = -100
@@ -67,6 +72,9 @@ class VLMOutput:
 
 class VisionLanguageModel(nn.Module):
     """A vision-language model built from a spec; `components[name]` is the module of component `name`."""
+
+    #: the video placeholder's id (`frames(token_id = ...)`; None: videos use the image placeholder)
+    video_token_id: int | None = None
 
     def __init__(self, components: dict[str, nn.Module], *, roles: dict[str, str], sources: dict[str, list[str]],
                  order: list[str], language: str, image_token_id: int, image_grid: tuple[int, int] | None = None):
@@ -116,7 +124,8 @@ class VisionLanguageModel(nn.Module):
         return any(getattr(self.fusion(f), flag) for f in self.fusions)
 
     def _needs_token_mask(self) -> bool:
-        return self._reads("uses_token_mask") or bool(self.llm.moe_pairs())
+        return (self._reads("uses_token_mask") or bool(self.llm.moe_pairs())
+                or getattr(self.llm, "reads_token_mask", False))  # a scan masks padding by itself (mamba)
 
     @property
     def bidirectional_prefix(self) -> bool:
@@ -144,6 +153,8 @@ class VisionLanguageModel(nn.Module):
         """
         if image_sizes is not None and self._reads_native():
             return self._native_sizes(pixel_values, instruction, image_sizes)
+        if "audio" in self.roles.values():
+            raise user_error("E0614", "this model reads audio, not images", help="encode clips with `encode_audio`")
         outs: dict[str, VisualTokens] = {}
         # encoder with an image layout (and the connector reading it) -> (images' sizes, None for first tiles
         # alone; its config)
@@ -202,6 +213,20 @@ class VisionLanguageModel(nn.Module):
         if grid is not None:  # M-RoPE numbers an image's tokens by row and column of this grid
             features[IMAGE_GRID] = torch.tensor(grid, device=x.device).expand(b, 2)
         return features
+
+    def encode_videos(self, frames: Tensor, seconds: Tensor | None = None) -> dict[str, Tensor]:
+        """Videos [b x F x c x h x w] -> features for `forward` / `generate` (`image_features = ...`); see
+        `vlmspec.runtime.video_features.encode_videos`."""
+        from vlmspec.runtime.video_features import encode_videos
+
+        return encode_videos(self, frames, seconds)
+
+    def encode_audio(self, features: Tensor, lengths: Tensor | None = None) -> dict[str, Tensor]:
+        """Clips' log-mel features [b x mels x frames] (real frames per clip in `lengths`) -> features for
+        `forward` / `generate` (`image_features = ...`); see `vlmspec.runtime.audio.features`."""
+        from vlmspec.runtime.audio.features import encode_audio
+
+        return encode_audio(self, features, lengths)
 
     def _reads_native(self) -> bool:
         """Whether an encoder reads images at their own size (`resolution = dynamic(...)`)."""
@@ -319,12 +344,14 @@ class VisionLanguageModel(nn.Module):
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
 
     # ------------------------------------------------------------ text
-    def embed(self, input_ids: Tensor, features: dict[str, Tensor]) -> Tensor:
+    def embed(self, input_ids: Tensor, features: dict[str, Tensor], packed: bool = False) -> Tensor:
         """Embeddings [b x s x w] of input_ids [b x s], with the in-sequence image features spliced in."""
-        return self.splice(self.llm.embed(input_ids), input_ids, features)
+        return self.splice(self.llm.embed(input_ids), input_ids, features, packed)
 
-    def splice(self, h: Tensor, input_ids: Tensor, features: dict[str, Tensor]) -> Tensor:
+    def splice(self, h: Tensor, input_ids: Tensor, features: dict[str, Tensor], packed: bool = False) -> Tensor:
         """Put in-sequence image features [b x n x w] at the image-token positions of h [b x s x w].
+        packed: the rows hold several samples each (training with `packing`), and the features are one
+        image per sample in the rows' reading order, so they fill the image tokens in that order.
         The image-token count check reads tensor values: skipped under tracing (see the module docstring)."""
         feats = [features[f] for f in self.in_sequence if f in features]
         if not feats:
@@ -332,6 +359,14 @@ class VisionLanguageModel(nn.Module):
         x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         counts = (input_ids == self.image_token_id).sum(1)
         lengths = features.get(IMAGE_LENGTHS)
+        if packed:
+            real = torch.cat([x[i, : int(n)] for i, n in enumerate(lengths.tolist())]) if lengths is not None \
+                else x.reshape(-1, x.shape[-1])
+            if int(counts.sum()) != real.shape[0]:
+                raise user_error("E0513", f"the packed rows have {int(counts.sum())} image tokens but their images "
+                                 f"give {real.shape[0]} features", help="put one image token per visual token in "
+                                 "each sample (the processor's `image_tokens` counts them)")
+            return h.masked_scatter((input_ids == self.image_token_id).unsqueeze(-1), real.to(h.dtype))
         if lengths is not None:  # anyres rows of different counts: each row's real features, in row order
             if not tracing() and bool((counts != lengths.to(counts.device)).any()):
                 i = int((counts != lengths.to(counts.device)).nonzero()[0])
@@ -355,7 +390,9 @@ class VisionLanguageModel(nn.Module):
                 position_ids: Tensor | None = None, logits_to_keep: int = 0,
                 instruction: Instruction | None = None, prefix_mask: Tensor | None = None,
                 logits_for: str = "all", aspect_ratio_ids: Tensor | None = None,
-                image_mask: Tensor | None = None, image_sizes: Tensor | None = None) -> VLMOutput:
+                image_mask: Tensor | None = None, image_sizes: Tensor | None = None,
+                segment_ids: Tensor | None = None, videos: Tensor | None = None,
+                video_seconds: Tensor | None = None) -> VLMOutput:
         """input_ids [b x s] (the new tokens when a cache is given); attention_mask [b x (past + s)], 1 = real,
         0 = (left) padding; labels [b x s] with -100 where no loss is taken (shifted here).
         `logits_to_keep` = k > 0 computes logits for the last k positions only (generation).
@@ -376,8 +413,16 @@ class VisionLanguageModel(nn.Module):
         out (`layout = anyres(...)`), used when pixel_values are encoded here.
         image_mask: bool [b x s], where the images' tokens are (default: input_ids == image_token_id);
         generation passes the prompt's, so that a generated image token is text, not a new image.
+        segment_ids: [b x s] packed rows (training with `packing`): each row's samples numbered 1, 2, ...
+        (0 = padding). Attention stays inside each sample, positions restart with each, a bidirectional
+        prefix is each sample's own, and the image features (one image per sample, in reading order) fill
+        the image tokens in order: each sample is computed as it would be alone.
+        videos: [b x F x c x h x w] one video per row and video_seconds [b] (seconds per temporal patch), encoded
+        here as `encode_videos` does, so that training takes the video path through the wrapped model.
         """
         llm = self.llm
+        if image_features is None and videos is not None:  # training on video records (`encode_videos`)
+            image_features = self.encode_videos(videos, video_seconds)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, instruction, aspect_ratio_ids, image_sizes)
         features = image_features or {}
@@ -387,19 +432,37 @@ class VisionLanguageModel(nn.Module):
         if past + s > llm.c.max_positions:
             raise user_error("E0514", f"{past + s} tokens exceed the language model's max_positions = "
                              f"{llm.c.max_positions}", help="shorten the prompt or max_new_tokens")
-        h = self.embed(input_ids, features)
+        packed = segment_ids is not None
+        if packed and cache is not None:
+            raise ValueError("packed rows (segment_ids) are for training passes, not for decoding with a cache")
+        if VIDEO_GRID in features and self.video_token_id is not None:  # a video's placeholders are visual tokens
+            input_ids = input_ids.masked_fill(input_ids == self.video_token_id, self.image_token_id)
+        h = self.embed(input_ids, features, packed)
         grid = features.get(IMAGE_GRID)
-        pos = position_ids if position_ids is not None else self.positions(
-            input_ids, attention_mask, cache, past,
-            [(int(h), int(w)) for h, w in grid.tolist()] if grid is not None else None)
+        grids = [(int(h), int(w)) for h, w in grid.tolist()] if grid is not None else None
+        if position_ids is not None:
+            pos = position_ids
+        elif packed:
+            pos = self.packed_positions(input_ids, segment_ids, grids)
+        elif VIDEO_GRID in features and self.llm.c.mrope is not None and past == 0:
+            pos, delta = video_mrope_positions(input_ids, attention_mask[:, -s:] if attention_mask is not None
+                                               else None, self.image_token_id,
+                                               [tuple(g) for g in features[VIDEO_GRID].tolist()], features[VIDEO_TIME])
+            if cache is not None:
+                cache.extras["mrope_delta"] = delta
+        else:
+            pos = self.positions(input_ids, attention_mask, cache, past, grids)
         prefix = None
         if self.bidirectional_prefix:
             prefix = prefix_mask
             if prefix is None and labels is not None:
-                prefix = prefix_from_labels(labels)
+                prefix = segment_prefix(labels, segment_ids) if packed else prefix_from_labels(labels)
             elif prefix is None and cache is not None and past == 0:
                 prefix = torch.ones_like(input_ids, dtype=torch.bool)
-        mask, causal = attention_mask_4d(attention_mask, past, s, h.device, prefix)
+        if packed:
+            mask, causal = segment_mask(segment_ids.to(h.device), prefix), False
+        else:
+            mask, causal = attention_mask_4d(attention_mask, past, s, h.device, prefix)
         state = self.decode_state(input_ids, pos, h.dtype, mask, causal, cache, features, image_mask=image_mask,
                                   token_mask=attention_mask[:, -s:].bool() if attention_mask is not None else None)
         h = self.decode(h, pos, state)
@@ -447,6 +510,30 @@ class VisionLanguageModel(nn.Module):
     def decode(self, h: Tensor, pos: Tensor, state: DecodeState) -> Tensor:
         """The decoder layers, with every fusion's hooks, over embeddings h [b x s x w] at positions pos."""
         return self.llm.decode(self.llm.add_positions(h, pos), state, self.layer_hooks())
+
+    def packed_positions(self, input_ids: Tensor, segments: Tensor,
+                         grids: list[tuple[int, int]] | None = None) -> Tensor:
+        """Positions of packed rows, each sample's as if it were alone in its row: [b x s], or [3 x b x s]
+        for M-RoPE, whose samples with images take the images' grids (one per image, in reading order)."""
+        pos = segment_positions(segments)
+        if self.llm.c.mrope is None or (grids is None and self.image_grid is None):
+            return pos
+        out = pos.unsqueeze(0).repeat(3, 1, 1)
+        queue = list(grids or [])
+        static = self.image_grid or (1, 1)
+        for i, row in enumerate(segments.tolist()):
+            start = 0
+            while start < len(row):
+                end = start
+                while end < len(row) and row[end] == row[start]:
+                    end += 1
+                if row[start] > 0:
+                    ids = input_ids[i, start:end][None]
+                    has_image = bool((ids == self.image_token_id).any())
+                    mine = queue.pop(0) if queue and has_image else static
+                    out[:, i, start:end] = mrope_positions(ids, None, self.image_token_id, mine)[0][:, 0]
+                start = end
+        return out
 
     def positions(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, past: int,
                   grid: tuple[int, int] | list[tuple[int, int]] | None = None) -> Tensor:
@@ -542,7 +629,7 @@ def build_model(analysis: Analysis, *, image_token_id: int | None = None, device
     topo = analysis.graph.topological_order()
     fusions = [n for n in topo if ir.components[n].role == "fusion"]
     needed = _ancestors(fusions, {n: list(c.sources) for n, c in ir.components.items()})
-    front = [n for n in topo if ir.components[n].role in ("vision", "connector")]
+    front = [n for n in topo if ir.components[n].role in ("vision", "audio", "connector")]
     ctx = BuildContext(analysis)
     with torch.device(device):
         for name in [*front, lm.name, *fusions]:
@@ -563,12 +650,18 @@ def build_model(analysis: Analysis, *, image_token_id: int | None = None, device
     token = llm.c.vocab - 1 if image_token_id is None else image_token_id  # type: ignore[union-attr]
     if not 0 <= token < n_vocab:
         raise user_error("E0516", f"image_token_id {token} is outside the vocabulary of {n_vocab}")
-    model = VisionLanguageModel(
+    cls = VisionLanguageModel
+    if getattr(llm, "encoder_decoder", False):  # an encoder, then a decoder (t5): the model class that drives both
+        from vlmspec.runtime.encoder_decoder import EncoderDecoderVLM as cls
+    model = cls(
         {n: ctx.built[n] for n in ir.components if n in ctx.built},
         roles={n: c.role for n, c in ir.components.items()},
         sources={n: list(c.sources) for n, c in ir.components.items()},
         order=[n for n in front if n in needed], language=lm.name, image_token_id=token,
         image_grid=_image_grid(analysis))
+    video = [c.config.video for c in ir.by_role("vision") if getattr(c.config, "video", None) is not None]
+    if video and video[0].token_id is not None:
+        model.video_token_id = video[0].token_id
     model.layer_hooks()  # fusions that both replace one layer's weights are reported now, not at the first forward
     return model
 

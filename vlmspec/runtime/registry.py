@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from vlmspec.compiler.ir import Component
 
 #: Modules whose import registers builders (one per family; connectors register one file per kind).
-_FAMILIES = ("vlmspec.runtime.vision", "vlmspec.runtime.connectors", "vlmspec.runtime.language",
+_FAMILIES = ("vlmspec.runtime.vision", "vlmspec.runtime.audio", "vlmspec.runtime.connectors", "vlmspec.runtime.language",
              "vlmspec.runtime.fusion")
 
 

@@ -28,6 +28,7 @@ from vlmspec.compiler.compile import Analysis, load_analysis
 from vlmspec.compiler.passes import weights_location
 from vlmspec.diagnostics import SpecValidationError, VlmSpecError, user_error
 from vlmspec.runtime.checkpoint import FOLDER_WEIGHTS, INSTRUCTION_TOKENIZER, load_state, read_config
+from vlmspec.runtime.devices import model_device
 from vlmspec.runtime.inputs.processor import Processor
 from vlmspec.runtime.inputs.tokenizer import (
     IMAGE_TOKEN,
@@ -103,6 +104,11 @@ class Session:
     @property
     def name(self) -> str:
         return self.analysis.ir.name
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are: every input is moved there (`vlmspec.runtime.devices.move`)."""
+        return model_device(self.model)
 
     def require_processor(self) -> Processor:
         if self.processor is None:

@@ -3,7 +3,22 @@
 Importing this package registers every kind in `REGISTRY`.
 """
 
-from vlmspec.compiler.schema import connectors, fusion, language, vision  # noqa: F401  (registration)
+from vlmspec.compiler.schema import (  # noqa: F401  (registration)
+    audio,
+    connectors,
+    convnext,
+    dinov2,
+    fusion,
+    hybrid,
+    language,
+    mamba,
+    patches,
+    persimmon,
+    pixtral,
+    sam,
+    t5,
+    vision,
+)
 from vlmspec.compiler.schema.base import REGISTRY, ROLES, CallValue, ComponentSchema, TokenShape, fmt_value
 from vlmspec.compiler.schema.stage import Settings, Stage
 

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from vlmspec.diagnostics import DiagnosticSink, Span
 
-Role = Literal["vision", "connector", "language", "fusion"]
-ROLES: tuple[Role, ...] = ("vision", "connector", "language", "fusion")
+Role = Literal["vision", "audio", "connector", "language", "fusion"]
+ROLES: tuple[Role, ...] = ("vision", "audio", "connector", "language", "fusion")
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 Quantize = Literal["none", "int8", "int4"]
@@ -81,6 +81,9 @@ class ShapeContext:
     llm_depth: int | None = None
     llm_heads: int | None = None
     llm_ffn: int | None = None
+    #: each source's name and schema, in the order the spec lists them (a connector that pairs the grids of
+    #: several encoders names them in its errors)
+    sources: dict[str, Any] = field(default_factory=dict)
 
 
 class ComponentSchema(Schema):

@@ -7,9 +7,9 @@ holds (`params`), in closed form, so nothing is allocated to check or summarise 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from vlmspec.compiler.schema.base import (
     MAX_LAYERS,
@@ -94,10 +94,16 @@ class ConnectorBase(ComponentSchema):
         return []
 
 
-def _mlp_params(d_in: int, hidden: int, d_out: int, layers: int) -> int:
-    if layers == 1:
-        return linear(d_in, d_out)
-    return linear(d_in, hidden) + (layers - 2) * linear(hidden, hidden) + linear(hidden, d_out)
+def _mlp_params(d_in: int, hidden: int | list[int], d_out: int, layers: int) -> int:
+    dims = [d_in, *hidden_widths(hidden, layers), d_out]
+    return sum(linear(a, b) for a, b in zip(dims, dims[1:], strict=False))
+
+
+def hidden_widths(hidden: int | list[int], layers: int) -> list[int]:
+    """The widths between an MLP's linear layers: one width repeated, or one per hidden layer as given."""
+    if isinstance(hidden, list):
+        return list(hidden)
+    return [hidden] * (layers - 1)
 
 
 @register
@@ -133,8 +139,24 @@ class MLP(ConnectorBase):
     summary = "an N-layer MLP (LLaVA-1.5's mlp2x_gelu)"
     layers: int = Field(default=2, ge=1, le=16, description="number of linear layers")
     act: Act = Field(default="gelu", description="activation between layers")
-    hidden: int | None = Field(default=None, gt=0, description="hidden width (default: the output width)")
+    hidden: int | list[int] | None = Field(
+        default=None, description="hidden width (default: the output width), or one width per hidden layer: "
+        "`hidden = [8704, 2560]` with `layers = 3` (prismatic's fused-gelu-mlp)")
     norm: bool = Field(default=False, description="LayerNorm on the input first")
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if v is not None and any(w <= 0 for w in (v if isinstance(v, list) else [v])):
+            raise ValueError("hidden widths must be positive")
+        return v
+
+    def check(self, ctx: ShapeContext) -> None:
+        if isinstance(self.hidden, list) and len(self.hidden) != self.layers - 1:
+            n = self.layers - 1
+            ctx.sink.error("E0237", f"`hidden` lists {len(self.hidden)} widths, but {self.layers} layers have "
+                           f"{n} hidden {'width' if n == 1 else 'widths'} between them", ctx.span_of("hidden"),
+                           help=f"give {n} {'width' if n == 1 else 'widths'}, or set `layers = {len(self.hidden) + 1}`")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         x = self.merged_input(ctx)

@@ -6,7 +6,7 @@ parameter formulas mirror the Hugging Face classes exactly, and a test checks th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -83,6 +83,8 @@ class Llama3RoPE(Schema):
 class LanguageBase(ComponentSchema):
     role = "language"
     checkpointable = True
+    #: every token reads others only through a masked attention, so packed samples stay apart (compiler/packing.py)
+    masks_attention: ClassVar[bool] = True
     width: int = Field(default=4096, gt=0, description="hidden size")
     depth: int = Field(default=32, gt=0, le=MAX_LAYERS, description="decoder layers")
     heads: int = Field(default=32, gt=0, le=MAX_HEADS, description="attention heads")

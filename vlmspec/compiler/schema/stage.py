@@ -110,7 +110,8 @@ class Stage(Schema):
     batch: int = Field(default=8, ge=1, description="global batch size (per optimizer step)")
     epochs: int | None = Field(default=None, ge=1, description="passes over the data")
     steps: int | None = Field(default=None, ge=1, description="optimizer steps (overrides epochs)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="autocast precision")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="autocast precision on the "
+                                                      "training device (fp16 with loss scaling)")
     objective: list[Objective] = Field(default=[Objective(name="lm")], min_length=1, description="loss terms")
     upcycle: list[Upcycle] = Field(default_factory=list, description="dense FFN -> experts initialisation")
     # stage attributes written `name = value`
@@ -124,6 +125,10 @@ class Stage(Schema):
     activation_checkpointing: bool | list[str] = Field(
         default=False, description="recompute transformer blocks in the backward pass instead of storing their "
         "activations: `true` (every component the stage backpropagates through) or a list of components")
+    packing: bool | int = Field(
+        default=False, description="pack several samples into each row of a micro-batch, attention kept inside each "
+        "sample and positions restarted: `true` (rows as long as the micro-batch's longest sample) or a row length "
+        "in tokens")
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
@@ -133,9 +138,21 @@ class Stage(Schema):
             raise ValueError("expected `true`, `false` or a list of component names, e.g. `[llm, clip]`")
         return v
 
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _row_length(cls, v: Any) -> Any:
+        """`true`, `false` or a positive row length; 0 or a negative length means nothing."""
+        if isinstance(v, bool) or (isinstance(v, int) and v > 0):
+            return v
+        raise ValueError("expected `true`, `false` or a row length in tokens, e.g. `packing = 4096`")
+
+    @property
+    def packs(self) -> bool:
+        return self.packing is not False
+
 
 STAGE_ATTRS = ("warmup", "schedule", "grad_accum", "clip_grad", "seed", "max_length", "fsdp",
-               "activation_checkpointing")
+               "activation_checkpointing", "packing")
 #: stage attributes whose values name components: `llm.attn` there is a path to report, not a reference to read
 NAME_ATTRS = ("activation_checkpointing",)
 

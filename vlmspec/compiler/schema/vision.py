@@ -71,6 +71,44 @@ class DynamicResolution(Schema):
         return f"dynamic(min_pixels = {self.min_pixels}, max_pixels = {self.max_pixels})"
 
 
+class VideoFrames(Schema):
+    """`video = frames(fps = 2, max_frames = 768, ...)`: how an encoder with `resolution = dynamic(...)` reads
+    a video, as Qwen2-VL's video processor does: frames sampled at `fps` (or `num_frames` of them), resized
+    within [min_pixels, max_pixels], grouped `temporal_patch` at a time into 3-D patches. Kept apart from
+    `dynamic(...)` because the processors keep a separate, smaller pixel range for frames than for stills."""
+
+    fps: float | None = Field(default=2.0, gt=0, description="frames sampled per second of video (Qwen2-VL: 2)")
+    num_frames: int | None = Field(default=None, gt=0, description="a fixed number of frames instead of `fps`")
+    min_frames: int = Field(default=4, gt=0, description="fewest frames sampled at `fps`")
+    max_frames: int = Field(default=768, gt=0, description="most frames sampled at `fps`")
+    min_pixels: int | None = Field(default=None, gt=0, description="smallest frame area after resizing "
+                                   "(default: the encoder's `dynamic(min_pixels)`)")
+    max_pixels: int | None = Field(default=None, gt=0, description="largest frame area after resizing "
+                                   "(default: the encoder's `dynamic(max_pixels)`)")
+    max_tokens: int | None = Field(default=None, gt=0, description="most visual tokens one video may give; a "
+                                   "longer video is refused (E0602); the static check reads it")
+    token_id: int | None = Field(default=None, ge=0, description="id of the video placeholder (Qwen2-VL's "
+                                 "`<|video_pad|>`); default: the image placeholder's")
+    tokens_per_second: float | None = Field(default=None, gt=0, description="absolute time ids: M-RoPE's time "
+                                            "axis advances this many ids per second of video (Qwen2.5-VL); "
+                                            "default: one per temporal patch (Qwen2-VL)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_call(cls, v: Any) -> Any:
+        if isinstance(v, CallValue):
+            if v.name != "frames" or v.args:
+                raise ValueError("expected `frames(fps = 2, max_frames = 768, ...)`")
+            return v.kw()
+        return v
+
+    def to_vlm(self) -> str:
+        """Every value in force (`fps` is not, beside `num_frames`), so that a resolved spec reads the same."""
+        keys = [k for k in type(self).model_fields if getattr(self, k) is not None
+                and not (k == "fps" and self.num_frames is not None)]
+        return "frames(" + ", ".join(f"{k} = {getattr(self, k)}" for k in keys) + ")"
+
+
 class ViTBase(ComponentSchema):
     """Fields every ViT encoder shares. Defaults follow CLIP; SigLIP and EVA override a few."""
 
@@ -89,6 +127,8 @@ class ViTBase(ComponentSchema):
     position: Literal["learned", "rope2d"] = Field(default="learned", description="position encoding")
     resolution: Literal["fixed"] | DynamicResolution = Field(default="fixed", description="`fixed` or `dynamic(...)`")
     temporal_patch: int = Field(default=1, ge=1, description="frames per patch (2 for Qwen2-VL video-ready patches)")
+    video: VideoFrames | None = Field(default=None, description="`frames(...)`: read videos (needs `resolution = "
+                                      "dynamic(...)`); see `VideoFrames`")
     layout: Literal["fixed"] | AnyRes | DynamicTiles | Split = Field(
         default="fixed", description="`fixed` (one image_size square), `anyres(...)` (LLaVA-NeXT's tiles on a "
         "best-fit canvas), `dynamic_tiles(...)` (InternVL's grid by aspect ratio + thumbnail) or `split(...)` "

@@ -30,6 +30,9 @@ EXPORTABLE_FUSIONS = (PrefixFusion, CrossAttentionFusion, VisualExpertFusion, Mo
 def check_exportable(model: VisionLanguageModel) -> list[str]:
     """Raise E0571 for what cannot export; return notes on what exports with a restriction."""
     notes: list[str] = []
+    refusal = getattr(model.llm, "export_refusal", None)  # a language model the halves cannot run says why (mamba)
+    if refusal:
+        raise not_exportable(f"language model `{model.language}`", refusal)
     for f in model.fusions:
         module = model.fusion(f)
         if not isinstance(module, EXPORTABLE_FUSIONS):
@@ -39,16 +42,22 @@ def check_exportable(model: VisionLanguageModel) -> list[str]:
     if not encoders:
         raise not_exportable("this model", "no vision encoder feeds a fusion, so there is no encoder half")
     cfgs = [model.components[n].cfg for n in encoders]
-    if len({(c.image_size, c.tiles, c.channels) for c in cfgs}) > 1:
-        raise not_exportable("encoders at different resolutions", "the encoder half takes one pixel tensor, "
-                             "but " + ", ".join(f"`{n}` takes {c.image_size} px" for n, c in zip(encoders, cfgs,
-                                                                                               strict=True)),
-                             help="give every vision encoder the same image_size to export")
     for n, c in zip(encoders, cfgs, strict=True):
+        call = getattr(getattr(c, "resolution", None), "call", None)
+        if call == "longest_edge":  # Pixtral: rows of image tokens with break tokens, as many as the image's size
+            raise not_exportable(f"encoder `{n}`", "`resolution = longest_edge()` reads each image at its own size "
+                                 "and writes its rows with break tokens; the exported halves take a fixed count of "
+                                 "image tokens", help="serve the model with `vlm serve`, or export a variant of "
+                                 "the spec with a fixed image_size")
         if not isinstance(getattr(c, "layout", "fixed"), str):
             raise not_exportable(f"encoder `{n}`", f"its {c.layout.call} layout gives each image as many tokens as its size "
                                  "makes; the exported halves take a fixed count", help="export a variant without "
                                  "`layout` (one image_size square per image)")
+    if len({(c.image_size, getattr(c, "tiles", 1), getattr(c, "channels", 3)) for c in cfgs}) > 1:
+        raise not_exportable("encoders at different resolutions", "the encoder half takes one pixel tensor, "
+                             "but " + ", ".join(f"`{n}` takes {c.image_size} px" for n, c in zip(encoders, cfgs,
+                                                                                           strict=True)),
+                             help="give every vision encoder the same image_size to export")
     quantized = [n for n, m in model.components.items() if _is_quantized(m)]
     if quantized:
         raise not_exportable(f"quantized component `{quantized[0]}`", "its weights are torchao tensor subclasses, "

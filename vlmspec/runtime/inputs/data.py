@@ -3,6 +3,8 @@
 - LLaVA conversation JSON: a list of `{"image": ..., "conversations": [{"from": "human", "value":
   "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}`.
 - Image-caption JSONL: `{"image": ..., "caption": ...}` (or `"captions": [...]`, the first is used).
+- Video conversations: a LLaVA record with `"video": ...` (a file or a folder of frames) instead of `"image"`,
+  `<video>` (or the image placeholder) in its first question; the stage reads it with the spec's video reader.
 
 Every record that cannot be used (missing image, unreadable file, no `<image>` where the model needs
 one, malformed turns) is counted and reported with its file and line, and skipped while the count
@@ -26,6 +28,7 @@ class Sample:
     image: Path | None
     turns: list[tuple[str, str]]  # (question, answer) pairs; the first question carries the image
     where: str
+    video: Path | None = None  # a `"video"` record's file or frame folder (then `image` is None)
 
 
 @dataclass(slots=True)
@@ -83,6 +86,14 @@ def _image_ok(path: Path) -> str | None:
     return None
 
 
+def _video_ok(path: Path) -> str | None:
+    """A video record's file or frame folder exists (it is decoded, and a truncated one refused, when the
+    stage's data is encoded: `vlmspec.runtime.train.video_items`)."""
+    if path.is_dir():
+        return None if any(p.is_file() for p in path.iterdir()) else f"empty frame folder: {path}"
+    return None if path.is_file() else f"video not found: {path}"
+
+
 def _resolve_image(value: Any, images: Path) -> Path | None:
     return None if value in (None, "") else images / str(value)
 
@@ -114,9 +125,16 @@ def read_llava(path: str | Path, images: str | Path | None = None, needs_image: 
         if reason is None and not turns:
             reason = "no human / gpt turn"
         image = _resolve_image(rec.get("image"), base)
-        if reason is None and image is None and needs_image:
+        video = _resolve_image(rec.get("video"), base)
+        if reason is None and video is not None:  # a video record: its placeholder is `<video>` or `<image>`
+            reason = "a record takes an `image` or a `video`, not both" if image is not None else _video_ok(video)
+            if reason is None and "<video>" not in turns[0][0] and image_token not in turns[0][0]:
+                reason = f"the first question has no `<video>` (or `{image_token}`) placeholder"
+            if reason is None:
+                turns[0] = (turns[0][0].replace("<video>", "").replace(image_token, "").strip(), turns[0][1])
+        elif reason is None and image is None and needs_image:
             reason = "no image, but the model needs one"
-        if reason is None and image is not None:
+        elif reason is None and image is not None:
             reason = _image_ok(image)
             if reason is None and image_token not in turns[0][0]:
                 reason = f"the first question has no `{image_token}` placeholder"
@@ -125,7 +143,7 @@ def read_llava(path: str | Path, images: str | Path | None = None, needs_image: 
             continue
         first_q = turns[0][0].replace(image_token, "").strip()
         turns[0] = (first_q, turns[0][1])
-        ds.samples.append(Sample(image, turns, where))
+        ds.samples.append(Sample(image, turns, where, video))
     return ds
 
 

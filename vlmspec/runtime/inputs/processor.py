@@ -16,11 +16,12 @@ from vlmspec.compiler.compile import Analysis
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.connectors.base import Instruction
 from vlmspec.runtime.decoding import prefix_from_labels
+from vlmspec.runtime.inputs.encoder_images import encoders_transform
 from vlmspec.runtime.inputs.images import (
     ImageInput,
-    ImageTransform,
     NativeImageTransform,
 )
+from vlmspec.runtime.inputs.longest_edge import LongestEdgeTransform, native_rows
 from vlmspec.runtime.inputs.tiling import TiledImage
 from vlmspec.runtime.inputs.token_count import ImageTokens
 
@@ -50,7 +51,8 @@ class Processor:
         ir = analysis.ir
         self.settings = ir.settings
         encoders = ir.by_role("vision")
-        self.transform = ImageTransform.from_encoder(encoders[0].config) if encoders else None
+        # one transform, or one per encoder when they read different sizes (DeepSeek-VL: SAM and SigLIP)
+        self.transform = encoders_transform(encoders)
         # a tiled encoder's transform (Llama 3.2 Vision) cuts each image into up to `tiles` tiles and says
         # which layout it chose (the facts `image_kwargs` names)
         self.tiles = getattr(encoders[0].config, "tiles", 0) if encoders else 0
@@ -68,7 +70,9 @@ class Processor:
         # checkpoint's processor gives it, with as many tokens as that size makes
         self.native: NativeImageTransform | None = None
         cfg = self.counts.cfg
-        if self.counts.factor is not None:
+        if self.counts.factor is not None and native_rows(cfg):  # Pixtral: longest edge, rows in the prompt
+            self.native = LongestEdgeTransform(cfg, self.counts.factor)
+        elif self.counts.factor is not None:
             res = cfg.resolution
             self.native = NativeImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize,
                                                self.counts.factor, res.min_pixels, res.max_pixels)
@@ -310,6 +314,8 @@ class Processor:
         """How one transformed image is written in the prompt: a tile layout's text, else its token count."""
         if isinstance(pixels, TiledImage):
             return self.laid_out.prompt(pixels, self.image_token, self.tile_tokens)
+        if isinstance(self.native, LongestEdgeTransform) and isinstance(pixels, torch.Tensor):
+            return self.native.prompt(pixels, self.image_token)  # Pixtral's rows with break / end tokens
         return self.image_tokens(pixels)
 
     def size_groups(self, images: Sequence[ImageInput]) -> list[list[int]]:
@@ -339,7 +345,7 @@ class Processor:
                 raise user_error("E0593", f"images of {len(sizes)} sizes in one batch ("
                                  + ", ".join(f"{w}x{h}" for h, w in sorted(sizes)) + "): this model reads each image "
                                  "at its own size", help="batch the images of one size together (`size_groups`)")
-            tokens = self.image_tokens(items[0])
+            tokens = self.image_slot(items[0])
             input_ids, mask = self.left_pad([self.encode_prompt(q, 1, tokens) for q in questions])
             batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.stack(items)}
             instruction = self.instruction(questions)
@@ -372,6 +378,10 @@ class Processor:
         bidirectional prefix (`prefix_attention = bidirectional`) also `prefix_mask`, True on each prompt
         (the tokens before the first answer token), which the model reads since the loss may be taken
         outside it (labels popped)."""
+        if getattr(self.analysis.ir.language.config, "encoder_decoder", False):  # t5: prompt to the encoder, answer
+            from vlmspec.runtime.encoder_decoder import seq2seq_training_batch  # to the decoder
+
+            return seq2seq_training_batch(self, examples, pixel_values, facts)
         width = max(len(e.input_ids) for e in examples)
         input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

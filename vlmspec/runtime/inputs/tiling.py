@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlmspec.compiler.schema.patches import PatchRows, fitted_size
 from vlmspec.compiler.schema.tile_layouts import DynamicTiles, Split, longest_edge_size, tile_multiple_size
 from vlmspec.runtime.inputs.images import ImageInput, ImageTransform, open_image
 
@@ -112,7 +113,37 @@ class SplitTransform(_TileTransform):
         return self.layout.prompt(*item.grid, image_token, tile_tokens)
 
 
+class PatchRowsTransform(_TileTransform):
+    """Fuyu's processor (`patches` with `layout = rows(...)`): the image scaled down to fit the canvas when it
+    is larger (aspect ratio kept), padded at the bottom and right with `pad_value` to whole patches,
+    normalised, and cut row by row into patches, each one a tile; the prompt is each row's image tokens and
+    the newline token."""
+
+    layout: PatchRows
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg.patch_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.layout)
+        self.pad = (cfg.pad_value,) * 3
+
+    def __call__(self, img: ImageInput) -> TiledImage:
+        pil = open_image(img)
+        p = self.size
+        h, w = fitted_size(pil.height, pil.width, self.layout.canvas)
+        rows, cols = self.layout.grid(pil.height, pil.width, p)
+        canvas = Image.new("RGB", (cols * p, rows * p), self.pad)
+        canvas.paste(_resized(pil, h, w, self.filter), (0, 0))
+        x = self.normalise(canvas)  # [3 x rows*p x cols*p]
+        patches = x.unfold(1, p, p).unfold(2, p, p)  # [3 x rows x cols x p x p]
+        return TiledImage(patches.permute(1, 2, 0, 3, 4).reshape(rows * cols, 3, p, p), (rows, cols),
+                          (pil.height, pil.width))
+
+    def prompt(self, item: TiledImage, image_token: str, tile_tokens: int) -> str:
+        return self.layout.prompt(*item.grid, image_token)
+
+
 def tile_transform(cfg: Any) -> _TileTransform:
-    """The transform of an encoder whose `layout` is a tile layout (`dynamic_tiles` or `split`)."""
+    """The transform of an encoder whose `layout` is a tile layout (`dynamic_tiles`, `split` or `rows`)."""
+    if isinstance(cfg.layout, PatchRows):
+        return PatchRowsTransform(cfg)
     kind = DynamicTilesTransform if isinstance(cfg.layout, DynamicTiles) else SplitTransform
     return kind(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize, cfg.layout)

@@ -12,6 +12,7 @@ from typing import Any
 
 from vlmspec.compiler.compile import Analysis, shapes_at_image_size
 from vlmspec.runtime.inputs.images import smart_resize
+from vlmspec.runtime.inputs.longest_edge import native_rows
 
 
 class ImageTokens:
@@ -55,6 +56,9 @@ class ImageTokens:
         if self.layout is not None and self.tile_tokens is not None:
             c = self.cfg
             return self.layout.image_tokens(height, width, c.image_size, c.patch_size, self.tile_tokens)
+        if self.factor is not None and native_rows(self.cfg):  # Pixtral: each row of image tokens and its break
+            h, w = self.cfg.image_size_for(height, width, self.factor)  # (or end) token, as Fuyu's rows count
+            return (h // self.factor) * (w // self.factor + 1)
         if self.factor is not None:
             res = self.cfg.resolution
             return self.native(*smart_resize(height, width, self.factor, res.min_pixels, res.max_pixels))

@@ -67,6 +67,7 @@ def ensure_special_tokens(tok, analysis):
     The language model must have room for them: the tokenizer may not outgrow `vocab + extra_vocab + embed_extra`.
     """
     wanted = [f.config.image_token for f in analysis.ir.by_role("fusion")] + list(analysis.ir.settings.task_tokens)
+    wanted += [t for v in analysis.ir.by_role("vision") for t in getattr(v.config, "row_tokens", ())]  # Pixtral's
     missing = [t for t in dict.fromkeys(wanted) if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from vlmspec.runtime.blocks import RMSNorm, activation, attend, split_heads
@@ -166,6 +167,7 @@ class DecoderLayer:
         x = self.attn_norm(h)
         q, k, v = route(self.qkv, expert.qkv if expert else None, x, state.image_mask)
         q, k, v = split_heads(q, self.c.heads), split_heads(k, self.c.kv_heads), split_heads(v, self.c.kv_heads)
+        q, k = self.qk_norm(q, k)
         if state.rotary is not None:
             q, k = state.rotary.apply(q, k)
         if state.cache is not None:
@@ -177,6 +179,11 @@ class DecoderLayer:
         h = h + a
         return h + self.run_ffn(self.mlp_norm(h), state, hooks)
 
+    def qk_norm(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head queries and keys [b x h x s x d] before the rotary; a family with q/k norms (Persimmon)
+        normalises them here, the others pass them through."""
+        return q, k
+
     def run_ffn(self, x: Tensor, state: DecodeState, hooks: LayerHooks | None) -> Tensor:
         moe = hooks.moe if hooks is not None and hooks.moe is not None else self.moe
         if moe is not None:
@@ -185,6 +192,30 @@ class DecoderLayer:
             return y
         expert = hooks.expert if hooks is not None else None
         return route(self.ffn, expert.ffn if expert else None, x, state.image_mask)
+
+
+class TwoNormLayer(DecoderLayer):
+    """A sequential layer with its own norm before the attention (`input_layernorm`) and before the FFN
+    (`post_attention_layernorm`), Hugging Face's names for Llama's and Persimmon's: mixed in before a
+    family's `Parts` (`class LlamaLayer(TwoNormLayer, LlamaParts)`), whose constructor builds the rest."""
+
+    def __init__(self, c: LMConfig, moe: SparseMoE | None = None, with_ffn: bool = True):
+        super().__init__(c, with_ffn)  # the family's Parts
+        self.c = c
+        self.input_layernorm = norm(c)
+        self.post_attention_layernorm = norm(c)
+        self.moe = moe
+
+    def attn_norm(self, h: Tensor) -> Tensor:
+        return self.input_layernorm(h)
+
+    def mlp_norm(self, h: Tensor) -> Tensor:
+        return self.post_attention_layernorm(h)
+
+
+def relu2(x: Tensor) -> Tensor:
+    """Squared ReLU (Primer; Persimmon's MLP): relu(x) ** 2."""
+    return torch.square(torch.relu(x))
 
 
 def norm(c: LMConfig) -> nn.Module:

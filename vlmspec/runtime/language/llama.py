@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from vlmspec.compiler.schema.language import Llama
 from vlmspec.runtime.language.causal_lm import register_family
 from vlmspec.runtime.language.config import Family, LMConfig
-from vlmspec.runtime.language.layers import DecoderLayer, GatedMLP, Parts, SelfAttention, norm
-from vlmspec.runtime.language.moe import SparseMoE
+from vlmspec.runtime.language.layers import GatedMLP, Parts, SelfAttention, TwoNormLayer
 
 
 class LlamaParts(Parts):
@@ -20,19 +17,8 @@ class LlamaParts(Parts):
             self.mlp = GatedMLP(c.width, c.ffn, c.act)
 
 
-class LlamaLayer(DecoderLayer, LlamaParts):
-    def __init__(self, c: LMConfig, moe: SparseMoE | None = None, with_ffn: bool = True):
-        super().__init__(c, with_ffn)
-        self.c = c
-        self.input_layernorm = norm(c)
-        self.post_attention_layernorm = norm(c)
-        self.moe = moe
-
-    def attn_norm(self, h: Tensor) -> Tensor:
-        return self.input_layernorm(h)
-
-    def mlp_norm(self, h: Tensor) -> Tensor:
-        return self.post_attention_layernorm(h)
+class LlamaLayer(TwoNormLayer, LlamaParts):
+    pass
 
 
 LLAMA = register_family(Family("llama", Llama, LlamaLayer, LlamaParts))

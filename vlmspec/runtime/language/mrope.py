@@ -47,3 +47,40 @@ def mrope_positions(input_ids: Tensor, attention_mask: Tensor | None, image_toke
                 j += 1
         delta[i] = cur - len(where)
     return pos, delta
+
+
+def video_mrope_positions(input_ids: Tensor, attention_mask: Tensor | None, token_id: int,
+                          grids: list[tuple[int, int, int]], intervals: Tensor) -> tuple[Tensor, Tensor]:
+    """(positions [3 x b x s], delta [b]) of rows holding one video each: its t x gh x gw tokens get time
+    start + floor(k * interval) for temporal patch k (interval 1: Qwen2-VL's patch count; Qwen2.5-VL's
+    `tokens_per_second x seconds per patch`: absolute time), rows and columns as an image's; the text after
+    resumes at start + max(gh, gw), as transformers 5 numbers it. intervals: float32 [b]. Time ids may pass the
+    text's, so `delta` = highest position + 1 - real tokens (what cached decoding continues from)."""
+    b, s = input_ids.shape
+    dev = input_ids.device
+    pos = torch.zeros(3, b, s, dtype=torch.long, device=dev)
+    delta = torch.zeros(b, dtype=torch.long, device=dev)
+    for i in range(b):
+        t, gh, gw = grids[i]
+        n = t * gh * gw
+        times = (torch.arange(t, device=dev) * intervals[i].to(dev)).long().repeat_interleave(gh * gw)
+        rows = torch.arange(gh, device=dev).repeat_interleave(gw).repeat(t)
+        cols = torch.arange(gw, device=dev).repeat(gh * t)
+        real = attention_mask[i].bool() if attention_mask is not None else torch.ones(s, dtype=torch.bool, device=dev)
+        where = real.nonzero().flatten().tolist()
+        is_vid = (input_ids[i] == token_id).tolist()
+        cur, j, top = 0, 0, -1
+        while j < len(where):
+            if is_vid[where[j]] and j + n <= len(where) and all(is_vid[q] for q in where[j:j + n]):
+                idx = torch.tensor(where[j:j + n], device=dev)
+                pos[0, i, idx], pos[1, i, idx], pos[2, i, idx] = cur + times, cur + rows, cur + cols
+                top = max(top, cur + int(times[-1]), cur + gh - 1, cur + gw - 1)
+                cur += max(gh, gw)
+                j += n
+            else:
+                pos[:, i, where[j]] = cur
+                top = max(top, cur)
+                cur += 1
+                j += 1
+        delta[i] = top + 1 - len(where)
+    return pos, delta

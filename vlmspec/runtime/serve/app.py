@@ -1,8 +1,8 @@
 """`vlm serve`: an OpenAI-compatible HTTP API (Starlette under uvicorn) in front of the engine.
 
     POST /v1/chat/completions   messages (a system message, earlier user / assistant turns, the last user
-                                message; `text` and `image_url` parts: data URLs, local files under
-                                --files-root), max_tokens, temperature, top_p, stop, seed, stream (SSE)
+                                message; `text`, `image_url` and `video_url` parts: data URLs, local
+                                files under --files-root), max_tokens, temperature, top_p, stop, seed, stream (SSE)
     GET  /v1/models             the model this server runs
     GET  /health                liveness
     GET  /metrics               Prometheus text format (batches = prefills of arrivals; decode steps and
@@ -113,6 +113,21 @@ def _content(message: dict[str, Any], cfg: ServeConfig) -> tuple[str, list[bytes
                 if not isinstance(url, str):
                     raise BadRequest("image_url parts need `image_url.url`", "messages")
                 images.append(_image_bytes(url, cfg))
+            elif kind == "input_audio":  # a WAV clip, where an image would go (vlmspec.runtime.audio.serve)
+                from vlmspec.runtime.audio.serve import audio_part
+
+                try:
+                    images.append(audio_part(part))
+                except ValueError as e:
+                    raise BadRequest(str(e), "messages") from None
+            elif kind == "video_url":  # a video, where an image would go (vlmspec.runtime.serve.video)
+                from vlmspec.runtime.serve.video import video_source
+
+                url = part.get("video_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise BadRequest("video_url parts need `video_url.url`", "messages")
+                images.append(video_source(url, cfg.files_root, lambda m: BadRequest(m, "messages")))
             else:
                 raise BadRequest(f"unsupported content part {kind!r}; use `text` and `image_url`", "messages")
     elif not (content is None and message.get("role") == "assistant"):

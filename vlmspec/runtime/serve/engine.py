@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmspec.runtime.decoding import KVCache
+from vlmspec.runtime.devices import move
 from vlmspec.runtime.generate import sample_top_p
 from vlmspec.runtime.inputs.images import open_image
 
@@ -155,13 +156,13 @@ class Batch:
 
     def keep(self, index: list[int], reserve: int) -> None:
         """Keep only rows `index`, dropping the sequence columns that are now padding in every row."""
-        idx = torch.tensor(index)
+        idx = torch.tensor(index, device=self.mask.device)
         self.rows = [self.rows[i] for i in index]
         self.mask = self.mask.index_select(0, idx)
         lead = int(self.mask.any(0).long().argmax())  # real tokens are right-aligned: the last column is real
         self.mask = self.mask[:, lead:]
         self.cache = select_rows(self.cache, idx, lead, reserve)
-        self.logits = self.logits.index_select(0, idx)
+        self.logits = self.logits.index_select(0, idx.cpu())
 
     def compatible(self, other: Batch) -> bool:
         """Batches can merge when they hold the same per-row state besides self-attention K/V, with the
@@ -219,7 +220,15 @@ class Engine:
 
     def __init__(self, session: Session, max_batch: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
                  max_pixels: int = 16 * 1024 * 1024):
+        # a language model whose rows this engine cannot step (t5) says why
+        refusal = getattr(getattr(session.model, "llm", None), "serve_refusal", None)
+        if refusal:
+            from vlmspec.diagnostics import user_error
+
+            raise user_error("E0564", f"vlm serve: {refusal}", help="answer with `vlm generate` or `vlm eval`, "
+                             "which run encoder-decoder models")
         self.model = session.model
+        self.device = session.device
         self.processor = session.require_processor()
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
@@ -283,6 +292,14 @@ class Engine:
         return req
 
     def _prepare(self, req: GenRequest) -> None:
+        from vlmspec.runtime.audio.serve import prepare_audio
+
+        if prepare_audio(self, req):  # an `input_audio` clip: its features and prompt (vlmspec.runtime.audio)
+            return
+        from vlmspec.runtime.serve.video import prepare_video
+
+        if prepare_video(self, req):  # a `video_url` video: read whole here, so a bad one is a 400 (serve/video.py)
+            return
         if req.image is not None and self.images is not None:
             req.pixels = self.images.get(req.image, self.stats, self.max_pixels)
         p = self.processor
@@ -406,16 +423,27 @@ class Engine:
         self.stats.batches += 1
         self.stats.batched_rows += len(group)
         input_ids, mask = p.left_pad([req.ids for req in group])
-        pixels, facts = p.stack([req.pixels for req in group]) if group[0].pixels is not None else (None, None)
+        from vlmspec.runtime.audio.serve import audio_features
+
+        audio = audio_features(self, group)  # None unless the rows hold `input_audio` clips
+        from vlmspec.runtime.serve.video import video_features
+
+        audio = audio if audio is not None else video_features(self, group)  # or `video_url` videos (serve/video.py)
+        pixels, facts = p.stack([req.pixels for req in group]) if group[0].pixels is not None and audio is None \
+            else (None, None)
         rows = []
         for req in group:
             req.prompt_tokens = len(req.ids)
             rows.append(Row(req, torch.Generator().manual_seed(req.seed if req.seed is not None else 0)))
         cache = KVCache(reserve=self._reserve(rows, mask.shape[1]))
         instruction = p.instruction([req.question for req in group]) if pixels is not None else None
+        dev = self.device
+        input_ids, mask, pixels, instruction, extra = move((input_ids, mask, pixels, instruction,
+                                                            p.image_kwargs(facts)), dev)
         out = self.model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, cache=cache, logits_to_keep=1,
-                         instruction=instruction, **p.image_kwargs(facts))
-        return Batch(rows, cache, mask, out.logits[:, -1].float())
+                         instruction=instruction, image_features=audio, **extra)
+        # the next-token logits are picked from on the CPU, where each row's sampling generator lives
+        return Batch(rows, cache, mask, out.logits[:, -1].float().cpu())
 
     def _reserve(self, rows: list[Row], width: int) -> int:
         """Cache positions to allocate up front, so the batch's cache never grows by copying while it decodes."""
@@ -436,9 +464,9 @@ class Engine:
                 batch.keep(keep, self._reserve([batch.rows[i] for i in keep], batch.mask.shape[1] + 1))
                 tokens = [tokens[i] for i in keep]
             batch.mask = F.pad(batch.mask, (0, 1), value=1)
-            out = self.model(input_ids=torch.tensor(tokens)[:, None], attention_mask=batch.mask, cache=batch.cache,
-                             logits_to_keep=1)
-            batch.logits = out.logits[:, -1].float()
+            out = self.model(input_ids=torch.tensor(tokens, device=batch.mask.device)[:, None],
+                             attention_mask=batch.mask, cache=batch.cache, logits_to_keep=1)
+            batch.logits = out.logits[:, -1].float().cpu()
             self.stats.steps += 1
             self.stats.step_rows += len(keep)
         except Exception as e:  # noqa: BLE001

@@ -16,28 +16,34 @@ from vlmspec.runtime.train.objectives import FIRST_STAGE
 class Dist:
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives run: NCCL's on the GPU, gloo's on the CPU
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> Dist:
+    def from_env(cls, device: torch.device | None = None) -> Dist:
+        device = device or torch.device("cpu")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
-            return cls()
+            return cls(device=device)
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over processes (x itself in one process), on the CPU."""
         if self.world > 1:
             import torch.distributed as dist
 
+            x = x.to(self.device)
             dist.all_reduce(x)
-        return x
+        return x.cpu()
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -71,7 +77,7 @@ def wrap(model: torch.nn.Module, dist: Dist, shard: bool, table: ParamTable,
             raise user_error("E0529", f"--fsdp cannot shard the trained fusion `{fusions[0]}` yet: its blocks run "
                              "inside the language model's layers", help="train this stage without --fsdp (several "
                              "processes then run it with DDP)")
-        mesh = init_device_mesh("cpu", (dist.world,))
+        mesh = init_device_mesh(dist.device.type, (dist.world,))
         for name in sorted(trained):  # frozen components stay replicated
             module = model.components[name]
             fully_shard(module, mesh=mesh)

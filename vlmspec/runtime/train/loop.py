@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import did_you_mean, user_error
 from vlmspec.fsutil import atomic_write_text
 from vlmspec.runtime.checkpoint import save_model_dir, save_state
+from vlmspec.runtime.devices import autocast, grad_scaler, move, resolve_device
 from vlmspec.runtime.inputs.data import read_dataset
 from vlmspec.runtime.inputs.processor import IGNORE, Processor
 from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
@@ -50,6 +52,7 @@ from vlmspec.runtime.train.manifest import (
 )
 from vlmspec.runtime.train.objectives import FIRST_STAGE, FirstStageLoss, text_batch
 from vlmspec.runtime.train.optimisation import lr_lambda, make_optimizer, param_groups
+from vlmspec.runtime.train.packing import PackStats, pack_stats, packed_batch, packed_layout
 from vlmspec.runtime.train.progress import append_metric, progress_bar, stage_header, truncate_metrics
 from vlmspec.runtime.train.stage_data import Prepared, encode_dataset, stage_data
 from vlmspec.runtime.train.state import (
@@ -61,6 +64,7 @@ from vlmspec.runtime.train.state import (
     trainable_state,
     write_checkpoint,
 )
+from vlmspec.runtime.train.video_items import is_video_batch, video_training_batch
 
 
 @dataclass(slots=True)
@@ -79,6 +83,7 @@ class TrainOptions:
     eval_data: str | None = None  # held-out VQA data scored with `vlm eval`'s code during training
     eval_every: int = 0  # optimizer steps between evaluations (0: at the end of each stage only)
     workers: int | None = None  # image-reading worker processes (0: on the training process; None: `default_workers`)
+    device: str = "auto"  # `auto` (the local rank's GPU when there is one), `cpu` or `cuda`
     quiet: bool = False
     log: Callable[[str], None] = print
 
@@ -97,7 +102,8 @@ class Trainer:
         self.opts = opts
         self.spec_text = spec_text
         self.spec_ref = spec_ref
-        self.dist = Dist.from_env()
+        self.device = resolve_device(opts.device)
+        self.dist = Dist.from_env(self.device)
         self.run_dir = Path(opts.run_dir)
         self._sharded = False
         self._last_state: dict[str, torch.Tensor] = {}
@@ -142,7 +148,7 @@ class Trainer:
     def _build(self, tokenizer) -> Session:
         """The model every stage starts from, built the one way every command builds it: the spec's
         `weights` loaded, `dtype` and `quantize` honoured, the rest seeded."""
-        return build_session(self.analysis, tokenizer=tokenizer, seed=self._seed())
+        return build_session(self.analysis, tokenizer=tokenizer, seed=self._seed(), device=str(self.device))
 
     def _seed(self) -> int:
         return self.analysis.ir.stages[0].seed if self.analysis.ir.stages else 0
@@ -186,6 +192,7 @@ class Trainer:
         tokenizer = self._tokenizer(stages)
         self.dist.barrier()
         self._check_quantized()
+        self._check_modalities()
         session = self._build(tokenizer)
         self.session = session
         if session.report is not None:
@@ -269,6 +276,16 @@ class Trainer:
                  for smp in ds.samples] if first else []
         return Prepared(first, enc, texts)
 
+    def _check_modalities(self) -> None:
+        """Training data records carry images (and videos); an audio encoder's stages have no records to read
+        yet: refuse them in one line rather than train the language model on text alone."""
+        audio = [c.name for c in self.analysis.ir.components.values() if c.role == "audio"]
+        if audio:
+            raise user_error("E0543", f"`vlm train` reads image and video records, and model `{self.analysis.ir.name}` "
+                             f"reads audio (`{audio[0]}`): audio training data is not supported yet",
+                             help="train the audio model with transformers / TRL on its Hugging Face export "
+                             "(`vlm export-hf`), or in Python with `model.encode_audio` features")
+
     def _check_quantized(self) -> None:
         """A component stored as integers (`quantize = int8`) cannot take gradients: refuse a stage that
         trains or adapts one, instead of training something else."""
@@ -327,7 +344,8 @@ class Trainer:
             if dist.main:
                 truncate_metrics(self.run_dir, stage.name, step)
 
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.precision == "bf16")
+        precision = autocast(self.device, stage.precision)
+        scaler = grad_scaler(self.device, stage.precision)
         n = len(enc.examples)
         progress = progress_bar(stage.name, total, step, opts.log) if dist.main and not opts.quiet else \
             (lambda *a: None)
@@ -340,6 +358,7 @@ class Trainer:
         order = DataOrder(n, global_batch, steps_per_epoch, stage.seed, accum, micro, dist.rank, dist.world)
         workers = default_workers() if opts.workers is None else opts.workers
         on_cuda = any(p.is_cuda for p in model.parameters())
+        packing = PackStats()
         with checkpointing(model.components, checkpointed), \
                 StageBatches(enc.pixels, order, step, total, workers, pin_memory=on_cuda) as loader:
             while step < total:
@@ -351,22 +370,32 @@ class Trainer:
                 optim.zero_grad(set_to_none=True)
                 loss_acc = 0.0
                 part_acc: dict[str, float] = {}
+                step_pack = PackStats()
                 for mb in micro_batches:
                     pix = loader.next(mb)
                     if first:
                         loss, parts = self._first_stage_step(train_model, processor, first, pix, [texts[k] for k in mb],
-                                                             stage, autocast)
+                                                             stage, precision)
                         loss = loss / accum
-                        loss.backward()
+                        scaler.scale(loss).backward()
                         loss_acc += float(loss.detach())
                         for name, value in parts.items():
                             part_acc[name] = part_acc.get(name, 0.0) + value / accum
                         tokens_seen += sum(len(texts[k]) + 2 for k in mb)
                         continue
-                    pixels, facts = processor.stack(pix) if pix and pix[0] is not None else (None, None)
-                    batch = processor.training_batch([enc.examples[k] for k in mb], pixels, facts)
+                    examples = [enc.examples[k] for k in mb]
+                    video = is_video_batch(pix, stage.name)  # videos: the model's forward encodes them
+                    if stage.packs and not video:  # rows of several samples; images stacked in the rows' reading order
+                        rows, reading = packed_layout(examples, stage.packing, model.llm.c.max_positions)
+                        step_pack.add(pack_stats(examples, rows))
+                        pix = [pix[j] for j in reading]
+                    pixels, facts = processor.stack(pix) if pix and pix[0] is not None and not video else (None, None)
+                    batch = video_training_batch(processor, examples, pix, enc.pixels.transform, stage) if video else \
+                        packed_batch(processor, examples, rows, pixels, facts) if stage.packs else \
+                        processor.training_batch(examples, pixels, facts)
+                    batch = move(batch, self.device)
                     labels = batch.pop("labels")
-                    with autocast:  # logits only where a target is: the head's matmul and softmax shrink
+                    with precision:  # logits only where a target is: the head's matmul and softmax shrink
                         out = train_model(**batch, labels=labels, logits_for="labels")
                     # summed, then divided by the optimizer step's global token count: accumulation and data
                     # parallelism then give exactly the gradients of one big batch
@@ -376,28 +405,37 @@ class Trainer:
                     aux = getattr(out, "aux_loss", None)
                     if aux is not None:
                         loss = loss + aux / accum
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     loss_acc += float(loss_sum.detach()) / max(1, total_tokens)
                     tokens_seen += int(batch["attention_mask"].sum())
                 # lm: already divided by the global token count; first-stage losses: the mean over processes
                 loss_global = float(dist.all_sum(torch.tensor(loss_acc * 1.0)).item()) / (dist.world if first else 1)
                 parts_global = {k: float(dist.all_sum(torch.tensor(v)).item()) / dist.world for k, v in part_acc.items()}
+                scaler.unscale_(optim)  # fp16: clip and step on the true gradients (no-op otherwise)
                 if stage.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], stage.clip_grad)
-                optim.step()
-                sched.step()
+                scaler.step(optim)
+                scaler.update()
+                with warnings.catch_warnings():  # fp16 skips the steps whose gradients overflowed: expected
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    sched.step()
                 step += 1
                 result.losses.append(loss_global)
                 elapsed = time.perf_counter() - t0
+                packing.add(step_pack)
                 if dist.main:
+                    extra = {"padding": round(step_pack.padding, 4)} if stage.packs else {}
                     append_metric(self.run_dir, {"stage": stage.name, "step": step, "loss": loss_global, **parts_global,
-                                  "lr": sched.get_last_lr()[0], "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9)})
+                                  "lr": sched.get_last_lr()[0], "tokens_per_s": tokens_seen * dist.world / max(elapsed, 1e-9),
+                                  **extra})
                 progress(step, loss_global, tokens_seen * dist.world / max(elapsed, 1e-9))
                 if opts.eval_data and opts.eval_every and step % opts.eval_every == 0 and step < total:
                     self._evaluate(model, processor, stage.name, step)
                 if step % opts.save_every == 0 and step < total:
                     self._checkpoint(model, optim, sched, ckpt, step, result.losses)
         progress(None, None, None)
+        if stage.packs and packing.samples:
+            self.log(f"  {packing.line()}")
         if opts.eval_data:
             self._evaluate(model, processor, stage.name, step)
         result.steps = step
@@ -413,7 +451,7 @@ class Trainer:
         return result
 
     def _first_stage_step(self, train_model, processor: Processor, first: dict[str, float], pix: list,
-                          texts: list[list[int]], stage: Stage, autocast) -> tuple[torch.Tensor, dict[str, float]]:
+                          texts: list[list[int]], stage: Stage, precision) -> tuple[torch.Tensor, dict[str, float]]:
         """One micro-batch of BLIP-2's first-stage objectives: (weighted loss, each loss as a float)."""
         if not pix or pix[0] is None:
             raise user_error("E0528", f"stage `{stage.name}`: itc / itm / itg need an image with every sample")
@@ -422,8 +460,8 @@ class Trainer:
         bos = processor.bos_id if processor.bos_id is not None else processor.pad_id
         eos = processor.eos_id if processor.eos_id is not None else processor.pad_id
         text = text_batch(texts, bos, eos, positions.num_embeddings, words.num_embeddings, f"stage `{stage.name}`")
-        with autocast:
-            losses = train_model(processor.stack(pix)[0], text.ids, text.mask)
+        with precision:
+            losses = train_model(*move((processor.stack(pix)[0], text.ids, text.mask), self.device))
         total = sum(first[name] * value for name, value in losses.items())
         return total, {name: float(value.detach()) for name, value in losses.items()}
 

@@ -59,12 +59,18 @@ def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
     needs_image = processor.transform is not None
     # what generation reads: a native-size image at its processor's size, a laid-out one as tiles
     images = StageImages([s.image if needs_image else None for s in ds.samples], processor.image_transform)
+    if any(s.video is not None for s in ds.samples):  # videos: read as `vlm generate --video` reads them
+        images = _with_videos(ds, images, processor)
     per_image = processor.native is not None or processor.laid_out is not None
     fixed_slot = None
     examples = []
     for k, s in enumerate(ds.samples):
         slot = None
-        if images.paths[k] is not None:
+        if s.video is not None:  # each video decoded once here for its token count (and a bad one refused)
+            from vlmspec.runtime.train.video_items import video_placeholder
+
+            slot = video_placeholder(processor) * images[k].tokens
+        elif images.paths[k] is not None:
             if per_image:
                 slot = processor.image_slot(images[k])
             else:
@@ -73,3 +79,12 @@ def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
                 slot = fixed_slot
         examples.append(processor.encode_turns(s.turns, 1 if slot is not None else 0, slot))
     return Encodings(examples, images)
+
+
+def _with_videos(ds: Dataset, images: StageImages, processor: Processor) -> StageImages:
+    """The stage's sources with each video sample's `VideoRef`, read by the spec's `VideoReader`."""
+    from vlmspec.runtime.train.video_items import MediaTransform, VideoRef
+    from vlmspec.runtime.video_features import video_reader
+
+    paths = [VideoRef(s.video) if s.video is not None else p for s, p in zip(ds.samples, images.paths, strict=True)]
+    return StageImages(paths, MediaTransform(processor.image_transform, video_reader(processor.analysis)))

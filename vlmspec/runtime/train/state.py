@@ -69,12 +69,19 @@ def gather_fsdp_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> t
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The generators dropout and sampling draw from: torch's CPU one, each GPU's (dropout on CUDA draws
+    from those), and Python's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_checkpoint(ckpt: Path, weights: dict[str, torch.Tensor], optim_state: dict[str, Any],
@@ -98,7 +105,7 @@ def restore_checkpoint(model: torch.nn.Module, optim: torch.optim.Optimizer,
     fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optim.param_groups]
     state = json.loads((ckpt / "state.json").read_text())
     weights = load_state(ckpt / "weights.safetensors")
-    blob = torch.load(ckpt / "optim.pt", weights_only=False)
+    blob = torch.load(ckpt / "optim.pt", weights_only=False, map_location="cpu")  # the optimizer moves it back
     if sharded:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

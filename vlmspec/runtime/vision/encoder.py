@@ -247,7 +247,7 @@ class VisionEmbeddings(nn.Module):
     def forward(self, pixels: Tensor, aspect: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         """[n x c x H x W] -> ([n x t x w], (rows, cols)); tiled: [(n*T) x c x H x W] and aspect [n]
         -> [n x T x t x w], in Mllama's order (pre-tile embedding, class token, gated positions)."""
-        if self.temporal > 1:
+        if self.temporal > 1 and pixels.dim() == 4:  # a still: its one frame repeated; a video's frames come 5-D
             pixels = pixels.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
         x = self.patch_embedding(pixels)
         gh, gw = x.shape[-2], x.shape[-1]
@@ -447,6 +447,8 @@ class VisionEncoder(nn.Module, CheckpointedBlocks):
 
     def _check(self, pixels: Tensor) -> None:
         cfg = self.cfg
+        if cfg.temporal_patch > 1 and pixels.dim() == 5 and pixels.shape[2] == cfg.temporal_patch:
+            pixels = pixels[:, :, 0]  # a video's temporal patches [n x c x T x h x w]: checked as one frame each
         if pixels.dim() != self.image_dims + 1:
             layout = "tiles x channels x height x width" if cfg.tiles else "channels x height x width"
             raise user_error("E0593", f"images must be [batch x {layout}], got shape {tuple(pixels.shape)}")

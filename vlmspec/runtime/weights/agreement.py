@@ -60,6 +60,8 @@ def expected_components(folder: Path, config: dict[str, Any]) -> dict[str, Any] 
         return {part: analysis.ir.components[name] for name, part in fmt.components.items()
                 if name in analysis.ir.components}
     fam = FAMILIES.get(mt)
+    if fam is not None and fam.role == "vision":
+        return vision_expected(mt, config)
     if fam is None or fam.role != "language":
         return None
     try:
@@ -84,3 +86,37 @@ def check_agreement(name: str, component: Any, expected: Any, folder: Path) -> U
                                 help=f"write `{field} = {fmt_value(theirs)}` on `{name}` (the checkpoint was "
                                 "trained with it); `vlm import-hf DIR` writes a whole spec from a checkpoint folder")
     return None
+
+
+#: single-model vision checkpoints: model_type -> (the kind that reads it, its config's defaults for the
+#: activation and the LayerNorm epsilon, as transformers' config classes set them)
+_VISION: dict[str, tuple[str, str, float]] = {
+    "clip_vision_model": ("vit", "quick_gelu", 1e-5), "clip": ("vit", "quick_gelu", 1e-5),
+    "siglip_vision_model": ("siglip", "gelu_pytorch_tanh", 1e-6), "siglip": ("siglip", "gelu_pytorch_tanh", 1e-6),
+    "blip_2_vision_model": ("eva", "gelu", 1e-6),
+    "dinov2": ("dinov2", "gelu", 1e-6), "dinov2_with_registers": ("dinov2", "gelu", 1e-6),
+    "convnext": ("convnext", "gelu", 1e-12),
+}
+
+
+def vision_expected(mt: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """{"vision": what a single-model vision checkpoint fixes that no tensor shows}: its activation and
+    LayerNorm epsilon, as the component the spec names should have them (a whole CLIPModel / SiglipModel
+    folder: its vision config). Shapes (width, depth, registers, biases, a SwiGLU FFN) the coverage check
+    sees already."""
+    from types import SimpleNamespace
+
+    from vlmspec.runtime.weights.spec_text import VISION_ACT
+
+    known = _VISION.get(mt)
+    if known is None:
+        return None
+    kind, act, eps = known
+    vc = config.get("vision_config") or config
+    hidden_act = str(vc.get("hidden_act", act))
+    if hidden_act not in VISION_ACT:
+        return None  # an activation no kind has: the coverage and build report it
+    if mt.startswith("dinov2") and vc.get("use_swiglu_ffn"):
+        hidden_act = "silu"  # DINOv2's SwiGLU gates with silu whatever `hidden_act` says
+    fixed = SimpleNamespace(act=VISION_ACT[hidden_act], norm_eps=float(vc.get("layer_norm_eps", eps)))
+    return {"vision": SimpleNamespace(kind=kind, role="vision", config=fixed)}

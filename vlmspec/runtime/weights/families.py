@@ -213,7 +213,25 @@ _add(("opt",), "language", {"opt"}, _LM, "OPTForCausalLM")
 _add(("phi",), "language", {"phi"}, _LM, "PhiForCausalLM")
 _add(("phi3",), "language", {"llama"}, _LM, "Phi3ForCausalLM", phi3_slices)  # fused q/k/v and gate/up
 _add(("gemma",), "language", {"gemma"}, _LM, "GemmaForCausalLM")
+_add(("persimmon",), "language", {"persimmon"}, _LM, "PersimmonForCausalLM")  # Fuyu's decoder
+# Mamba: `backbone.*` keys; the original state-spaces checkpoints spell the embedding `backbone.embedding`
+_MAMBA = tuple(lay((emb, "backbone.embeddings."), ("backbone.", "backbone."), ("lm_head.", "lm_head."))
+               for emb in ("backbone.embeddings.", "backbone.embedding."))
+_add(("mamba",), "language", {"mamba"}, _MAMBA, "MambaForCausalLM")
+# T5 / Flan-T5 (`T5ForConditionalGeneration`): `shared`, `encoder.*`, `decoder.*`, `lm_head` as the `t5` kind keeps them
+_add(("t5",), "language", {"t5"}, (lay(("shared.", "shared."), ("encoder.", "encoder."), ("decoder.", "decoder."),
+                                        ("lm_head.", "lm_head.")),), "T5ForConditionalGeneration")
 _add(("blip_2_qformer",), "connector", {"qformer"}, (lay(("", "qformer.")),), "Blip2QFormerModel")
+# DINOv2 and ConvNeXt keep transformers' module names, so their keys load as they are; a classifier's folder
+# holds the tower under its base-model prefix (the head's keys are not the tower's and are ignored)
+_add(("dinov2",), "vision", {"dinov2"}, (lay(("dinov2.", "")), lay(("", ""))), "Dinov2Model")
+_add(("dinov2_with_registers",), "vision", {"dinov2"}, (lay(("dinov2_with_registers.", "")), lay(("", ""))),
+     "Dinov2WithRegistersModel")
+_add(("convnext",), "vision", {"convnext"}, (lay(("convnext.", "")), lay(("", ""))), "ConvNextModel")
+# Pixtral's tower keeps transformers' module names (`patch_conv`, `ln_pre`, `transformer.layers.N...`)
+_add(("pixtral",), "vision", {"pixtral"}, (lay(("vision_encoder.", "")), lay(("", ""))), "PixtralVisionModel")
+# SAM's image encoder keeps transformers' module names (`patch_embed`, `pos_embed`, `layers.N...`, `neck`)
+_add(("sam_vision_model", "sam"), "vision", {"sam"}, (lay(("vision_encoder.", "")),), "SamVisionModel")
 
 
 @dataclass(frozen=True, slots=True)

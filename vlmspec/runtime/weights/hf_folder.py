@@ -257,6 +257,10 @@ def processor_prompt(folder: str | Path, tokenizer: Any) -> tuple[str, str | Non
     queries = proc.get("num_query_tokens")
     need(queries in (None, config.get("num_query_tokens")), f"a processor num_query_tokens {queries} other than "
          f"the model's {config.get('num_query_tokens')}")
+    if config.get("text_config", {}).get("model_type") == "t5":  # BLIP-2 Flan-T5: the text ends with EOS
+        from vlmspec.runtime.weights.formats.blip2 import t5_prompt
+
+        return t5_prompt(tokenizer)
     adds = _adds_bos(tokenizer)
     need(adds is True and isinstance(bos, str) and bool(bos), "a BLIP-2 / InstructBLIP tokenizer that does not add "
          "just a BOS token in front of the text (the processor puts it after the image placeholders)")

@@ -158,8 +158,38 @@ def language_block(tc: dict[str, Any], weights: str, tie: bool, head_bias: bool 
             ("max_positions", tc.get("max_position_embeddings", 8192)), ("norm_eps", tc.get("rms_norm_eps", 1e-6)),
             ("rope_theta", rope_theta(tc)), ("act", GEMMA_ACT[act]), ("tie_embeddings", tie), ("weights", weights)]
         return f"  language llm = gemma {{\n{fields(pairs)}\n  }}"
+    if mt == "mamba":
+        return _mamba(tc, weights, tie)
+    if mt == "t5":  # an encoder-decoder: its reader lives with BLIP-2 Flan-T5's format
+        from vlmspec.runtime.weights.formats.blip2 import t5_block
+
+        return t5_block(tc, weights)
+    if mt == "persimmon":  # Fuyu's decoder; its reader lives with the Fuyu format
+        from vlmspec.runtime.weights.formats.fuyu import persimmon_block
+
+        return persimmon_block(tc, weights, tie)
     raise weights_error(UNSUPPORTED, f"import_hf: text model `{mt}`",
-                        help="supported: llama, mistral, qwen2, phi3, opt, gemma, phi")
+                        help="supported: llama, mistral, qwen2, phi3, opt, gemma, phi, mamba, persimmon, t5")
+
+
+def _mamba(tc: dict[str, Any], weights: str, tie: bool) -> str:
+    """Mamba-1 (`MambaForCausalLM`); MambaConfig's defaults where a config leaves a field out. Settings that
+    only shape initialisation (`time_step_*`, `rescale_prenorm_residual`) or pick a kernel are not the spec's."""
+    act = tc.get("hidden_act", "silu")
+    need(act == "silu", f"Mamba activation {act} (the mixer's convolution and gate use silu)")
+    width, expand = int(tc.get("hidden_size", 768)), int(tc.get("expand", 2))
+    inner = tc.get("intermediate_size", expand * width)
+    need(inner == expand * width, f"Mamba `intermediate_size = {inner}` other than expand x hidden_size")
+    pairs: list[tuple[str, Any]] = [
+        ("width", width), ("depth", tc.get("num_hidden_layers", 32)), ("state", tc.get("state_size", 16)),
+        ("conv", tc.get("conv_kernel", 4)), ("expand", expand)]
+    rank = tc.get("time_step_rank", "auto")
+    if rank != "auto" and int(rank) != -(-width // 16):
+        pairs.append(("dt_rank", int(rank)))
+    pairs += [("vocab", tc.get("vocab_size", 50280)), ("norm_eps", float(tc.get("layer_norm_epsilon", 1e-5))),
+              ("conv_bias", bool(tc.get("use_conv_bias", True))), ("bias", bool(tc.get("use_bias", False))),
+              ("residual_fp32", bool(tc.get("residual_in_fp32", True))), ("tie_embeddings", tie), ("weights", weights)]
+    return f"  language llm = mamba {{\n{fields(pairs)}\n  }}"
 
 
 def tie(config: dict[str, Any], tc: dict[str, Any]) -> bool:

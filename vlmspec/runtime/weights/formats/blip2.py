@@ -1,5 +1,7 @@
 """BLIP-2 and InstructBLIP (`Blip2ForConditionalGeneration`, `InstructBlipForConditionalGeneration`):
-EVA vision tower, Q-Former (with instruction input for InstructBLIP), OPT / Llama text model.
+EVA vision tower, Q-Former (with instruction input for InstructBLIP), OPT / Llama text model, or for BLIP-2 a
+T5 / Flan-T5 encoder-decoder (`t5`), whose processor ends the text with EOS instead of starting it with BOS
+(`prompt = "{image}{q}</s>"`, the encoder's input; `answer = "{a}"`, the decoder's).
 
 Both processors lay the prompt out themselves: one image placeholder per query, then the tokenized text
 (its BOS after the placeholders); InstructBLIP's also gives the text to the Q-Former in its own (BERT)
@@ -37,7 +39,9 @@ if TYPE_CHECKING:
 def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     vc, qc, tc = config["vision_config"], config["qformer_config"], config["text_config"]
     instruct = config.get("model_type") == "instructblip"
-    need(config.get("use_decoder_only_language_model", True), "an encoder-decoder (T5) language model")
+    t5 = tc.get("model_type") == "t5"
+    need(config.get("use_decoder_only_language_model", True) or t5,
+         f"an encoder-decoder language model `{tc.get('model_type')}` (of those, only t5 is supported)")
     act = vc.get("hidden_act", "gelu")
     need(act in VISION_ACT and qc.get("hidden_act", "gelu") == "gelu", f"vision activation {act}")
     need(vc.get("qkv_bias", True), "an EVA tower without q/v biases")
@@ -60,9 +64,58 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     return [
         f"  vision eva = eva {{\n{fields(vision)}\n  }}",
         f"  connector qf = qformer(eva -> llm) {{\n{fields(qf)}\n  }}",
-        language_block(tc, f"{folder}#language", tie(config, tc)),
+        t5_block(tc, f"{folder}#language") if t5 else language_block(tc, f"{folder}#language", tie(config, tc)),
         f"  fusion prefix(qf -> llm) {{\n{fields([('tokens', nq)])}\n  }}",
     ], int(config.get("image_token_index", config.get("image_token_id", 0)) or 0)
+
+
+# ------------------------------------------------------------------ T5 (BLIP-2 Flan-T5)
+
+#: transformers' T5 activations (`feed_forward_proj = "gated-gelu"` means `gelu_new`, the tanh approximation)
+T5_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+#: BLIP-2 keeps its T5 whole under `language_model.` (`shared`, `encoder.*`, `decoder.*`, `lm_head`), as a T5
+#: folder keeps it at the top level: the component's keys are T5's own
+T5_LM = (lay(("language_model.", "")),)
+
+
+def t5_block(tc: dict[str, Any], weights: str) -> str:
+    """The `language llm = t5 { }` block of a T5 text config; T5Config's defaults where it leaves a field out.
+    transformers ties every T5's head to its embedding unless the checkpoint holds a head of its own, and
+    scales the decoder's output by d_model ** -0.5 unless the config says `tie_word_embeddings = false` (saved
+    as `scale_decoder_outputs`): a spec's `tie_embeddings` is the scaled, tied T5 v1.0 and the unscaled,
+    untied T5 v1.1 / Flan-T5."""
+    proj = str(tc.get("feed_forward_proj", "relu"))
+    parts = proj.split("-")
+    need(len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated"), f"T5 feed_forward_proj `{proj}`")
+    act = "gelu_new" if proj == "gated-gelu" else parts[-1]
+    need(act in T5_ACT, f"T5 activation {act}")
+    scaled = tc.get("scale_decoder_outputs", tc.get("tie_word_embeddings", True) is not False)
+    depth = tc.get("num_layers", 6)
+    pairs: list[tuple[str, Any]] = [("width", tc.get("d_model", 512)), ("depth", depth)]
+    dec = tc.get("num_decoder_layers") or depth
+    if dec != depth:
+        pairs.append(("decoder_depth", dec))
+    pairs += [("heads", tc.get("num_heads", 8)), ("head_dim", tc.get("d_kv", 64)), ("ffn", tc.get("d_ff", 2048)),
+              ("gated", len(parts) == 2), ("act", T5_ACT[act]),
+              ("buckets", tc.get("relative_attention_num_buckets", 32)),
+              ("max_distance", tc.get("relative_attention_max_distance", 128)), ("vocab", tc.get("vocab_size", 32128)),
+              ("norm_eps", float(tc.get("layer_norm_epsilon", 1e-6))), ("tie_embeddings", bool(scaled))]
+    start = tc.get("decoder_start_token_id", tc.get("pad_token_id", 0))
+    if start not in (None, 0):
+        pairs.append(("decoder_start", int(start)))
+    pairs.append(("weights", weights))
+    return f"  language llm = t5 {{\n{fields(pairs)}\n  }}"
+
+
+def t5_prompt(tokenizer: Any) -> tuple[str, str, str]:
+    """BLIP-2 Flan-T5's processor layout: the image placeholders, then the tokenized text, which a T5
+    tokenizer ends with EOS (no BOS): `{image}{q}</s>`, the encoder's input."""
+    eos = tokenizer.eos_token
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    need(isinstance(eos, str) and bool(eos) and tokenizer("a")["input_ids"] == [*plain, tokenizer.eos_token_id],
+         "a BLIP-2 T5 tokenizer that does not add just EOS after the text")
+    return ("{image}{q}" + eos, "{a}", "# Prompt: the processor's layout (one image placeholder per query, then the "
+            "tokenized text with its EOS), the encoder's input; the folder has no chat template.")
 
 
 def _family(mt: str) -> MultiFamily:
@@ -72,7 +125,8 @@ def _family(mt: str) -> MultiFamily:
         "vision": Part("vision", (lay(("model.vision_model.", "")), lay(("vision_model.", ""))),
                        sub_config="vision_config"),
         "qformer": Part("connector", qformer, kinds=frozenset({"qformer"})),
-        "language": Part("language", LLAVA_LM, sub_config="text_config"),
+        # OPT / Llama under `language_model.model.` (or `model.language_model.`); a T5 under `language_model.`
+        "language": Part("language", LLAVA_LM + T5_LM, sub_config="text_config"),
     }, {"vision": "vision", "connector": "qformer", "language": "language"})
 
 
@@ -113,7 +167,7 @@ class BlipFormat:
 
     def fit(self, cond: bool, what: str) -> None:
         does_not_fit(cond, self.name, what, f"{self.name} is one `eva`, a `qformer` "
-                     f"{'with' if self.instruct else 'without'} `instruction`, an `opt` or `llama` and a causal "
+                     f"{'with' if self.instruct else 'without'} `instruction`, an `opt`, `llama` or `t5` and a causal "
                      "`prefix` fusion, unquantized, the prompt laid out as its processor lays it")
 
 
@@ -203,11 +257,34 @@ def _llama(lm: Component, fit: Fit) -> dict[str, Any]:
     return text
 
 
+# T5: `max_positions` only bounds the inputs vlmspec accepts (transformers' T5 sets no limit of its own)
+_T5 = {"width", "depth", "decoder_depth", "heads", "head_dim", "ffn", "gated", "act", "buckets", "max_distance",
+       "vocab", "norm_eps", "tie_embeddings", "decoder_start", "max_positions", "weights", "tokenizer", "dtype"}
+#: (gated, act) -> transformers' `feed_forward_proj` (its `gated-gelu` is the tanh approximation, `gelu_new`)
+_T5_PROJ = {(True, "gelu_tanh"): "gated-gelu", (True, "relu"): "gated-relu", (True, "silu"): "gated-silu",
+            (False, "relu"): "relu", (False, "gelu"): "gelu", (False, "gelu_tanh"): "gelu_new", (False, "silu"): "silu"}
+
+
+def _t5(lm: Component, fit: Fit) -> dict[str, Any]:
+    """A T5 text config; `tie_word_embeddings` is what transformers reads as `scale_decoder_outputs` (a tied
+    head is stored once and tied again on load, an untied one is a tensor of its own)."""
+    t = lm.config
+    proj = _T5_PROJ.get((t.gated, t.act))
+    fit(proj is not None, f"language model `{lm.name}` with gated = true, act = {t.act} (transformers' gated T5 "
+        "FFN reads `gelu` as the tanh approximation, `gelu_tanh`)")
+    refuse_unplaced(lm, fit, _T5)
+    return {"model_type": "t5", "vocab_size": t.vocab, "d_model": t.width, "d_kv": t.head_dim, "d_ff": t.ffn,
+            "num_layers": t.depth, "num_decoder_layers": t.n_dec, "num_heads": t.heads, "feed_forward_proj": proj,
+            "relative_attention_num_buckets": t.buckets, "relative_attention_max_distance": t.max_distance,
+            "layer_norm_epsilon": t.norm_eps, "tie_word_embeddings": t.tie_embeddings,
+            "decoder_start_token_id": t.decoder_start, "is_encoder_decoder": True}
+
+
 def _text(lm: Component, session: Session, fit: Fit) -> dict[str, Any]:
     """`text_config`, with the tokenizer's ids: BLIP's `generate` runs the language model's own generation
     config, made from this one."""
-    fit(lm.kind in ("opt", "llama"), f"language model `{lm.name}` ({lm.kind})")
-    text = _opt(lm, fit) if lm.kind == "opt" else _llama(lm, fit)
+    fit(lm.kind in ("opt", "llama", "t5"), f"language model `{lm.name}` ({lm.kind})")
+    text = _opt(lm, fit) if lm.kind == "opt" else _t5(lm, fit) if lm.kind == "t5" else _llama(lm, fit)
     return {**text, **special_token_ids(session)}
 
 
@@ -252,6 +329,34 @@ def _laid_out(session: Session, fmt: BlipFormat) -> str:
             f"(InstructBLIP's processor gives the Q-Former the language model's text: only `{{image}}BOS{{q}}` "
             "gives it the question alone)")
     return tail
+
+
+def _t5_laid_out(session: Session, fmt: BlipFormat) -> str:
+    """The prompt after the placeholders, ending with EOS (BLIP-2 Flan-T5's processor tokenizes the text with
+    EOS after it and no BOS), refused where the processor lays prompts out otherwise."""
+    settings, tok = session.analysis.ir.settings, session.tokenizer
+    what = "the processor puts the image placeholders first, then the tokenized text with its EOS"
+    fmt.fit(settings.chat_template is None, f"a spec `chat_template` ({what})")
+    fmt.fit(not settings.system, f"`system` ({what})")
+    fmt.fit(not fmt.instruct, "an InstructBLIP with a t5 language model (exported as BLIP-2 only)")
+    eos = tok.eos_token
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    fmt.fit(bool(eos) and tok.bos_token is None and tok("a")["input_ids"] == [*plain, tok.eos_token_id],
+            f"a tokenizer that does not add just EOS after a text ({what})")
+    prompt = settings.prompt if "{image}" in settings.prompt else "{image}" + settings.prompt
+    fmt.fit(prompt.startswith("{image}") and prompt.endswith(eos) and "{image}" not in prompt[len("{image}"):],
+            f"prompt = {json.dumps(settings.prompt)} ({what})")
+    return prompt[len("{image}"):]
+
+
+# A user turn of BLIP-2 Flan-T5: the prompt's tail (its EOS written out) after earlier turns; the last one
+# without its EOS, which the tokenizer adds after the whole text
+_T5_TURN = """{{- (tail[:-(eos_token | length)] if loop.last else tail) | replace('{q}', text) -}}"""
+
+
+def _t5_chat_template(session: Session, tail: str) -> str:
+    return conversation_template("the processor puts the image placeholders first and EOS last", _T5_TURN,
+                                 {"TAIL": tail, "ANSWER": session.analysis.ir.settings.answer})
 
 
 # `apply_chat_template`'s text for the BLIP processors, which put the image placeholders in front of it and
@@ -306,13 +411,17 @@ def _write(session: Session, fmt: BlipFormat) -> Export:
     config = {"model_type": fmt.model_type, "architectures": [fmt.architecture],
               "vision_config": _vision(vis, fmt), "qformer_config": _qformer(con, vis, fmt),
               "text_config": _text(lm, session, fmt.fit), "num_query_tokens": con.config.queries,
-              "image_token_index": image_token_id(session, fmt.fit), "use_decoder_only_language_model": True,
+              "image_token_index": image_token_id(session, fmt.fit), "use_decoder_only_language_model": lm.kind != "t5",
               "tie_word_embeddings": lm.config.tie_embeddings}
     prefix_fusion(fus, con, fmt.fit, "causal", session.tokenizer)
     layouts = {vis.name: lay(("vision_model.", "")), con.name: _family(fmt.model_type).parts["qformer"].layouts[0],
-               lm.name: LLAVA_LM[0]}
+               lm.name: T5_LM[0] if lm.kind == "t5" else LLAVA_LM[0]}
     if session.tokenizer is None:  # no processor without a tokenizer: the exporter writes weights and config
         return Export(config, layouts)
+    if lm.kind == "t5":
+        files = {"preprocessor_config.json": image_processor(vis, fmt.processor, "BlipImageProcessor"),
+                 "processor_config.json": {"processor_class": fmt.processor, "num_query_tokens": con.config.queries}}
+        return Export(config, layouts, files, {}, _t5_chat_template(session, _t5_laid_out(session, fmt)))
     tail = _laid_out(session, fmt)
     files = {"preprocessor_config.json": image_processor(vis, fmt.processor, "BlipImageProcessor"),
              "processor_config.json": {"processor_class": fmt.processor, "num_query_tokens": con.config.queries}}
@@ -330,9 +439,11 @@ def write_instructblip(session: Session) -> Export:
 
 _COMPONENTS = {"eva": "vision", "qf": "qformer", "llm": "language"}
 _TEMPLATE_NOTE = ("none in the folder: the processor's layout (images, then BOS and text) becomes `prompt`; exported as a template that lays it out")
+_BLIP2_NOTE = ("none in the folder: the processor's layout (images, then BOS and text; with a T5 text model images, "
+               "text and EOS, the encoder's input) becomes `prompt`; exported as a template that lays it out")
 FORMATS = (VLMFormat(("blip-2",), _family("blip-2"), _COMPONENTS, read, claims=claims_blip2, write=write_blip2,
                      hf_class=BLIP2.architecture, processor="`Blip2Processor`: `BlipImageProcessor` (plain resize)",
-                     chat_template=_TEMPLATE_NOTE),
+                     chat_template=_BLIP2_NOTE),
            VLMFormat(("instructblip",), _family("instructblip"), _COMPONENTS, read, claims=claims_instructblip,
                      write=write_instructblip, hf_class=INSTRUCTBLIP.architecture,
                      processor="`InstructBlipProcessor`: `BlipImageProcessor` (plain resize), the Q-Former's tokenizer "

@@ -1,12 +1,14 @@
-"""LLaVA (`LlavaForConditionalGeneration`): CLIP or SigLIP vision tower, 2-layer MLP projector, Llama / Mistral /
-Qwen2 / Phi-3 (a `llama`, its fused tensors split at load) or Phi-1/2 (`phi`) text model, prefix fusion."""
+"""LLaVA (`LlavaForConditionalGeneration`): CLIP, SigLIP or Pixtral (mistral-community/pixtral-12b; its parts in
+`pixtral_parts.py`) vision tower, 2-layer MLP projector, Llama / Mistral / Qwen2 / Phi-3 (a `llama`, its fused
+tensors split at load) or Phi-1/2 (`phi`) text model, prefix fusion."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from vlmspec.runtime.weights.families import MultiFamily, Part, lay
-from vlmspec.runtime.weights.formats.base import LLAVA_LM, Export, VLMFormat, does_not_fit
+from vlmspec.runtime.weights.formats import pixtral_parts
+from vlmspec.runtime.weights.formats.base import LLAVA_LM, Export, VLMFormat, does_not_fit, refuse_unplaced
 from vlmspec.runtime.weights.hf_folder import image_fields
 from vlmspec.runtime.weights.spec_text import CONNECTOR_ACT, VISION_ACT, fields, language_block, need, tie
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
 def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     vc, tc = config["vision_config"], config["text_config"]
     tower = vc.get("model_type")
+    if tower == "pixtral":  # mistral-community/pixtral-12b: a Pixtral tower (formats/pixtral_parts.py)
+        return read_pixtral(config, folder)
     need(tower in ("clip_vision_model", "siglip_vision_model"), f"LLaVA vision tower `{tower}` (CLIP or SigLIP)")
     siglip = tower == "siglip_vision_model"
     act = vc.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu")
@@ -54,13 +58,39 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     ], int(config.get("image_token_index", config.get("image_token_id", 32000)))
 
 
+def read_pixtral(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
+    """LLaVA with a Pixtral tower: every image at its own size, `[IMG]` per patch and `[IMG_BREAK]` /
+    `[IMG_END]` in the prompt, the 2-layer projector into a Mistral text model."""
+    vc, tc = config["vision_config"], config["text_config"]
+    strategy = config.get("vision_feature_select_strategy", "default")
+    need(strategy == "full", f"vision_feature_select_strategy {strategy} on a Pixtral tower (it has no class "
+         "token: `default` would drop a patch)")
+    vision = pixtral_parts.vision_block(vc, folder, config.get("vision_feature_layer", -1), f"{folder}#vision",
+                                        vc.get("patch_size", 16))
+    pact = config.get("projector_hidden_act", "gelu")
+    need(pact in CONNECTOR_ACT, f"projector activation {pact}")
+    need(config.get("multimodal_projector_bias", True), "a projector without biases")
+    proj = fields([("layers", 2), ("act", CONNECTOR_ACT[pact]), ("weights", f"{folder}#projector")])
+    image, _, _ = pixtral_parts.processor_tokens(folder)
+    return [
+        vision,
+        f"  connector proj = mlp(vit -> llm) {{\n{proj}\n  }}",
+        language_block(tc, f"{folder}#language", tie(config, tc), head_bias=False),
+        f"  fusion prefix(proj -> llm) {{\n{fields([('image_token', image)])}\n  }}",
+    ], int(config.get("image_token_index", config.get("image_token_id", 10)))
+
+
 # ------------------------------------------------------------------ export
 
 #: vlmspec activation -> transformers' name (both the tower's and the projector's)
 ACT_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
           "relu": "relu"}
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}  # PIL's codes, as CLIPImageProcessor stores them
-_HINT = "LLaVA is one CLIP-style `vit` (or a `siglip`), a 2-layer `mlp`, a `llama` and a causal `prefix` fusion, unquantized"
+_HINT = ("LLaVA is one CLIP-style `vit` (or a `siglip`, or a `pixtral`), a 2-layer `mlp`, a `llama` and a causal "
+         "`prefix` fusion, unquantized")
+#: the `pixtral` encoder's attributes a `pixtral` vision_config and PixtralProcessor's files hold
+PIXTRAL_CARRIED = {"image_size", "patch_size", "channels", "width", "depth", "heads", "mlp", "act", "feature",
+                   "rope_theta", "mean", "std", "resize", "break_token", "end_token", "weights", "dtype"}
 
 
 def claims(ir: ModelIR) -> bool:
@@ -87,14 +117,17 @@ def llava_config(session: Session) -> dict[str, Any]:
     _fit(all(len(v) == 1 for v in by.values()), "a model with other than one encoder, connector, LM and fusion")
     vis, con, lm, fus = (by[r][0] for r in ("vision", "connector", "language", "fusion"))
     v, c, t = vis.config, con.config, lm.config
-    siglip = vis.kind == "siglip"
-    tower = (not v.class_token and not v.pre_norm and v.patch_bias) if siglip else \
-        (vis.kind == "vit" and v.class_token and v.pre_norm and not v.patch_bias)
-    _fit(tower and v.position == "learned" and not v.feature_norm and v.norm == "layer" and not v.gated_mlp
-         and not v.window and v.resolution == "fixed" and not v.tiles and v.temporal_patch == 1,
-         f"vision `{vis.name}` ({vis.kind})")
-    _fit(v.attn_bias and not v.global_layers and not v.tile_padding,
-         f"vision `{vis.name}` without attention biases or with global layers / tile padding")
+    siglip, pixtral = vis.kind == "siglip", vis.kind == "pixtral"
+    if pixtral:  # mistral-community/pixtral-12b: every attribute the `pixtral_vision` config holds, no other
+        refuse_unplaced(vis, _fit, PIXTRAL_CARRIED)
+    else:
+        tower = (not v.class_token and not v.pre_norm and v.patch_bias) if siglip else \
+            (vis.kind == "vit" and v.class_token and v.pre_norm and not v.patch_bias)
+        _fit(tower and v.position == "learned" and not v.feature_norm and v.norm == "layer" and not v.gated_mlp
+             and not v.window and v.resolution == "fixed" and not v.tiles and v.temporal_patch == 1,
+             f"vision `{vis.name}` ({vis.kind})")
+        _fit(v.attn_bias and not v.global_layers and not v.tile_padding,
+             f"vision `{vis.name}` without attention biases or with global layers / tile padding")
     _fit(c.layers == 2 and not c.norm and (c.hidden is None or c.hidden == t.width)
          and list(con.sources) == [vis.name], f"connector `{con.name}` ({con.kind}, {c.layers} layers)")
     _fit(lm.kind == "llama" and t.moe is None and not t.extra_vocab and t.rope == "default" and t.act == "silu",
@@ -109,11 +142,12 @@ def llava_config(session: Session) -> dict[str, Any]:
     tokens = analysis.shapes.out[fus.name].tokens
     return {
         "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-        "vision_config": vision_config(vis),
-        "text_config": text_config(t),
+        "vision_config": pixtral_parts.vision_config(v) if pixtral else vision_config(vis),
+        "text_config": {**text_config(t), "model_type": "mistral", "sliding_window": None} if pixtral
+        else text_config(t),
         "image_token_index": int(session.model.image_token_id), "image_seq_length": tokens,
         "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
-        "vision_feature_select_strategy": select_strategy(vis),
+        "vision_feature_select_strategy": "full" if pixtral else select_strategy(vis),
         "projector_hidden_act": ACT_HF[c.act], "multimodal_projector_bias": True,
         "tie_word_embeddings": t.tie_embeddings,
     }
@@ -179,8 +213,10 @@ def write(session: Session) -> Export:
     config = llava_config(session)
     ir = session.analysis.ir
     (vis,), (con,), lm = ir.by_role("vision"), ir.by_role("connector"), ir.language
+    files = pixtral_parts.processor_files(vis.config, ir.by_role("fusion")[0].config.image_token, 1) \
+        if vis.kind == "pixtral" else processor_files(session)
     return Export(config, {vis.name: lay(("vision_tower.", "")), con.name: lay(("multi_modal_projector.", "")),
-                           lm.name: LLAVA_LM[0]}, processor_files(session))
+                           lm.name: LLAVA_LM[0]}, files)
 
 
 FORMAT = VLMFormat(
@@ -193,11 +229,12 @@ FORMAT = VLMFormat(
                                         lay(("multi_modal_projector.", ""))), kinds=frozenset({"mlp"})),
         "language": Part("language", LLAVA_LM, sub_config="text_config"),
     }, {"vision": "vision", "connector": "projector", "language": "language"}),
-    components={"clip": "vision", "siglip": "vision", "proj": "projector", "llm": "language"},
+    components={"clip": "vision", "siglip": "vision", "vit": "vision", "proj": "projector", "llm": "language"},
     read=read,
     claims=claims,
     write=write,
     hf_class="LlavaForConditionalGeneration",
-    processor='`LlavaProcessor`: `CLIPImageProcessor` (resize, centre crop) or `LlavaImageProcessor` (pad to a square)',
+    processor='`LlavaProcessor`: `CLIPImageProcessor` (resize, centre crop) or `LlavaImageProcessor` (pad to a square); '
+              'with a Pixtral tower `PixtralProcessor` (see `mistral3`, merge 1)',
     chat_template="kept (the spec's `chat_template`), or translated into `prompt` / `answer` / `system` where exact; exported",
 )

@@ -101,7 +101,7 @@ _GEMMA_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu"}
 def claims(ir: ModelIR) -> bool:
     """One linear connector into a prefix fusion: PaliGemma's shape (what does not fit is said by `write`)."""
     return [c.kind for c in ir.by_role("connector")] == ["linear"] and \
-        [f.kind for f in ir.by_role("fusion")] == ["prefix"]
+        [f.kind for f in ir.by_role("fusion")] == ["prefix"] and not ir.by_role("audio")  # audio: Qwen2-Audio
 
 
 def _fit(cond: bool, what: str) -> None:

@@ -4,8 +4,8 @@ What differs from Qwen2-VL (`qwen2_vl.py`, whose readers this module reuses): th
 RMSNorm (`norm = rms`), its MLP is a biased SwiGLU (`gated_mlp = true`, `act = silu`, width
 `intermediate_size`), and it attends within windows of `window_size` pixels (`window`) except in
 `fullatt_block_indexes` (`full_layers`); the merger's norm is RMSNorm (`norm = rms`). The text model is
-Qwen2 with M-RoPE, images numbered as in Qwen2-VL (video time positions, `tokens_per_second`, do not
-concern images).
+Qwen2 with M-RoPE, images numbered as in Qwen2-VL; a video's time ids advance `tokens_per_second` per second
+(`video = frames(tokens_per_second = ...)`, see `vlmspec.runtime.weights.video_fields`).
 
 Keys, as `save_pretrained` writes them in transformers 5: `model.visual.blocks.N.{norm1, attn.qkv, attn.proj,
 norm2, mlp.gate_proj, mlp.up_proj, mlp.down_proj}`, `model.visual.merger.{ln_q, mlp.0, mlp.2}`,
@@ -38,6 +38,7 @@ from vlmspec.runtime.weights.formats.qwen2_vl import (
     pixel_range,
 )
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need
+from vlmspec.runtime.weights.video_fields import frames_field
 
 if TYPE_CHECKING:
     from vlmspec.compiler.ir import Component, ModelIR
@@ -93,6 +94,8 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     side = dict(vision)["image_size"]
     mean, std = pre.get("image_mean"), pre.get("image_std")
     raw_vision = [f"    mean = {list(map(float, mean))}", f"    std = {list(map(float, std))}"] if mean and std else []
+    vision.append(frames_field(config, folder, int(tc["max_position_embeddings"]),
+                               tokens_per_second=float(vc.get("tokens_per_second", 4))))
     vision.append(("weights", f"{folder}#vision"))
     merger = fields([("merge", merge), ("layers", 2), ("act", "gelu"), ("norm", "rms"),
                      ("weights", f"{folder}#merger")])
@@ -112,7 +115,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
 
 #: the `vit` attributes Qwen2.5-VL's vision config carries; every other one must hold Qwen2.5-VL's value
 _VIT = {"image_size", "patch_size", "channels", "width", "depth", "heads", "mlp", "act", "resolution",
-        "temporal_patch", "window", "full_layers", "mean", "std", "resize", "weights", "dtype"}
+        "temporal_patch", "window", "full_layers", "mean", "std", "resize", "weights", "dtype", "video"}
 _VIT_FIXED = {"position": "rope2d", "class_token": False, "pre_norm": False, "post_norm": False, "norm": "rms",
               "norm_eps": 1e-6, "gated_mlp": True}
 _LLAMA = {"width", "depth", "heads", "kv_heads", "ffn", "vocab", "max_positions", "norm_eps", "rope_theta", "rope",

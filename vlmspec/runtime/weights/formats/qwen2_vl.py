@@ -35,6 +35,7 @@ from vlmspec.runtime.weights.formats.base import (
 )
 from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_processor
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need
+from vlmspec.runtime.weights.video_fields import frames_field
 
 if TYPE_CHECKING:
     from vlmspec.compiler.ir import Component, ModelIR
@@ -161,6 +162,7 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     raw_vision = []
     if mean and std:
         raw_vision = [f"    mean = {list(map(float, mean))}", f"    std = {list(map(float, std))}"]
+    vision.append(frames_field(config, folder, int(tc["max_position_embeddings"])))
     vision.append(("weights", f"{folder}#vision"))
     merger = fields([("merge", merge), ("layers", 2), ("act", "gelu"), ("weights", f"{folder}#merger")])
     tokens = (side // (patch * merge)) ** 2
@@ -207,7 +209,7 @@ _SPECIAL_IDS = {"video_token_id": "<|video_pad|>", "vision_start_token_id": "<|v
 #: attributes each config carries; every other attribute must keep the value Qwen2-VL fixes (or its kind's
 #: default), see `unplaced_attribute`. `image_size` is carried as the side `read` derives from the pixel range.
 _VIT = {"image_size", "patch_size", "temporal_patch", "width", "depth", "heads", "mlp", "act", "feature", "resolution",
-        "mean", "std", "resize", "weights", "dtype"}
+        "mean", "std", "resize", "weights", "dtype", "video"}
 _VIT_FIXED = {"position": "rope2d", "class_token": False, "pre_norm": False, "post_norm": False, "norm_eps": 1e-6}
 _MERGER = {"merge", "hidden", "norm", "out", "weights", "dtype"}
 _QWEN2 = {"width", "depth", "heads", "kv_heads", "head_dim", "ffn", "vocab", "max_positions", "norm_eps", "rope_theta",
