@@ -345,7 +345,7 @@ def test_serve_answers_as_generate(tmp_path):
     """`vlm serve` feeds the two towers their own pixels too: its greedy answer is the built model's."""
     import base64
 
-    from fastapi.testclient import TestClient
+    from starlette.testclient import TestClient
     from typer.testing import CliRunner
 
     import vlmspec
