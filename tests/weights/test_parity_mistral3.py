@@ -15,8 +15,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import assert_sees_image, export_round_trip, imported, noise_image, randomise  # noqa: E402
-from test_parity_pixtral import IMG, N_VOCAB, QUESTION, VOCAB, reference_ids, tokenizer, two_sizes_match  # noqa: E402
+from hf_tiny import export_round_trip, imported, noise_image, randomise  # noqa: E402
+from test_parity_pixtral import (  # noqa: E402
+    IMG,
+    N_VOCAB,
+    QUESTION,
+    VOCAB,
+    non_square_matches,
+    reference_ids,
+    tokenizer,
+    two_sizes_match,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +82,6 @@ def processor(tmp_path, mapping):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_mistral3_parity_on_a_non_square_image(tmp_path, bias):
-    from PIL import Image
 
     hf, ip = mistral3(tmp_path / "hf", bias=bias)
     ours, report, mapping = imported(tmp_path / "hf", tmp_path)
@@ -81,29 +89,7 @@ def test_mistral3_parity_on_a_non_square_image(tmp_path, bias):
     assert set(mapping["components"]) == {"vit", "proj", "llm"}
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
     assert "pixtral_merger(vit -> llm)" in mapping["spec"] and "merge = 2" in mapping["spec"]
-    proc = processor(tmp_path, mapping)
-    image = noise_image(tmp_path / "img.png", (100, 45), colour=True)  # w x h: scaled to 64 x 28 -> 64 x 32
-    batch = proc.generation_batch([QUESTION], [image])
-    ref = ip(images=[Image.open(image)], return_tensors="pt")
-    assert ref["image_sizes"].tolist() == [[32, 64]]
-    px = ref["pixel_values"]
-    assert batch["pixel_values"].shape == px.shape and (batch["pixel_values"] - px).abs().max() <= 1e-5
-    ids = torch.tensor([reference_ids(32 // UNIT, 64 // UNIT)])
-    assert batch["input_ids"].tolist() == ids.tolist()
-
-    kw = dict(pixel_values=px, image_sizes=ref["image_sizes"])
-    assert_sees_image(lambda p: hf(input_ids=ids, pixel_values=p, image_sizes=kw["image_sizes"]).logits, px)
-    with torch.no_grad():
-        want = hf(input_ids=ids, **kw).logits
-        got = ours(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"]).logits
-    assert (want - got).abs().max() <= 1e-4
-    with torch.no_grad():
-        gen = hf.generate(input_ids=ids, **kw, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                          pad_token_id=0, eos_token_id=None, suppress_tokens=[IMG])[:, ids.shape[1]:]
-    mine = ours.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=batch["pixel_values"], max_new_tokens=16)
-    assert torch.equal(mine, gen)
+    non_square_matches(tmp_path, hf, ip, ours, mapping, UNIT)
 
 
 def test_mistral3_batch_of_two_sizes(tmp_path):

@@ -101,12 +101,18 @@ def processor(tmp_path, mapping):
 
 
 def test_pixtral_llava_parity_on_a_non_square_image(tmp_path, model):
-    from PIL import Image
-
     hf, ip, ours, mapping = model
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
     text = mapping["spec"]
     assert "vision vit = pixtral" in text and "head_dim = 32" in text and 'image_token = "[IMG]"' in text
+    non_square_matches(tmp_path, hf, ip, ours, mapping, PATCH)
+
+
+def non_square_matches(tmp_path, hf, ip, ours, mapping, unit: int) -> None:
+    """A 100x45 image (read as 64x32): pixels and prompt ids equal the reference's, logits within 1e-4,
+    16 greedy tokens identical, and the reference sees the image."""
+    from PIL import Image
+
     proc = processor(tmp_path, mapping)
     image = noise_image(tmp_path / "img.png", (100, 45), colour=True)  # w x h: scaled to 64 x 28 -> 64 x 32
     batch = proc.generation_batch([QUESTION], [image])
@@ -114,7 +120,7 @@ def test_pixtral_llava_parity_on_a_non_square_image(tmp_path, model):
     assert ref["image_sizes"].tolist() == [[32, 64]]
     px = ref["pixel_values"]
     assert batch["pixel_values"].shape == px.shape and (batch["pixel_values"] - px).abs().max() <= 1e-5
-    ids = torch.tensor([reference_ids(4, 8)])
+    ids = torch.tensor([reference_ids(32 // unit, 64 // unit)])
     assert batch["input_ids"].tolist() == ids.tolist()
 
     kw = dict(pixel_values=px, image_sizes=ref["image_sizes"])

@@ -33,17 +33,7 @@ def draw_image(color: str, shape: str, background: str, size: int, rng: random.R
     r = rng.uniform(0.28, 0.4) * size
     cx = rng.uniform(r, size - r)
     cy = rng.uniform(r, size - r)
-    fill = COLORS[color]
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    else:
-        w = r / 3
-        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    _draw_shape(d, shape, cx, cy, r, COLORS[color])
     return img
 
 
