@@ -98,7 +98,8 @@ def check(
         for a in result.analyses:
             tokens = sum(a.shapes.out[f.name].tokens for f in a.ir.by_role("fusion") if f.name in a.shapes.out)
             report.append({"file": a.file, "model": a.ir.name, "params": a.total_params,
-                           "visual_tokens": tokens, "stages": [s.name for s in a.ir.stages]})
+                           "visual_tokens": tokens, "stages": [s.name for s in a.ir.stages],
+                           "modality": "audio" if a.ir.by_role("audio") else "visual"})
     errors = [d for d in all_diags if d.severity == "error"]
     if as_json:
         print(json.dumps({"ok": not errors, "models": report, "diagnostics": [d.to_json() for d in all_diags]},
@@ -109,7 +110,7 @@ def check(
     for r in report:
         stages = ", ".join(r["stages"]) or "no stages"
         out.print(f"[green]ok[/green] {r['file']}:{r['model']}  {human(r['params'])} params, "
-                  f"{r['visual_tokens']} visual tokens, stages: {stages}")
+                  f"{r['visual_tokens']} {r['modality']} tokens, stages: {stages}")
     if errors:
         err.print(f"[red]{len(errors)} error{'s' if len(errors) != 1 else ''}[/red]")
         raise typer.Exit(1)
