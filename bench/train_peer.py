@@ -9,7 +9,9 @@ width 256, a 4-layer Llama of width 256; a character tokenizer with `<image>`, a
 llava-1.5 chat template) and synthetic LLaVA-format conversations (`vlm data synth`). Then, each in its own
 subprocess (so peak RSS is its own), trains the same stage on the same data, in the same order, from the same
 weights: projector + language model (embeddings and head included) trained, vision tower frozen, AdamW
-lr 1e-4, no weight decay, linear schedule without warm-up, gradient clipping at 1.0, fp32, batch B, N steps:
+lr 1e-4, no weight decay, linear schedule without warm-up, gradient clipping at 1.0, fp32, batch B, N steps,
+activation checkpointing off on both sides (TRL's `SFTConfig` turns `gradient_checkpointing` on by default, which
+trades its speed for memory; the bench sets it off, or on for both with `--checkpointing`):
 
 * vlmspec: `vlm import-hf` on the folder, a `stage` block added to the imported model, `vlm train`;
 * TRL: `SFTTrainer` on `LlavaForConditionalGeneration.from_pretrained(folder)` with the folder's processor,
@@ -104,11 +106,12 @@ def hf_folder(out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def stage_block(batch: int, steps: int, packing: bool = False) -> str:
+def stage_block(batch: int, steps: int, packing: bool = False, checkpointing: bool = False) -> str:
     return ("  stage sft {\n    train proj, llm\n    freeze clip\n    optim adamw(lr = 1e-4, weight_decay = 0.0)\n"
             f'    data llava("train.json")\n    batch {batch}\n    steps {steps}\n    precision fp32\n'
             "    warmup = 0.0\n    schedule = \"linear\"\n    clip_grad = 1.0\n"
-            + ("    packing = true\n" if packing else "") + "  }\n")
+            + ("    packing = true\n" if packing else "")
+            + ("    activation_checkpointing = true\n" if checkpointing else "") + "  }\n")
 
 
 FILLER = ("Look at the picture carefully.", "Take your time.", "Answer with one word.", "The image is small.",
@@ -261,7 +264,10 @@ def run_trl(work: Path, batch: int, steps: int) -> dict:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    trainer = SFTTrainer(model=model, args=trl_config(work / "trl", batch, steps), train_dataset=data,
+    # TRL's SFTConfig turns gradient checkpointing on by default; the bench sets it as `vlm train`'s stage does
+    ckpt = os.environ.get("BENCH_CHECKPOINTING") == "1"
+    trainer = SFTTrainer(model=model, args=trl_config(work / "trl", batch, steps, gradient_checkpointing=ckpt),
+                         train_dataset=data,
                          processing_class=processor, callbacks=[Clock()])
     collate = trainer.data_collator
 
@@ -342,6 +348,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--packing", action="store_true", help="varied lengths; also `vlm train` with `packing = true`")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on both sides (`vlm "
+                    "train`'s `activation_checkpointing = true`, TRL's `gradient_checkpointing`); off by default on "
+                    "both, TRL's own default being on")
     ap.add_argument("--child", choices=["vlmspec", "vlmspec-packed", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -362,11 +371,14 @@ def main() -> None:
                        capture_output=True)
         spec = (work / "imported.vlm").read_text()
         name = next(line.split()[1] for line in spec.splitlines() if line.startswith("model "))
-        (work / "train.vlm").write_text(with_stage(spec, name, stage_block(args.batch, args.steps)))
+        if args.checkpointing:
+            os.environ["BENCH_CHECKPOINTING"] = "1"  # read by the TRL child (`run_trl`)
+        ck = args.checkpointing
+        (work / "train.vlm").write_text(with_stage(spec, name, stage_block(args.batch, args.steps, checkpointing=ck)))
         packed = None
         if args.packing:
             vary_lengths(work / "data")
-            (work / "train-packed.vlm").write_text(with_stage(spec, name, stage_block(args.batch, args.steps, True)))
+            (work / "train-packed.vlm").write_text(with_stage(spec, name, stage_block(args.batch, args.steps, True, ck)))
             packed = measure("vlmspec-packed", work, args)
         ours = measure("vlmspec", work, args)
         theirs = measure("trl", work, args)
@@ -416,7 +428,8 @@ def main() -> None:
     from importlib.metadata import version
 
     line = (f"one stage (proj + llm trained, clip frozen), {params / 1e6:.1f}M params, batch {args.batch}, "
-            f"{args.steps} steps, fp32, {args.threads} threads: vlm train {ours['tok_s']:.0f} tok/s, peak RSS "
+            f"{args.steps} steps, fp32, {args.threads} threads, activation checkpointing "
+            f"{'on' if args.checkpointing else 'off'} on both sides: vlm train {ours['tok_s']:.0f} tok/s, peak RSS "
             f"{ours['peak_rss_mib']:.0f} MiB ({ours['rss_train_mib']:.0f} at the last step) vs TRL {version('trl')} "
             f"SFTTrainer {theirs['tok_s']:.0f} tok/s, {theirs['peak_rss_mib']:.0f} MiB "
             f"({theirs['rss_train_mib']:.0f}); loss step 1 {ours['losses'][0]:.4f} vs {theirs['losses'][0]:.4f}, "
