@@ -19,6 +19,9 @@ VIDEO_VIT = ("  vision clip = vit {{ image_size = 32  patch_size = 8  width = 32
              "position = rope2d  class_token = false  temporal_patch = 2  "
              "resolution = dynamic(min_pixels = 1024, max_pixels = 4096)  video = frames({}) }}\n")
 VIDEO_MERGER = "  connector proj = patch_merger(clip -> llm) { merge = 2 }\n"
+#: a fixed-square encoder reading videos as LLaVA-OneVision does (`frames(pool = ...)`)
+POOLED_VIT = ("  vision clip = vit {{ image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+              "class_token = false  video = frames({}) }}\n")
 
 #: a tiny Whisper-style audio encoder named like the base spec's vision encoder (so its connector reads it)
 AUDIO = "  audio clip = whisper { mels = 16  width = 32  depth = 2  heads = 2  mlp = 64  seconds = 1  pool = 2 }\n"
@@ -137,6 +140,10 @@ CASES: dict[str, str] = {
     "E0272": spec(vision=VIDEO_VIT.format("fps = 2, max_frames = 768"), connector=VIDEO_MERGER),
     "E0273": spec(vision=VIDEO_VIT.format("max_tokens = 2"), connector=VIDEO_MERGER),
     "E0274": spec(vision=VIDEO_VIT.format("max_tokens = 64, tokens_per_second = 2"), connector=VIDEO_MERGER),
+    # LLaVA-OneVision's pooled frames (`frames(pool = 2)` on a fixed-resolution encoder)
+    "E0275": spec(vision=VIDEO_VIT.format("num_frames = 8, pool = 2"), connector=VIDEO_MERGER),
+    "E0276": spec(vision=POOLED_VIT.format("fps = 1, pool = 2")),
+    "E0277": spec(vision=POOLED_VIT.format("num_frames = 64, pool = 2")),
     # encoder-free patches (Fuyu) and the persimmon language model
     "E0250": spec(vision="  vision clip = patches { patch_size = 8  layout = rows(canvas = [64, 60]) }\n",
                   connector="  connector proj = linear(clip -> llm)\n"),

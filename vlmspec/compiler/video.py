@@ -55,8 +55,56 @@ def most_frames(cfg: Any) -> int:
     return max(n, t)
 
 
+def pooled_side(cfg: Any) -> int:
+    """One frame's token grid side after `frames(pool = p)`: ceil(patches a side / p), as OneVision's bilinear
+    pooling rounds up."""
+    return math.ceil(cfg.image_size // cfg.patch_size / cfg.video.pool)
+
+
+def pooled_tokens(cfg: Any) -> int:
+    """A pooled video's tokens: `num_frames` pooled grids and the one `image_newline` after them."""
+    return cfg.video.num_frames * pooled_side(cfg) ** 2 + 1
+
+
+#: `frames(...)` attributes that mean nothing beside `pool` (OneVision takes `num_frames` squares)
+_NOT_POOLED = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels", "max_tokens", "tokens_per_second")
+
+
+def _check_pooled(ir: ModelIR, name: str, span: Any, sink: DiagnosticSink) -> None:
+    """E0275-E0277: OneVision's pooled frames need a fixed square, `num_frames` and room in the context."""
+    cfg = ir.components[name].config
+    video = cfg.video
+    if not isinstance(cfg.resolution, str):
+        sink.error("E0275", f"frames(pool = {video.pool}) reads each frame as `{name}`'s image_size square, but "
+                   "the encoder has `resolution = dynamic(...)`", span,
+                   help="drop `pool` (dynamic-resolution encoders read frames at their own size, Qwen2-VL), or "
+                   "drop `resolution = dynamic(...)`")
+        return
+    extra = [k for k in _NOT_POOLED if k in video.model_fields_set]
+    if video.num_frames is None or extra:
+        what = "needs `num_frames`" if video.num_frames is None else \
+            "takes no " + ", ".join(f"`{k}`" for k in extra)
+        sink.error("E0276", f"frames(pool = {video.pool}) {what}: pooled frames are `num_frames` frames sampled "
+                   "evenly from the whole video, each the encoder's square", span,
+                   help="write `frames(num_frames = 8, pool = 2)` (LLaVA-OneVision's video processor)")
+        return
+    lm = ir.language
+    max_positions = getattr(lm.config, "max_positions", None) if lm is not None else None
+    tokens = pooled_tokens(cfg)
+    if max_positions is not None and tokens + 1 > max_positions:
+        side = pooled_side(cfg)
+        most = max(1, (max_positions - 2) // (side * side))
+        sink.error("E0277", f"a video gives {tokens} tokens ({video.num_frames} frames of {side} x {side} pooled "
+                   f"tokens and a newline) but `{lm.name}` reads max_positions = {max_positions}", span,
+                   help=f"set `num_frames = {most}` or less, or raise `pool`")
+
+
 def budget(ir: ModelIR, encoder: str) -> VideoBudget:
     cfg = ir.components[encoder].config
+    if cfg.video.pool:
+        area = cfg.image_size * cfg.image_size
+        n = pooled_tokens(cfg) if cfg.video.num_frames else 1
+        return VideoBudget(encoder, n, n, area, area)
     lo, hi = frame_range(cfg)
     f = video_factor(ir, encoder)
     per_frame_most = max(1, hi // (f * f))
@@ -72,17 +120,21 @@ def video_encoders(ir: ModelIR) -> list[str]:
 
 
 def check_video(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> None:
-    """E0270-E0274: a `frames(...)` block an encoder cannot use, contradictory sampling, a budget that
-    cannot fit the context or fits no video, absolute time ids without M-RoPE."""
+    """E0270-E0277: a `frames(...)` block an encoder cannot use, contradictory sampling, a budget that
+    cannot fit the context or fits no video, absolute time ids without M-RoPE; OneVision's pooled frames."""
     lm = ir.language
     for name in video_encoders(ir):
         cfg = ir.components[name].config
         video = cfg.video
         span = spans.attr(name, "video")
+        if video.pool is not None:
+            _check_pooled(ir, name, span, sink)
+            continue
         if isinstance(cfg.resolution, str):
             sink.error("E0270", f"`{name}` reads videos but not at their own size (resolution = {cfg.resolution})",
                        span, help="declare `resolution = dynamic(min_pixels = ..., max_pixels = ...)`: frames are "
-                       "resized as Qwen2-VL's processor resizes them")
+                       "resized as Qwen2-VL's processor resizes them; or `frames(num_frames = 8, pool = 2)` to read each frame as the "
+                       "square (LLaVA-OneVision)")
             continue
         if video.num_frames and "fps" in video.model_fields_set:
             sink.error("E0271", "frames(...) takes `fps` or `num_frames`, not both", span,

@@ -13,7 +13,8 @@ where an image would go, the features, then the ordinary `generate`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -47,6 +48,8 @@ def encode_videos(model: VisionLanguageModel, frames: Tensor, seconds: Tensor | 
     `tokens_per_second` (absolute time ids, Qwen2.5-VL); default 1."""
     name = video_encoder(model)
     cfg = model.components[name].cfg
+    if cfg.video.pool:
+        return encode_pooled(model, frames)
     t = cfg.temporal_patch
     if not isinstance(frames, Tensor) or frames.dim() != 5 or frames.shape[1] % t:
         shape = tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__
@@ -78,6 +81,57 @@ def encode_videos(model: VisionLanguageModel, frames: Tensor, seconds: Tensor | 
     return features
 
 
+def pool_frames(x: Tensor, side: int) -> Tensor:
+    """[n x g*g x d] projected frame tokens -> [n x side*side x d]: the square grid shrunk bilinearly (without
+    corner alignment) to side x side, LLaVA-OneVision's `apply_pooling`."""
+    n, tokens, d = x.shape
+    g = math.isqrt(tokens)
+    if g * g != tokens:
+        raise user_error("E0609", f"frames(pool = ...) pools a square grid of tokens, but a frame gives {tokens}",
+                         help="read frames through an encoder whose feature keeps every patch and no class token "
+                         "(`feature(tokens = patches)`)")
+    grid = x.reshape(n, g, g, d).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.interpolate(grid, size=(side, side), mode="bilinear")
+    return pooled.permute(0, 2, 3, 1).reshape(n, side * side, d)
+
+
+def encode_pooled(model: VisionLanguageModel, frames: Tensor) -> dict[str, Tensor]:
+    """OneVision's video path: frames [b x F x c x s x s], each through the encoder and connectors as one
+    square image, pooled (`pool_frames`), the frames' tokens one after another and the connector's
+    `image_newline` once after the last -> {fusion: [b x (F * side^2 + 1) x d], VIDEO_GRID, VIDEO_TIME}
+    (the grid marks the features as a video's, so that its placeholders are read as visual tokens)."""
+    from vlmspec.compiler.video import pooled_side
+
+    name = video_encoder(model)
+    cfg = model.components[name].cfg
+    s = cfg.image_size
+    if not isinstance(frames, Tensor) or frames.dim() != 5 or tuple(frames.shape[-2:]) != (s, s):
+        shape = tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__
+        raise user_error("E0609", f"pooled videos must be [b x frames x c x {s} x {s}] (frames(pool = ...) reads "
+                         f"each frame as the encoder's square), got {shape}",
+                         help="read them with `VideoReader`, which resizes each frame to the square")
+    b, f, c = frames.shape[:3]
+    outs: dict[str, Any] = {}
+    for comp_name in model.order:
+        comp = model.components[comp_name]
+        if model.roles[comp_name] == "vision":
+            outs[comp_name] = comp(frames.reshape(b * f, c, s, s))
+        else:
+            outs[comp_name] = comp([outs[src] for src in model.sources[comp_name]], None)
+    (fusion,) = model.in_sequence
+    sources = model.sources[fusion]
+    side = pooled_side(cfg)
+    x = pool_frames(torch.cat([outs[src].x for src in sources], dim=1), side).reshape(b, f * side * side, -1)
+    newline = next((getattr(model.components[src], "image_newline", None) for src in sources), None)
+    if newline is None:
+        raise user_error("E0609", f"frames(pool = ...) ends a video with the connector's `image_newline`, but "
+                         f"`{sources[0]}` has none", help="give the encoder `layout = anyres(..., newline = true)` "
+                         "(LLaVA-OneVision), whose connector keeps the newline")
+    x = torch.cat([x, newline.to(x.dtype)[None, None].expand(b, 1, -1)], dim=1)
+    return {fusion: x, VIDEO_GRID: torch.tensor([[f, side, side]] * b, device=x.device),
+            VIDEO_TIME: torch.ones(b, device=x.device)}
+
+
 def video_reader(analysis: Analysis) -> VideoReader:
     """The `VideoReader` of the spec's video encoder (E0604 when none reads videos)."""
     from vlmspec.compiler.video import video_encoders, video_factor
@@ -87,7 +141,10 @@ def video_reader(analysis: Analysis) -> VideoReader:
     if len(names) != 1:
         raise user_error("E0604", "this model does not read videos: no vision encoder has `video = frames(...)`",
                          help="add `video = frames(fps = 2)` to the encoder (with `resolution = dynamic(...)`)")
-    return VideoReader.from_encoder(analysis.ir.components[names[0]].config, video_factor(analysis.ir, names[0]))
+    cfg = analysis.ir.components[names[0]].config
+    if cfg.video.pool:  # OneVision's square frames: no merge factor to size them by
+        return VideoReader.pooled(cfg)
+    return VideoReader.from_encoder(cfg, video_factor(analysis.ir, names[0]))
 
 
 def video_slot(processor: Processor, model: VisionLanguageModel, tokens: int) -> str:

@@ -92,6 +92,10 @@ class VideoFrames(Schema):
     tokens_per_second: float | None = Field(default=None, gt=0, description="absolute time ids: M-RoPE's time "
                                             "axis advances this many ids per second of video (Qwen2.5-VL); "
                                             "default: one per temporal patch (Qwen2-VL)")
+    pool: int | None = Field(default=None, gt=0, description="LLaVA-OneVision's per-frame pooling: each of "
+                             "`num_frames` frames read as the encoder's square, its projected token grid shrunk "
+                             "bilinearly to ceil(side / pool) a side, one `image_newline` after the last frame "
+                             "(OneVision: 2); needs a fixed-resolution encoder; see vlmspec/compiler/video.py")
 
     @model_validator(mode="before")
     @classmethod
@@ -103,9 +107,12 @@ class VideoFrames(Schema):
         return v
 
     def to_vlm(self) -> str:
-        """Every value in force (`fps` is not, beside `num_frames`), so that a resolved spec reads the same."""
+        """Every value in force (`fps` is not, beside `num_frames`; pooled frames only what they read), so that
+        a resolved spec reads the same."""
         keys = [k for k in type(self).model_fields if getattr(self, k) is not None
                 and not (k == "fps" and self.num_frames is not None)]
+        if self.pool is not None:  # pooled frames read only these (the rest is E0276)
+            keys = [k for k in keys if k in ("num_frames", "pool", "token_id")]
         return "frames(" + ", ".join(f"{k} = {getattr(self, k)}" for k in keys) + ")"
 
 

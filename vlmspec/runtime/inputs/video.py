@@ -60,11 +60,12 @@ class Video:
     indices: list[int]
     sampled_fps: float
     grid: tuple[int, int, int]  # (temporal patches, merged rows, merged columns)
+    newline: int = 0  # tokens after the grids (OneVision's one `image_newline` after pooled frames)
 
     @property
     def tokens(self) -> int:
         t, h, w = self.grid
-        return t * h * w
+        return t * h * w + self.newline
 
     def seconds_per_patch(self, temporal: int) -> float:
         """Seconds of video one temporal patch spans (Qwen2.5-VL's `second_per_grid_t`)."""
@@ -182,8 +183,12 @@ class VideoReader:
     """Reads videos for one encoder: `reader(path)` -> `Video` (normalised frames, padded to whole temporal
     patches). `normalise` is the encoder's image normalisation (scale to [0, 1], mean, std)."""
 
-    def __init__(self, rule: SamplingRule, resize: str, normalise: Callable[[Image.Image], Tensor]):
+    def __init__(self, rule: SamplingRule, resize: str, normalise: Callable[[Image.Image], Tensor],
+                 square: tuple[int, int] | None = None):
         self.rule, self.filter, self.normalise = rule, _FILTERS[resize], normalise
+        # `frames(pool = p)` (LLaVA-OneVision): (image_size, pooled side): every frame resized to the square,
+        # each giving side x side tokens, one newline after the last
+        self.square = square
 
     @classmethod
     def from_encoder(cls, cfg: Any, factor: int) -> VideoReader:
@@ -192,11 +197,25 @@ class VideoReader:
         from vlmspec.runtime.inputs.images import ImageTransform
 
         v = cfg.video
+        if v.pool:
+            return cls.pooled(cfg)
         lo, hi = frame_range(cfg)
         rule = SamplingRule(None if v.num_frames else v.fps, v.num_frames, v.min_frames, v.max_frames, lo, hi,
                             cfg.temporal_patch, factor, v.max_tokens)
         norm = ImageTransform(cfg.image_size, list(cfg.mean), list(cfg.std), cfg.resize)
         return cls(rule, cfg.resize, norm.normalise)
+
+    @classmethod
+    def pooled(cls, cfg: Any) -> VideoReader:
+        """OneVision's reader: `num_frames` frames taken at even steps over the whole video (the video
+        processor's uniform sampling; a frame folder is the video), each resized to the encoder's square."""
+        from vlmspec.compiler.video import pooled_side
+        from vlmspec.runtime.inputs.images import ImageTransform
+
+        s, n = cfg.image_size, cfg.video.num_frames
+        rule = SamplingRule(None, n, n, n, s * s, s * s, 1, s, None)
+        norm = ImageTransform(s, list(cfg.mean), list(cfg.std), cfg.resize)
+        return cls(rule, cfg.resize, norm.normalise, (s, pooled_side(cfg)))
 
     def __call__(self, src: str | Path) -> Video:
         path = Path(src)
@@ -206,9 +225,15 @@ class VideoReader:
             frames, indices, total, rate = _decode_file(path, self.rule)
         else:
             raise user_error("E0601", f"video not found: {path}", help="give a video file or a folder of frames")
-        h, w = frame_size(frames[0].height, frames[0].width, self.rule)
+        if self.square is not None:
+            h = w = self.square[0]
+        else:
+            h, w = frame_size(frames[0].height, frames[0].width, self.rule)
         pixels = [self.normalise(f.resize((w, h), self.filter)) for f in frames]
         pad = -len(pixels) % self.rule.temporal
         stacked = torch.stack(pixels + [pixels[-1]] * pad)
         sampled_fps = len(indices) / total * rate
+        if self.square is not None:
+            side = self.square[1]
+            return Video(stacked, indices, sampled_fps, (len(pixels), side, side), newline=1)
         return Video(stacked, indices, sampled_fps, video_grid(len(pixels), h, w, self.rule))

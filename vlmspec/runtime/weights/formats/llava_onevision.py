@@ -5,6 +5,8 @@ anyres(..., max_tiles = N, multi_image = square)`; the newline is the projector'
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmspec.runtime.weights.formats import llava, llava_next
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from vlmspec.runtime.session import Session
 
 _PREFIX = "anyres_max_"
+_FRAMES = 8  # frames a video gives when the checkpoint's video processor does not sample its own
 
 
 def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
@@ -24,7 +27,28 @@ def read(config: dict[str, Any], folder: str) -> tuple[list[str], int]:
     need(ratio.startswith(_PREFIX) and ratio[len(_PREFIX):].isdigit() and int(ratio[len(_PREFIX):]) > 0,
          f"vision_aspect_ratio {ratio} (vlmspec reads `anyres_max_N`)")
     extra = f", max_tiles = {int(ratio[len(_PREFIX):])}, multi_image = square"
-    return llava_next.read(config, folder, llava_next.layout_line(config, folder, extra))
+    blocks, image_token = llava_next.read(config, folder, llava_next.layout_line(config, folder, extra))
+    video = video_line(config, folder)
+    if video:
+        vision = blocks[0].split("\n")
+        at = next(i for i, line in enumerate(vision) if line.strip().startswith("weights ="))
+        vision.insert(at, video)
+        blocks[0] = "\n".join(vision)
+    return blocks, image_token
+
+
+def video_line(config: dict[str, Any], folder: str) -> str:
+    """The encoder's `video = frames(num_frames = N, pool = 2, token_id = V)`: OneVision pools every frame's grid
+    2 x 2 (`apply_pooling`); N is the video processor's `num_frames` when it samples (`do_sample_frames`),
+    else 8 (the processor then takes the frames it is given); V is the config's `<video>` id. Empty when the
+    config names no video token."""
+    token = config.get("video_token_id", config.get("video_token_index"))
+    if token is None:
+        return ""
+    path = Path(folder) / "video_preprocessor_config.json"
+    video = json.loads(path.read_text()) if path.is_file() else {}
+    n = video.get("num_frames") if video.get("do_sample_frames") else None
+    return f"    video = frames(num_frames = {int(n or _FRAMES)}, pool = 2, token_id = {int(token)})"
 
 
 # ------------------------------------------------------------------ export
@@ -66,6 +90,17 @@ def write(session: Session) -> Export:
                      vision_aspect_ratio=f"{_PREFIX}{layout.max_tiles}")
     processor.pop("patch_size", None)
     processor.pop("num_additional_image_tokens", None)
+    video = vis.config.video
+    if video is not None:  # OneVision pools every frame 2 x 2 and knows no other rate
+        does_not_fit(video.pool == 2 and video.num_frames is not None, "LLaVA-OneVision",
+                     f"{video.to_vlm()} (transformers pools frames 2 x 2 only)",
+                     "write `video = frames(num_frames = N, pool = 2, token_id = ...)`")
+        if video.token_id is not None:
+            config["video_token_id"] = int(video.token_id)
+        files["video_preprocessor_config.json"] = {
+            "video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor",
+            "size": {"height": s, "width": s}, "do_sample_frames": True, "num_frames": int(video.num_frames),
+            "image_mean": list(vis.config.mean), "image_std": list(vis.config.std)}
     return Export(config, llava_next.export_layouts(ir), files)
 
 
