@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import IMAGE_TOKEN, assert_sees_image, imported  # noqa: E402
+from video_files import write_folder, write_video  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 VID = IMAGE_TOKEN - 1  # the tiny config's `video_token_id`
@@ -36,27 +37,6 @@ def moving_frames(n: int, size: tuple[int, int] = (56, 40), colour: tuple[int, i
         f[10:22, x:x + 12] = colour
         out.append(f.astype(np.uint8))
     return out
-
-
-def write_folder(path: Path, frames: list[np.ndarray]) -> Path:
-    from PIL import Image
-
-    path.mkdir()
-    for i, f in enumerate(frames):
-        Image.fromarray(f).save(path / f"frame_{i:03d}.png")
-    return path
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 5) -> Path:
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def _model(tmp_path: Path):

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_tiny import export_round_trip, imported, noise_image, randomise  # noqa: E402
+from hf_tiny import export_round_trip, imported, randomise  # noqa: E402
 from test_parity_pixtral import (  # noqa: E402
     IMG,
     N_VOCAB,
-    QUESTION,
-    VOCAB,
+    cli_answers_as_transformers,
     non_square_matches,
     reference_ids,
     tokenizer,
@@ -102,32 +101,8 @@ def test_mistral3_batch_of_two_sizes(tmp_path):
 
 def test_mistral3_cli_import_build_generate(tmp_path):
     """`vlm import-hf` -> `vlm build` -> `vlm generate` answers as transformers does on the same image."""
-    from PIL import Image
-    from typer.testing import CliRunner
-
-    from vlmspec.cli import app
-
     hf, ip = mistral3(tmp_path / "hf", seed=1)
-    runner = CliRunner()
-    spec, built = tmp_path / "imported.vlm", tmp_path / "built"
-    for args in (["import-hf", str(tmp_path / "hf"), "-o", str(spec)], ["check", str(spec)],
-                 ["fmt", "--check", str(spec)], ["build", str(spec), "-o", str(built)]):
-        r = runner.invoke(app, args)
-        assert r.exit_code == 0, r.output
-    image = noise_image(tmp_path / "img.png", (50, 30), colour=True)
-    r = runner.invoke(app, ["generate", str(built), "--image", str(image), "--prompt", QUESTION,
-                            "--max-new-tokens", "16"])
-    assert r.exit_code == 0, r.output
-    ref = ip(images=[Image.open(image)], return_tensors="pt")
-    h, w = ref["image_sizes"][0].tolist()
-    ids = torch.tensor([reference_ids(h // UNIT, w // UNIT)])
-    with torch.no_grad():
-        gen = hf.generate(input_ids=ids, pixel_values=ref["pixel_values"], image_sizes=ref["image_sizes"],
-                          max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=VOCAB["</s>"],
-                          suppress_tokens=[IMG])[0, ids.shape[1]:]
-    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    words = [t for t in gen.tolist() if t != VOCAB["</s>"]]
-    assert words and r.stdout.strip() == tok.decode(words, skip_special_tokens=True).strip()
+    cli_answers_as_transformers(tmp_path, hf, ip, UNIT, checks=("check", "fmt --check"))
 
 
 def test_mistral3_export_round_trip(tmp_path):

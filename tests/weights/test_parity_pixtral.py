@@ -190,15 +190,21 @@ def test_pixtral_vision_tower_matches(tmp_path, model):
 
 def test_pixtral_cli_import_build_generate(tmp_path):
     """`vlm import-hf` -> `vlm build` -> `vlm generate` answers as transformers does on the same image."""
+    hf, ip = pixtral_llava(tmp_path / "hf", seed=1)
+    assert cli_answers_as_transformers(tmp_path, hf, ip, PATCH, checks=("check",))
+
+
+def cli_answers_as_transformers(tmp_path, hf, ip, unit: int, checks: tuple[str, ...]) -> str:
+    """The folder at tmp_path/hf through `vlm import-hf`, each of `checks` (`check`, `fmt --check`) on the spec,
+    `vlm build` and `vlm generate` on a 50x30 image: the printed answer (returned) is transformers' greedy one."""
     from PIL import Image
     from typer.testing import CliRunner
 
     from vlmspec.cli import app
 
-    hf, ip = pixtral_llava(tmp_path / "hf", seed=1)
     runner = CliRunner()
     spec, built = tmp_path / "imported.vlm", tmp_path / "built"
-    for args in (["import-hf", str(tmp_path / "hf"), "-o", str(spec)], ["check", str(spec)],
+    for args in (["import-hf", str(tmp_path / "hf"), "-o", str(spec)], *[[*c.split(), str(spec)] for c in checks],
                  ["build", str(spec), "-o", str(built)]):
         r = runner.invoke(app, args)
         assert r.exit_code == 0, r.output
@@ -208,15 +214,15 @@ def test_pixtral_cli_import_build_generate(tmp_path):
     assert r.exit_code == 0, r.output
     ref = ip(images=[Image.open(image)], return_tensors="pt")
     h, w = ref["image_sizes"][0].tolist()
-    ids = torch.tensor([reference_ids(h // PATCH, w // PATCH)])
+    ids = torch.tensor([reference_ids(h // unit, w // unit)])
     with torch.no_grad():
         gen = hf.generate(input_ids=ids, pixel_values=ref["pixel_values"], image_sizes=ref["image_sizes"],
                           max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=VOCAB["</s>"],
                           suppress_tokens=[IMG])[0, ids.shape[1]:]
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     words = [t for t in gen.tolist() if t != VOCAB["</s>"]]
-    assert words and r.stdout.strip()
-    assert r.stdout.strip() == tok.decode(words, skip_special_tokens=True).strip()
+    assert words and r.stdout.strip() == tok.decode(words, skip_special_tokens=True).strip()
+    return r.stdout.strip()
 
 
 def test_pixtral_llava_export_round_trip(tmp_path):

@@ -28,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_tiny import imported  # noqa: E402
 from test_parity_qwen2_vl import END, IMG, MERGE, PATCH, START, TEMPORAL, qwen2_vl  # noqa: E402
+from video_files import write_folder, write_video  # noqa: E402
 
 av = pytest.importorskip("av")
 transformers = pytest.importorskip("transformers")
@@ -84,25 +85,6 @@ def square_frames(n: int, size: tuple[int, int] = (56, 40), colour: tuple[int, i
         f[24:34, w - 12 - x:w - x] = colour[::-1]
         out.append(f.astype(np.uint8))
     return out
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 5) -> Path:
-    """An MPEG-4 file of these frames at `fps` (PyAV)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def write_folder(path: Path, frames: list[np.ndarray]) -> Path:
-    path.mkdir()
-    for i, f in enumerate(frames):
-        Image.fromarray(f).save(path / f"frame_{i:03d}.png")
-    return path
 
 
 def video_config(folder: Path, **extra) -> None:
