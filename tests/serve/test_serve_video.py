@@ -116,3 +116,59 @@ def test_video_to_a_model_without_video_is_a_400(tmp_path, trained):
                                                        {"type": "text", "text": QUESTION}])
     assert r.status_code == 400 and r.json()["error"]["code"] == "E0604", r.text
     assert json.loads(r.text)["error"]["message"].startswith("this model does not read videos")
+
+
+def test_video_qa_over_a_server_scores_as_the_folder(trained, tmp_path):
+    """`vlm eval --server URL --task video_qa` against `vlm serve` on 127.0.0.1: MPEG-4 files go inline as data URLs,
+    frame folders as file:// URLs under --files-root; the answers and accuracy equal `vlm eval MODEL`'s, and a
+    truncated video the server refuses (400) is a skipped record under --max-bad, not a crash."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from vlmspec.evaluation import run_eval, run_eval_server
+    from vlmspec.runtime.serve import ServeConfig, create_app
+
+    session, data = trained
+    qa = tmp_path / "qa.jsonl"
+    whole = (data / "videos" / "000004.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(whole[: len(whole) // 2])
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    import av
+
+    with av.open(str(data / "videos" / "000005.mp4")) as box:
+        for k, frame in enumerate(box.decode(video=0)):
+            frame.to_image().save(frames / f"{k:03d}.png")
+    rows = [json.loads(x) for x in (data / "test_video_qa.jsonl").read_text().splitlines()]
+    rows = [{**r, "video": str(data / r["video"])} for r in rows]
+    rows.append({**rows[0], "video": str(frames)})
+    qa.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with_bad = tmp_path / "bad.jsonl"
+    with_bad.write_text(qa.read_text() + json.dumps({**rows[0], "video": str(tmp_path / "cut.mp4")}) + "\n")
+
+    app = create_app(session, ServeConfig(files_root=str(tmp_path.parent)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        remote = run_eval_server(url, "video_qa", str(qa), max_new_tokens=6, progress=False, batch_size=2)
+        local = run_eval(session, "video_qa", str(qa), max_new_tokens=6, progress=False)
+        assert [r["prediction"] for r in remote["samples"]] == [r["prediction"] for r in local["samples"]]
+        assert remote["metrics"] == local["metrics"] and remote["metrics"]["questions"] == len(rows)
+        skipped = run_eval_server(url, "video_qa", str(with_bad), max_new_tokens=6, progress=False, max_bad=1)
+        assert skipped["metrics"]["questions"] == len(rows) and len(skipped["skipped"]) == 1
+        assert "HTTP 400" in skipped["skipped"][0]["reason"]
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -107,3 +107,41 @@ def test_mixed_micro_batch_is_refused(moving, tmp_path):
     assert e.value.diagnostics[0].code == "E0606"
     batch = video_batch([clip, clip], 2, "s")
     assert batch["videos"].shape == (2, 8, 3, 32, 32) and batch["video_seconds"].tolist() == [1.0, 1.0]
+
+
+def test_tiny_onevision_trains_on_pooled_video_frames(tmp_path, monkeypatch):
+    """LLaVA-OneVision reads a video as `num_frames` stills, each pooled 2 x 2: 2 steps from the CLI with the
+    tiny spec's `frames(num_frames = 4, pool = 2)`; every forward gets the 4 sampled frames (not 8, not a still),
+    its prompt holds 4 x (2 x 2) pooled tokens + one newline, and the loss is finite; the trained model then
+    answers `vlm eval --task video_qa`."""
+    from vlmspec.runtime.model import VisionLanguageModel
+
+    seen: list[dict] = []
+    forward = VisionLanguageModel.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            seen.append({k: v for k, v in kwargs.items() if k in ("videos", "pixel_values", "input_ids")})
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionLanguageModel, "forward", spy)
+    data = tmp_path / "data"  # the spec's stages name captions.jsonl and train.json: the video records are the latter
+    _vlm("data", "synth", "-o", str(data), "--n", "8", "--test", "4")
+    _vlm("data", "synth", "--video", "-o", str(data), "--n", "8", "--test", "4")
+    (data / "train.json").write_text((data / "train_video.json").read_text())
+    run = tmp_path / "run"
+    spec = f"{ROOT}/specs/llava-onevision-qwen2-7b.vlm:llava_onevision_qwen2_7b_tiny"
+    _vlm("train", spec, "--data", str(data), "-o", str(run), "--steps", "2", "--stage", "onevision", "--workers", "0")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    from vlmspec.runtime.inputs.tokenizer import load_tokenizer
+
+    image_token = load_tokenizer(run / "tokenizer").convert_tokens_to_ids("<image>")
+    assert seen
+    for kw in seen:
+        videos = kw["videos"]
+        assert kw.get("pixel_values") is None and videos.shape[1:] == (4, 3, 32, 32)
+        assert not torch.equal(videos[:, 0], videos[:, 1])
+        assert ((kw["input_ids"] == image_token).sum(1) == 4 * 4 + 1).all()
+    out = _vlm("eval", str(run / "final"), "--task", "video_qa", "--data", str(data / "test_video_qa.jsonl"))
+    assert "video_qa_accuracy" in out and "questions 4" in out

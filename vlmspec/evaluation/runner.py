@@ -176,9 +176,15 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
 
     from vlmspec.evaluation.server import ChatClient
 
-    if task == "video_qa":
-        raise user_error("E0608", "video_qa is scored on a model folder: the chat client sends images, not videos",
-                         help="evaluate the model folder (vlm eval MODEL --task video_qa) instead of --server")
+    if task == "video_qa":  # each video as a `video_url` part: `video_qa.py`
+        from vlmspec.evaluation.video_qa import run_video_qa_server
+
+        client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
+        vs, metrics, rows = run_video_qa_server(client, data, images, max_new_tokens, max_bad, progress, limit,
+                                                concurrency=batch_size)
+        return _results(task, vs, data, images, metrics, rows,
+                        {"max_new_tokens": max_new_tokens, "temperature": 0.0, "decoding": "greedy (server)",
+                         "concurrency": batch_size}, model=client.served_model or model, spec_hash=None, server=url)
     if task == "retrieval":
         raise user_error("E0554", "retrieval needs image and text embeddings, which a chat completions server "
                          "does not give", help="evaluate retrieval on the model folder instead of --server")

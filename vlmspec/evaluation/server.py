@@ -1,4 +1,4 @@
-"""A minimal client for OpenAI-compatible chat completions with one image, for `vlm eval --server`.
+"""A minimal client for OpenAI-compatible chat completions with one image or video, for `vlm eval --server`.
 
 `httpx` is used when it is installed (connection reuse across thousands of requests); otherwise the
 standard library's `urllib`, so evaluating a server needs no extra package. A server error or an answer
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import json
+import mimetypes
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from vlmspec.diagnostics import user_error
@@ -26,6 +28,30 @@ def chat_request(text: str, png: bytes, max_tokens: int, model: str | None) -> d
         "model": model or "default",
         "messages": [{"role": "user", "content": [{"type": "text", "text": text},
                                                   {"type": "image_url", "image_url": {"url": url}}]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+def video_url(path: str | Path) -> str:
+    """A video for a `video_url` part: a file inline as a data URL (any server reads it), a folder of frames as
+    a `file://` URL, which the server reads only when allowed to (`vlm serve --files-root`, vLLM's
+    `--allowed-local-media-path`)."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().as_uri()
+    mime = mimetypes.guess_type(p.name)[0] or "video/mp4"
+    if not mime.startswith("video/"):
+        mime = "video/mp4"
+    return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+
+
+def video_request(text: str, url: str, max_tokens: int, model: str | None) -> dict[str, Any]:
+    """One user turn with the video part first, then the text (vLLM's and `vlm serve`'s video layout)."""
+    return {
+        "model": model or "default",
+        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                                  {"type": "text", "text": text}]}],
         "max_tokens": max_tokens,
         "temperature": 0,
     }
@@ -51,7 +77,12 @@ class ChatClient:
             self._httpx = httpx.Client(timeout=timeout)
 
     def complete(self, text: str, png: bytes, max_tokens: int) -> str:
-        body = chat_request(text, png, max_tokens, self.model)
+        return self._answer(chat_request(text, png, max_tokens, self.model))
+
+    def complete_video(self, text: str, video: str | Path, max_tokens: int) -> str:
+        return self._answer(video_request(text, video_url(video), max_tokens, self.model))
+
+    def _answer(self, body: dict[str, Any]) -> str:
         reply = self._post(body)
         try:
             content = reply["choices"][0]["message"]["content"]
@@ -75,6 +106,7 @@ class ChatClient:
             except Exception as e:  # httpx's transport errors share no base class we can name without it
                 raise user_error("E0553", f"cannot reach {self.endpoint}: {e}") from None
             self._check_auth(r.status_code)
+            self._check_input(r.status_code, r.text)
             if r.status_code >= 400:
                 raise user_error("E0553", f"{self.endpoint} answered HTTP {r.status_code}: {r.text[:200]}")
             return self._json(r.text)
@@ -85,6 +117,7 @@ class ChatClient:
         except urllib.error.HTTPError as e:
             self._check_auth(e.code)
             detail = e.read().decode("utf-8", "replace")[:200]
+            self._check_input(e.code, detail)
             raise user_error("E0553", f"{self.endpoint} answered HTTP {e.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -100,6 +133,12 @@ class ChatClient:
                              help="check the key passed with --api-key or in OPENAI_API_KEY")
         raise user_error("E0555", f"{self.endpoint} needs an API key (HTTP {status})",
                          help="pass --api-key KEY, or set OPENAI_API_KEY")
+
+    def _check_input(self, status: int, detail: str) -> None:
+        """400: the server read the request and refused its input (a truncated video, an image it cannot
+        open). Its own code, so that a runner can count the sample as a bad record instead of stopping."""
+        if status == 400:
+            raise user_error("E0544", f"{self.endpoint} refused the input (HTTP 400): {detail[:200]}")
 
     def __repr__(self) -> str:
         return f"ChatClient({self.endpoint!r}, model={self.model!r})"

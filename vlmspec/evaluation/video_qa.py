@@ -176,3 +176,48 @@ def run_video_qa(session: Session, data: str, videos: str | None = None, max_new
         raise user_error("E0551", f"no sample of {data} could be evaluated ({len(es.bad)} skipped)")
     metrics, rows = video_qa_scores(predictions, done)
     return es, metrics, rows
+
+
+def run_video_qa_server(client: Any, data: str, videos: str | None = None, max_new_tokens: int = 16,
+                        max_bad: int = 0, progress: bool = True, limit: int | None = None,
+                        concurrency: int = 4) -> tuple[VideoQASet, dict[str, Any], list[dict[str, Any]]]:
+    """The same questions and scoring as `run_video_qa`, asked of an OpenAI-compatible server: each video as a
+    `video_url` part (`ChatClient.complete_video`), greedy, `concurrency` requests in flight. A video the server
+    refuses (HTTP 400: unreadable, truncated, over its token budget) is a bad record under `max_bad`, as an
+    unreadable video is on a model folder; any other server failure stops the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmspec.evaluation.batching import batches, progress_bar
+
+    es = read_video_qa(data, videos)
+    if limit is not None:
+        es.samples = es.samples[:limit]
+    es.check(max_bad)
+    if not es.samples:
+        raise user_error("E0551", f"{data} has no usable video_qa records")
+
+    def ask(s: VideoQuestion) -> str | VlmSpecError:
+        try:
+            return client.complete_video(mc_prompt(s.question, s.options), s.video, max_new_tokens)
+        except VlmSpecError as e:
+            if e.diagnostics and e.diagnostics[0].code == "E0544":
+                return e
+            raise
+
+    done: list[VideoQuestion] = []
+    predictions: list[str] = []
+    with progress_bar(progress, len(es.samples), "eval video_qa (server)") as advance, \
+            ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        for chunk in batches(es.samples, max(1, concurrency)):
+            for s, answer in zip(chunk, pool.map(ask, chunk), strict=True):
+                if isinstance(answer, VlmSpecError):
+                    es.bad.append(BadRecord(s.where, answer.diagnostics[0].message))
+                else:
+                    predictions.append(answer)
+                    done.append(s)
+            es.check(max_bad)
+            advance(len(chunk))
+    if not done:
+        raise user_error("E0551", f"no sample of {data} could be evaluated ({len(es.bad)} skipped)")
+    metrics, rows = video_qa_scores(predictions, done)
+    return es, metrics, rows
