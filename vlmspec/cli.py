@@ -761,11 +761,19 @@ def data_synth(
     frames: Annotated[int, typer.Option(help="with --video: frames per video")] = 8,
     video_format: Annotated[str, typer.Option("--video-format", help="with --video: `frames` (a PNG folder per "
                                               "video) or `mp4` (MPEG-4 via PyAV)")] = "frames",
+    audio: Annotated[bool, typer.Option("--audio", help="tones instead: `is the tone low, middle or high?` WAV "
+                                        "clips of up to 1 s at 16 kHz")] = False,
 ) -> None:
     """Write coloured shapes with captions and question/answer conversations (LLaVA format); with --video,
     shapes moving left / right / up / down (`--size` defaults to 32 px then)."""
     from vlmspec.runtime.inputs.synth import synthesize, synthesize_video
 
+    if audio:
+        from vlmspec.runtime.inputs.synth_audio import synthesize_audio
+
+        counts = synthesize_audio(output, n_train=n, n_test=test, seed=seed)
+        out.print(f"wrote {output}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+        return
     if video:
         if video_format not in ("frames", "mp4"):
             _fail([Diagnostic("E0005", f"unknown --video-format `{video_format}`", help="use frames or mp4")], {})

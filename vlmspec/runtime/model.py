@@ -392,7 +392,8 @@ class VisionLanguageModel(nn.Module):
                 logits_for: str = "all", aspect_ratio_ids: Tensor | None = None,
                 image_mask: Tensor | None = None, image_sizes: Tensor | None = None,
                 segment_ids: Tensor | None = None, videos: Tensor | None = None,
-                video_seconds: Tensor | None = None) -> VLMOutput:
+                video_seconds: Tensor | None = None, audio: Tensor | None = None,
+                audio_lengths: Tensor | None = None) -> VLMOutput:
         """input_ids [b x s] (the new tokens when a cache is given); attention_mask [b x (past + s)], 1 = real,
         0 = (left) padding; labels [b x s] with -100 where no loss is taken (shifted here).
         `logits_to_keep` = k > 0 computes logits for the last k positions only (generation).
@@ -419,8 +420,12 @@ class VisionLanguageModel(nn.Module):
         the image tokens in order: each sample is computed as it would be alone.
         videos: [b x F x c x h x w] one video per row and video_seconds [b] (seconds per temporal patch), encoded
         here as `encode_videos` does, so that training takes the video path through the wrapped model.
+        audio: [b x mels x frames] log-mel features, one clip per row, and audio_lengths [b] (real frames), encoded
+        here as `encode_audio` does (training on audio records).
         """
         llm = self.llm
+        if image_features is None and audio is not None:  # training on audio records (`encode_audio`)
+            image_features = self.encode_audio(audio, audio_lengths)
         if image_features is None and videos is not None:  # training on video records (`encode_videos`)
             image_features = self.encode_videos(videos, video_seconds)
         if image_features is None and pixel_values is not None:

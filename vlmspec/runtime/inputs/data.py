@@ -5,6 +5,8 @@
 - Image-caption JSONL: `{"image": ..., "caption": ...}` (or `"captions": [...]`, the first is used).
 - Video conversations: a LLaVA record with `"video": ...` (a file or a folder of frames) instead of `"image"`,
   `<video>` (or the image placeholder) in its first question; the stage reads it with the spec's video reader.
+- Audio conversations: a LLaVA record with `"audio": "clip.wav"` instead, `<audio>` (or the placeholder) in its
+  first question; the stage reads it at the spec's audio front end (`vlmspec.runtime.train.audio_items`).
 
 Every record that cannot be used (missing image, unreadable file, no `<image>` where the model needs
 one, malformed turns) is counted and reported with its file and line, and skipped while the count
@@ -29,6 +31,7 @@ class Sample:
     turns: list[tuple[str, str]]  # (question, answer) pairs; the first question carries the image
     where: str
     video: Path | None = None  # a `"video"` record's file or frame folder (then `image` is None)
+    audio: Path | None = None  # an `"audio"` record's WAV file (then `image` and `video` are None)
 
 
 @dataclass(slots=True)
@@ -126,7 +129,15 @@ def read_llava(path: str | Path, images: str | Path | None = None, needs_image: 
             reason = "no human / gpt turn"
         image = _resolve_image(rec.get("image"), base)
         video = _resolve_image(rec.get("video"), base)
-        if reason is None and video is not None:  # a video record: its placeholder is `<video>` or `<image>`
+        audio = _resolve_image(rec.get("audio"), base)
+        if reason is None and audio is not None:  # an audio record: its placeholder is `<audio>` or the model's
+            reason = "a record takes one of `image`, `video` or `audio`" if image is not None or video is not None \
+                else None if audio.is_file() else f"audio not found: {audio}"
+            if reason is None and "<audio>" not in turns[0][0] and image_token not in turns[0][0]:
+                reason = f"the first question has no `<audio>` (or `{image_token}`) placeholder"
+            if reason is None:
+                turns[0] = (turns[0][0].replace("<audio>", "").strip(), turns[0][1])
+        elif reason is None and video is not None:  # a video record: its placeholder is `<video>` or `<image>`
             reason = "a record takes an `image` or a `video`, not both" if image is not None else _video_ok(video)
             if reason is None and "<video>" not in turns[0][0] and image_token not in turns[0][0]:
                 reason = f"the first question has no `<video>` (or `{image_token}`) placeholder"
@@ -143,7 +154,7 @@ def read_llava(path: str | Path, images: str | Path | None = None, needs_image: 
             continue
         first_q = turns[0][0].replace(image_token, "").strip()
         turns[0] = (first_q, turns[0][1])
-        ds.samples.append(Sample(image, turns, where, video))
+        ds.samples.append(Sample(image, turns, where, video, audio))
     return ds
 
 

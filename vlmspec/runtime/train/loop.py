@@ -64,6 +64,7 @@ from vlmspec.runtime.train.state import (
     trainable_state,
     write_checkpoint,
 )
+from vlmspec.runtime.train.audio_items import audio_config, audio_training_batch, is_audio_batch
 from vlmspec.runtime.train.video_items import is_video_batch, video_training_batch
 
 
@@ -192,7 +193,6 @@ class Trainer:
         tokenizer = self._tokenizer(stages)
         self.dist.barrier()
         self._check_quantized()
-        self._check_modalities()
         session = self._build(tokenizer)
         self.session = session
         if session.report is not None:
@@ -250,7 +250,8 @@ class Trainer:
                        state=model.state_dict(),
                        extra={"run": {"spec": manifest["spec"], "stages": [
                            {k: s.get(k) for k in ("name", "state", "steps", "final_loss")} for s in manifest["stages"]]}})
-        self.log(f"final model: {self.run_dir / 'final'}  (vlm generate {self.run_dir / 'final'} --image ... "
+        medium = "--audio" if audio_config(self.analysis) is not None else "--image"
+        self.log(f"final model: {self.run_dir / 'final'}  (vlm generate {self.run_dir / 'final'} {medium} ... "
                  "--prompt ...)")
 
     # ------------------------------------------------------------ one stage
@@ -275,16 +276,6 @@ class Trainer:
         texts = [processor.tokenizer(" ".join(a for _, a in smp.turns).strip(), add_special_tokens=False)["input_ids"]
                  for smp in ds.samples] if first else []
         return Prepared(first, enc, texts)
-
-    def _check_modalities(self) -> None:
-        """Training data records carry images (and videos); an audio encoder's stages have no records to read
-        yet: refuse them in one line rather than train the language model on text alone."""
-        audio = [c.name for c in self.analysis.ir.components.values() if c.role == "audio"]
-        if audio:
-            raise user_error("E0543", f"`vlm train` reads image and video records, and model `{self.analysis.ir.name}` "
-                             f"reads audio (`{audio[0]}`): audio training data is not supported yet",
-                             help="train the audio model with transformers / TRL on its Hugging Face export "
-                             "(`vlm export-hf`), or in Python with `model.encode_audio` features")
 
     def _check_quantized(self) -> None:
         """A component stored as integers (`quantize = int8`) cannot take gradients: refuse a stage that
@@ -385,12 +376,15 @@ class Trainer:
                         continue
                     examples = [enc.examples[k] for k in mb]
                     video = is_video_batch(pix, stage.name)  # videos: the model's forward encodes them
-                    if stage.packs and not video:  # rows of several samples; images stacked in the rows' reading order
+                    audio = is_audio_batch(pix, stage.name)  # clips: likewise
+                    if stage.packs and not video and not audio:  # rows of several samples; images stacked in the rows' reading order
                         rows, reading = packed_layout(examples, stage.packing, model.llm.c.max_positions)
                         step_pack.add(pack_stats(examples, rows))
                         pix = [pix[j] for j in reading]
-                    pixels, facts = processor.stack(pix) if pix and pix[0] is not None and not video else (None, None)
-                    batch = video_training_batch(processor, examples, pix, enc.pixels.transform, stage) if video else \
+                    pixels, facts = processor.stack(pix) if pix and pix[0] is not None and not video and not audio \
+                        else (None, None)
+                    batch = audio_training_batch(processor, examples, pix, stage) if audio else \
+                        video_training_batch(processor, examples, pix, enc.pixels.transform, stage) if video else \
                         packed_batch(processor, examples, rows, pixels, facts) if stage.packs else \
                         processor.training_batch(examples, pixels, facts)
                     batch = move(batch, self.device)

@@ -9,6 +9,7 @@ from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.inputs.data import Dataset
 from vlmspec.runtime.inputs.processor import Encoded, Processor
+from vlmspec.runtime.train.audio_items import AudioRef, AudioTransform, audio_config
 from vlmspec.runtime.train.loader import StageImages
 
 
@@ -61,12 +62,22 @@ def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
     images = StageImages([s.image if needs_image else None for s in ds.samples], processor.image_transform)
     if any(s.video is not None for s in ds.samples):  # videos: read as `vlm generate --video` reads them
         images = _with_videos(ds, images, processor)
+    audio = audio_config(processor.analysis)
+    heard = next((s for s in ds.samples if s.audio is not None), None)
+    if heard is not None and audio is None:  # dropping the clip would train on the text alone
+        raise user_error("E0548", f"{heard.where}: an audio record, and this model has no audio encoder to read it",
+                         help="train audio records with a model that has an `audio` component")
+    if audio is not None:  # an audio model: every sample a clip, read at the spec's front end
+        images = StageImages([AudioRef(s.audio) if s.audio is not None else s.image or s.video for s in ds.samples],
+                             AudioTransform(audio))
     per_image = processor.native is not None or processor.laid_out is not None
     fixed_slot = None
     examples = []
     for k, s in enumerate(ds.samples):
         slot = None
-        if s.video is not None:  # each video decoded once here for its token count (and a bad one refused)
+        if audio is not None:  # each clip read once here for its token count (and a bad one refused)
+            slot = images[k].tokens if images.paths[k] is not None else None
+        elif s.video is not None:  # each video decoded once here for its token count (and a bad one refused)
             from vlmspec.runtime.train.video_items import video_placeholder
 
             slot = video_placeholder(processor) * images[k].tokens
