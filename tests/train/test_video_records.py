@@ -145,3 +145,17 @@ def test_tiny_onevision_trains_on_pooled_video_frames(tmp_path, monkeypatch):
         assert ((kw["input_ids"] == image_token).sum(1) == 4 * 4 + 1).all()
     out = _vlm("eval", str(run / "final"), "--task", "video_qa", "--data", str(data / "test_video_qa.jsonl"))
     assert "video_qa_accuracy" in out and "questions 4" in out
+
+
+def test_train_eval_scores_held_out_video_qa(moving, tmp_path):
+    """`vlm train --eval test_video_qa.jsonl` scores the held-out videos with `vlm eval --task video_qa`'s code at
+    the end of the stage (the file's records name videos), logged and in metrics.jsonl."""
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", TINY, "--data", str(moving / "train_video.json"), "-o", str(run), "--steps",
+                                 "1", "--stage", "instruct", "--workers", "0", "--eval",
+                                 str(moving / "test_video_qa.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert "held-out video QA accuracy" in r.output
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [x for x in rows if x.get("eval") == "video_qa"]
+    assert len(scored) == 1 and scored[0]["questions"] == 4 and 0.0 <= scored[0]["video_qa_accuracy"] <= 100.0

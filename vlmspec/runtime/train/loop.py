@@ -15,6 +15,7 @@ atomically, so a run killed at any moment resumes (`--resume`) to bitwise the sa
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
@@ -95,6 +96,17 @@ class StageResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def held_out_task(path: str) -> str:
+    """`video_qa` when the held-out file's first record names a `video` (the `test_video_qa.jsonl` that `vlm data
+    synth --video` writes), else `vqa`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        return "video_qa" if isinstance(rec := json.loads(first), dict) and "video" in rec else "vqa"
+    except (OSError, ValueError):
+        return "vqa"  # `vlm eval`'s reader reports the problem with its line
 
 
 class Trainer:
@@ -480,21 +492,25 @@ class Trainer:
             write_checkpoint(ckpt, weights, optim_state, sched, step, losses)
 
     def _evaluate(self, model: VisionLanguageModel, processor: Processor, stage: str, step: int) -> None:
-        """Held-out VQA accuracy with the evaluation code `vlm eval` runs, so the two always agree."""
+        """Held-out accuracy with the evaluation code `vlm eval` runs, so the two always agree: VQA, or
+        multiple-choice video QA when the held-out records name videos (`held_out_task`)."""
         if self.dist.main:
             from vlmspec.evaluation import run_eval
 
+            task = held_out_task(self.opts.eval_data)
             session = Session(self.analysis, model, processor.tokenizer, processor.instruction_tokenizer)
             was_training = model.training
             model.eval()
             try:
-                results = run_eval(session, "vqa", self.opts.eval_data, progress=False)
+                results = run_eval(session, task, self.opts.eval_data, progress=False)
             finally:
                 model.train(was_training)
-            acc = results["metrics"]["vqa_accuracy"]
-            append_metric(self.run_dir, {"stage": stage, "step": step, "eval": "vqa", "vqa_accuracy": acc,
+            key = f"{task}_accuracy"
+            acc = results["metrics"][key]
+            append_metric(self.run_dir, {"stage": stage, "step": step, "eval": task, key: acc,
                           "questions": results["metrics"].get("questions")})
-            self.log(f"  {stage} step {step}: held-out VQA accuracy {acc:.1f}%")
+            self.log(f"  {stage} step {step}: held-out {'video QA' if task == 'video_qa' else 'VQA'} accuracy "
+                     f"{acc:.1f}%")
         self.dist.barrier()
 
     # ------------------------------------------------------------ LoRA and up-cycling
