@@ -26,6 +26,21 @@ POOLED_VIT = ("  vision clip = vit {{ image_size = 32  patch_size = 8  width = 3
 #: a tiny Whisper-style audio encoder named like the base spec's vision encoder (so its connector reads it)
 AUDIO = "  audio clip = whisper { mels = 16  width = 32  depth = 2  heads = 2  mlp = 64  seconds = 1  pool = 2 }\n"
 
+#: a tiny CLIP: an image tower and a text tower compared by a contrastive head (no language model)
+CLIP_PARTS = {
+    "vision": "  vision img = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  mlp = 64  "
+              "feature = pooled }\n",
+    "text": "  text txt = clip_text { width = 32  depth = 2  heads = 2  vocab = 260  max_positions = 16  "
+            "eos_token_id = 2 }\n",
+    "fusion": "  fusion contrastive(img + txt) { dim = 16 }\n",
+    "stages": "  stage pretrain { train img, txt, fusion  objective contrastive }\n",
+}
+
+
+def clip_spec(**replace: str) -> str:
+    parts = {**CLIP_PARTS, **replace}
+    return "model tiny {\n" + "".join(parts.values()) + "}\n"
+
 
 CASES: dict[str, str] = {
     # syntax
@@ -84,6 +99,15 @@ CASES: dict[str, str] = {
                   connector="  connector proj = linear(clip -> llm)\n"),
     "E0221": spec(vision="  vision clip = eva { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
                          "qk_norm = true }\n"),
+    # text towers and pooled image towers (CLIP / SigLIP)
+    "E0222": clip_spec(text="  text txt = clip_text { width = 32  depth = 2  heads = 2  vocab = 260  max_positions = 16  "
+                            "eos_token_id = 300 }\n"),
+    "E0225": clip_spec(text="  text txt = clip_text { width = 32  depth = 2  heads = 2  vocab = 260  max_positions = 16  "
+                            "pool = argmax  eos_token_id = 259 }\n"),
+    "E0223": clip_spec(vision="  vision img = siglip { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                              "mlp = 64  feature = pooled }\n"),
+    "E0224": clip_spec(vision="  vision img = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                              "mlp = 64  feature = pooled  tiles = 2 }\n"),
     # dinov2 and convnext encoders
     "E0240": spec(vision="  vision clip = convnext { image_size = 64  dims = [8, 16, 24, 32]  depths = [1, 1, 2] }\n"),
     "E0241": spec(vision="  vision clip = dinov2 { image_size = 28  patch_size = 7  width = 32  depth = 2  heads = 2  "
@@ -155,6 +179,34 @@ CASES: dict[str, str] = {
                            "max_positions = 256  partial_rotary = 0.05 }\n"),
     "E0254": spec(language="  language llm = persimmon { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
                            "max_positions = 256  moe { experts = 2  top_k = 1 } }\n"),
+    # kosmos2 language models and latent_queries connectors
+    "E0290": spec(language="  language llm = kosmos2 { width = 48  depth = 2  heads = 4  kv_heads = 2  ffn = 96  "
+                           "vocab = 512  max_positions = 256 }\n"),
+    "E0291": spec(language="  language llm = kosmos2 { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
+                           "max_positions = 256  rope_theta = 10000 }\n"),
+    "E0292": spec(connector="  connector proj = latent_queries(clip -> llm) { latents = 8  heads = 5 }\n"),
+    "E0293": spec(language="  language llm = kosmos2 { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512  "
+                           "max_positions = 256  moe { experts = 2  top_k = 1 } }\n"),
+    # grounding: how the model writes a box (`boxes = ...`)
+    "E0294": spec(fusion='  fusion prefix(proj -> llm)\n  boxes = coordinates(format = "[{x1}, {y1}, {w}, {h}]", scale = 100)\n'),
+    "E0295": spec(fusion="  fusion prefix(proj -> llm)\n  boxes = patch_index(bins = 500)\n"),
+    "E0296": spec(fusion='  fusion prefix(proj -> llm)\n  boxes = coordinates(format = "[{x1}, {y1}, {x2}, {y2}]", scale = "px")\n'),
+    "E0297": spec(fusion='  fusion prefix(proj -> llm)\n  boxes = coordinates(format = "{x1}{y1}{x2}{y2}", scale = 100)\n'),
+    # contrastive pre-training (CLIP / SigLIP): `fusion contrastive(img + txt)`, no language model
+    "E0283": spec(connector="  connector proj = mlp(clip) { layers = 2 }\n"),
+    "E0284": clip_spec(fusion="  fusion contrastive(img + txt -> txt) { dim = 16 }\n"),
+    "E0285": clip_spec(vision="  vision img = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  "
+                       "mlp = 64  feature = pooled }\n  vision img2 = vit { image_size = 32  patch_size = 8  width = 32  "
+                       "depth = 2  heads = 2  mlp = 64  feature = pooled }\n",
+                       fusion="  fusion contrastive(img + img2) { dim = 16 }\n"),
+    "E0286": clip_spec(stages="  language llm = llama { width = 48  depth = 2  heads = 4  ffn = 96  vocab = 512 }\n"),
+    "E0287": clip_spec(fusion="  fusion contrastive(img + txt) { dim = 16  loss = softmax  bias = -10.0 }\n"),
+    "E0288": clip_spec(fusion="  fusion contrastive(img + txt) { loss = sigmoid }\n",
+                       text="  text txt = siglip_text { width = 48  depth = 2  heads = 2  vocab = 260  "
+                       "max_positions = 16 }\n"),
+    "E0289": clip_spec(fusion="  fusion contrastive(img + txt) { dim = 16 }\n  fusion again = contrastive(img + txt)\n"),
+    "E0315": spec(stages="  stage align { train proj  freeze clip, llm  objective contrastive }\n"),
+    "E0316": clip_spec(stages="  stage pretrain { train img, txt, fusion }\n"),
     # activation checkpointing (stages)
     "E0230": spec(stages="  stage align { train proj, llm  freeze clip  activation_checkpointing = [lm] }\n"),
     "E0231": spec(stages="  stage align { train proj, llm  freeze clip  activation_checkpointing = [llm, proj] }\n"),

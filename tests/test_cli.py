@@ -163,7 +163,7 @@ def test_schema() -> None:
     s = json.loads(r.stdout)
     assert s["roles"]["connector"]["mlp"]["properties"]["layers"]["description"] == "number of linear layers"
     r = vlm("schema")
-    assert set(json.loads(r.stdout)["roles"]) == {"vision", "audio", "connector", "language", "fusion"}
+    assert set(json.loads(r.stdout)["roles"]) == {"vision", "audio", "text", "connector", "language", "fusion"}
     r = vlm("schema", "mpl")
     assert r.exit_code == 1 and "error[E0105]: unknown kind `mpl`" in r.output and "did you mean `mlp`?" in r.output
 

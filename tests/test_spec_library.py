@@ -50,7 +50,7 @@ def test_library_is_complete():
         "llava-v1.6-mistral-7b.vlm", "llava-onevision-qwen2-7b.vlm", "internvl2.5-8b.vlm",
         "minigpt-v2-7b.vlm", "idefics3-8b.vlm", "smolvlm-2.2b.vlm",
         "fuyu-8b.vlm", "pixtral-12b.vlm", "cobra-3b.vlm", "convllava-7b.vlm", "blip2-flan-t5-xl.vlm",
-        "blip2-flan-t5-xxl.vlm", "deepseek-vl-7b.vlm",
+        "blip2-flan-t5-xxl.vlm", "deepseek-vl-7b.vlm", "kosmos-2.vlm",
     }
     assert expected <= names, f"missing: {sorted(expected - names)}"
 
@@ -436,6 +436,20 @@ def qwen2_audio(ir: ModelIR):
     return Qwen2AudioForConditionalGeneration, Qwen2AudioConfig(audio_config=audio, text_config=_text_config(lm))
 
 
+def kosmos2(ir: ModelIR):
+    """Kosmos-2: a CLIP tower read at its last layer, the latent-query projection, Kosmos-2's decoder."""
+    from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
+
+    v, proj, lm = _one(ir, "vision"), _one(ir, "connector", "latent_queries"), _one(ir, "language", "kosmos2")
+    assert proj.heads == lm.heads and lm.kind == "kosmos2"
+    vision = {k: x for k, x in _clip_vision(v).items() if k != "model_type"}
+    text = dict(vocab_size=lm.vocab, embed_dim=lm.width, layers=lm.depth, ffn_dim=lm.ffn, attention_heads=lm.heads,
+                max_position_embeddings=lm.max_positions, tie_word_embeddings=lm.tie_embeddings)
+    cfg = Kosmos2Config(vision_config=vision, text_config=text, latent_query_num=proj.latents,
+                        tie_word_embeddings=lm.tie_embeddings)
+    return Kosmos2ForConditionalGeneration, cfg
+
+
 def phi_head_bias(a: Analysis) -> int:
     # LlavaForConditionalGeneration builds its own output head without a bias; Phi-2's head (PhiForCausalLM,
     # and TinyLLaVA's own checkpoint) has one, which the spec counts
@@ -471,6 +485,7 @@ PARITY = [
     Parity("pixtral-12b.vlm:pixtral_12b", pixtral),
     Parity("deepseek-vl-7b.vlm:deepseek_vl_7b", deepseek_vl_hybrid),
     Parity("qwen2-audio-7b.vlm:qwen2_audio_7b", qwen2_audio),
+    Parity("kosmos-2.vlm:kosmos_2", kosmos2),
 ]
 CASES = [(p, tiny) for p in PARITY for tiny in (False, True)]
 

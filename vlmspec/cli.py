@@ -437,6 +437,9 @@ def generate(
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
     num_beams: Annotated[int, typer.Option(help="beam search width")] = 1,
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+    boxes: Annotated[bool, typer.Option("--boxes", help="also print the boxes the answer holds, read in the "
+                                        "spec's `boxes` format, in the image's pixels")] = False,
+    as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Answer a prompt about an image with a built or trained model."""
@@ -445,6 +448,9 @@ def generate(
     from vlmspec.runtime.session import load_session
 
     session = load_session(model_dir, device=str(resolve_device(device)))
+    from vlmspec.runtime.contrastive import refuse_generation
+
+    refuse_generation(session.model, "vlm generate")
     if audio or ((image or video) and session.analysis.ir.by_role("audio")):
         from vlmspec.runtime.audio.answer import answer_audio, refuse_pictures
 
@@ -463,9 +469,15 @@ def generate(
             out.print(answer_video(session, prompt, str(v), max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, num_beams=num_beams, seed=seed), markup=False)
         return
-    for text in answer(session, [prompt] * max(1, len(image or [])), [str(i) for i in image] if image else None,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       num_beams=num_beams, seed=seed):
+    texts = answer(session, [prompt] * max(1, len(image or [])), [str(i) for i in image] if image else None,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   num_beams=num_beams, seed=seed)
+    if boxes or as_json:  # grounding: the text and, with --boxes, its boxes (vlmspec/runtime/grounding.py)
+        from vlmspec.runtime.grounding import print_answers
+
+        print_answers(session, texts, image or [], boxes, as_json, out)
+        return
+    for text in texts:
         out.print(text, markup=False)
 
 
@@ -626,6 +638,9 @@ def serve(
     from vlmspec.runtime.session import load_session
 
     session = load_session(model_dir, device=str(resolve_device(device)))
+    from vlmspec.runtime.contrastive import refuse_generation
+
+    refuse_generation(session.model, "vlm serve")
     if session.processor is None:
         _fail([Diagnostic("E0534", f"{model_dir} has no tokenizer, so it cannot read prompts",
                           help="build it with --tokenizer, or serve a `vlm train` output (RUN/final)")], {})
@@ -648,8 +663,10 @@ def export(
     quantize: Annotated[str | None, typer.Option(help="int8 or fp8 (TensorRT only)")] = None,
 ) -> None:
     """Export the encoder half and the decoder half (prefill + decode step, static KV cache) for serving."""
+    from vlmspec.runtime.contrastive import refuse_contrastive_folder
     from vlmspec.runtime.export import export_model
 
+    refuse_contrastive_folder(model_dir, "vlm export")
     manifest = export_model(str(model_dir), output, format, max_len=max_len, dtype=dtype, max_batch=max_batch,
                             quantize=quantize, progress=lambda msg: err.print(msg, markup=False, highlight=False))
     formats = ", ".join(manifest.get("artefacts", {}))
@@ -679,13 +696,18 @@ def export_hf_cmd(
     model_dir: Annotated[Path, typer.Argument(help="folder from `vlm build` or `vlm train`", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="checkpoint folder to write")],
     format: Annotated[str | None, typer.Option("--format", help="the HF format to write (default: the one that "
-                                               "holds the architecture): llava, blip-2, instructblip, paligemma, "
-                                               "qwen2_vl, idefics, mllama", show_default=False)] = None,
+                                               "holds the architecture; the table in docs/weights.md lists them)",
+                                               show_default=False)] = None,
 ) -> None:
     """Write a model as a Hugging Face checkpoint folder, ready to serve (transformers, vLLM, SGLang)."""
+    from vlmspec.runtime.contrastive import is_contrastive_folder
     from vlmspec.runtime.weights.export import export_hf
 
     path = export_hf(str(model_dir), str(output), format)
+    if is_contrastive_folder(model_dir):
+        out.print(f"wrote {path}: load it with transformers' AutoModel and AutoProcessor (an image-text embedding "
+                  "model: no chat template, nothing to serve)", markup=False)
+        return
     served = (path / "chat_template.jinja").is_file()
     out.print(f"wrote {path}: load it with transformers' AutoProcessor and AutoModelForImageTextToText"
               + (f", or serve it: transformers serve {path}" if served else
@@ -697,7 +719,7 @@ def export_hf_cmd(
 @command(name="eval")
 def evaluate(
     target: Annotated[str | None, typer.Argument(help="model folder, or SPEC (a fresh build)", show_default=False)] = None,
-    task: Annotated[str, typer.Option(help="vqa, caption, retrieval or video_qa")] = "vqa",
+    task: Annotated[str, typer.Option(help="vqa, caption, retrieval, video_qa, zero_shot or grounding")] = "vqa",
     data: Annotated[str, typer.Option(help="JSONL, VQAv2 questions/annotations JSON or COCO captions JSON")] = "",
     images: Annotated[str | None, typer.Option(help="image folder (default: next to the data file)")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="results JSON (per-sample predictions + metrics)")] = None,
@@ -708,15 +730,26 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 16,
     max_bad: Annotated[int, typer.Option(help="skip up to this many bad records")] = 0,
     limit: Annotated[int | None, typer.Option(help="evaluate the first N samples only")] = None,
+    classes: Annotated[str | None, typer.Option(help="zero_shot: class names, comma-separated (default: the "
+                                                "labels' set)", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(help="zero_shot: the class prompt template (default: "
+                                               "\"a photo of a {label}.\")", show_default=False)] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Score a model on VQA (VQAv2 accuracy), captioning (BLEU-4, CIDEr-D) or retrieval (recall@1/5/10)."""
+    """Score a model on VQA (VQAv2 accuracy), captioning (BLEU-4, CIDEr-D), retrieval (recall@1/5/10) or
+    zero-shot classification (a contrastive model: top-1 accuracy)."""
     from vlmspec.evaluation import describe_metrics, run_eval, run_eval_server, write_results
 
     if not data:
         _fail([Diagnostic("E0005", "`vlm eval` needs --data FILE")], {})
-    if task not in ("vqa", "caption", "retrieval", "video_qa"):
-        _fail([Diagnostic("E0005", f"unknown task `{task}`", help="use vqa, caption, retrieval or video_qa")], {})
+    if task not in ("vqa", "caption", "retrieval", "video_qa", "zero_shot", "grounding"):
+        _fail([Diagnostic("E0005", f"unknown task `{task}`",
+                          help="use vqa, caption, retrieval, video_qa, zero_shot or grounding")], {})
+    zero_shot = {"classes": [c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+                 "zero_shot_prompt": prompt} if task == "zero_shot" else {}
+    if server and task == "zero_shot":
+        _fail([Diagnostic("E0619", "zero-shot classification needs the model's embeddings, which a server "
+                          "does not give", help="evaluate the model folder: `vlm eval MODEL --task zero_shot`")], {})
     if server:
         results = run_eval_server(server, task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   max_bad=max_bad, limit=limit, api_key=api_key)
@@ -727,7 +760,7 @@ def evaluate(
         from vlmspec.runtime.session import load_session
 
         results = run_eval(load_session(target, device=str(resolve_device(device))), task, data, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           max_bad=max_bad, limit=limit)
+                           max_bad=max_bad, limit=limit, **zero_shot)
     metrics = results["metrics"]
     out.print(f"{task} on {data}: {describe_metrics(metrics)}", markup=False)
     if output is not None:
@@ -764,11 +797,25 @@ def data_synth(
                                               "video) or `mp4` (MPEG-4 via PyAV)")] = "frames",
     audio: Annotated[bool, typer.Option("--audio", help="tones instead: `is the tone low, middle or high?` WAV "
                                         "clips of up to 1 s at 16 kHz")] = False,
+    grounding: Annotated[bool, typer.Option("--grounding", help="grounding instead: `[refer] the red circle` -> its "
+                                            "box (records carry `box` in pixels; training writes it in the spec's "
+                                            "`boxes` format)")] = False,
+    task_token: Annotated[str, typer.Option(help="with --grounding: the task token before each referring "
+                                            "expression (\"\": a plain `Where is ...?`)")] = "[refer]",
+    positions: Annotated[int, typer.Option(help="with --grounding: shapes on a P x P grid of cells (0: anywhere, "
+                                           "any size)")] = 0,
 ) -> None:
     """Write coloured shapes with captions and question/answer conversations (LLaVA format); with --video,
     shapes moving left / right / up / down (`--size` defaults to 32 px then)."""
     from vlmspec.runtime.inputs.synth import synthesize, synthesize_video
 
+    if grounding:
+        from vlmspec.runtime.inputs.synth_grounding import synthesize_grounding
+
+        counts = synthesize_grounding(output, n_train=n, n_test=test, size=size, seed=seed, task_token=task_token,
+                                      positions=positions)
+        out.print(f"wrote {output}: " + ", ".join(f"{v:.4g} {k.replace('_', ' ')}" for k, v in counts.items()))
+        return
     if audio:
         from vlmspec.runtime.inputs.synth_audio import synthesize_audio
 

@@ -99,9 +99,9 @@ class Exported:
 
 def build(ref: str, tokenizer: Any, seed: int = 0) -> tuple[Analysis, VisionLanguageModel]:
     analysis, _ = load_analysis(ref)
-    token = analysis.ir.by_role("fusion")[0].config.image_token
+    token = getattr(analysis.ir.by_role("fusion")[0].config, "image_token", None)  # none: a contrastive head
     torch.manual_seed(seed)
-    model = build_model(analysis, image_token_id=tokenizer.get_vocab()[token]).eval()
+    model = build_model(analysis, image_token_id=tokenizer.get_vocab()[token] if token else None).eval()
     return analysis, model
 
 

@@ -32,6 +32,14 @@ def test_library_model_runs(ref):
         assert sum(p.numel() for p in model.components[name].parameters()) == analysis.shapes.total(name), name
     if analysis.ir.by_role("audio"):
         pytest.skip("an audio model reads clips, not pixels: tests/weights/test_parity_qwen2_audio.py runs it")
+    if analysis.ir.by_role("text"):  # contrastive (CLIP / SigLIP): a loss on image-caption pairs, nothing generates
+        from vlmspec.runtime.contrastive_inputs import ContrastiveProcessor
+        from vlmspec.runtime.inputs.tokenizer import byte_tokenizer
+
+        ids, mask = ContrastiveProcessor(analysis, byte_tokenizer(())).captions(["a red circle", "a blue square"])
+        loss = model.loss(pixels(analysis), ids, mask)
+        assert math.isfinite(float(loss.detach()))
+        return  # generation: tests/train/test_contrastive_train.py checks that it is refused (E0615)
     ids, mask = prompts(model.image_token_id, image_tokens(analysis), text=4)
     px = pixels(analysis)
     out = model(ids, attention_mask=mask, pixel_values=px, labels=labels_for(ids, mask, model.image_token_id))

@@ -32,6 +32,10 @@ def test_build_then_generate_and_serve_need_no_flag(spec, image, tmp_path) -> No
     r = runner.invoke(app, ["build", spec, "-o", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     assert "tokenizer: built-in byte-level" in r.output
+    if "fusion contrastive(" in Path(spec.split(":")[0]).read_text():  # CLIP / SigLIP embed, they never answer
+        r = runner.invoke(app, ["generate", str(tmp_path / "m"), "--image", str(image), "--prompt", "a red shape"])
+        assert r.exit_code == 1 and "E0615" in r.output and "Traceback" not in r.output, r.output
+        return
     audio = "audio " in Path(spec.split(":")[0]).read_text()  # an audio-only model hears a clip instead
     if audio:
         from vlmspec.runtime.inputs.audio import tone

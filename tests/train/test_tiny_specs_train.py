@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SPECS = ["llava-v1.6-mistral-7b.vlm:llava_v1_6_mistral_7b_tiny", "llava-onevision-qwen2-7b.vlm:llava_onevision_qwen2_7b_tiny",
          "internvl2.5-8b.vlm:internvl2_5_8b_tiny", "minigpt-v2-7b.vlm:minigpt_v2_7b_tiny",
          "fuyu-8b.vlm:fuyu_8b_tiny", "cobra-3b.vlm:cobra_3b_tiny", "convllava-7b.vlm:convllava_7b_tiny",
-         "pixtral-12b.vlm:pixtral_12b_tiny", "deepseek-vl-7b.vlm:deepseek_vl_7b_tiny"]
+         "pixtral-12b.vlm:pixtral_12b_tiny", "deepseek-vl-7b.vlm:deepseek_vl_7b_tiny",
+         "kosmos-2.vlm:kosmos_2_tiny"]
 
 
 @pytest.fixture(scope="module")

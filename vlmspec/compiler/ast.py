@@ -128,7 +128,7 @@ class Override:
 
 @dataclass
 class Component:
-    role: Literal["vision", "audio", "connector", "language", "fusion"]
+    role: Literal["vision", "audio", "text", "connector", "language", "fusion"]
     name: str
     kind: str | None
     sources: list[tuple[str, Span]]

@@ -17,7 +17,7 @@ def _fields(analysis: Analysis, name: str) -> dict[str, str]:
     comp = analysis.ir.components[name]
     out = {"kind": comp.kind}
     if comp.sources or comp.target:
-        out["flow"] = " + ".join(comp.sources) + f" -> {comp.target}"
+        out["flow"] = " + ".join(comp.sources) + (f" -> {comp.target}" if comp.target else "")
     out.update({k: fmt_value(v) for k, v in comp.field_values(resolved=True).items()})
     return out
 

@@ -15,6 +15,7 @@ from vlmspec.compiler.graph import FlowGraph, build_graph
 from vlmspec.compiler.ir import ModelIR, SpanTable
 from vlmspec.compiler.packing import check_packing
 from vlmspec.compiler.schema.base import ShapeContext, TokenShape
+from vlmspec.compiler.schema.contrastive import Contrastive
 from vlmspec.compiler.schema.fusion import FusionBase, MoEFusion
 from vlmspec.compiler.schema.language import LanguageBase
 from vlmspec.compiler.schema.stage import Stage
@@ -24,6 +25,12 @@ from vlmspec.diagnostics import DiagnosticSink, did_you_mean
 
 _SOURCE_ROLES = {"connector": ("vision", "audio", "connector"), "fusion": ("vision", "connector")}
 _TARGET_ROLES = {"connector": ("connector", "language"), "fusion": ("language",)}
+#: the roles a component with no flow of its own has: encoders and the language model
+_TOWER_ROLES = ("vision", "audio", "text", "language")
+
+
+def _is_contrastive(c) -> bool:
+    return isinstance(c.config, Contrastive)
 
 
 def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> FlowGraph:
@@ -31,20 +38,42 @@ def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> Flow
     comps = ir.components
     for c in comps.values():
         has_flow = bool(c.sources) or c.target is not None
-        if c.role in ("vision", "audio", "language") and has_flow:
+        if c.role in _TOWER_ROLES and has_flow:
             sink.error("E0310", f"a {c.role} component takes no `(source -> target)` flow", spans.components.get(c.name),
                        help=f"write `{c.role} {c.name} = {c.kind} {{ ... }}`")
         if c.role in ("connector", "fusion") and not has_flow:
             sink.error("E0311", f"{c.role} `{c.name}` needs a flow such as `(clip -> llm)`", spans.components.get(c.name))
-        if c.role in ("vision", "audio", "language"):
+        if c.role in _TOWER_ROLES:
             continue
+        if _is_contrastive(c):
+            _check_contrastive_flow(ir, spans, sink, c)
+            continue
+        if has_flow and c.target is None:
+            sink.error("E0283", f"{c.role} `{c.name}` has no target: only a contrastive fusion compares its sources "
+                       "without feeding a language model", spans.components.get(c.name),
+                       help=f"write `({' + '.join(c.sources)} -> LLM)`, or `fusion contrastive(IMAGE + TEXT)`")
         for src in c.sources:
             _check_ref(ir, spans, sink, c.name, src, _SOURCE_ROLES[c.role], "source")
         if c.target is not None:
             _check_ref(ir, spans, sink, c.name, c.target, _TARGET_ROLES[c.role], "target")
 
     lms = ir.by_role("language")
-    if not lms:
+    heads = [c for c in ir.by_role("fusion") if _is_contrastive(c)]
+    if heads:  # a contrastive model is two towers and a head: nothing generates text
+        for extra in heads[1:]:
+            sink.error("E0289", f"model `{ir.name}` has more than one contrastive fusion",
+                       spans.components.get(extra.name), help="a model trains one image-text embedding space")
+        for lm in lms:
+            sink.error("E0286", f"model `{ir.name}` has a contrastive fusion and a language model `{lm.name}`",
+                       spans.components.get(lm.name),
+                       help="a contrastive model (CLIP, SigLIP) embeds images and text and generates nothing: "
+                       "remove the language model, or keep the towers and write a generative model apart")
+        for c in ir.components.values():
+            if c.role in ("connector", "fusion") and not _is_contrastive(c) and c.target is not None:
+                sink.error("E0286", f"{c.role} `{c.name}` feeds a language model in a contrastive model",
+                           spans.components.get(c.name),
+                           help="a contrastive model has no language model to feed; remove this component")
+    elif not lms:
         sink.error("E0313", f"model `{ir.name}` has no language model", spans.model,
                    help="add e.g. `language llm = llama { ... }`")
     for extra in lms[1:]:
@@ -84,11 +113,29 @@ def check_structure(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink) -> Flow
                            spans.flows.get((c.name, target.name)),
                            help=f"add `fusion prefix({c.name} -> {target.name})` (or cross_attention, "
                            "visual_expert, moe)")
-    for v in ir.by_role("vision"):
+    for v in ir.by_role("vision") + ir.by_role("text"):
         if not any(v.name in c.sources for c in comps.values()):
             sink.warning("W0301", f"vision encoder `{v.name}` feeds nothing", spans.components.get(v.name),
                          help=f"name it as a connector's source, e.g. `mlp({v.name} -> llm)`")
     return g
+
+
+def _check_contrastive_flow(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink, c) -> None:
+    """`contrastive(img + txt)`: one image side (an encoder or a connector after one), one text tower, no target."""
+    if c.target is not None:
+        sink.error("E0284", f"contrastive fusion `{c.name}` has a target `{c.target}`: it compares its sources "
+                   "and feeds nothing", spans.flows.get((c.name, c.target)) or spans.components.get(c.name),
+                   help=f"write `fusion contrastive({' + '.join(c.sources)})`")
+    for src in c.sources:
+        _check_ref(ir, spans, sink, c.name, src, ("vision", "connector", "text"), "source")
+    roles = [ir.components[s].role for s in c.sources if s in ir.components]
+    if len(roles) == len(c.sources):
+        image = [r for r in roles if r in ("vision", "connector")]
+        text = [r for r in roles if r == "text"]
+        if len(c.sources) != 2 or len(image) != 1 or len(text) != 1:
+            sink.error("E0285", f"contrastive fusion `{c.name}` reads {len(image)} image and {len(text)} text "
+                       "source(s); it compares exactly one of each", spans.components.get(c.name),
+                       help="write `fusion contrastive(IMAGE + TEXT)`, e.g. `contrastive(img + txt)`")
 
 
 def _check_ref(ir: ModelIR, spans: SpanTable, sink: DiagnosticSink, owner: str, ref: str,
@@ -169,6 +216,17 @@ def infer_shapes(ir: ModelIR, spans: SpanTable, g: FlowGraph, sink: DiagnosticSi
                            f"{target_width}", spans.attr(name, "out"),
                            help="leave `out` unset: a connector into a language model ends at its width")
                 wrong_width.add(name)
+        elif comp.role == "text":  # a text tower (CLIP / SigLIP): one pooled embedding per caption
+            shapes.out[name] = cfg.out_shape(ctx) if hasattr(cfg, "out_shape") else TokenShape(1, cfg.width)
+            shapes.params[name] = cfg.params(ctx)
+        elif comp.role == "fusion" and isinstance(cfg, Contrastive):
+            by_role = {ir.components[s].role: shapes.out[s] for s in comp.sources if s in shapes.out}
+            image = by_role.get("vision") or by_role.get("connector")
+            text = by_role.get("text")
+            if image is not None and text is not None:
+                cfg.check_towers(ctx, image.width, text.width)
+                shapes.params[name] = cfg.tower_params(image.width, text.width)
+                shapes.out[name] = TokenShape(1, cfg.dim or image.width)
         elif comp.role == "fusion" and llm is not None:
             visual = _sequence_merge(inputs)
             widths = sorted({s.width for s in inputs})
@@ -389,6 +447,7 @@ def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: Diagnostic
                        help=f"set {missing} in `{qf.name}` (the text embeddings, text feed-forwards and heads "
                        "of BLIP-2's first stage)")
 
+    _check_contrastive_objective(ir, stage, span("objective"), sink)
     check_packing(ir, spans, stage, sink)
     plan = StagePlan(stage.name, status, trainable, lora_total,
                      checkpointed_components(ir, spans, stage, status, sink))
@@ -412,6 +471,19 @@ def _check_upcycle(ir: ModelIR, stage: Stage, source: str, dest: str, span, sink
         sink.error("E0407", f"stage `{stage.name}`: `{dest}` holds no experts to up-cycle into", span,
                    help=("experts live in " + ", ".join(f"`{d}`" for d in valid_dest)) if valid_dest
                    else f"add `moe {{ experts = 4  top_k = 2 }}` to `{lm.name}` or a `fusion moe(...)`")
+
+
+def _check_contrastive_objective(ir: ModelIR, stage: Stage, span, sink: DiagnosticSink) -> None:
+    """A contrastive model trains `objective contrastive` alone; no other model can."""
+    names = [o.name for o in stage.objective]
+    head = next((c for c in ir.by_role("fusion") if _is_contrastive(c)), None)
+    if head is not None and names != ["contrastive"]:
+        sink.error("E0316", f"stage `{stage.name}` trains `{' + '.join(names)}`, and a contrastive model has no "
+                   "language model to train it with", span,
+                   help=f"write `objective contrastive` (the loss, `{head.config.loss}`, is the fusion's `loss`)")
+    elif head is None and "contrastive" in names:
+        sink.error("E0315", f"stage `{stage.name}`: `objective contrastive` needs a contrastive fusion", span,
+                   help="add `fusion contrastive(IMAGE + TEXT) { ... }` with a `text` tower, or use `objective lm`")
 
 
 def weights_location(value: str, spec_file: str) -> tuple[Path, str | None]:

@@ -137,8 +137,8 @@ class _Printer:
         head = f"{c.role} {c.name}"
         if c.kind is not None:
             head += f" = {c.kind}"
-        if c.target is not None:
-            head += "(" + " + ".join(s for s, _ in c.sources) + f" -> {c.target[0]})"
+        if c.sources or c.target is not None:  # `(img + txt)`: a contrastive fusion has no target
+            head += "(" + " + ".join(s for s, _ in c.sources) + (f" -> {c.target[0]})" if c.target else ")")
         if c.block is None or (not c.block.items and not self._has_comments(c.block.span.start, c.block.span.end)):
             end = c.span.end
             self.emit(head, c.span.start, end, c.span.end_line, indent)

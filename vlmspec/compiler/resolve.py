@@ -507,7 +507,8 @@ class _Resolver:
                 msg = "an objective term is a name, optionally weighted first: `0.5 * itg`"
             hint = did_you_mean(term.dotted, OBJECTIVES) if isinstance(term, ast.Ref) else None
             self.sink.error("E0408", msg, term.span,
-                            help=hint or "objectives are lm, itc, itm and itg, combined with `+`, e.g. `itc + itm + 0.5 * itg`")
+                            help=hint or "objectives are lm, itc, itm, itg and contrastive, combined with `+`, "
+                            "e.g. `itc + itm + 0.5 * itg`")
             raise _EvalFailed
 
         walk(value)
@@ -539,6 +540,8 @@ class _Resolver:
         settings = None
         if not _has_failed(settings_values):
             settings = _validate(Settings, settings_values, settings_spans, self.sink, f"model `{self.model.name}`")
+            if settings is not None and settings.boxes is not None:  # grounding: E0294-E0297
+                settings.boxes.check(self.sink, lambda k: settings_spans.get(("boxes", k)) or settings_spans.get(("boxes",)))
         built: dict[str, dict[str, Any]] = {}
         stages = []
         for st in self.stages.values():

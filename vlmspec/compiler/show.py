@@ -17,7 +17,7 @@ from vlmspec.compiler.summary import human
 def _flow(comp) -> str:
     if not comp.sources and comp.target is None:
         return ""
-    return "(" + " + ".join(comp.sources) + f" -> {comp.target})"
+    return "(" + " + ".join(comp.sources) + (f" -> {comp.target})" if comp.target else ")")
 
 
 def _field_lines(values: dict, indent: str, explicit: set[str] | None, only_explicit: bool) -> list[str]:

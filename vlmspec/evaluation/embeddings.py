@@ -13,6 +13,10 @@ Model interface used (duck-typed, so a stand-in works in tests):
   width]` or `[batch x width]`; `model.llm.embed(input_ids)` (vlmspec's `VisionLanguageModel`: the
   language model's scaled/projected input embeddings, the same vectors the image features are spliced
   between); `model.get_input_embeddings()(input_ids)` (the Hugging Face API).
+
+A contrastive model (CLIP, SigLIP: `runtime/contrastive.py`) has the shared space itself: its
+`extract_features` / `embed_text` are its normalised image and text embeddings, one vector each, and its
+processor pads captions as its text tower was trained (`captions`).
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ def _token_batch(processor: Any, texts: Sequence[str]) -> tuple[Any, Any]:
     """Right-padded caption token ids (no special tokens, no prompt template) and their mask."""
     import torch
 
+    if callable(getattr(processor, "captions", None)):  # a contrastive model's text tower: its own fixed length
+        return processor.captions(list(texts))
     seqs = [list(processor.tokenizer(t, add_special_tokens=False)["input_ids"])[: processor.max_length] or
             [processor.pad_id] for t in texts]
     width = max(len(s) for s in seqs)

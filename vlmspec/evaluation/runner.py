@@ -46,7 +46,8 @@ def describe_metrics(metrics: dict[str, Any]) -> str:
     for k, v in metrics.items():
         if isinstance(v, dict) or v is None:
             continue
-        if k in ("vqa_accuracy", "video_qa_accuracy") or re.fullmatch(r"(i2t|t2i)_r\d+", k):
+        if k in ("vqa_accuracy", "video_qa_accuracy", "grounding_accuracy", "zero_shot_accuracy",
+                 "chance") or re.fullmatch(r"(i2t|t2i)_r\d+", k):
             parts.append(f"{k} {float(v):.2f}%")
         elif re.fullmatch(r"bleu\d|cider", k):
             parts.append(f"{k} {float(v):.4f}")
@@ -111,7 +112,8 @@ def _results(task: str, es: EvalSet, data: str, images: str | None, metrics: dic
 def run_eval(session: Session, task: str, data: str, images: str | None = None, batch_size: int = 16,
              max_new_tokens: int = 16, max_bad: int = 0, progress: bool = True, *, prompt: str | None = None,
              annotations: str | None = None, image_pattern: str | None = None,
-             limit: int | None = None) -> dict[str, Any]:
+             limit: int | None = None, classes: list[str] | None = None,
+             zero_shot_prompt: str | None = None) -> dict[str, Any]:
     """Evaluate a session's model (from `vlmspec.load`) on `data` for `task` ("vqa", "caption" or "retrieval").
 
     `images`: the folder image paths are relative to (default: the data file's folder). `prompt`: the
@@ -121,6 +123,17 @@ def run_eval(session: Session, task: str, data: str, images: str | None = None, 
     unreadable images included, had to be skipped.
     """
     identity = {"model": session.name, "spec_hash": spec_hash(session.analysis), "server": None}
+    if task == "zero_shot":  # a contrastive model's image embeddings against class prompts: `zero_shot.py`
+        from vlmspec.evaluation.zero_shot import DEFAULT_PROMPT, run_zero_shot
+
+        zs, metrics, rows = run_zero_shot(session, data, images, batch_size, max_bad, progress, classes,
+                                          zero_shot_prompt, limit)
+        return _results(task, zs, data, images, metrics, rows, {"batch_size": batch_size, "similarity": "cosine",
+                        "prompt": zero_shot_prompt or DEFAULT_PROMPT}, **identity)
+    if task != "retrieval":  # the other tasks generate text, which a contrastive model cannot
+        from vlmspec.runtime.contrastive import refuse_generation
+
+        refuse_generation(getattr(session, "model", None), f"vlm eval --task {task}")
     if task == "video_qa":  # videos and lettered options: `video_qa.py`
         from vlmspec.evaluation.video_qa import INSTRUCTION, run_video_qa
 
@@ -128,6 +141,13 @@ def run_eval(session: Session, task: str, data: str, images: str | None = None, 
         return _results(task, vs, data, images, metrics, rows, {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                         "decoding": "greedy", "batch_size": 1, "options": "lettered, then: " + INSTRUCTION},
                         **identity)
+    if task == "grounding":  # boxes read in the spec's declared format: `grounding.py`
+        from vlmspec.evaluation.grounding import IOU_THRESHOLD, run_grounding
+
+        gs, metrics, rows = run_grounding(session, data, images, max_new_tokens, max_bad, progress, limit, batch_size)
+        return _results(task, gs, data, images, metrics, rows, {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                        "decoding": "greedy", "batch_size": batch_size, "iou_threshold": IOU_THRESHOLD,
+                        "box": session.analysis.ir.settings.boxes.to_vlm()}, **identity)
     es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
     if task == "retrieval":
         from vlmspec.evaluation.embeddings import run_retrieval
@@ -188,6 +208,10 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
     if task == "retrieval":
         raise user_error("E0554", "retrieval needs image and text embeddings, which a chat completions server "
                          "does not give", help="evaluate retrieval on the model folder instead of --server")
+    if task == "grounding":
+        raise user_error("E0630", "grounding reads boxes in the format the model's spec declares, which a chat "
+                         "completions server does not say", help="evaluate the model folder: `vlm eval MODEL --task "
+                         "grounding` (`vlm serve` returns each answer's boxes in the message's `boxes` field)")
     es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
     client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
     text = prompt or CAPTION_PROMPT

@@ -79,6 +79,8 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def flow(self, meta, children):
         sources, _arrow, target = children
+        if target is None:  # `(img + txt)`: whether a target may be missing is the structure pass's call
+            return sources, None
         return sources, (str(target), self._s(target))
 
     def sources(self, children):

@@ -11,6 +11,7 @@ from vlmspec.lsp.positions import LineIndex
 _ROLE_KIND = {
     "vision": types.SymbolKind.Object,
     "audio": types.SymbolKind.Event,
+    "text": types.SymbolKind.String,
     "connector": types.SymbolKind.Function,
     "language": types.SymbolKind.Module,
     "fusion": types.SymbolKind.Operator,

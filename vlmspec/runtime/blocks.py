@@ -241,8 +241,10 @@ def init_weights(model: nn.Module, std: float = INIT_STD) -> None:
     """Hugging-Face-style initialisation: normal(0, std) weights, zero biases, unit norms.
 
     Modules holding raw parameters (class tokens, queries, gates) define `init_weights(std)`; they are
-    called after the generic rules so their own choice (a zero gate, say) wins. No seeding here: the
-    caller owns the random state.
+    called after the generic rules so their own choice (a zero gate, say) wins, the root's own included: a
+    component that is itself such a module (a connector's latent queries, the contrastive head's scale)
+    would otherwise keep uninitialised memory when it is built on meta and materialised. No seeding here:
+    the caller owns the random state.
     """
     with torch.no_grad():
         for m in model.modules():
@@ -259,7 +261,7 @@ def init_weights(model: nn.Module, std: float = INIT_STD) -> None:
                     nn.init.zeros_(m.bias)
         for m in model.modules():
             own = getattr(m, "init_weights", None)
-            if callable(own) and m is not model:
+            if callable(own):
                 own(std)
 
 

@@ -628,6 +628,10 @@ def build_model(analysis: Analysis, *, image_token_id: int | None = None, device
     """
     load_builders()
     ir = analysis.ir
+    from vlmspec.runtime.contrastive import build_contrastive, contrastive_head
+
+    if contrastive_head(analysis) is not None:  # CLIP / SigLIP: two towers and a head, no language model
+        return build_contrastive(analysis, device=device, dtype=dtype)  # type: ignore[return-value]
     lm = ir.language
     if lm is None:
         raise user_error("E0592", f"model `{ir.name}` has no language model")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 #: Modules whose import registers builders (one per family; connectors register one file per kind).
 _FAMILIES = ("vlmspec.runtime.vision", "vlmspec.runtime.audio", "vlmspec.runtime.connectors", "vlmspec.runtime.language",
-             "vlmspec.runtime.fusion")
+             "vlmspec.runtime.fusion", "vlmspec.runtime.contrastive", "vlmspec.runtime.text")
 
 
 @dataclass(slots=True)

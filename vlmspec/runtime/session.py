@@ -58,7 +58,7 @@ class RunFacts:
     def derive(cls, analysis: Analysis, model: VisionLanguageModel, tokenizer: Any | None) -> RunFacts:
         ir = analysis.ir
         fusions = ir.by_role("fusion")
-        image_token = fusions[0].config.image_token if fusions else None
+        image_token = getattr(fusions[0].config, "image_token", None) if fusions else None  # none: contrastive
         stops: tuple[int, ...] = ()
         if tokenizer is not None:
             ids = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(s) for s in ir.settings.stop)]
@@ -90,6 +90,10 @@ class Session:
         """Prompts and images -> model inputs; None when there is no tokenizer to read prompts with."""
         if self.tokenizer is None:
             return None
+        if self.analysis.ir.by_role("text"):  # a contrastive model: captions to fixed-length ids, no prompts
+            from vlmspec.runtime.contrastive_inputs import ContrastiveProcessor
+
+            return ContrastiveProcessor(self.analysis, self.tokenizer)  # type: ignore[return-value]
         return Processor(self.analysis, self.tokenizer, self.instruction_tokenizer)
 
     @cached_property
@@ -131,6 +135,8 @@ def tokenizer_source(analysis: Analysis, explicit: str | Path | None = None) -> 
     if explicit is not None:
         return Path(explicit)
     lm = analysis.ir.language
+    if lm is None:  # a contrastive model: its text tower names (or its checkpoint holds) the tokenizer
+        lm = next(iter(analysis.ir.by_role("text")), None)
     if lm is None:
         return None
     named = getattr(lm.config, "tokenizer", None)
@@ -181,9 +187,11 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
             lm = analysis.ir.language.config
             if len(candidate) <= lm.vocab + lm.extra_vocab + lm.embed_extra:
                 tok, origin = ensure_special_tokens(candidate, analysis), "built-in byte-level (the spec names none)"
+        elif tok is None:  # a contrastive model: its text tower reads the same built-in bytes, vocabulary permitting
+            tok, origin = _text_tower_tokenizer(analysis)
     else:
         tok, origin = ensure_special_tokens(tokenizer, analysis), "given"
-    fusions = analysis.ir.by_role("fusion")
+    fusions = [f for f in analysis.ir.by_role("fusion") if hasattr(f.config, "image_token")]
     image_id = tok.convert_tokens_to_ids(fusions[0].config.image_token) if tok is not None and fusions else None
     # a pretrained language model learned its image token's row: a tokenizer that puts the token elsewhere
     # would feed it another row (a freshly initialised model has no such row, and takes the tokenizer's id)
@@ -203,6 +211,17 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
     if device != "meta" and quantize:
         apply_quantization(model, analysis)
     return Session(analysis, model, tok, instruction_tokenizer, report, origin)
+
+
+def _text_tower_tokenizer(analysis: Analysis) -> tuple[Any | None, str | None]:
+    """A contrastive spec that names no tokenizer: the byte-level one, when its text tower has the rows."""
+    towers = analysis.ir.by_role("text")
+    if not towers:
+        return None, None
+    candidate = byte_tokenizer(())
+    if len(candidate) > getattr(towers[0].config, "vocab", 0):
+        return None, None
+    return candidate, "built-in byte-level (the spec names none)"
 
 
 def _has_weights(analysis: Analysis) -> bool:

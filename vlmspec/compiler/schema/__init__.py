@@ -6,10 +6,12 @@ Importing this package registers every kind in `REGISTRY`.
 from vlmspec.compiler.schema import (  # noqa: F401  (registration)
     audio,
     connectors,
+    contrastive,
     convnext,
     dinov2,
     fusion,
     hybrid,
+    kosmos2,
     language,
     mamba,
     patches,
@@ -17,6 +19,7 @@ from vlmspec.compiler.schema import (  # noqa: F401  (registration)
     pixtral,
     sam,
     t5,
+    text_encoders,
     vision,
 )
 from vlmspec.compiler.schema.base import REGISTRY, ROLES, CallValue, ComponentSchema, TokenShape, fmt_value

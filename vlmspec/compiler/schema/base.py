@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from vlmspec.diagnostics import DiagnosticSink, Span
 
-Role = Literal["vision", "audio", "connector", "language", "fusion"]
-ROLES: tuple[Role, ...] = ("vision", "audio", "connector", "language", "fusion")
+Role = Literal["vision", "audio", "text", "connector", "language", "fusion"]
+ROLES: tuple[Role, ...] = ("vision", "audio", "text", "connector", "language", "fusion")
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 Quantize = Literal["none", "int8", "int4"]

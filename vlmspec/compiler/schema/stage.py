@@ -11,8 +11,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from vlmspec.compiler.schema.base import CallValue, Schema
+from vlmspec.compiler.schema.boxes import Boxes, boxes_from_call
 
-OBJECTIVES = ("lm", "itc", "itm", "itg")
+OBJECTIVES = ("lm", "itc", "itm", "itg", "contrastive")
 
 
 class Optim(Schema):
@@ -88,7 +89,7 @@ class LoraSpec(Schema):
 
 
 class Objective(Schema):
-    name: Literal["lm", "itc", "itm", "itg"]
+    name: Literal["lm", "itc", "itm", "itg", "contrastive"]
     weight: float = Field(default=1.0, gt=0)
 
 
@@ -171,4 +172,12 @@ class Settings(Schema):
     max_length: int | None = Field(default=None, ge=1, description="longest prompt + answer (default: the LLM's)")
     image_token_id: int | None = Field(default=None, ge=0, description="id of the image placeholder in the "
                                        "checkpoint's tokenizer (set by `vlm import-hf`; default: the tokenizer's)")
+    boxes: Boxes | None = Field(default=None, discriminator="kind", description="how the model writes a box in "
+                                "its text: `patch_index(bins = 32)` (KOSMOS-2) or `coordinates(format = \"...\", "
+                                "scale = 100 | \"pixels\")` (MiniGPT-v2, Qwen2.5-VL); see vlmspec/runtime/grounding.py")
+
+    @field_validator("boxes", mode="before")
+    @classmethod
+    def _boxes_call(cls, v: Any) -> Any:
+        return boxes_from_call(v)
 

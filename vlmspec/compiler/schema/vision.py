@@ -27,14 +27,19 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 class FeatureSelect(Schema):
-    """Which hidden states leave the encoder: `layer(-2).patches`, `layers([-2, -5]).all`."""
+    """Which hidden states leave the encoder: `layer(-2).patches`, `layers([-2, -5]).all`, or `pooled`: one
+    vector per image, as a contrastive model compares them (CLIP: the class token after the post-LayerNorm;
+    SigLIP: its attention-pooling head over the post-LayerNormed tokens)."""
 
     layers: list[int] = Field(default=[-1], min_length=1, description="hidden-state indices; several are concatenated along width")
-    tokens: Literal["patches", "all"] = Field(default="patches", description="`patches` drops the class token")
+    tokens: Literal["patches", "all", "pooled"] = Field(default="patches", description="`patches` drops the class "
+                                                         "token; `pooled` is one vector per image")
 
     @model_validator(mode="before")
     @classmethod
     def _from_call(cls, v: Any) -> Any:
+        if v == "pooled":
+            return {"layers": [-1], "tokens": "pooled"}
         if not isinstance(v, CallValue):
             return v
         if v.name not in ("layer", "layers") or len(v.args) != 1 or v.kwargs or len(v.attrs) > 1:
@@ -46,7 +51,13 @@ class FeatureSelect(Schema):
             out["tokens"] = v.attrs[0]
         return out
 
+    @property
+    def pooled(self) -> bool:
+        return self.tokens == "pooled"
+
     def to_vlm(self) -> str:
+        if self.pooled:
+            return "pooled"
         if len(self.layers) == 1:
             return f"layer({self.layers[0]}).{self.tokens}"
         return f"layers([{', '.join(map(str, self.layers))}]).{self.tokens}"
@@ -213,11 +224,37 @@ class ViTBase(ComponentSchema):
         self._check_window(ctx)
         self._check_layout(ctx)
         self._check_qk_norm(ctx)
+        self._check_pooled(ctx)
         for layer in self.feature.layers:
             if not (-(self.depth + 1) <= layer <= self.depth):
                 ctx.sink.error("E0208", f"feature layer {layer} is out of range for an encoder of depth {self.depth}",
                                ctx.span_of("feature"),
                                help=f"hidden states are numbered 0..{self.depth} (or -1..-{self.depth + 1} from the end)")
+
+    @property
+    def pool_source(self) -> Literal["head", "class_token"] | None:
+        """What `feature = pooled` reads: SigLIP's attention-pooling head, else the class token through the
+        post-LayerNorm (CLIP), else nothing this encoder has."""
+        if getattr(self, "pool_head", False):
+            return "head"
+        return "class_token" if self.class_token and self.post_norm else None
+
+    def _check_pooled(self, ctx: ShapeContext) -> None:
+        """`feature = pooled` needs a pooled output, over one fixed square image."""
+        if not self.feature.pooled:
+            return
+        if self.pool_source is None:
+            fix = ("set `pool_head = true` (SigLIP's attention-pooling head)" if self.kind == "siglip"
+                   else "keep `class_token = true` and `post_norm = true`")
+            ctx.sink.error("E0223", f"feature = pooled: this `{self.kind}` encoder has neither a pooling head nor a "
+                           "class token with a post-LayerNorm to pool", ctx.span_of("feature"),
+                           help=fix + ", or select tokens, e.g. `feature = layer(-1).patches`")
+        other = ("tiles" if self.tiles else "resolution = dynamic(...)" if self.resolution != "fixed"
+                 else f"layout = {self.layout.call}(...)" if not isinstance(self.layout, str)
+                 else "video = frames(...)" if self.video is not None else None)
+        if other:
+            ctx.sink.error("E0224", f"feature = pooled gives one vector per fixed square image; it cannot go with "
+                           f"{other}", ctx.span_of("feature"), help=f"drop {other.split(' =')[0]}, or select tokens")
 
     def _check_layout(self, ctx: ShapeContext) -> None:
         """An image layout cuts images into whole `image_size` tiles, each a grid of whole patches with no
@@ -278,6 +315,8 @@ class ViTBase(ComponentSchema):
                            help="set `class_token = false`" if self.class_token else "drop `tiles` or `window`")
 
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
+        if self.feature.pooled:
+            return TokenShape(1, self.width)
         tokens = self.num_patches
         if self.class_token and self.feature.tokens == "all":
             tokens += 1
@@ -389,7 +428,7 @@ class SigLIP(ViTBase):
     norm_eps: float = Field(default=1e-6, gt=0, description="LayerNorm epsilon")
     mean: list[float] = Field(default=[0.5, 0.5, 0.5], min_length=1, description="per-channel normalisation mean")
     std: list[float] = Field(default=[0.5, 0.5, 0.5], min_length=1, description="per-channel normalisation std")
-    pool_head: bool = Field(default=False, description="keep SigLIP's attention-pooling head (unused by VLMs)")
+    pool_head: bool = Field(default=False, description="keep SigLIP's attention-pooling head (what `feature = pooled` reads; unused by VLMs)")
     feature_norm: bool = Field(default=True, description="the last layer's tokens pass through the post-LayerNorm "
                                "when `feature` selects them (LLaVA reads SigLIP before it: `false`)")
 

@@ -4,6 +4,7 @@ from vlmspec.runtime.connectors import (  # noqa: F401  (registration)
     c_abstractor,
     conv,
     hybrid,
+    latent_queries,
     ldp,
     linear,
     mlp,

@@ -228,7 +228,10 @@ class QFormerConnector(Connector):
                 SpecPart("pretrain", [getattr(self, n, None) for n in heads] if self.pretrain else [])]
 
     def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.query_tokens, std=std)
+        """Zero queries, as transformers' Blip2 initialises them: with random 0.02-scale layers a zero query is
+        what lets the cross-attention's read of the image dominate the first steps (normal-initialised queries
+        leave the query outputs nearly the same for every image, and ITC starts stuck at chance)."""
+        nn.init.zeros_(self.query_tokens)
         if self.pretrain:
             with torch.no_grad():
                 self.temp.fill_(0.07)

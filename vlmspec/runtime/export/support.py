@@ -30,6 +30,9 @@ EXPORTABLE_FUSIONS = (PrefixFusion, CrossAttentionFusion, VisualExpertFusion, Mo
 def check_exportable(model: VisionLanguageModel) -> list[str]:
     """Raise E0571 for what cannot export; return notes on what exports with a restriction."""
     notes: list[str] = []
+    if not getattr(model, "generative", True):  # CLIP / SigLIP: two towers and a head, no decoder to export
+        raise not_exportable("this model", "a contrastive (CLIP / SigLIP) model generates nothing, so it has no "
+                             "decoder half", help="`vlm export-hf` writes it as a transformers CLIPModel / SiglipModel")
     refusal = getattr(model.llm, "export_refusal", None)  # a language model the halves cannot run says why (mamba)
     if refusal:
         raise not_exportable(f"language model `{model.language}`", refusal)

@@ -32,6 +32,9 @@ class Sample:
     where: str
     video: Path | None = None  # a `"video"` record's file or frame folder (then `image` is None)
     audio: Path | None = None  # an `"audio"` record's WAV file (then `image` and `video` are None)
+    #: a grounding record's `"box": [x1, y1, x2, y2]` in the image's pixels; `{box}` in its answers is written
+    #: in the spec's `boxes` format when the stage encodes it (vlmspec.runtime.grounding.box_turns)
+    box: tuple[float, float, float, float] | None = None
 
 
 @dataclass(slots=True)
@@ -149,12 +152,19 @@ def read_llava(path: str | Path, images: str | Path | None = None, needs_image: 
             reason = _image_ok(image)
             if reason is None and image_token not in turns[0][0]:
                 reason = f"the first question has no `{image_token}` placeholder"
+        box = rec.get("box")
+        if reason is None and box is not None and not (
+                isinstance(box, list) and len(box) == 4 and image is not None
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+                and box[0] < box[2] and box[1] < box[3]):
+            reason = "`box` must be [x1, y1, x2, y2] in the image's pixels (x1 < x2, y1 < y2) of an image record"
         if reason is not None:
             ds.bad.append(BadRecord(where, reason))
             continue
         first_q = turns[0][0].replace(image_token, "").strip()
         turns[0] = (first_q, turns[0][1])
-        ds.samples.append(Sample(image, turns, where, video, audio))
+        ds.samples.append(Sample(image, turns, where, video, audio,
+                                 tuple(float(v) for v in box) if box is not None else None))
     return ds
 
 

@@ -66,7 +66,8 @@ def ensure_special_tokens(tok, analysis):
 
     The language model must have room for them: the tokenizer may not outgrow `vocab + extra_vocab + embed_extra`.
     """
-    wanted = [f.config.image_token for f in analysis.ir.by_role("fusion")] + list(analysis.ir.settings.task_tokens)
+    wanted = [f.config.image_token for f in analysis.ir.by_role("fusion") if hasattr(f.config, "image_token")]
+    wanted += list(analysis.ir.settings.task_tokens)  # (a contrastive fusion has no placeholder)
     wanted += [t for v in analysis.ir.by_role("vision") for t in getattr(v.config, "row_tokens", ())]  # Pixtral's
     missing = [t for t in dict.fromkeys(wanted) if t not in tok.get_vocab()]
     if missing:

@@ -5,6 +5,7 @@ encoder-decoder (`t5`). Importing this package registers every family's builder.
 
 from vlmspec.runtime.language import (  # noqa: F401  (registration)
     gemma,
+    kosmos2,
     llama,
     mamba,
     opt,

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from vlmspec.diagnostics import VlmSpecError
+from vlmspec.runtime.grounding import message_boxes
 from vlmspec.runtime.serve.engine import Engine, GenRequest, QueueFull
 
 if TYPE_CHECKING:
@@ -256,10 +257,13 @@ def create_app(session: Session, cfg: ServeConfig | None = None, name: str | Non
         await req.done.wait()
         if req.error is not None:
             return _engine_error(req.error)
+        message: dict[str, Any] = {"role": "assistant", "content": req.text}
+        found = message_boxes(session, req.text, req.image)  # a grounding model: its boxes, in the image's pixels
+        if found is not None:
+            message["boxes"] = found
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text},
-                         "finish_reason": req.finish_reason}],
+            "choices": [{"index": 0, "message": message, "finish_reason": req.finish_reason}],
             "usage": _usage(req),
         })
 

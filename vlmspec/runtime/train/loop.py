@@ -35,11 +35,18 @@ from vlmspec.runtime.checkpoint import save_model_dir, save_state
 from vlmspec.runtime.devices import autocast, grad_scaler, move, resolve_device
 from vlmspec.runtime.inputs.data import read_dataset
 from vlmspec.runtime.inputs.processor import IGNORE, Processor
-from vlmspec.runtime.inputs.tokenizer import ensure_special_tokens, load_tokenizer, train_tokenizer
+from vlmspec.runtime.inputs.tokenizer import (
+    byte_tokenizer,
+    ensure_special_tokens,
+    load_tokenizer,
+    train_tokenizer,
+)
 from vlmspec.runtime.model import VisionLanguageModel, label_targets, upcycle
 from vlmspec.runtime.session import Session, build_session, load_tokenizers, tokenizer_source
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
+from vlmspec.runtime.train import contrastive_stage
 from vlmspec.runtime.train.activations import checkpointing
+from vlmspec.runtime.train.audio_items import audio_config, audio_training_batch, is_audio_batch
 from vlmspec.runtime.train.distribution import Dist, wrap
 from vlmspec.runtime.train.freeze import apply_stage
 from vlmspec.runtime.train.loader import DataOrder, StageBatches, default_workers
@@ -65,7 +72,6 @@ from vlmspec.runtime.train.state import (
     trainable_state,
     write_checkpoint,
 )
-from vlmspec.runtime.train.audio_items import audio_config, audio_training_batch, is_audio_batch
 from vlmspec.runtime.train.video_items import is_video_batch, video_training_batch
 
 
@@ -132,11 +138,14 @@ class Trainer:
         saved = self.run_dir / "tokenizer"
         if (saved / "tokenizer.json").is_file():
             return ensure_special_tokens(load_tokenizer(saved), self.analysis)
-        lm = self.analysis.ir.language.config
         source = tokenizer_source(self.analysis, self.opts.tokenizer)
         if source is not None:
             tok, _ = load_tokenizers(self.analysis, source)
+        elif self.analysis.ir.language is None:  # a contrastive model: its text tower reads the built-in bytes
+            tok = byte_tokenizer(())
+            self.log("text tower: the built-in byte-level tokenizer (no tokenizer was given)")
         else:
+            lm = self.analysis.ir.language.config
             texts = []
             for st in all_stages:
                 path, fmt, images = stage_data(st, self.opts.data, self.opts.images)
@@ -262,6 +271,9 @@ class Trainer:
                        state=model.state_dict(),
                        extra={"run": {"spec": manifest["spec"], "stages": [
                            {k: s.get(k) for k in ("name", "state", "steps", "final_loss")} for s in manifest["stages"]]}})
+        if self.analysis.ir.language is None:
+            self.log(f"final model: {self.run_dir / 'final'}  (vlm eval {self.run_dir / 'final'} --task zero_shot ...)")
+            return
         medium = "--audio" if audio_config(self.analysis) is not None else "--image"
         self.log(f"final model: {self.run_dir / 'final'}  (vlm generate {self.run_dir / 'final'} {medium} ... "
                  "--prompt ...)")
@@ -270,6 +282,13 @@ class Trainer:
     def _prepare(self, stage: Stage, processor: Processor) -> Prepared:
         """A stage's data read, checked and encoded: done for every stage before the first one trains,
         so a bad record in the last stage's data is reported in seconds, not after hours."""
+        if self.analysis.ir.language is None:  # `objective contrastive` (the compiler allows no other here)
+            path, fmt, images = stage_data(stage, self.opts.data, self.opts.images)
+            ds = read_dataset(path, fmt, images, needs_image=True)
+            ds.check(self.opts.max_bad)
+            if not ds.samples:
+                raise user_error("E0525", f"stage `{stage.name}`: no usable records in {path}")
+            return contrastive_stage.prepare(ds, processor)
         first = {o.name: o.weight for o in stage.objective if o.name in FIRST_STAGE}
         if first and len(first) != len(stage.objective):
             raise user_error("E0527", f"stage `{stage.name}` mixes `lm` with {', '.join(first)}",
@@ -321,6 +340,9 @@ class Trainer:
             raise user_error("E0526", f"stage `{stage.name}`: batch {global_batch} does not split into "
                              f"{accum} accumulation steps x {dist.world} processes")
         micro = global_batch // (accum * dist.world)
+        contrastive = contrastive_stage.CONTRASTIVE in first
+        if contrastive:
+            contrastive_stage.check_micro_batch(stage, micro, accum, dist.world)
         if first and micro < 2 and first.keys() & {"itc", "itm"}:
             raise user_error("E0528", f"stage `{stage.name}`: itc / itm contrast the samples of a micro-batch, and "
                              f"batch {global_batch} leaves {micro} per micro-batch",
@@ -329,7 +351,8 @@ class Trainer:
         total = opts.steps or stage.steps or steps_per_epoch * (stage.epochs or 1)
 
         # wrap first: FSDP2 replaces the parameters the optimizer must hold
-        loss_module = FirstStageLoss(model, set(first)) if first else None
+        loss_module = contrastive_stage.ContrastiveLoss(model) if contrastive else \
+            FirstStageLoss(model, set(first)) if first else None
         train_model, self._sharded = wrap(model, dist, opts.fsdp or stage.fsdp, table, loss_module)
         groups = param_groups(model, stage, self.analysis, table)
         optim = make_optimizer(groups, stage)
@@ -459,6 +482,11 @@ class Trainer:
     def _first_stage_step(self, train_model, processor: Processor, first: dict[str, float], pix: list,
                           texts: list[list[int]], stage: Stage, precision) -> tuple[torch.Tensor, dict[str, float]]:
         """One micro-batch of BLIP-2's first-stage objectives: (weighted loss, each loss as a float)."""
+        if contrastive_stage.CONTRASTIVE in first:  # CLIP / SigLIP: captions padded to the text tower's length
+            inputs = contrastive_stage.step_inputs(processor, pix, texts, stage)
+            with precision:
+                losses = train_model(*move(inputs, self.device))
+            return losses[contrastive_stage.CONTRASTIVE], {k: float(v.detach()) for k, v in losses.items()}
         if not pix or pix[0] is None:
             raise user_error("E0528", f"stage `{stage.name}`: itc / itm / itg need an image with every sample")
         loss_module = train_model.module if hasattr(train_model, "module") else train_model  # under DDP

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vlmspec.compiler.schema.stage import Stage
 from vlmspec.diagnostics import user_error
+from vlmspec.runtime.grounding import box_turns
 from vlmspec.runtime.inputs.data import Dataset
 from vlmspec.runtime.inputs.processor import Encoded, Processor
 from vlmspec.runtime.train.audio_items import AudioRef, AudioTransform, audio_config
@@ -88,7 +89,8 @@ def encode_dataset(ds: Dataset, processor: Processor) -> Encodings:
                 if fixed_slot is None:
                     fixed_slot = processor.image_slot(images[k])
                 slot = fixed_slot
-        examples.append(processor.encode_turns(s.turns, 1 if slot is not None else 0, slot))
+        turns = s.turns if s.box is None else box_turns(s, processor)  # `{box}` in the spec's box format
+        examples.append(processor.encode_turns(turns, 1 if slot is not None else 0, slot))
     return Encodings(examples, images)
 
 

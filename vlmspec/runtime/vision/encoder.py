@@ -475,6 +475,8 @@ class VisionEncoder(nn.Module, CheckpointedBlocks):
         self._check(pixels)
         if self.cfg.tiles:
             return self._tiled(pixels, aspect_ratio_ids)
+        if self.cfg.feature.pooled:
+            return self._pooled(pixels)
         dtype = self.embeddings.patch_embedding.weight.dtype
         x, grid = self.embeddings(pixels.to(dtype))
         if self.cfg.pre_norm:
@@ -499,6 +501,26 @@ class VisionEncoder(nn.Module, CheckpointedBlocks):
         if self.cfg.class_token and self.cfg.feature.tokens == "patches":
             return VisualTokens(out[:, 1:], grid)
         return VisualTokens(out, grid if not self.cfg.class_token else None)
+
+    def _pooled(self, pixels: Tensor) -> VisualTokens:
+        """`feature = pooled`: one vector per image, [n x 1 x w], as the towers' `pooler_output`: SigLIP's
+        attention-pooling head over the post-LayerNormed tokens, or (CLIP) the class token's last state
+        through the post-LayerNorm."""
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        x, _ = self.embeddings(pixels.to(dtype))
+        if self.cfg.pre_norm:
+            x = self.pre_layrnorm(x)
+        for layer in self.encoder.layers:
+            x = self.run_block(layer, x, None)
+        head = getattr(self, "head", None)
+        if head is None and not (self.cfg.class_token and self.cfg.post_norm):
+            raise user_error("E0622", f"feature = pooled: this `{self.cfg.kind}` encoder has no pooled output",
+                             help="set `pool_head = true` (siglip), or keep the class token and post_norm")
+        if head is not None:
+            pooled = head(self.post_layernorm(x) if self.cfg.post_norm else x)
+        else:
+            pooled = self.post_layernorm(x[:, 0])
+        return VisualTokens(pooled[:, None], None)
 
     def tile_mask(self, aspect: Tensor) -> Tensor:
         """bool [n x T]: the tiles an image's aspect-ratio id puts to use (the rest are padding)."""

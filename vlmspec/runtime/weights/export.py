@@ -160,10 +160,12 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, fmt: str | None = None
         elif src.is_file():
             shutil.copyfile(src, tmp / dest)
     if copied and session.tokenizer is not None:
-        files = {**written.files, "generation_config.json": generation_config(session)}
+        generates = getattr(session.model, "generative", True)  # a contrastive model has no prompts, no stops
+        files = {**written.files, **({"generation_config.json": generation_config(session)} if generates else {})}
         for file, cfg in files.items():
             (tmp / file).write_text(json.dumps(cfg, indent=2))
-        (tmp / "chat_template.jinja").write_text(written.chat_template or chat_template(session.analysis))
+        if generates:
+            (tmp / "chat_template.jinja").write_text(written.chat_template or chat_template(session.analysis))
     fsync_dir_files(tmp)
     replace_dir(tmp, out)
     return out

@@ -52,7 +52,7 @@ def import_hf(folder: str | Path, *, name: str | None = None) -> tuple[str, dict
     source = CheckpointSource(path)
     keys = source.keys()
     components: dict[str, Any] = {}
-    declared = set(re.findall(r"^\s*(?:vision|audio|connector|language)\s+(\w+)\s*=", text, flags=re.M))
+    declared = set(re.findall(r"^\s*(?:vision|audio|text|connector|language)\s+(\w+)\s*=", text, flags=re.M))
     declared |= set(re.findall(r"^\s*fusion\s+(\w+)\s*\(", text, flags=re.M))  # fusions with weights
     for comp, part in fmt.components.items():
         if comp not in declared:

@@ -38,7 +38,7 @@ from vlmspec.runtime.weights.formats.qwen2_vl import (
     pixel_range,
 )
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need
-from vlmspec.runtime.weights.video_fields import frames_field
+from vlmspec.runtime.weights.video_fields import frames_field, video_processor_file
 
 if TYPE_CHECKING:
     from vlmspec.compiler.ir import Component, ModelIR
@@ -210,6 +210,9 @@ def write(session: Session) -> Export:
         return Export(config, layouts)
     files = {"preprocessor_config.json": _processor(vis, merge),
              "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"}}
+    video = video_processor_file(vis.config, merge, "Qwen2_5_VLProcessor")
+    if video is not None:  # the spec's `frames(...)` as transformers' video processor reads it
+        files["video_preprocessor_config.json"] = video
     return Export(config, layouts, files)
 
 

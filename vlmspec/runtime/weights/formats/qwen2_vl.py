@@ -35,7 +35,7 @@ from vlmspec.runtime.weights.formats.base import (
 )
 from vlmspec.runtime.weights.hf_folder import RESAMPLE, image_processor
 from vlmspec.runtime.weights.spec_text import VISION_ACT, Raw, fields, need
-from vlmspec.runtime.weights.video_fields import frames_field
+from vlmspec.runtime.weights.video_fields import frames_field, video_processor_file
 
 if TYPE_CHECKING:
     from vlmspec.compiler.ir import Component, ModelIR
@@ -374,7 +374,11 @@ def write(session: Session) -> Export:
     config.update(_token_ids(session, image_id))
     layouts = {vis.name: _vision_layout("visual."), con.name: lay(("visual.merger.", "")),
                lm.name: lay(("model.", "model."), ("lm_head.", "lm_head."))}
-    return Export(config, layouts, processor_files(vis, merge))
+    files = processor_files(vis, merge)
+    video = video_processor_file(vis.config, merge, "Qwen2VLProcessor")
+    if video is not None:  # the spec's `frames(...)` as transformers' video processor reads it
+        files["video_preprocessor_config.json"] = video
+    return Export(config, layouts, files)
 
 
 def family(model_type: str) -> MultiFamily:

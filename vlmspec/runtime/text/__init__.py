@@ -1,0 +1,3 @@
+"""Text towers (`text` role): importing this package registers their builders."""
+
+from vlmspec.runtime.text import towers  # noqa: F401  (registration)
