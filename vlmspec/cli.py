@@ -676,7 +676,7 @@ def export(
 # ---------------------------------------------------------------- Hugging Face interchange
 @command(name="import-hf")
 def import_hf_cmd(
-    folder: Annotated[Path, typer.Argument(help="a local Hugging Face VLM folder (LLaVA, BLIP-2, InstructBLIP)",
+    folder: Annotated[Path, typer.Argument(help="a local Hugging Face checkpoint folder (the formats: docs/weights.md)",
                                            show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="the .vlm spec to write")],
     name: Annotated[str | None, typer.Option(help="model name in the spec")] = None,
@@ -736,8 +736,8 @@ def evaluate(
                                                "\"a photo of a {label}.\")", show_default=False)] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Score a model on VQA (VQAv2 accuracy), captioning (BLEU-4, CIDEr-D), retrieval (recall@1/5/10) or
-    zero-shot classification (a contrastive model: top-1 accuracy)."""
+    """Score a model: VQA (VQAv2 accuracy), captioning (BLEU-4, CIDEr-D), retrieval (recall@1/5/10), video QA
+    (multiple-choice accuracy), grounding (accuracy at IoU >= 0.5) or zero-shot classification (CLIP / SigLIP)."""
     from vlmspec.evaluation import describe_metrics, run_eval, run_eval_server, write_results
 
     if not data:

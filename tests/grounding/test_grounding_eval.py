@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -124,12 +125,63 @@ def test_generate_boxes_without_a_declaration_is_an_error(data: Path) -> None:
     assert e.value.diagnostics[0].code == "E0627"
 
 
-def test_grounding_over_a_server_is_refused(data: Path) -> None:
+def stand_in_server(with_boxes: bool):
+    """An OpenAI-compatible server that finds the red area of each sent image and answers with its box, in the
+    sent image's pixels, in the message's `boxes` field as `vlm serve` does (or, `with_boxes` off, as a server
+    that knows nothing of boxes: text only)."""
+    import base64
+    import io
+    import sys
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    sys.path.insert(0, str(ROOT / "tests" / "serve"))
+    from test_server import Server
+
+    async def chat(request):
+        body = await request.json()
+        parts = body["messages"][-1]["content"]
+        url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+        img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+        px = torch.from_numpy(np.asarray(img).copy())
+        ys, xs = torch.nonzero((px[..., 0] > 160) & (px[..., 1] < 90), as_tuple=True)
+        box = {"label": None, "x1": float(xs.min()), "y1": float(ys.min()), "x2": float(xs.max() + 1),
+               "y2": float(ys.max() + 1)}
+        message = {"role": "assistant", "content": "the box"}
+        if with_boxes:
+            message["boxes"] = [box]
+        return JSONResponse({"model": "stand-in", "choices": [{"index": 0, "message": message}]})
+
+    return Server(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]))
+
+
+def test_grounding_over_a_server_reads_its_boxes_field(data: Path) -> None:
+    """`vlm eval --server URL --task grounding` scores the first box of each message's `boxes` field: the same
+    accuracy as the model folder's run above (the second record's reference is wrong), the CLI included."""
+    from typer.testing import CliRunner
+
+    from vlmspec.cli import app
     from vlmspec.evaluation import run_eval_server
 
-    with pytest.raises(UserInputError) as e:
-        run_eval_server("http://127.0.0.1:9", "grounding", str(data / "test_grounding.jsonl"), progress=False)
-    assert e.value.diagnostics[0].code == "E0630"
+    with stand_in_server(with_boxes=True) as server:
+        res = run_eval_server(server.url, "grounding", str(data / "test_grounding.jsonl"), max_bad=1,
+                              progress=False)
+        r = CliRunner().invoke(app, ["eval", "--server", server.url, "--task", "grounding", "--data",
+                                     str(data / "test_grounding.jsonl"), "--max-bad", "1"])
+    first, second = res["samples"]
+    assert first["box"] == [20, 10, 60, 30] and first["iou"] == 1.0 and second["iou"] == 0.0
+    assert res["metrics"]["grounding_accuracy"] == 50.0 and res["model"] == "stand-in"
+    assert r.exit_code == 0 and "grounding_accuracy 50.00%" in r.output, r.output
+
+
+def test_grounding_over_a_server_without_boxes_is_refused(data: Path) -> None:
+    from vlmspec.evaluation import run_eval_server
+
+    with stand_in_server(with_boxes=False) as server, pytest.raises(UserInputError) as e:
+        run_eval_server(server.url, "grounding", str(data / "test_grounding.jsonl"), max_bad=1, progress=False)
+    assert e.value.diagnostics[0].code == "E0630" and "`boxes` field" in e.value.diagnostics[0].message
 
 
 def test_generate_boxes_needs_an_image() -> None:

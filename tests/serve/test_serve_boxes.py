@@ -60,6 +60,20 @@ def test_boxes_field_of_a_grounding_model(minigpt) -> None:
     assert message["boxes"] == message_boxes(minigpt, message["content"], _png())
 
 
+def test_streamed_boxes_ride_on_the_last_chunk(minigpt) -> None:
+    """Streamed, the boxes of the whole answer come with the chunk that carries `finish_reason` (only the whole
+    answer can be read for them); the content chunks carry none."""
+    with Server(create_app(minigpt, ServeConfig())) as s, httpx.stream(
+            "POST", f"{s.url}/v1/chat/completions", timeout=60,
+            json={**chat_body("[refer] the red box", image=_png()), "stream": True}) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] is not None and last["delta"]["boxes"] == message_boxes(minigpt, content, _png())
+    assert not any("boxes" in c["choices"][0]["delta"] for c in chunks[:-1])
+
+
 def test_message_boxes_reads_the_answer_in_image_pixels(minigpt) -> None:
     assert message_boxes(minigpt, "<p>red box</p> {<25><25><75><75>}", _png()) == [
         {"label": "red box", "x1": 20.0, "y1": 10.0, "x2": 60.0, "y2": 30.0}]
@@ -98,3 +112,27 @@ def test_cli_generate_boxes(minigpt, tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["generate", MODEL_DIRS["minigpt_v2_7b_tiny"], "--image", str(tmp_path / "a.png"), "-p",
                                  "[refer] the red box", "--boxes", "--max-new-tokens", "8"])
     assert r.exit_code == 0 and ("boxes in" in r.output or "(no box)" in r.output), r.output
+
+
+def test_streamed_boxes_of_an_answer_that_holds_one(minigpt) -> None:
+    """The stream's generator itself, fed an answer that does hold a box: the last chunk's delta has it in the
+    sent image's pixels (80 x 40), with its phrase."""
+    import asyncio
+
+    from vlmspec.runtime.serve.app import _sse
+    from vlmspec.runtime.serve.engine import GenRequest
+
+    async def run() -> list[dict]:
+        req = GenRequest("[refer] the red box", _png(), stream=True)
+        req.deltas = asyncio.Queue()
+        answer = "<p>red box</p> {<25><25><75><75>}"
+        for piece in (answer[:10], answer[10:], None):
+            req.deltas.put_nowait(piece)
+        req.text, req.finish_reason = answer, "stop"
+        out = [x async for x in _sse(req, "id", 0, "m", lambda r: message_boxes(minigpt, r.text, r.image))]
+        return [json.loads(x[6:]) for x in "".join(out).split("\n\n") if x.startswith("data: {")]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1]["choices"][0]["delta"] == {"boxes": [
+        {"label": "red box", "x1": 20.0, "y1": 10.0, "x2": 60.0, "y2": 30.0}]}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"

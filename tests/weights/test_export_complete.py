@@ -169,6 +169,7 @@ def test_image_processor_does_the_spec_fit(fit: str, tmp_path: Path) -> None:
     (("max_positions = 128 }", "max_positions = 128  quantize = int8 }"), "quantize = int8"),
     (("connector proj = mlp(clip -> llm) { layers = 2 }", "connector proj = mlp(clip -> llm) { layers = 3 }"),
      "connector `proj`"),
+    (("feature = layer(-2).patches", "feature = pooled"), "feature = pooled"),  # one vector: no select strategy
 ])
 def test_a_spec_llava_cannot_express_is_refused_in_one_line(edit: tuple[str, str], named: str,
                                                              tmp_path: Path) -> None:

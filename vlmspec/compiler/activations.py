@@ -86,6 +86,10 @@ def spec_sequence(analysis: Analysis, stage_index: int) -> Sequence:
     """The sequence length the spec alone gives (no data): its `max_length` when set (samples are
     truncated to it), else the image tokens per image plus `DEFAULT_TEXT_TOKENS`, within the LM's context."""
     stage = analysis.ir.stages[stage_index]
+    if analysis.ir.language is None:  # a contrastive model: one image and one caption a sample, nothing spliced
+        towers = analysis.ir.by_role("text")
+        caption = towers[0].config.block_tokens() if towers else 0
+        return Sequence(caption, 0, f"1 image + a {caption}-token caption (the text tower's max_positions)")
     image = image_tokens_per_image(analysis) if _splices_images(analysis) else 0
     limit = stage.max_length or analysis.ir.settings.max_length
     if limit:
@@ -125,7 +129,8 @@ def activation_bytes(analysis: Analysis, stage_index: int, batch: int, sequence:
             continue  # its blocks run inside the LM's layers: counted with them
         else:
             out = shapes.out.get(name)
-            tokens = (out.tokens if out is not None else 0) * images
+            inner = cfg.block_tokens() if hasattr(cfg, "block_tokens") else None  # a pooled tower's patches
+            tokens = (inner or (out.tokens if out is not None else 0)) * (1 if comp.role == "text" else images)
         width = getattr(cfg, "width", None) or (shapes.out[name].width if name in shapes.out else 0)
         depth = getattr(cfg, "depth", 0) if cfg.checkpointable else 0
         if comp.role == "language":
@@ -157,7 +162,7 @@ def _images_per_sample(analysis: Analysis, sequence: Sequence) -> int:
     tile's tokens); none when the sequence holds no image."""
     if not analysis.ir.by_role("vision"):
         return 0
-    if not _splices_images(analysis):
+    if not _splices_images(analysis) or analysis.ir.language is None:  # cross-attention, or contrastive pairs
         return 1
     if sequence.image_tokens <= 0:
         return 0

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from vlmspec.diagnostics import user_error
 from vlmspec.runtime.inputs.data import BadRecord
@@ -34,6 +34,7 @@ from vlmspec.runtime.inputs.data import BadRecord
 Task = Literal["vqa", "caption", "retrieval"]
 TASKS: tuple[str, ...] = ("vqa", "caption", "retrieval")
 SHOWN_BAD = 5
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -58,6 +59,20 @@ class EvalSet:
 
     def check(self, max_bad: int) -> None:
         """Refuse a set with more bad records than the user allowed, listing the first ones."""
+        if len(self.bad) > max_bad:
+            raise too_many_bad(self.bad, self.path, max_bad)
+
+
+@dataclass(slots=True)
+class RecordSet(Generic[T]):
+    """The usable records of a task's data file (`T`: the task's record type) and the bad ones, with their
+    lines; the tasks that need more than `EvalSample` (video QA, grounding) read into one of these."""
+
+    path: str
+    samples: list[T] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+
+    def check(self, max_bad: int) -> None:
         if len(self.bad) > max_bad:
             raise too_many_bad(self.bad, self.path, max_bad)
 
@@ -157,7 +172,9 @@ def _where(path: Path, line: int, key: str | None = None, index: int | None = No
     return f"{path}:{line}" + (f" ({key}[{index}])" if key is not None else "")
 
 
-def _jsonl(path: Path, es: EvalSet) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def jsonl_records(path: Path, bad: list[BadRecord]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(`file:line`, line, object) for each JSON object of a JSONL file; a line that is not one becomes a bad
+    record, so one broken line never hides the rest. Every evaluation task's reader goes through here."""
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which are not line ends here.
     for n, raw in enumerate(_read_text(path).split("\n"), 1):
         if not raw.strip():
@@ -166,10 +183,10 @@ def _jsonl(path: Path, es: EvalSet) -> Iterator[tuple[str, int, dict[str, Any]]]
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError as e:
-            es.bad.append(BadRecord(where, f"invalid JSON: {e.msg}"))
+            bad.append(BadRecord(where, f"invalid JSON: {e.msg}"))
             continue
         if not isinstance(rec, dict):
-            es.bad.append(BadRecord(where, "a record must be a JSON object"))
+            bad.append(BadRecord(where, "a record must be a JSON object"))
             continue
         yield where, n, rec
 
@@ -197,7 +214,7 @@ def _strings(value: Any) -> list[str] | None:
 # ---------------------------------------------------------------- VQA
 def _read_vqa_jsonl(path: Path, base: Path) -> EvalSet:
     es = EvalSet("vqa", str(path))
-    for where, n, rec in _jsonl(path, es):
+    for where, n, rec in jsonl_records(path, es.bad):
         question = rec.get("question")
         answers = _strings(rec["answers"]) if "answers" in rec else (
             [rec["answer"]] if isinstance(rec.get("answer"), str) else None)
@@ -312,7 +329,7 @@ def _vqa_image(image_id: Any, base: Path, patterns: list[str], subtype: str | No
 # ---------------------------------------------------------------- captions
 def _read_captions_jsonl(path: Path, base: Path, task: str) -> EvalSet:
     es = EvalSet(task, str(path))
-    for where, n, rec in _jsonl(path, es):
+    for where, n, rec in jsonl_records(path, es.bad):
         caps = _strings(rec["captions"]) if "captions" in rec else (
             [rec["caption"]] if isinstance(rec.get("caption"), str) else None)
         image, reason = _image(rec.get("image"), base)

@@ -13,13 +13,12 @@ model's box declaration, which only a model run has.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmspec.diagnostics import user_error
-from vlmspec.evaluation.formats import too_many_bad
+from vlmspec.evaluation.formats import RecordSet, jsonl_records
 from vlmspec.runtime.grounding import Box, input_size, iou, parse_boxes
 from vlmspec.runtime.inputs.data import BadRecord
 
@@ -41,34 +40,16 @@ class Referral:
     where: str
 
 
-@dataclass(slots=True)
-class GroundingSet:
-    path: str
-    samples: list[Referral] = field(default_factory=list)
-    bad: list[BadRecord] = field(default_factory=list)
-
-    def check(self, max_bad: int) -> None:
-        if len(self.bad) > max_bad:
-            raise too_many_bad(self.bad, self.path, max_bad)
+GroundingSet = RecordSet[Referral]
 
 
 def read_grounding(data: str | Path, images: str | Path | None = None) -> GroundingSet:
     """The JSONL records; a record without a readable image, a question, or a box with x1 < x2 and y1 < y2
     is a bad record (counted against --max-bad), never a crash."""
     path = Path(data)
-    if not path.is_file():
-        raise user_error("E0551", f"no such file: {path}")
     base = Path(images) if images else path.parent
     gs = GroundingSet(str(path))
-    for n, raw in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            gs.bad.append(BadRecord(where, f"invalid JSON: {e.msg}"))
-            continue
+    for where, n, rec in jsonl_records(path, gs.bad):
         problem = _problem(rec, base)
         if problem:
             gs.bad.append(BadRecord(where, problem))
@@ -142,6 +123,50 @@ def run_grounding(session: Session, data: str, images: str | None, max_new_token
                 predicted.append(boxes[0] if boxes else None)
                 rows.append({"id": s.id, "image": str(s.image), "question": s.question, "prediction": text,
                              "box": list(boxes[0].corners) if boxes else None, "reference": list(s.box)})
+            advance(len(chunk))
+    metrics, ious = grounding_scores(predicted, [s.box for s in gs.samples])
+    for row, v in zip(rows, ious, strict=True):
+        row["iou"] = v
+    return gs, metrics, rows
+
+
+def run_grounding_server(client: Any, data: str, images: str | None, max_new_tokens: int, max_bad: int,
+                         progress: bool, limit: int | None, concurrency: int
+                         ) -> tuple[GroundingSet, dict[str, Any], list[dict[str, Any]]]:
+    """`run_grounding` against a server: each question with its image as a PNG, greedy, and the first box of the
+    message's `boxes` field (which `vlm serve` fills in from the spec's `boxes` declaration, in the sent image's
+    pixels), scored the same way. A server that sends no `boxes` field cannot be scored (E0630): the client has
+    no spec to read the answer's text with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlmspec.evaluation.batching import batches, png_bytes, progress_bar
+
+    gs = read_grounding(data, images)
+    if limit is not None:
+        gs.samples = gs.samples[:limit]
+    gs.check(max_bad)
+    if not gs.samples:
+        raise user_error("E0551", f"{data} has no usable grounding records")
+
+    def ask(s: Referral) -> tuple[str, list[dict[str, Any]] | None]:
+        return client.complete_boxes(s.question, png_bytes(s.image), max_new_tokens)
+
+    rows: list[dict[str, Any]] = []
+    predicted: list[Box | None] = []
+    with progress_bar(progress, len(gs.samples), "eval grounding (server)") as advance, \
+            ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        for chunk in batches(gs.samples, max(1, concurrency)):
+            for s, (text, boxes) in zip(chunk, pool.map(ask, chunk), strict=True):
+                if boxes is None:
+                    raise user_error("E0630", f"{client.endpoint} answered without a `boxes` field, so its answers' "
+                                     "boxes cannot be read (the format is in the model's spec, which the client does "
+                                     "not have)", help="serve the model with `vlm serve` (its spec declares `boxes = "
+                                     "...`), or evaluate the model folder: `vlm eval MODEL --task grounding`")
+                box = Box(boxes[0].get("label"), *(float(boxes[0][k]) for k in ("x1", "y1", "x2", "y2"))) \
+                    if boxes else None
+                predicted.append(box)
+                rows.append({"id": s.id, "image": str(s.image), "question": s.question, "prediction": text,
+                             "box": list(box.corners) if box else None, "reference": list(s.box)})
             advance(len(chunk))
     metrics, ious = grounding_scores(predicted, [s.box for s in gs.samples])
     for row, v in zip(rows, ious, strict=True):

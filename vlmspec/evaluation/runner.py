@@ -208,10 +208,16 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
     if task == "retrieval":
         raise user_error("E0554", "retrieval needs image and text embeddings, which a chat completions server "
                          "does not give", help="evaluate retrieval on the model folder instead of --server")
-    if task == "grounding":
-        raise user_error("E0630", "grounding reads boxes in the format the model's spec declares, which a chat "
-                         "completions server does not say", help="evaluate the model folder: `vlm eval MODEL --task "
-                         "grounding` (`vlm serve` returns each answer's boxes in the message's `boxes` field)")
+    if task == "grounding":  # the boxes of each message's `boxes` field (`vlm serve`): `grounding.py`
+        from vlmspec.evaluation.grounding import run_grounding_server
+
+        client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
+        gs, metrics, rows = run_grounding_server(client, data, images, max_new_tokens, max_bad, progress, limit,
+                                                 concurrency=batch_size)
+        return _results(task, gs, data, images, metrics, rows,
+                        {"max_new_tokens": max_new_tokens, "temperature": 0.0, "decoding": "greedy (server)",
+                         "concurrency": batch_size, "box": "the server's `boxes` field"},
+                        model=client.served_model or model, spec_hash=None, server=url)
     es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
     client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
     text = prompt or CAPTION_PROMPT

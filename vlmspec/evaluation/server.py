@@ -57,6 +57,10 @@ def video_request(text: str, url: str, max_tokens: int, model: str | None) -> di
     }
 
 
+def _is_box(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(k), int | float) for k in ("x1", "y1", "x2", "y2"))
+
+
 class ChatClient:
     """POSTs to `{url}/v1/chat/completions` and returns the answer text."""
 
@@ -82,8 +86,21 @@ class ChatClient:
     def complete_video(self, text: str, video: str | Path, max_tokens: int) -> str:
         return self._answer(video_request(text, video_url(video), max_tokens, self.model))
 
+    def complete_boxes(self, text: str, png: bytes, max_tokens: int) -> tuple[str, list[dict[str, Any]] | None]:
+        """(answer, the message's `boxes`): `vlm serve` adds the boxes of a model whose spec declares `boxes`, in
+        the sent image's pixels; None when the server sent no such field."""
+        reply = self._post(chat_request(text, png, max_tokens, self.model))
+        content = self._content(reply)
+        boxes = reply["choices"][0]["message"].get("boxes")
+        if boxes is not None and not (isinstance(boxes, list) and all(_is_box(b) for b in boxes)):
+            raise user_error("E0553", f"{self.endpoint} answered with a `boxes` field that is not a list of "
+                             f"{{x1, y1, x2, y2}} objects: {json.dumps(boxes)[:200]}")
+        return content, boxes
+
     def _answer(self, body: dict[str, Any]) -> str:
-        reply = self._post(body)
+        return self._content(self._post(body))
+
+    def _content(self, reply: dict[str, Any]) -> str:
         try:
             content = reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):

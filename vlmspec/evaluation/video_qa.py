@@ -14,14 +14,13 @@ is wrong, never guessed. Accuracy is the share of questions whose matched option
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmspec.diagnostics import VlmSpecError, user_error
-from vlmspec.evaluation.formats import too_many_bad
+from vlmspec.evaluation.formats import RecordSet, jsonl_records
 from vlmspec.runtime.inputs.data import BadRecord
 
 if TYPE_CHECKING:
@@ -41,15 +40,7 @@ class VideoQuestion:
     where: str
 
 
-@dataclass(slots=True)
-class VideoQASet:
-    path: str
-    samples: list[VideoQuestion] = field(default_factory=list)
-    bad: list[BadRecord] = field(default_factory=list)
-
-    def check(self, max_bad: int) -> None:
-        if len(self.bad) > max_bad:
-            raise too_many_bad(self.bad, self.path, max_bad)
+VideoQASet = RecordSet[VideoQuestion]
 
 
 def mc_prompt(question: str, options: list[str]) -> str:
@@ -86,20 +77,8 @@ def read_video_qa(data: str | Path, videos: str | Path | None = None) -> VideoQA
     that is not an option) become bad records with their line."""
     path = Path(data)
     base = Path(videos) if videos else path.parent
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise user_error("E0551", f"cannot read {path}: {e.strerror}") from None
     es = VideoQASet(str(path))
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            es.bad.append(BadRecord(where, f"invalid JSON: {e.msg}"))
-            continue
+    for where, n, rec in jsonl_records(path, es.bad):
         reason = _record_problem(rec)
         if reason is not None:
             es.bad.append(BadRecord(where, reason))

@@ -12,7 +12,6 @@ images there were and how many were right.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 from vlmspec.diagnostics import user_error
 from vlmspec.evaluation.batching import batches, open_batch, progress_bar
 from vlmspec.evaluation.embeddings import _token_batch, image_embeddings, text_embeddings
-from vlmspec.evaluation.formats import BadRecord, EvalSample, EvalSet
+from vlmspec.evaluation.formats import BadRecord, EvalSample, EvalSet, jsonl_records
 
 DEFAULT_PROMPT = "a photo of a {label}."
 
@@ -29,21 +28,11 @@ DEFAULT_PROMPT = "a photo of a {label}."
 def read_zero_shot(data: str | Path, images: str | Path | None = None) -> tuple[EvalSet, list[str]]:
     """(samples, each sample's label); a record without an image or a string label is a bad record."""
     path = Path(data)
-    if not path.is_file():
-        raise user_error("E0551", f"no such evaluation file: {path}")
     base = Path(images) if images else path.parent
     es = EvalSet("zero_shot", str(path))
     labels: list[str] = []
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            es.bad.append(BadRecord(where, f"invalid JSON: {e.msg}"))
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not isinstance(rec.get("label"), str):
+    for where, n, rec in jsonl_records(path, es.bad):
+        if not isinstance(rec.get("image"), str) or not isinstance(rec.get("label"), str):
             es.bad.append(BadRecord(where, "a zero-shot record needs `image` and a string `label`"))
             continue
         image = Path(rec["image"])

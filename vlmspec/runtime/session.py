@@ -17,6 +17,7 @@ added. Here they are derived once:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -183,10 +184,13 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
             # no tokenizer anywhere: bytes, so that the model can always read prompts (the vocabulary permitting)
             fusions = analysis.ir.by_role("fusion")
             extra = [IMAGE_TOKEN, *(f.config.image_token for f in fusions), *analysis.ir.settings.task_tokens]
-            candidate = byte_tokenizer(dict.fromkeys(extra))
             lm = analysis.ir.language.config
-            if len(candidate) <= lm.vocab + lm.extra_vocab + lm.embed_extra:
-                tok, origin = ensure_special_tokens(candidate, analysis), "built-in byte-level (the spec names none)"
+            rows = lm.vocab + lm.extra_vocab + lm.embed_extra
+            for specials in ([*extra, *template_markers(analysis)], extra):  # markers whole, if the rows allow
+                candidate = byte_tokenizer(dict.fromkeys(specials))
+                if len(candidate) <= rows:
+                    tok, origin = ensure_special_tokens(candidate, analysis), "built-in byte-level (the spec names none)"
+                    break
         elif tok is None:  # a contrastive model: its text tower reads the same built-in bytes, vocabulary permitting
             tok, origin = _text_tower_tokenizer(analysis)
     else:
@@ -211,6 +215,19 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
     if device != "meta" and quantize:
         apply_quantization(model, analysis)
     return Session(analysis, model, tok, instruction_tokenizer, report, origin)
+
+
+#: ChatML / Llama 3 turn markers (`<|im_start|>`, `<|im_end|>`, `<|eot_id|>`): one token each in a real tokenizer
+_MARKER = re.compile(r"<\|[^<>|\s]+\|>")
+
+
+def template_markers(analysis: Analysis) -> list[str]:
+    """The turn markers of the spec's prompt, answer and system templates, in order. The built-in byte-level
+    tokenizer makes each one token, as the checkpoint's tokenizer would: spelled out in bytes, the answer's
+    closing `<|im_end|>` costs ten tokens to learn and shows as `<|im_` when generation is cut short."""
+    s = analysis.ir.settings
+    text = "\n".join(t for t in (s.system, s.prompt, s.answer) if t)
+    return list(dict.fromkeys(_MARKER.findall(text)))
 
 
 def _text_tower_tokenizer(analysis: Analysis) -> tuple[Any | None, str | None]:

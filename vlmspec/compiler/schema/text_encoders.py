@@ -71,6 +71,11 @@ class TextTowerBase(ComponentSchema):
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         return TokenShape(1, self.pooled_width)
 
+    def block_tokens(self) -> int:
+        """Tokens the blocks run over per caption (it leaves as one vector): captions are padded to
+        `max_positions` (the activation estimate counts these, not the one pooled output)."""
+        return self.max_positions
+
     def params(self, ctx: ShapeContext) -> dict[str, int]:
         w, m = self.width, self.mlp_dim
         block = 4 * linear(w, w) + 2 * layernorm(w) + linear(w, m) + linear(m, w)

@@ -314,6 +314,11 @@ class ViTBase(ComponentSchema):
                            ctx.span_of("window"),
                            help="set `class_token = false`" if self.class_token else "drop `tiles` or `window`")
 
+    def block_tokens(self) -> int | None:
+        """Tokens the blocks run over per image when that is not the output's count: a pooled tower's patches
+        (and class token) leave as one vector. None: the output's tokens are what the blocks ran over."""
+        return self.num_patches + int(self.class_token) if self.feature.pooled else None
+
     def out_shape(self, ctx: ShapeContext) -> TokenShape:
         if self.feature.pooled:
             return TokenShape(1, self.width)

@@ -18,6 +18,7 @@ import binascii
 import json
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +254,8 @@ def create_app(session: Session, cfg: ServeConfig | None = None, name: str | Non
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if stream:
-            return StreamingResponse(_sse(req, rid, created, model_name), media_type="text/event-stream")
+            return StreamingResponse(_sse(req, rid, created, model_name, lambda r: message_boxes(session, r.text, r.image)),
+                                     media_type="text/event-stream")
         await req.done.wait()
         if req.error is not None:
             return _engine_error(req.error)
@@ -318,7 +320,10 @@ def _engine_error(e: Exception) -> JSONResponse:
     return error(500, f"generation failed: {type(e).__name__}", "server_error")
 
 
-async def _sse(req: GenRequest, rid: str, created: int, model: str):
+async def _sse(req: GenRequest, rid: str, created: int, model: str,
+               boxes_of: Callable[[GenRequest], list[dict] | None] = lambda r: None):
+    """The chunks of a streamed completion. A grounding model's boxes (`boxes_of`) ride on the last chunk's
+    delta, beside `finish_reason`: only the whole answer can be read for them."""
     def chunk(delta: dict[str, Any], finish: str | None) -> str:
         return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
                                       "model": model, "choices": [{"index": 0, "delta": delta,
@@ -346,7 +351,8 @@ async def _sse(req: GenRequest, rid: str, created: int, model: str):
     if req.error is not None:
         yield "data: " + json.dumps({"error": {"message": str(req.error), "type": "server_error"}}) + "\n\n"
     else:
-        yield chunk({}, req.finish_reason)
+        found = boxes_of(req)
+        yield chunk({} if found is None else {"boxes": found}, req.finish_reason)
         if req.include_usage:  # OpenAI's last chunk for `stream_options.include_usage`: no choices, the counts
             yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
                                           "model": model, "choices": [], "usage": _usage(req)}) + "\n\n"

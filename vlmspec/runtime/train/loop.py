@@ -42,7 +42,13 @@ from vlmspec.runtime.inputs.tokenizer import (
     train_tokenizer,
 )
 from vlmspec.runtime.model import VisionLanguageModel, label_targets, upcycle
-from vlmspec.runtime.session import Session, build_session, load_tokenizers, tokenizer_source
+from vlmspec.runtime.session import (
+    Session,
+    build_session,
+    load_tokenizers,
+    template_markers,
+    tokenizer_source,
+)
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
 from vlmspec.runtime.train import contrastive_stage
 from vlmspec.runtime.train.activations import checkpointing
@@ -160,6 +166,7 @@ class Trainer:
             fusions = self.analysis.ir.by_role("fusion")
             if fusions:
                 extra.append(fusions[0].config.image_token)
+            extra += template_markers(self.analysis)  # `<|im_end|>` one token, as the checkpoint's tokenizer has it
             tok = ensure_special_tokens(train_tokenizer(texts, lm.vocab, extra_special=dict.fromkeys(extra)),
                                         self.analysis)
             self.log(f"trained a {len(tok)}-token BPE tokenizer on the training text (no tokenizer was given)")

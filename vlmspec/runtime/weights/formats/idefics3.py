@@ -157,7 +157,7 @@ def _vision_config(vis: Component, names: Names) -> dict[str, Any]:
         does_not_fit(cond, names.title, what, names.hint())
 
     fit(vis.kind == "siglip", f"vision `{vis.name}` ({vis.kind})")
-    fit(list(v.feature.layers) == [-1] and v.feature_norm,
+    fit(list(v.feature.layers) == [-1] and not v.feature.pooled and v.feature_norm,
         f"vision `{vis.name}` with feature = {v.feature.to_vlm() if hasattr(v.feature, 'to_vlm') else v.feature}, "
         f"feature_norm = {str(v.feature_norm).lower()} ({names.title} reads the last layer after the post-LayerNorm)")
     refuse_unplaced(vis, fit, _TOWER)

@@ -109,6 +109,7 @@ def write(session: Session) -> Export:
          "weights)")
     layers = v.feature.layers
     _fit(len(layers) == 1, f"vision `{vis.name}` with several feature layers")
+    _fit(not v.feature.pooled, f"vision `{vis.name}` with feature = pooled (InternVL reads a layer's tokens)")
     config = {
         "model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
         "vision_config": {"model_type": "internvl_vision", "hidden_size": v.width, "intermediate_size": v.mlp_dim,

@@ -178,7 +178,10 @@ def vision_config(vis: Any) -> dict[str, Any]:
 
 
 def select_strategy(vis: Any) -> str:
-    """`default` drops the first token: a class token's place; a tower without one (SigLIP) reads `full`."""
+    """`default` drops the first token: a class token's place; a tower without one (SigLIP) reads `full`.
+    No strategy reads a pooled vector (transformers would feed the projector the layer's tokens)."""
+    _fit(not vis.config.feature.pooled, f"vision `{vis.name}` with feature = pooled (LLaVA's projector reads a "
+         "layer's tokens, `vision_feature_select_strategy` default or full; a pooled vector has no such setting)")
     return "default" if vis.config.class_token and vis.config.feature.tokens == "patches" else "full"
 
 
