@@ -234,3 +234,45 @@ def test_head_layout_gives_transformers_logits(tmp_path: Path, kind: str) -> Non
     # and back: the head's tensors under the checkpoint's keys, in its shapes
     for key, tensor in head.state_dict().items():
         assert torch.equal(layout.unconvert(key, tensor), source.get(layout.to_checkpoint(key)))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_training_continues_the_checkpoint_with_its_own_loss(tmp_path: Path, kind: str) -> None:
+    """Continued pre-training from an imported checkpoint: `vlm train` on the imported spec plus one contrastive
+    stage (batch = the whole set of 6 non-square image-caption pairs, so the data order cannot matter: the
+    loss is symmetric in the pairs) logs, at its first step, the loss transformers' `CLIPModel` / `SiglipModel`
+    compute with `return_loss=True` on the same pairs through the folder's processor, within 1e-5. Every
+    tower, projection, scale and bias is the checkpoint's, and the objective is the published one."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vlmspec.cli import app
+    from vlmspec.runtime.weights import import_hf
+
+    hf, tok, proc = reference(tmp_path / "hf", kind)
+    data = tmp_path / "data"
+    data.mkdir()
+    captions = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(2 + i % 3)) for i in range(6)]
+    records = []
+    for i, text in enumerate(captions):
+        noise_image(data / f"{i}.png", (30 + 7 * i, 52 - 5 * i), colour=True)
+        records.append({"image": f"{i}.png", "caption": text})
+    (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text, mapping = import_hf(tmp_path / "hf")
+    stage = ('  stage more {\n    train img, txt, fusion\n    objective contrastive\n'
+             '    data captions("captions.jsonl")\n    optim adamw(lr = 1e-6)\n    batch 6\n    steps 1\n  }\n')
+    spec = tmp_path / "more.vlm"
+    spec.write_text(text.rstrip()[:-1] + stage + "}\n")
+    r = CliRunner().invoke(app, ["train", f"{spec}:{mapping['model']}", "--data", str(data), "-o",
+                                 str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    ours = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["contrastive"]
+    images = [Image.open(data / f"{i}.png") for i in range(6)]
+    px = proc(images=images, return_tensors="pt")["pixel_values"]
+    enc = tok(captions, padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        want = hf(pixel_values=px, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                  return_loss=True).loss
+    assert abs(ours - float(want)) < TOL, (ours, float(want))
