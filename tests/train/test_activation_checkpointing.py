@@ -111,11 +111,20 @@ def test_stage_recomputes_to_the_same_loss_and_gradients(tmp_path, case) -> None
     assert not any(m.checkpoint_blocks for m in model.modules() if isinstance(m, CheckpointedBlocks))
 
 
+@pytest.fixture
+def one_thread():
+    """One thread for an exact comparison, and the process's count back afterwards (a later test's training
+    run must not inherit it: its numbers would change)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_every_block_stack_recomputes_exactly(tmp_path, case) -> None:
+def test_every_block_stack_recomputes_exactly(tmp_path, case, one_thread) -> None:
     """Every component kind that declares blocks (`checkpointable`) runs them through `run_block`, and
     recomputing them (with everything trainable) changes neither the loss nor any gradient."""
-    torch.set_num_threads(1)
     analysis = _analysis(tmp_path, CASES[case].text())
     torch.manual_seed(0)
     model = build_model(analysis)

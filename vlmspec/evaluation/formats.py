@@ -76,6 +76,15 @@ class RecordSet(Generic[T]):
         if len(self.bad) > max_bad:
             raise too_many_bad(self.bad, self.path, max_bad)
 
+    def ready(self, task: str, limit: int | None, max_bad: int) -> None:
+        """Keep the first `limit` records (a quick look); refuse a set past `max_bad` bad records, or with none
+        left to evaluate, before any model work."""
+        if limit is not None:
+            self.samples = self.samples[:limit]
+        self.check(max_bad)
+        if not self.samples:
+            raise user_error("E0551", f"{self.path} has no usable {task} records")
+
 
 def too_many_bad(bad: list[BadRecord], path: str, max_bad: int) -> Exception:
     shown = "; ".join(f"{b.where}: {b.reason}" for b in bad[:SHOWN_BAD])

@@ -104,30 +104,30 @@ def run_grounding(session: Session, data: str, images: str | None, max_new_token
 
     decl = declared_boxes(session)
     gs = read_grounding(data, images)
-    if limit is not None:
-        gs.samples = gs.samples[:limit]
-    gs.check(max_bad)
-    if not gs.samples:
-        raise user_error("E0551", f"{data} has no usable grounding records")
+    gs.ready("grounding", limit, max_bad)
     processor = session.require_processor()
-    rows: list[dict[str, Any]] = []
-    predicted: list[Box | None] = []
+    answers: list[tuple[str, Box | None]] = []
     with progress_bar(progress, len(gs.samples), "eval grounding") as advance:
         for chunk in batches(gs.samples, batch_size):
             imgs = [open_image(s.image) for s in chunk]
             texts = answer(session, [s.question for s in chunk], imgs, max_new_tokens=max_new_tokens,
                            temperature=0.0, batch_size=len(chunk))
-            for s, img, text in zip(chunk, imgs, texts, strict=True):
+            for img, text in zip(imgs, texts, strict=True):
                 size = (img.width, img.height)
                 boxes = parse_boxes(text, decl, size, input_size(processor, size))
-                predicted.append(boxes[0] if boxes else None)
-                rows.append({"id": s.id, "image": str(s.image), "question": s.question, "prediction": text,
-                             "box": list(boxes[0].corners) if boxes else None, "reference": list(s.box)})
+                answers.append((text, boxes[0] if boxes else None))
             advance(len(chunk))
-    metrics, ious = grounding_scores(predicted, [s.box for s in gs.samples])
-    for row, v in zip(rows, ious, strict=True):
-        row["iou"] = v
-    return gs, metrics, rows
+    return gs, *_scored(gs.samples, answers)
+
+
+def _scored(samples: list[Referral], answers: list[tuple[str, Box | None]]
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, one row per question) from each question's (answer text, first box)."""
+    metrics, ious = grounding_scores([box for _, box in answers], [s.box for s in samples])
+    rows = [{"id": s.id, "image": str(s.image), "question": s.question, "prediction": text,
+             "box": list(box.corners) if box else None, "reference": list(s.box), "iou": v}
+            for s, (text, box), v in zip(samples, answers, ious, strict=True)]
+    return metrics, rows
 
 
 def run_grounding_server(client: Any, data: str, images: str | None, max_new_tokens: int, max_bad: int,
@@ -142,21 +142,16 @@ def run_grounding_server(client: Any, data: str, images: str | None, max_new_tok
     from vlmspec.evaluation.batching import batches, png_bytes, progress_bar
 
     gs = read_grounding(data, images)
-    if limit is not None:
-        gs.samples = gs.samples[:limit]
-    gs.check(max_bad)
-    if not gs.samples:
-        raise user_error("E0551", f"{data} has no usable grounding records")
+    gs.ready("grounding", limit, max_bad)
 
     def ask(s: Referral) -> tuple[str, list[dict[str, Any]] | None]:
         return client.complete_boxes(s.question, png_bytes(s.image), max_new_tokens)
 
-    rows: list[dict[str, Any]] = []
-    predicted: list[Box | None] = []
+    answers: list[tuple[str, Box | None]] = []
     with progress_bar(progress, len(gs.samples), "eval grounding (server)") as advance, \
             ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for chunk in batches(gs.samples, max(1, concurrency)):
-            for s, (text, boxes) in zip(chunk, pool.map(ask, chunk), strict=True):
+            for text, boxes in pool.map(ask, chunk):
                 if boxes is None:
                     raise user_error("E0630", f"{client.endpoint} answered without a `boxes` field, so its answers' "
                                      "boxes cannot be read (the format is in the model's spec, which the client does "
@@ -164,11 +159,6 @@ def run_grounding_server(client: Any, data: str, images: str | None, max_new_tok
                                      "...`), or evaluate the model folder: `vlm eval MODEL --task grounding`")
                 box = Box(boxes[0].get("label"), *(float(boxes[0][k]) for k in ("x1", "y1", "x2", "y2"))) \
                     if boxes else None
-                predicted.append(box)
-                rows.append({"id": s.id, "image": str(s.image), "question": s.question, "prediction": text,
-                             "box": list(box.corners) if box else None, "reference": list(s.box)})
+                answers.append((text, box))
             advance(len(chunk))
-    metrics, ious = grounding_scores(predicted, [s.box for s in gs.samples])
-    for row, v in zip(rows, ious, strict=True):
-        row["iou"] = v
-    return gs, metrics, rows
+    return gs, *_scored(gs.samples, answers)

@@ -132,11 +132,7 @@ def run_video_qa(session: Session, data: str, videos: str | None = None, max_new
     from vlmspec.runtime.video_features import answer_video
 
     es = read_video_qa(data, videos)
-    if limit is not None:
-        es.samples = es.samples[:limit]
-    es.check(max_bad)
-    if not es.samples:
-        raise user_error("E0551", f"{data} has no usable video_qa records")
+    es.ready("video_qa", limit, max_bad)
     done: list[VideoQuestion] = []
     predictions: list[str] = []
     with progress_bar(progress, len(es.samples), "eval video_qa") as advance:
@@ -169,11 +165,7 @@ def run_video_qa_server(client: Any, data: str, videos: str | None = None, max_n
     from vlmspec.evaluation.batching import batches, progress_bar
 
     es = read_video_qa(data, videos)
-    if limit is not None:
-        es.samples = es.samples[:limit]
-    es.check(max_bad)
-    if not es.samples:
-        raise user_error("E0551", f"{data} has no usable video_qa records")
+    es.ready("video_qa", limit, max_bad)
 
     def ask(s: VideoQuestion) -> str | VlmSpecError:
         try:
