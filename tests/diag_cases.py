@@ -192,6 +192,10 @@ CASES: dict[str, str] = {
     "E0295": spec(fusion="  fusion prefix(proj -> llm)\n  boxes = patch_index(bins = 500)\n"),
     "E0296": spec(fusion='  fusion prefix(proj -> llm)\n  boxes = coordinates(format = "[{x1}, {y1}, {x2}, {y2}]", scale = "px")\n'),
     "E0297": spec(fusion='  fusion prefix(proj -> llm)\n  boxes = coordinates(format = "{x1}{y1}{x2}{y2}", scale = 100)\n'),
+    "E0298": spec(vision="  vision clip = vit { image_size = 32  patch_size = 8  width = 32  depth = 2  heads = 2  mlp = 64"
+                  "  fit = pad }\n",
+                  fusion='  fusion prefix(proj -> llm)\n  boxes = coordinates(format = "[{x1}, {y1}, {x2}, {y2}]", '
+                  'scale = "pixels")\n'),
     # contrastive pre-training (CLIP / SigLIP): `fusion contrastive(img + txt)`, no language model
     "E0283": spec(connector="  connector proj = mlp(clip) { layers = 2 }\n"),
     "E0284": clip_spec(fusion="  fusion contrastive(img + txt -> txt) { dim = 16 }\n"),

@@ -540,8 +540,10 @@ class _Resolver:
         settings = None
         if not _has_failed(settings_values):
             settings = _validate(Settings, settings_values, settings_spans, self.sink, f"model `{self.model.name}`")
-            if settings is not None and settings.boxes is not None:  # grounding: E0294-E0297
-                settings.boxes.check(self.sink, lambda k: settings_spans.get(("boxes", k)) or settings_spans.get(("boxes",)))
+            if settings is not None and settings.boxes is not None:  # grounding: E0294-E0298
+                where = lambda k: settings_spans.get(("boxes", k)) or settings_spans.get(("boxes",))  # noqa: E731
+                settings.boxes.check(self.sink, where)
+                settings.boxes.check_encoders(self.sink, where, components)
         built: dict[str, dict[str, Any]] = {}
         stages = []
         for st in self.stages.values():

@@ -40,6 +40,9 @@ class PatchIndexBoxes(Schema):
     def to_vlm(self) -> str:
         return f"patch_index(bins = {self.bins})"
 
+    def check_encoders(self, sink: Any, span_of: Callable[[str], Any], components: dict[str, Any]) -> None:
+        """Cells are fractions of the whole image, whatever the processor does to it: nothing to check."""
+
     def check(self, sink: Any, span_of: Callable[[str], Any]) -> None:
         if not 2 <= self.bins <= MAX_BINS:
             sink.error("E0295", f"`patch_index(bins = {self.bins})`: a grid needs 2 to {MAX_BINS} cells a side",
@@ -60,6 +63,22 @@ class CoordinateBoxes(Schema):
     def to_vlm(self) -> str:
         scale = quote(self.scale) if isinstance(self.scale, str) else str(self.scale)
         return f"coordinates(format = {quote(self.format)}, scale = {scale})"
+
+    def check_encoders(self, sink: Any, span_of: Callable[[str], Any], components: dict[str, Any]) -> None:
+        """`scale = "pixels"` counts in the resized input, which maps back to the image axis by axis only when
+        the whole image was stretched onto it (or resized keeping its shape, as a dynamic encoder does): a
+        square encoder that crops or pads would read every box in the wrong place (E0298)."""
+        if self.scale != "pixels":
+            return
+        for comp in components.values():
+            fit = getattr(comp.config, "fit", None)
+            if comp.role == "vision" and fit in ("crop", "pad") and getattr(comp.config, "resolution", None) == "fixed":
+                sink.error("E0298", f"`scale = \"pixels\"` counts pixels of the resized input, and vision `{comp.name}` "
+                           f"has fit = {fit}: its square holds {'a centre crop of' if fit == 'crop' else 'padding around'}"
+                           " the image, so a box in it does not map back axis by axis", span_of("scale"),
+                           help="use a relative scale (`scale = 100` or `1000`: fractions of the original image), or "
+                           "`fit = stretch`")
+                return
 
     def fields(self) -> list[str]:
         """The placeholder names in the template, in order (a `{...}` holding a known name)."""
