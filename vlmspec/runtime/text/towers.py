@@ -88,9 +88,6 @@ class TextTower(nn.Module, CheckpointedBlocks):
             x = self.run_block(layer, x, mask)
         return self.final_layer_norm(x)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
-
 
 class ClipTextTower(TextTower):
     """CLIP: causal attention; pooled = the end-of-text token's state (`pool`)."""
