@@ -99,6 +99,40 @@ def test_micro_batch_of_one_is_refused(shapes: Path, tmp_path: Path) -> None:
     assert r.exit_code != 0 and "E0618" in r.output, r.output
 
 
+@pytest.mark.parametrize("spec", [CLIP, SIGLIP], ids=["softmax", "sigmoid"])
+def test_vlm_train_keeps_a_fixed_temperature(spec: str, shapes: Path, tmp_path: Path) -> None:
+    """`learn_temperature = false`: `vlm train` leaves the head's scale (and SigLIP's bias) exactly at the spec's
+    values although the stage trains the fusion; without it they move (the stage's `train` once overrode it)."""
+    import math
+
+    from safetensors.torch import load_file
+
+    path, name = spec.split(":")
+    text = Path(path).read_text() + f"\nmodel fixed extends {name} {{\n  contrastive {{ learn_temperature = false }}\n}}\n"
+    (tmp_path / "m.vlm").write_text(text)
+    values = {}
+    for model in ("fixed", name):
+        _vlm("train", f"{tmp_path / 'm.vlm'}:{model}", "--data", str(shapes), "-o", str(tmp_path / model),
+             "--steps", "3")
+        state = load_file(str(tmp_path / model / "final" / "model.safetensors"))
+        values[model] = {k.rsplit(".", 1)[1]: float(v) for k, v in state.items() if ".logit_" in k}
+    scale = math.log(10.0) if spec == SIGLIP else math.log(1 / 0.07)  # the specs' temperatures
+    assert values["fixed"]["logit_scale"] == pytest.approx(scale, abs=1e-6)
+    assert values[name]["logit_scale"] != pytest.approx(scale, abs=1e-6)
+    if spec == SIGLIP:
+        assert values["fixed"]["logit_bias"] == -10.0 and values[name]["logit_bias"] != -10.0
+    # the plan counts what the run trains: the fixed scale (and bias) are not trainable parameters
+    from vlmspec.compiler.compile import load_analysis
+    from vlmspec.runtime.model import build_model
+    from vlmspec.runtime.train.freeze import apply_stage, trainable_count
+
+    for model in ("fixed", name):
+        analysis = load_analysis(f"{tmp_path / 'm.vlm'}:{model}")[0]
+        built = build_model(analysis, device="meta")
+        apply_stage(built, analysis, "pretrain")
+        assert analysis.plans[0].total_trainable == trainable_count(built), model
+
+
 def test_generative_commands_and_tasks_refuse(shapes: Path, tmp_path: Path) -> None:
     _vlm("build", CLIP, "-o", str(tmp_path / "m"))
     image = str(next((shapes / "images").glob("*.png")))

@@ -429,6 +429,9 @@ def _check_stage(ir: ModelIR, spans: SpanTable, shapes: Shapes, sink: Diagnostic
             status[name] = "partial" if any(a == "train" for a in subs.values()) else "frozen"
         if whole == "train" and not subs:
             count = total if not isinstance(comp.config, MoEFusion) else part_params(ir, shapes, name)
+        fixed = getattr(comp.config, "fixed_params", None)  # what the spec holds fixed whatever a stage says
+        if whole == "train" and callable(fixed):
+            count -= fixed()
         trainable[name] = max(count, 0)
 
     for up in stage.upcycle:

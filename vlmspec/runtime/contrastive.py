@@ -52,6 +52,12 @@ class ContrastiveHead(nn.Module):
         self.logit_bias = (nn.Parameter(torch.tensor(cfg.initial_bias()), requires_grad=learn)
                            if cfg.loss == "sigmoid" else None)
 
+    def fixed_parameters(self) -> set[str]:
+        """With `learn_temperature = false`, the scale and bias no stage may train (`train.freeze.apply_stage`)."""
+        if self.cfg.learn_temperature:
+            return set()
+        return {"logit_scale"} | ({"logit_bias"} if self.logit_bias is not None else set())
+
     def init_weights(self, std: float) -> None:
         """The spec's temperature and bias: `blocks.init_weights` calls this after the generic rules, also when
         the head is materialised from meta beside towers that load a checkpoint."""

@@ -63,6 +63,11 @@ class Contrastive(FusionBase):
             out["logit_bias"] = 1
         return out
 
+    def fixed_params(self) -> int:
+        """Parameters no stage trains: with `learn_temperature = false`, the log-scale (and the sigmoid loss's
+        bias), as the runtime's `ContrastiveHead.fixed_parameters` holds them."""
+        return 0 if self.learn_temperature else 1 + (self.loss == "sigmoid")
+
     def initial_bias(self) -> float:
         """SigLIP starts its bias at -10 so that the many negatives do not dominate the first steps."""
         return self.bias if self.bias is not None else (-10.0 if self.loss == "sigmoid" else 0.0)

@@ -25,12 +25,24 @@ def apply_stage(model: nn.Module, analysis: Analysis, stage_name: str,
     """
     decisions = stage_decisions(analysis, stage_name)
     table = table or ParamTable.of(model, analysis)
+    fixed = fixed_parameters(model)
     result: dict[str, bool] = {}
     for name, p in model.named_parameters():
-        trainable = table.decide(name, decisions) == "train"
+        trainable = table.decide(name, decisions) == "train" and name not in fixed
         p.requires_grad_(trainable)
         result[name] = trainable
     return result
+
+
+def fixed_parameters(model: nn.Module) -> set[str]:
+    """Parameters the spec itself holds fixed, whatever a stage trains: a module says which of its own by a
+    `fixed_parameters()` method (a contrastive head with `learn_temperature = false`: its scale and bias)."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        own = getattr(module, "fixed_parameters", None)
+        if callable(own) and module is not model:
+            out.update(f"{prefix}.{leaf}" if prefix else leaf for leaf in own())
+    return out
 
 
 def trainable_count(model: nn.Module) -> int:
