@@ -497,7 +497,8 @@ def train(
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer folder (default: the LLM's, else trained on the data)")] = None,
     fsdp: Annotated[bool, typer.Option(help="shard trained components with FSDP2 under torchrun")] = False,
     eval_data: Annotated[str | None, typer.Option(
-        "--eval", help="held-out data scored during training: VQA, or video QA (records with `video`)")] = None,
+        "--eval", help="held-out data scored during training with `vlm eval`'s code, the task read off its "
+        "records: VQA, video QA (`video`), grounding (`box`), zero-shot (`label`) or retrieval (`captions`)")] = None,
     eval_every: Annotated[int, typer.Option(help="steps between held-out evaluations (0: end of each stage)")] = 0,
     workers: Annotated[int | None, typer.Option(
         min=0, help="processes reading images ahead of training (0: on the training process; default: a quarter "

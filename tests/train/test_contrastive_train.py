@@ -133,6 +133,22 @@ def test_vlm_train_keeps_a_fixed_temperature(spec: str, shapes: Path, tmp_path: 
         assert analysis.plans[0].total_trainable == trainable_count(built), model
 
 
+def test_train_eval_scores_zero_shot_and_refuses_vqa_before_training(shapes: Path, tmp_path: Path) -> None:
+    """`vlm train --eval` reads the task off the held-out records: zero-shot records are scored with `vlm eval`'s
+    code (logged and in metrics.jsonl); VQA records, which a contrastive model cannot answer, are refused before
+    any step runs (no run folder is written)."""
+    out = _vlm("train", CLIP, "--data", str(shapes), "-o", str(tmp_path / "run"), "--steps", "2",
+               "--eval", str(shapes / "test_zero_shot.jsonl"))
+    assert "held-out zero-shot accuracy" in out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("eval") == "zero_shot"]
+    assert len(evals) == 1 and 0 <= evals[0]["zero_shot_accuracy"] <= 100 and evals[0]["questions"] > 0
+    r = CliRunner().invoke(app, ["train", CLIP, "--data", str(shapes), "-o", str(tmp_path / "vqa"), "--steps", "2",
+                                 "--eval", str(shapes / "test_vqa.jsonl")])
+    assert r.exit_code == 1 and "E0615" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "vqa").exists()
+
+
 def test_generative_commands_and_tasks_refuse(shapes: Path, tmp_path: Path) -> None:
     _vlm("build", CLIP, "-o", str(tmp_path / "m"))
     image = str(next((shapes / "images").glob("*.png")))

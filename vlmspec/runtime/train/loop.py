@@ -110,15 +110,42 @@ class StageResult:
     seconds: float = 0.0
 
 
-def held_out_task(path: str) -> str:
-    """`video_qa` when the held-out file's first record names a `video` (the `test_video_qa.jsonl` that `vlm data
-    synth --video` writes), else `vqa`."""
+#: the held-out task's headline metric, and how the log names it
+HELD_OUT_METRIC = {"vqa": ("vqa_accuracy", "VQA accuracy"), "video_qa": ("video_qa_accuracy", "video QA accuracy"),
+                   "grounding": ("grounding_accuracy", "grounding accuracy (IoU >= 0.5)"),
+                   "zero_shot": ("zero_shot_accuracy", "zero-shot accuracy"),
+                   "retrieval": ("i2t_r1", "image-to-text recall@1")}
+
+
+def held_out_task(path: str, analysis: Analysis | None = None) -> str:
+    """The `vlm eval` task the held-out file's first record asks for: `video_qa` (a `video`), `grounding` (a
+    `box`), `zero_shot` (a `label`), `retrieval` (`captions`), else `vqa`. With the model's analysis, a task it
+    cannot be scored on is refused here, before any training (a contrastive model generates no answers; a
+    model without `boxes` writes none)."""
     try:
         with open(path, encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "")
-        return "video_qa" if isinstance(rec := json.loads(first), dict) and "video" in rec else "vqa"
+        rec = json.loads(first)
     except (OSError, ValueError):
-        return "vqa"  # `vlm eval`'s reader reports the problem with its line
+        rec = None  # `vlm eval`'s reader reports the problem with its line
+    keys = set(rec) if isinstance(rec, dict) else set()
+    task = next((t for k, t in (("video", "video_qa"), ("box", "grounding"), ("label", "zero_shot"),
+                                ("captions", "retrieval")) if k in keys), "vqa")
+    if analysis is None:
+        return task
+    contrastive = analysis.ir.language is None
+    if contrastive and task not in ("zero_shot", "retrieval"):
+        raise user_error("E0615", f"--eval {path}: its records ask for {task}, which needs a language model, and "
+                         "this is a contrastive (CLIP / SigLIP) model", help="hold out zero-shot records (`image`, "
+                         "`label`: `vlm data synth` writes test_zero_shot.jsonl) or captions for retrieval")
+    if not contrastive and task == "zero_shot":
+        raise user_error("E0619", f"--eval {path}: zero-shot records need a contrastive (CLIP / SigLIP) model",
+                         help="hold out VQA records (`image`, `question`, `answers`) instead")
+    if task == "grounding" and analysis.ir.settings.boxes is None:
+        raise user_error("E0627", f"--eval {path}: grounding records are scored by the boxes the model writes, and "
+                         f"model `{analysis.ir.name}` declares no box format", help="add `boxes = coordinates(...)` "
+                         "or `boxes = patch_index(...)` to the spec")
+    return task
 
 
 class Trainer:
@@ -194,6 +221,8 @@ class Trainer:
                 raise user_error("E0524", f"no stage `{unknown[0]}` in model `{self.analysis.ir.name}`",
                                  help=did_you_mean(unknown[0], [s.name for s in stages]) or
                                  "stages: " + ", ".join(s.name for s in stages))
+        if self.opts.eval_data:
+            held_out_task(self.opts.eval_data, self.analysis)  # a task this model cannot be scored on: now, not after
         self.run_dir.mkdir(parents=True, exist_ok=True)
         manifest = read_manifest(self.run_dir)
         digest = spec_hash(self.analysis)
@@ -540,12 +569,12 @@ class Trainer:
                 results = run_eval(session, task, self.opts.eval_data, progress=False)
             finally:
                 model.train(was_training)
-            key = f"{task}_accuracy"
+            key, what = HELD_OUT_METRIC[task]
             acc = results["metrics"][key]
+            metrics = results["metrics"]
             append_metric(self.run_dir, {"stage": stage, "step": step, "eval": task, key: acc,
-                          "questions": results["metrics"].get("questions")})
-            self.log(f"  {stage} step {step}: held-out {'video QA' if task == 'video_qa' else 'VQA'} accuracy "
-                     f"{acc:.1f}%")
+                          "questions": metrics.get("questions", metrics.get("images"))})
+            self.log(f"  {stage} step {step}: held-out {what} {acc:.1f}%")
         self.dist.barrier()
 
     # ------------------------------------------------------------ LoRA and up-cycling
