@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vlmspec.compiler.schema.boxes import CoordinateBoxes, PatchIndexBoxes
-from vlmspec.runtime.grounding import Box, format_box, iou, parse_boxes
+from vlmspec.runtime.grounding import Box, box_token_budget, format_box, iou, parse_boxes
 
 kosmos = pytest.importorskip("transformers.models.kosmos2.processing_kosmos2")
 
@@ -96,3 +96,19 @@ def test_iou():
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     assert iou((0, 0, 0, 10), (0, 0, 0, 10)) == 0.0
+
+
+@pytest.mark.parametrize("decl", [MINIGPT, QWEN, PATCH], ids=["minigpt", "qwen", "kosmos"])
+def test_the_box_budget_holds_any_box_the_format_writes(decl):
+    """`vlm train --eval` cuts held-out grounding answers at `box_token_budget`: every box of a 4000 x 3000 image,
+    written in the format and tokenized byte by byte (the built-in tokenizer's worst case), fits in it."""
+    from vlmspec.runtime.inputs.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer(())
+    budget = box_token_budget(decl, tok, margin=0)
+    rng = random.Random(0)
+    for _ in range(50):
+        x1, y1 = rng.uniform(0, 2000), rng.uniform(0, 1500)
+        box = Box(None, x1, y1, rng.uniform(x1 + 1, 4000), rng.uniform(y1 + 1, 3000))
+        text = format_box(box, decl, (4000, 3000), (4000, 3000))
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) <= budget, (text, budget)

@@ -50,7 +50,7 @@ def test_tiny_minigpt_v2_learns_to_ground(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     (tmp_path / "g.vlm").write_text(SPEC)
     r = cli.invoke(app, ["train", f"{tmp_path / 'g.vlm'}:ground", "--stage", "multitask", "--data", str(data),
-                         "-o", str(tmp_path / "run")])
+                         "-o", str(tmp_path / "run"), "--eval", str(data / "test_grounding.jsonl")])
     assert r.exit_code == 0, r.output
     r = cli.invoke(app, ["eval", str(tmp_path / "run" / "final"), "--task", "grounding", "--data",
                          str(data / "test_grounding.jsonl"), "--max-new-tokens", "24", "-o", str(tmp_path / "res.json")])
@@ -68,3 +68,7 @@ def test_tiny_minigpt_v2_learns_to_ground(tmp_path: Path) -> None:
     assert metrics["grounding_accuracy"] >= 50, metrics       # observed 62% (IoU >= 0.5, RefCOCO's rule)
     assert metrics["grounding_accuracy"] >= 3 * base_acc, (metrics, base_acc)
     assert metrics["mean_iou"] >= 0.45 and metrics["mean_iou"] > 2.5 * base_iou, (metrics, base_iou)
+    # `vlm train --eval` scored the same held-out set with the same code at the end of the stage
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (held,) = [x for x in rows if x.get("eval") == "grounding"]
+    assert held["grounding_accuracy"] == pytest.approx(metrics["grounding_accuracy"]), (held, metrics)

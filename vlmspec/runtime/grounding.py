@@ -177,6 +177,19 @@ def format_box(box: Box, decl: Boxes, image_size: Size, input_size: Size | None 
     return _format_coordinates(box, decl, image_size, input_size)
 
 
+def box_token_budget(decl: Boxes, tokenizer: object, margin: int = 16) -> int:
+    """New tokens enough to write one box in the declared format and name it: the box with every number at its
+    most digits (the scale's, or five for pixels), tokenized, plus `margin` for a phrase. A held-out grounding
+    evaluation during training cuts answers at this, so a box is never scored as missing because the answer
+    was cut inside it."""
+    if isinstance(decl, CoordinateBoxes):
+        digits = 5 if decl.scale == "pixels" else len(str(decl.scale))
+        text = re.sub(r"\{(x1|y1|x2|y2)\}", "8" * digits, decl.format)
+    else:  # the cell tokens have a fixed width
+        text = _format_patch_index(Box(None, 0.0, 0.0, 1.0, 1.0), decl, (1, 1))
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + margin  # type: ignore[operator]
+
+
 def input_size(processor: object, image_size: Size) -> Size | None:
     """The (width, height) the processor resizes an image of `image_size` to, which `scale = "pixels"` counts
     in: a dynamic-resolution encoder's `smart_resize`, a square encoder's side; None when the input is
