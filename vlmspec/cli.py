@@ -728,7 +728,9 @@ def evaluate(
     api_key: Annotated[str | None, typer.Option(help="with --server: sent as `Authorization: Bearer KEY`",
                                                 envvar="OPENAI_API_KEY", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="prompts generated together")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(help="longest answer")] = 16,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="longest answer (default 16; grounding: room for one box in the model's format, 64 over --server)",
+        show_default=False)] = None,
     max_bad: Annotated[int, typer.Option(help="skip up to this many bad records")] = 0,
     limit: Annotated[int | None, typer.Option(help="evaluate the first N samples only")] = None,
     classes: Annotated[str | None, typer.Option(help="zero_shot: class names, comma-separated (default: the "

@@ -109,12 +109,32 @@ def _results(task: str, es: EvalSet, data: str, images: str | None, metrics: dic
 
 
 # ---------------------------------------------------------------- a model in this process
+#: the longest answer a generative task asks for unless told (grounding: see `answer_budget`)
+DEFAULT_NEW_TOKENS = 16
+#: a grounding answer over a server, whose tokenizer the client does not know: room for a box and its phrase
+SERVER_BOX_TOKENS = 64
+
+
+def answer_budget(session: Session, task: str) -> int:
+    """New tokens a task's answers may take when the caller names none: 16, or for grounding enough for one box
+    in the model's declared format with its tokenizer (16 would cut a byte-tokenized box in half)."""
+    if task != "grounding":
+        return DEFAULT_NEW_TOKENS
+    decl = session.analysis.ir.settings.boxes
+    if decl is not None and session.tokenizer is not None:
+        from vlmspec.runtime.grounding import box_token_budget
+
+        return max(DEFAULT_NEW_TOKENS, box_token_budget(decl, session.tokenizer))
+    return DEFAULT_NEW_TOKENS
+
+
 def run_eval(session: Session, task: str, data: str, images: str | None = None, batch_size: int = 16,
-             max_new_tokens: int = 16, max_bad: int = 0, progress: bool = True, *, prompt: str | None = None,
+             max_new_tokens: int | None = None, max_bad: int = 0, progress: bool = True, *, prompt: str | None = None,
              annotations: str | None = None, image_pattern: str | None = None,
              limit: int | None = None, classes: list[str] | None = None,
              zero_shot_prompt: str | None = None) -> dict[str, Any]:
-    """Evaluate a session's model (from `vlmspec.load`) on `data` for `task` ("vqa", "caption" or "retrieval").
+    """Evaluate a session's model (from `vlmspec.load`) on `data` for `task` (vqa, caption, retrieval, video_qa,
+    zero_shot or grounding). `max_new_tokens`: None gives `answer_budget`'s.
 
     `images`: the folder image paths are relative to (default: the data file's folder). `prompt`: the
     captioning instruction (default "Describe the image."). `annotations` / `image_pattern`: see
@@ -123,6 +143,8 @@ def run_eval(session: Session, task: str, data: str, images: str | None = None, 
     unreadable images included, had to be skipped.
     """
     identity = {"model": session.name, "spec_hash": spec_hash(session.analysis), "server": None}
+    if max_new_tokens is None:
+        max_new_tokens = answer_budget(session, task)
     if task == "zero_shot":  # a contrastive model's image embeddings against class prompts: `zero_shot.py`
         from vlmspec.evaluation.zero_shot import DEFAULT_PROMPT, run_zero_shot
 
@@ -181,8 +203,8 @@ def run_eval(session: Session, task: str, data: str, images: str | None = None, 
 
 # ---------------------------------------------------------------- an OpenAI-compatible server
 def run_eval_server(url: str, task: str, data: str, images: str | None = None, batch_size: int = 16,
-                    max_new_tokens: int = 16, max_bad: int = 0, progress: bool = True, *, prompt: str | None = None,
-                    model: str | None = None, timeout: float = 120.0, annotations: str | None = None,
+                    max_new_tokens: int | None = None, max_bad: int = 0, progress: bool = True, *,
+                    prompt: str | None = None, model: str | None = None, timeout: float = 120.0, annotations: str | None = None,
                     image_pattern: str | None = None, limit: int | None = None,
                     api_key: str | None = None) -> dict[str, Any]:
     """Evaluate a server that speaks `POST {url}/v1/chat/completions` (vLLM, `vlm serve`, ...).
@@ -196,6 +218,8 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
 
     from vlmspec.evaluation.server import ChatClient
 
+    if max_new_tokens is None:
+        max_new_tokens = SERVER_BOX_TOKENS if task == "grounding" else DEFAULT_NEW_TOKENS
     if task == "video_qa":  # each video as a `video_url` part: `video_qa.py`
         from vlmspec.evaluation.video_qa import run_video_qa_server
 

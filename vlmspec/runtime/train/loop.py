@@ -565,14 +565,8 @@ class Trainer:
             session = Session(self.analysis, model, processor.tokenizer, processor.instruction_tokenizer)
             was_training = model.training
             model.eval()
-            budget = {}
-            if task == "grounding":  # room for a whole box: `vlm eval`'s default 16 tokens can cut one in half
-                from vlmspec.runtime.grounding import box_token_budget
-
-                budget = {"max_new_tokens": max(16, box_token_budget(self.analysis.ir.settings.boxes,
-                                                                     processor.tokenizer))}
-            try:
-                results = run_eval(session, task, self.opts.eval_data, progress=False, **budget)
+            try:  # `vlm eval`'s answer budget too: room for a whole box in a grounding model's format
+                results = run_eval(session, task, self.opts.eval_data, progress=False)
             finally:
                 model.train(was_training)
             key, what = HELD_OUT_METRIC[task]
