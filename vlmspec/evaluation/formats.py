@@ -86,6 +86,24 @@ class RecordSet(Generic[T]):
             raise user_error("E0551", f"{self.path} has no usable {task} records")
 
 
+#: the record field that says which task a JSONL file is for (`vlm data synth` writes one file per task)
+TASK_FIELDS = (("video", "video_qa"), ("box", "grounding"), ("label", "zero_shot"), ("captions", "retrieval"))
+
+
+def task_of_records(path: str | Path) -> str:
+    """The task a JSONL file's first record asks for: `video_qa` (a `video`), `grounding` (a `box`), `zero_shot`
+    (a `label`), `retrieval` (`captions`), else `vqa`. An unreadable file reads as `vqa`: the task's own reader
+    then reports the problem with its line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        rec = json.loads(first)
+    except (OSError, ValueError):
+        return "vqa"
+    keys = set(rec) if isinstance(rec, dict) else set()
+    return next((task for key, task in TASK_FIELDS if key in keys), "vqa")
+
+
 def too_many_bad(bad: list[BadRecord], path: str, max_bad: int) -> Exception:
     shown = "; ".join(f"{b.where}: {b.reason}" for b in bad[:SHOWN_BAD])
     more = f" (and {len(bad) - SHOWN_BAD} more)" if len(bad) > SHOWN_BAD else ""

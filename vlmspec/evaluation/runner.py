@@ -204,8 +204,8 @@ def run_eval(session: Session, task: str, data: str, images: str | None = None, 
 # ---------------------------------------------------------------- an OpenAI-compatible server
 def run_eval_server(url: str, task: str, data: str, images: str | None = None, batch_size: int = 16,
                     max_new_tokens: int | None = None, max_bad: int = 0, progress: bool = True, *,
-                    prompt: str | None = None, model: str | None = None, timeout: float = 120.0, annotations: str | None = None,
-                    image_pattern: str | None = None, limit: int | None = None,
+                    prompt: str | None = None, model: str | None = None, timeout: float = 120.0,
+                    annotations: str | None = None, image_pattern: str | None = None, limit: int | None = None,
                     api_key: str | None = None) -> dict[str, Any]:
     """Evaluate a server that speaks `POST {url}/v1/chat/completions` (vLLM, `vlm serve`, ...).
 
@@ -220,10 +220,10 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
 
     if max_new_tokens is None:
         max_new_tokens = SERVER_BOX_TOKENS if task == "grounding" else DEFAULT_NEW_TOKENS
+    client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
     if task == "video_qa":  # each video as a `video_url` part: `video_qa.py`
         from vlmspec.evaluation.video_qa import run_video_qa_server
 
-        client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
         vs, metrics, rows = run_video_qa_server(client, data, images, max_new_tokens, max_bad, progress, limit,
                                                 concurrency=batch_size)
         return _results(task, vs, data, images, metrics, rows,
@@ -235,7 +235,6 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
     if task == "grounding":  # the boxes of each message's `boxes` field (`vlm serve`): `grounding.py`
         from vlmspec.evaluation.grounding import run_grounding_server
 
-        client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
         gs, metrics, rows = run_grounding_server(client, data, images, max_new_tokens, max_bad, progress, limit,
                                                  concurrency=batch_size)
         return _results(task, gs, data, images, metrics, rows,
@@ -243,7 +242,6 @@ def run_eval_server(url: str, task: str, data: str, images: str | None = None, b
                          "concurrency": batch_size, "box": "the server's `boxes` field"},
                         model=client.served_model or model, spec_hash=None, server=url)
     es = _load(task, data, images, max_bad, annotations, image_pattern, limit)
-    client = ChatClient(url, model=model, timeout=timeout, api_key=api_key)
     text = prompt or CAPTION_PROMPT
     done: list[EvalSample] = []
     predictions: list[str] = []

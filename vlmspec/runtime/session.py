@@ -192,7 +192,7 @@ def build_session(analysis: Analysis, *, tokenizer: Any | str | Path | None = No
                     tok, origin = ensure_special_tokens(candidate, analysis), "built-in byte-level (the spec names none)"
                     break
         elif tok is None:  # a contrastive model: its text tower reads the same built-in bytes, vocabulary permitting
-            tok, origin = _text_tower_tokenizer(analysis)
+            tok, origin = text_tower_tokenizer(analysis)
     else:
         tok, origin = ensure_special_tokens(tokenizer, analysis), "given"
     fusions = [f for f in analysis.ir.by_role("fusion") if hasattr(f.config, "image_token")]
@@ -230,7 +230,7 @@ def template_markers(analysis: Analysis) -> list[str]:
     return list(dict.fromkeys(_MARKER.findall(text)))
 
 
-def _text_tower_tokenizer(analysis: Analysis) -> tuple[Any | None, str | None]:
+def text_tower_tokenizer(analysis: Analysis) -> tuple[Any | None, str | None]:
     """A contrastive spec that names no tokenizer: the byte-level one, when its text tower has the rows."""
     towers = analysis.ir.by_role("text")
     if not towers:

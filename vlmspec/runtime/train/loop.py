@@ -15,7 +15,6 @@ atomically, so a run killed at any moment resumes (`--resume`) to bitwise the sa
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -47,6 +46,7 @@ from vlmspec.runtime.session import (
     build_session,
     load_tokenizers,
     template_markers,
+    text_tower_tokenizer,
     tokenizer_source,
 )
 from vlmspec.runtime.spec_paths import ParamTable, expand_fusion
@@ -118,19 +118,12 @@ HELD_OUT_METRIC = {"vqa": ("vqa_accuracy", "VQA accuracy"), "video_qa": ("video_
 
 
 def held_out_task(path: str, analysis: Analysis | None = None) -> str:
-    """The `vlm eval` task the held-out file's first record asks for: `video_qa` (a `video`), `grounding` (a
-    `box`), `zero_shot` (a `label`), `retrieval` (`captions`), else `vqa`. With the model's analysis, a task it
-    cannot be scored on is refused here, before any training (a contrastive model generates no answers; a
-    model without `boxes` writes none)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-        rec = json.loads(first)
-    except (OSError, ValueError):
-        rec = None  # `vlm eval`'s reader reports the problem with its line
-    keys = set(rec) if isinstance(rec, dict) else set()
-    task = next((t for k, t in (("video", "video_qa"), ("box", "grounding"), ("label", "zero_shot"),
-                                ("captions", "retrieval")) if k in keys), "vqa")
+    """The `vlm eval` task the held-out records ask for (`evaluation.formats.task_of_records`). With the model's
+    analysis, a task it cannot be scored on is refused here, before any training (a contrastive model
+    generates no answers; a model without `boxes` writes none)."""
+    from vlmspec.evaluation.formats import task_of_records
+
+    task = task_of_records(path)
     if analysis is None:
         return task
     contrastive = analysis.ir.language is None
@@ -175,7 +168,7 @@ class Trainer:
         if source is not None:
             tok, _ = load_tokenizers(self.analysis, source)
         elif self.analysis.ir.language is None:  # a contrastive model: its text tower reads the built-in bytes
-            tok = byte_tokenizer(())
+            tok = text_tower_tokenizer(self.analysis)[0] or byte_tokenizer(())  # (too few rows: E0617 names them)
             self.log("text tower: the built-in byte-level tokenizer (no tokenizer was given)")
         else:
             lm = self.analysis.ir.language.config
